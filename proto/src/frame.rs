@@ -1,0 +1,254 @@
+//! Frame types. Every frame is a map whose `"t"` field names its type; a
+//! client request may carry `"id"` and the reply to it carries the same id.
+//!
+//! Field names are part of the protocol: MessagePack frames are encoded with
+//! named keys, so both encodings have exactly the same shape.
+
+use serde::{Deserialize, Serialize};
+
+/// A message body: any JSON-compatible value (string, number, bool, null,
+/// array, map with string keys). Binary MessagePack values are not accepted
+/// so that every message can be relayed to JSON clients unchanged.
+pub type Body = serde_json::Value;
+
+/// Frames a client sends to the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Join a room. With `since`, the server replays what it still holds after
+    /// that seq before live messages.
+    Join {
+        /// Request id, echoed in the reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Last seq the client has seen in this room.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+    },
+    /// Leave a room.
+    Leave {
+        /// Request id, echoed in the reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+    },
+    /// Publish to a room (`room`) or send a direct message to a user (`to`).
+    /// Exactly one of the two must be set.
+    Pub {
+        /// Request id, echoed in the `ack` or `error`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Target room.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+        /// Target user for a direct message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        /// Client message id, for idempotent retries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cid: Option<String>,
+        /// Message body.
+        body: Body,
+    },
+    /// "I am typing" in a room. Forwarded, never stored.
+    Typing {
+        /// Request id (only echoed on error).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+    },
+    /// Ask who is in a room now.
+    Members {
+        /// Request id, echoed in the reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+    },
+    /// Application-level ping; answered with `pong`.
+    Ping {
+        /// Request id, echoed in the reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+}
+
+impl ClientFrame {
+    /// The request id, if the client set one.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ClientFrame::Join { id, .. }
+            | ClientFrame::Leave { id, .. }
+            | ClientFrame::Pub { id, .. }
+            | ClientFrame::Typing { id, .. }
+            | ClientFrame::Members { id, .. }
+            | ClientFrame::Ping { id } => *id,
+        }
+    }
+
+    /// The frame type as it appears in `"t"`; used as a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Join { .. } => "join",
+            ClientFrame::Leave { .. } => "leave",
+            ClientFrame::Pub { .. } => "pub",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Members { .. } => "members",
+            ClientFrame::Ping { .. } => "ping",
+        }
+    }
+}
+
+/// Receipt state of a read/delivered watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarkState {
+    /// Delivered to the user's device.
+    Delivered,
+    /// Seen by the user.
+    Read,
+}
+
+/// Frames the broker sends to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame on every connection: who the server thinks you are and
+    /// the limits that apply to you.
+    Hello {
+        /// Authenticated user name.
+        user: String,
+        /// Broker node id.
+        node: String,
+        /// Largest message the server accepts, in bytes.
+        max_message_size: u64,
+        /// Server ping interval in milliseconds.
+        ping_interval_ms: u64,
+    },
+    /// Reply to `join`.
+    Joined {
+        /// Request id of the `join`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Seq of the latest message in the room at the time of joining
+        /// (0 for an empty room).
+        seq: u64,
+    },
+    /// Reply to `leave`.
+    Left {
+        /// Request id of the `leave`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+    },
+    /// A published message was accepted and sequenced.
+    Ack {
+        /// Request id of the `pub`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room the message went to (for a DM, the DM room).
+        room: String,
+        /// Seq assigned to the message.
+        seq: u64,
+        /// Server timestamp, milliseconds since the Unix epoch.
+        ts: u64,
+    },
+    /// A message in a room.
+    Msg {
+        /// Room name.
+        room: String,
+        /// Per-room sequence number: strictly increasing, no gaps.
+        seq: u64,
+        /// Sender's user name (`"server"` for messages sent through the API).
+        from: String,
+        /// Server timestamp, milliseconds since the Unix epoch.
+        ts: u64,
+        /// Message body as the sender gave it.
+        body: Body,
+    },
+    /// Someone is typing in a room.
+    Typing {
+        /// Room name.
+        room: String,
+        /// Who is typing.
+        user: String,
+    },
+    /// A user came online in, or went offline from, a room.
+    Presence {
+        /// Room name.
+        room: String,
+        /// User name.
+        user: String,
+        /// True when the user's first connection joined, false when the last left.
+        online: bool,
+    },
+    /// Reply to `members`.
+    Members {
+        /// Request id of the `members`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Users with at least one connection in the room, sorted.
+        users: Vec<String>,
+    },
+    /// Reply to `ping`.
+    Pong {
+        /// Request id of the `ping`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    /// A request failed. See `codes::ErrorCode`.
+    Error {
+        /// Request id of the failed request, if it had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// HTTP-like error code.
+        code: u16,
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+impl ServerFrame {
+    /// The frame type as it appears in `"t"`; used as a metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerFrame::Hello { .. } => "hello",
+            ServerFrame::Joined { .. } => "joined",
+            ServerFrame::Left { .. } => "left",
+            ServerFrame::Ack { .. } => "ack",
+            ServerFrame::Msg { .. } => "msg",
+            ServerFrame::Typing { .. } => "typing",
+            ServerFrame::Presence { .. } => "presence",
+            ServerFrame::Members { .. } => "members",
+            ServerFrame::Pong { .. } => "pong",
+            ServerFrame::Error { .. } => "error",
+        }
+    }
+
+    /// Ephemeral frames may be dropped for a slow consumer; everything else
+    /// is either delivered in order or the connection is closed.
+    pub fn is_ephemeral(&self) -> bool {
+        matches!(
+            self,
+            ServerFrame::Typing { .. } | ServerFrame::Presence { .. }
+        )
+    }
+
+    /// Convenience constructor for an error reply.
+    pub fn error(id: Option<u64>, code: crate::ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            id,
+            code: code.as_u16(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Shoal wire protocol: every frame a client or server sends, its two
+//! encodings (MessagePack and JSON, chosen by WebSocket subprotocol), the
+//! error and close codes, and the naming rules for rooms and users.
+//!
+//! This crate does no IO. Decoding untrusted bytes returns a typed
+//! [`DecodeError`]; it never panics. The full specification for client
+//! authors is `proto/PROTOCOL.md`.
+
+pub mod codec;
+pub mod codes;
+pub mod frame;
+pub mod names;
+
+pub use codec::{DecodeError, EncodeError, Encoding, DEFAULT_MAX_DEPTH};
+pub use codes::{CloseCode, ErrorCode};
+pub use frame::{Body, ClientFrame, MarkState, ServerFrame};
+pub use names::{NameError, RoomName};
