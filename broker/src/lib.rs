@@ -1,1 +1,16 @@
-//! x
+//! Shoal broker library: everything behind the thin `shoal` binary, so
+//! integration tests can run a real server on port 0 with
+//! [`server::run`].
+
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod outbound;
+pub mod server;
+pub mod state;
+pub mod store;
+
+pub use config::Config;

@@ -1,1 +1,28 @@
-fn main() {}
+//! `shoal`: parse config, set up logging, run the server until SIGINT/SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = shoal_broker::Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("--log filter")?)
+        .init();
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("invalid configuration")?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        shoal_broker::server::shutdown_signal().await;
+        trigger.cancel();
+    });
+    shoal_broker::server::run(listener, cfg, shutdown).await
+}

@@ -1,0 +1,372 @@
+//! The broker's one typed configuration, from command-line flags and
+//! `SHOAL_*` environment variables. Every limit lives here with its default
+//! and overflow policy, so `shoal --help` is the reference.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::Parser;
+
+/// Shoal: a real-time messaging broker (rooms, direct messages, presence)
+/// over WebSocket.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "shoal", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on for HTTP, REST and WebSocket (`/ws`).
+    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Data directory for the embedded database and the generated JWT secret.
+    #[arg(long, env = "SHOAL_DATA", default_value = "./data")]
+    pub data: PathBuf,
+
+    /// Node id reported in `hello`, `/health` and metrics. Default: hostname-port.
+    #[arg(long, env = "SHOAL_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// HS256 secret for signing and verifying tokens. If unset, a random
+    /// secret is generated into `<data>/jwt_secret` on first start and reused.
+    #[arg(long, env = "SHOAL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with an RSA public key: RS256 tokens from an external issuer
+    /// are accepted and verified with it.
+    #[arg(long, env = "SHOAL_JWT_RSA_PUBLIC_KEY")]
+    pub jwt_rsa_public_key: Option<PathBuf>,
+
+    /// PEM file with an Ed25519 public key: EdDSA tokens from an external
+    /// issuer are accepted and verified with it.
+    #[arg(long, env = "SHOAL_JWT_ED25519_PUBLIC_KEY")]
+    pub jwt_ed25519_public_key: Option<PathBuf>,
+
+    /// Lifetime of tokens issued by `POST /api/login`, in seconds.
+    #[arg(long, env = "SHOAL_TOKEN_TTL", default_value_t = 86_400)]
+    pub token_ttl_secs: u64,
+
+    /// Key for the server API (`POST /api/rooms/{room}/messages`), sent as
+    /// `Authorization: Bearer <key>`. Server API disabled when unset.
+    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Maximum concurrent WebSocket connections; more get HTTP 503 before upgrade.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Largest accepted WebSocket message in bytes (after reassembly of
+    /// fragments). Larger closes the connection with 1009.
+    #[arg(long, env = "SHOAL_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_message_size: usize,
+
+    /// Outbound queue bound per connection, in frames. When full, ephemeral
+    /// frames (typing, presence) are dropped; any other frame closes the
+    /// connection with 4003 (slow consumer).
+    #[arg(long, env = "SHOAL_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// Most frames one writer coalesces into a single vectored write.
+    #[arg(long, env = "SHOAL_WRITE_BATCH", default_value_t = 64)]
+    pub write_batch: usize,
+
+    /// Seconds a single socket write may take before the peer is treated as
+    /// a slow consumer and dropped.
+    #[arg(long, env = "SHOAL_WRITE_TIMEOUT", default_value_t = 10)]
+    pub write_timeout_secs: u64,
+
+    /// Maximum rooms one connection may be in; more gets `error 429`.
+    #[arg(long, env = "SHOAL_MAX_ROOMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_rooms_per_connection: usize,
+
+    /// Sustained client frame rate per connection (token bucket refill, frames/s).
+    #[arg(long, env = "SHOAL_RATE_LIMIT", default_value_t = 100.0)]
+    pub rate_limit: f64,
+
+    /// Token bucket size per connection (burst, frames).
+    #[arg(long, env = "SHOAL_RATE_BURST", default_value_t = 200.0)]
+    pub rate_burst: f64,
+
+    /// Rate-limited frames tolerated within 10 s before the connection is
+    /// closed with 1008 (policy).
+    #[arg(long, env = "SHOAL_RATE_STRIKES", default_value_t = 200)]
+    pub rate_strikes: u32,
+
+    /// Minimum milliseconds between two `typing` frames from one connection
+    /// to one room; faster ones get `error 429` and are not forwarded.
+    #[arg(long, env = "SHOAL_TYPING_INTERVAL_MS", default_value_t = 1000)]
+    pub typing_interval_ms: u64,
+
+    /// Seconds between server pings on an idle connection.
+    #[arg(long, env = "SHOAL_PING_INTERVAL", default_value_t = 25)]
+    pub ping_interval_secs: u64,
+
+    /// Seconds without any frame from the client (pongs count) before the
+    /// connection is closed with 4004.
+    #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Seconds a client has to send its HTTP request headers and complete
+    /// the WebSocket upgrade.
+    #[arg(long, env = "SHOAL_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+
+    /// Seconds graceful shutdown waits for connections to drain after
+    /// sending close 1001, before exiting anyway.
+    #[arg(long, env = "SHOAL_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Allowed `Origin` values for browser WebSocket handshakes
+    /// (comma-separated). Empty allows any origin; requests without an
+    /// Origin header (non-browser clients) are always allowed.
+    #[arg(long, env = "SHOAL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Per-namespace options, `NS:key=value,...` (repeatable; `;`-separated in
+    /// the env var). NS `*` sets the defaults for rooms without a namespace
+    /// and for unlisted namespaces. Keys: `publish=members|api` (who may
+    /// publish; `api` = only `POST /api/rooms/{room}/messages`),
+    /// `presence=on|off`, `max_members=N` (default 10000).
+    #[arg(long = "namespace", env = "SHOAL_NAMESPACES", value_delimiter = ';')]
+    pub namespaces: Vec<NamespaceSpec>,
+
+    /// Number of room registry shards (rounded up to a power of two).
+    #[arg(long, env = "SHOAL_SHARDS", default_value_t = 64)]
+    pub shards: usize,
+
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "SHOAL_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// Check cross-field invariants that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_message_size < 128 {
+            return Err("--max-message-size must be at least 128 bytes".into());
+        }
+        if self.outbound_queue == 0 || self.write_batch == 0 {
+            return Err("--outbound-queue and --write-batch must be positive".into());
+        }
+        if self.rate_limit <= 0.0 || self.rate_burst < 1.0 {
+            return Err("--rate-limit must be > 0 and --rate-burst >= 1".into());
+        }
+        if self.ping_interval_secs == 0 || self.idle_timeout_secs <= self.ping_interval_secs {
+            return Err("--idle-timeout must be longer than --ping-interval (> 0)".into());
+        }
+        if self.token_ttl_secs == 0 {
+            return Err("--token-ttl must be positive".into());
+        }
+        if let Some(k) = &self.jwt_secret {
+            if k.len() < 32 {
+                return Err("SHOAL_JWT_SECRET must be at least 32 bytes".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Defaults with an ephemeral listen port and the given data dir; for tests.
+    pub fn for_tests(data: PathBuf) -> Self {
+        let mut c = Config::parse_from(["shoal"]);
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.data = data;
+        c
+    }
+
+    /// Namespace options resolved against the `*` defaults.
+    pub fn namespace_table(&self) -> NamespaceTable {
+        let mut default = NamespaceOpts::default();
+        if let Some(s) = self.namespaces.iter().find(|s| s.name == "*") {
+            default = s.apply(default);
+        }
+        let by_name = self
+            .namespaces
+            .iter()
+            .filter(|s| s.name != "*")
+            .map(|s| (s.name.clone(), s.apply(default.clone())))
+            .collect();
+        NamespaceTable { default, by_name }
+    }
+
+    /// Durations in one place.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs)
+    }
+    /// See `--idle-timeout`.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    /// See `--handshake-timeout`.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    /// See `--write-timeout`.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
+    }
+    /// See `--shutdown-timeout`.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+/// Who may publish in a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishPolicy {
+    /// Any member of the room.
+    Members,
+    /// Only the server API.
+    Api,
+}
+
+/// Options of one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceOpts {
+    /// Who may publish.
+    pub publish: PublishPolicy,
+    /// Whether `presence` events are sent.
+    pub presence: bool,
+    /// Maximum distinct connections in one room of this namespace.
+    pub max_members: usize,
+}
+
+impl Default for NamespaceOpts {
+    fn default() -> Self {
+        NamespaceOpts {
+            publish: PublishPolicy::Members,
+            presence: true,
+            max_members: 10_000,
+        }
+    }
+}
+
+/// One `--namespace` flag, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceSpec {
+    name: String,
+    publish: Option<PublishPolicy>,
+    presence: Option<bool>,
+    max_members: Option<usize>,
+}
+
+impl NamespaceSpec {
+    fn apply(&self, mut o: NamespaceOpts) -> NamespaceOpts {
+        if let Some(p) = self.publish {
+            o.publish = p;
+        }
+        if let Some(p) = self.presence {
+            o.presence = p;
+        }
+        if let Some(m) = self.max_members {
+            o.max_members = m;
+        }
+        o
+    }
+}
+
+impl FromStr for NamespaceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, opts) = s
+            .split_once(':')
+            .ok_or_else(|| format!("namespace spec `{s}` must be NS:key=value,..."))?;
+        if name != "*" {
+            shoal_proto::names::validate_user(name)
+                .map_err(|e| format!("namespace `{name}`: {e}"))?;
+        }
+        if name == shoal_proto::names::DM_NAMESPACE {
+            return Err("the `dm` namespace is reserved for direct messages".into());
+        }
+        let mut spec = NamespaceSpec {
+            name: name.to_string(),
+            publish: None,
+            presence: None,
+            max_members: None,
+        };
+        for kv in opts.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("`{kv}` must be key=value"))?;
+            match k {
+                "publish" => {
+                    spec.publish = Some(match v {
+                        "members" => PublishPolicy::Members,
+                        "api" => PublishPolicy::Api,
+                        _ => return Err(format!("publish={v}: expected members|api")),
+                    })
+                }
+                "presence" => {
+                    spec.presence = Some(match v {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => return Err(format!("presence={v}: expected on|off")),
+                    })
+                }
+                "max_members" => {
+                    spec.max_members = Some(
+                        v.parse()
+                            .map_err(|_| format!("max_members={v}: expected a number"))?,
+                    )
+                }
+                _ => return Err(format!("unknown namespace option `{k}`")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// Resolved namespace options.
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceTable {
+    default: NamespaceOpts,
+    by_name: HashMap<String, NamespaceOpts>,
+}
+
+impl NamespaceTable {
+    /// Options for a namespace (`""` for rooms without one). DM rooms always
+    /// allow their two members to publish, have presence off and two users.
+    pub fn get(&self, namespace: &str) -> NamespaceOpts {
+        if namespace == shoal_proto::names::DM_NAMESPACE {
+            return NamespaceOpts {
+                publish: PublishPolicy::Members,
+                presence: false,
+                max_members: self.default.max_members,
+            };
+        }
+        self.by_name
+            .get(namespace)
+            .cloned()
+            .unwrap_or_else(|| self.default.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_specs() {
+        let c = Config::parse_from([
+            "shoal",
+            "--namespace",
+            "*:max_members=5",
+            "--namespace",
+            "news:publish=api,presence=off",
+        ]);
+        let t = c.namespace_table();
+        assert_eq!(t.get("").max_members, 5);
+        let news = t.get("news");
+        assert_eq!(news.publish, PublishPolicy::Api);
+        assert!(!news.presence);
+        assert_eq!(news.max_members, 5);
+        assert!("dm:presence=on".parse::<NamespaceSpec>().is_err());
+        assert!("x:colour=red".parse::<NamespaceSpec>().is_err());
+        assert!("nocolon".parse::<NamespaceSpec>().is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::parse_from(["shoal"]);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.validate().is_ok());
+        let mut bad = c.clone();
+        bad.idle_timeout_secs = 1;
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,403 @@
+//! One WebSocket connection after the upgrade: the reader loop (frame
+//! assembly, limits, decoding, dispatch) and the session state it owns.
+//!
+//! The reader runs in the connection's task; a separate writer task (see
+//! `outbound`) owns the socket's write half. Both stop when the
+//! connection's cancellation token fires; the first close code set wins.
+
+use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use fastwebsockets::{after_handshake_split, OpCode, Role, WebSocketError};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use shoal_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
+use tokio::time::Instant;
+
+use crate::{
+    auth::Claims,
+    hub::Room,
+    metrics::client_kind_index,
+    outbound::{run_writer, ws_frame, ConnCtl, ConnHandle, WriterOpts},
+    state::AppState,
+};
+
+/// Token bucket for a connection's client frames.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// Full bucket.
+    pub fn new(rate: f64, burst: f64) -> Self {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Take one token if available.
+    pub fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Window over which rate-limit strikes are counted.
+const STRIKE_WINDOW: Duration = Duration::from_secs(10);
+
+struct Session {
+    state: Arc<AppState>,
+    handle: ConnHandle,
+    rooms: HashMap<Arc<str>, Arc<Room>>,
+    bucket: TokenBucket,
+    strikes: u32,
+    strike_window_start: Instant,
+    last_typing: HashMap<Arc<str>, Instant>,
+}
+
+/// Serve an upgraded connection until it ends.
+pub async fn serve(
+    state: Arc<AppState>,
+    io: TokioIo<Upgraded>,
+    claims: Claims,
+    encoding: Encoding,
+) {
+    let cfg = state.cfg.clone();
+    let metrics = state.metrics.clone();
+    let ctl = Arc::new(ConnCtl::new(&state.shutdown));
+    let (handle, rx) = ConnHandle::new(
+        claims.sub.as_str().into(),
+        claims.jti.as_str().into(),
+        encoding,
+        cfg.outbound_queue,
+        ctl.clone(),
+        metrics.clone(),
+    );
+    let (r, w) = tokio::io::split(io);
+    let (mut rd, _) = after_handshake_split(r, tokio::io::sink(), Role::Server);
+    rd.set_auto_close(false);
+    rd.set_auto_pong(true);
+    // fastwebsockets rejects a frame when `len >= limit`, before reading its payload.
+    rd.set_max_message_size(cfg.max_message_size + 1);
+
+    let writer = tokio::spawn(run_writer(
+        w,
+        rx,
+        ctl.clone(),
+        WriterOpts {
+            batch: cfg.write_batch,
+            write_timeout: cfg.write_timeout(),
+            ping_interval: cfg.ping_interval(),
+        },
+        metrics.clone(),
+    ));
+    metrics.connections.inc();
+    state.hub.register(&handle);
+    handle.send(&ServerFrame::Hello {
+        user: claims.sub.clone(),
+        node: state.node.clone(),
+        max_message_size: cfg.max_message_size as u64,
+        ping_interval_ms: cfg.ping_interval().as_millis() as u64,
+    });
+    tracing::debug!(conn = handle.id, user = %handle.user, enc = encoding.name(), "connected");
+
+    let mut session = Session {
+        state: state.clone(),
+        handle: handle.clone(),
+        rooms: HashMap::new(),
+        bucket: TokenBucket::new(cfg.rate_limit, cfg.rate_burst),
+        strikes: 0,
+        strike_window_start: Instant::now(),
+        last_typing: HashMap::new(),
+    };
+
+    let expires_in = Duration::from_secs(claims.exp.saturating_sub(crate::auth::now_secs()));
+    let token_deadline = Instant::now() + expires_in;
+    let pong_handle = handle.clone();
+    let mut send_fn = move |f: fastwebsockets::Frame<'_>| {
+        // Only pongs reach here (auto-close is off); they are best effort.
+        let _ = pong_handle.push(ws_frame(f.opcode, &f.payload), true);
+        std::future::ready(Ok::<(), Infallible>(()))
+    };
+    let mut message: Option<(OpCode, BytesMut)> = None;
+    let max = cfg.max_message_size;
+    loop {
+        let idle_deadline = Instant::now() + cfg.idle_timeout();
+        // read_frame is not cancel-safe; every branch that wins over it
+        // ends the connection, so no partial frame is ever resumed.
+        let frame = tokio::select! {
+            biased;
+            _ = ctl.cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(token_deadline) => {
+                handle.close(CloseCode::TokenExpired);
+                break;
+            }
+            r = tokio::time::timeout_at(idle_deadline, rd.read_frame(&mut send_fn)) => match r {
+                Err(_) => {
+                    handle.close(CloseCode::IdleTimeout);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    if let Some(code) = close_code_for(&e) {
+                        tracing::debug!(conn = handle.id, error = %e, "websocket protocol error");
+                        handle.close(code);
+                    }
+                    break;
+                }
+                Ok(Ok(f)) => f,
+            },
+        };
+        match frame.opcode {
+            OpCode::Close => {
+                handle.close(CloseCode::Normal);
+                break;
+            }
+            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Text | OpCode::Binary => {
+                if message.is_some() {
+                    handle.close(CloseCode::Protocol);
+                    break;
+                }
+                if frame.fin {
+                    if !session.on_message(frame.opcode, &frame.payload) {
+                        break;
+                    }
+                } else {
+                    let mut buf = BytesMut::with_capacity(frame.payload.len() * 2);
+                    buf.extend_from_slice(&frame.payload);
+                    message = Some((frame.opcode, buf));
+                }
+            }
+            OpCode::Continuation => {
+                let Some((op, buf)) = message.as_mut() else {
+                    handle.close(CloseCode::Protocol);
+                    break;
+                };
+                if buf.len() + frame.payload.len() > max {
+                    handle.close(CloseCode::TooBig);
+                    break;
+                }
+                buf.extend_from_slice(&frame.payload);
+                if frame.fin {
+                    let op = *op;
+                    let buf = message.take().map(|(_, b)| b).unwrap_or_default();
+                    if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                        handle.close(CloseCode::InvalidPayload);
+                        break;
+                    }
+                    if !session.on_message(op, &buf) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    // Cleanup: leave rooms (presence offline), unregister, stop the writer.
+    let rooms: Vec<Arc<Room>> = session.rooms.drain().map(|(_, r)| r).collect();
+    for room in rooms {
+        state.hub.leave(&handle, &room);
+    }
+    state.hub.unregister(&handle);
+    ctl.cancel.cancel();
+    let _ = tokio::time::timeout(cfg.write_timeout() + Duration::from_secs(1), writer).await;
+    metrics.connections.dec();
+    tracing::debug!(conn = handle.id, code = ?ctl.code(), "disconnected");
+}
+
+fn close_code_for(e: &WebSocketError) -> Option<CloseCode> {
+    use WebSocketError::*;
+    match e {
+        FrameTooLarge => Some(CloseCode::TooBig),
+        InvalidUTF8 => Some(CloseCode::InvalidPayload),
+        InvalidFragment
+        | InvalidContinuationFrame
+        | ReservedBitsNotZero
+        | ControlFrameFragmented
+        | PingFrameTooLarge
+        | InvalidCloseFrame
+        | InvalidCloseCode
+        | InvalidValue => Some(CloseCode::Protocol),
+        // EOF, IO errors: the peer is gone; nothing to send.
+        _ => None,
+    }
+}
+
+impl Session {
+    /// Handle one complete message. Returns false if the connection must end.
+    fn on_message(&mut self, op: OpCode, payload: &[u8]) -> bool {
+        let m = &self.state.metrics;
+        if !self.bucket.take() {
+            m.rate_limited("frame");
+            let now = Instant::now();
+            if now.duration_since(self.strike_window_start) > STRIKE_WINDOW {
+                self.strike_window_start = now;
+                self.strikes = 0;
+            }
+            self.strikes += 1;
+            if self.strikes > self.state.cfg.rate_strikes {
+                self.handle.close(CloseCode::Policy);
+                return false;
+            }
+            self.reply_err(
+                None,
+                ErrorCode::RateLimited,
+                "rate limit exceeded; slow down",
+            );
+            return true;
+        }
+        let _ = op; // both opcodes are accepted; the subprotocol fixes the encoding
+        let frame = match self.handle.encoding.decode_client(payload) {
+            Ok(f) => f,
+            Err(e) => {
+                m.frame_in(client_kind_index("invalid"));
+                self.reply_err(None, ErrorCode::BadRequest, e.to_string());
+                return true;
+            }
+        };
+        m.frame_in(client_kind_index(frame.kind()));
+        self.dispatch(frame);
+        !self.handle.is_closing()
+    }
+
+    fn reply(&self, f: ServerFrame) {
+        self.handle.send(&f);
+    }
+
+    fn reply_err(&self, id: Option<u64>, code: ErrorCode, msg: impl Into<String>) {
+        self.handle.send(&ServerFrame::error(id, code, msg));
+    }
+
+    fn joined_room(&self, id: Option<u64>, room: &str) -> Option<Arc<Room>> {
+        match self.rooms.get(room) {
+            Some(r) => Some(r.clone()),
+            None => {
+                self.reply_err(
+                    id,
+                    ErrorCode::NotFound,
+                    format!("not in room `{room}`; join it first"),
+                );
+                None
+            }
+        }
+    }
+
+    fn dispatch(&mut self, frame: ClientFrame) {
+        let hub = &self.state.hub;
+        match frame {
+            ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }),
+            ClientFrame::Join { id, room, since: _ } => {
+                if !self.rooms.contains_key(room.as_str())
+                    && self.rooms.len() >= self.state.cfg.max_rooms_per_connection
+                {
+                    self.state.metrics.rate_limited("rooms");
+                    self.reply_err(
+                        id,
+                        ErrorCode::RateLimited,
+                        format!(
+                            "at most {} rooms per connection",
+                            self.state.cfg.max_rooms_per_connection
+                        ),
+                    );
+                    return;
+                }
+                match hub.join(&self.handle, &room) {
+                    Ok((r, seq)) => {
+                        self.rooms.insert(r.name.clone(), r);
+                        self.reply(ServerFrame::Joined { id, room, seq });
+                    }
+                    Err((code, msg)) => self.reply_err(id, code, msg),
+                }
+            }
+            ClientFrame::Leave { id, room } => {
+                if let Some(r) = self.joined_room(id, &room) {
+                    self.rooms.remove(room.as_str());
+                    self.last_typing.remove(room.as_str());
+                    hub.leave(&self.handle, &r);
+                    self.reply(ServerFrame::Left { id, room });
+                }
+            }
+            ClientFrame::Pub {
+                id,
+                room,
+                to,
+                cid: _,
+                body,
+            } => {
+                let result = match (room, to) {
+                    (Some(room), None) => match self.joined_room(id, &room) {
+                        Some(r) => hub
+                            .publish(&r, &self.handle.user, body, false)
+                            .map(|p| (room, p)),
+                        None => return,
+                    },
+                    (None, Some(to)) => hub
+                        .publish_dm(&self.handle.user, &to, body)
+                        .map(|(r, p)| (r.name.to_string(), p)),
+                    _ => Err((
+                        ErrorCode::BadRequest,
+                        "pub needs exactly one of `room` or `to`".into(),
+                    )),
+                };
+                match result {
+                    Ok((room, p)) => self.reply(ServerFrame::Ack {
+                        id,
+                        room,
+                        seq: p.seq,
+                        ts: p.ts,
+                    }),
+                    Err((code, msg)) => self.reply_err(id, code, msg),
+                }
+            }
+            ClientFrame::Typing { id, room } => {
+                let Some(r) = self.joined_room(id, &room) else {
+                    return;
+                };
+                let now = Instant::now();
+                let min = Duration::from_millis(self.state.cfg.typing_interval_ms);
+                if let Some(last) = self.last_typing.get(room.as_str()) {
+                    if now.duration_since(*last) < min {
+                        self.state.metrics.rate_limited("typing");
+                        self.reply_err(id, ErrorCode::RateLimited, "typing sent too often");
+                        return;
+                    }
+                }
+                self.last_typing.insert(r.name.clone(), now);
+                hub.typing(&r, &self.handle);
+            }
+            ClientFrame::Members { id, room } => {
+                if let Some(r) = self.joined_room(id, &room) {
+                    let users = hub.members(&r);
+                    self.reply(ServerFrame::Members { id, room, users });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_limits_burst() {
+        let mut b = TokenBucket::new(1.0, 3.0);
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+    }
+}

@@ -1,0 +1,419 @@
+//! HTTP routing: REST API, `/health`, `/metrics`, the web client, and the
+//! `/ws` handshake (authentication, origin and capacity checks happen
+//! here, before any upgrade).
+//!
+//! Every error is JSON `{error, message}` with a matching status; internal
+//! details are logged, never returned.
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderValue},
+    Method, Request, Response, StatusCode,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::json;
+use shoal_proto::{names::RoomName, Encoding};
+
+use crate::{auth::AuthError, state::AppState, store::StoreError};
+
+/// Response type of every handler.
+pub type Resp = Response<Full<Bytes>>;
+
+/// Largest accepted REST request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An error answered as `{error, message}` with `status`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            message: message.into(),
+        }
+    }
+    fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
+    }
+    fn unauthorized(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+    fn into_response(self) -> Resp {
+        json_response(
+            self.status,
+            &json!({"error": self.error, "message": self.message}),
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", "already exists")
+            }
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "storage unavailable; retry later",
+                )
+            }
+        }
+    }
+}
+
+fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Resp {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Route one request.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let (route, result): (&'static str, Result<Resp, ApiError>) = match (&method, path.as_str()) {
+        (&Method::GET, "/ws") => ("ws", ws_handshake(&state, req).await),
+        (&Method::GET, "/health") => ("health", Ok(health(&state))),
+        (&Method::GET, "/metrics") => ("metrics", Ok(metrics(&state))),
+        (&Method::POST, "/api/register") => ("register", register(&state, req).await),
+        (&Method::POST, "/api/login") => ("login", login(&state, req).await),
+        (&Method::POST, "/api/logout") => ("logout", logout(&state, req).await),
+        (&Method::GET, "/api/users") => ("users", users(&state, req).await),
+        (&Method::POST, p) if p.starts_with("/api/rooms/") && p.ends_with("/messages") => {
+            let room = p["/api/rooms/".len()..p.len() - "/messages".len()].to_string();
+            ("api_publish", api_publish(&state, req, &room).await)
+        }
+        (&Method::GET, "/") => ("static", Ok(index())),
+        (
+            _,
+            "/ws" | "/health" | "/metrics" | "/api/register" | "/api/login" | "/api/logout"
+            | "/api/users",
+        ) => (
+            "other",
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} not allowed on {path}"),
+            )),
+        ),
+        _ => (
+            "other",
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route",
+            )),
+        ),
+    };
+    let resp = result.unwrap_or_else(ApiError::into_response);
+    state.metrics.http(route, resp.status().as_u16());
+    Ok(resp)
+}
+
+fn index() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(
+        b"<!doctype html><meta charset=utf-8><title>Shoal</title><p>Shoal broker. WebSocket endpoint: <code>/ws</code>.",
+    )));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+fn health(state: &AppState) -> Resp {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "status": "ok",
+            "node": state.node,
+            "connections": state.metrics.connections.get(),
+        }),
+    )
+}
+
+fn metrics(state: &AppState) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body larger than {MAX_BODY} bytes"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The token from `Authorization: Bearer` or the `token` query parameter.
+fn bearer<B>(req: &Request<B>) -> Option<String> {
+    if let Some(v) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        return v.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+    }
+    req.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "token")
+            .map(|(_, v)| v.to_string())
+    })
+}
+
+fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<crate::auth::Claims, ApiError> {
+    let verified = bearer(req)
+        .ok_or(AuthError::Missing)
+        .and_then(|t| state.auth.verify(&t));
+    verified.map_err(|e| {
+        state.metrics.auth_failure(e.label());
+        ApiError::unauthorized(e.to_string())
+    })
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    username: String,
+    password: String,
+}
+
+async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let c: Credentials = read_json(req).await?;
+    shoal_proto::names::validate_user(&c.username)
+        .map_err(|e| ApiError::bad_request(format!("username: {e}")))?;
+    if c.password.len() < 8 || c.password.len() > 1024 {
+        return Err(ApiError::bad_request("password must be 8 to 1024 bytes"));
+    }
+    let hash = state
+        .auth
+        .hash_password(c.password)
+        .await
+        .map_err(ApiError::internal)?;
+    state
+        .store
+        .create_user(&c.username, &hash)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", "username taken")
+            }
+            e => e.into(),
+        })?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"username": c.username}),
+    ))
+}
+
+async fn login(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let c: Credentials = read_json(req).await?;
+    let hash = if shoal_proto::names::validate_user(&c.username).is_ok() {
+        state.store.password_hash(&c.username).await?
+    } else {
+        None
+    };
+    if !state.auth.check_password(c.password, hash).await {
+        state.metrics.auth_failure("bad_password");
+        return Err(ApiError::unauthorized("invalid username or password"));
+    }
+    let (token, claims) = state.auth.issue(&c.username).map_err(ApiError::internal)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"token": token, "expires_at": claims.exp, "username": c.username}),
+    ))
+}
+
+async fn logout(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let claims = authenticate(state, &req)?;
+    if claims.jti.is_empty() {
+        return Err(ApiError::bad_request(
+            "token has no jti and cannot be revoked",
+        ));
+    }
+    state.store.revoke(&claims.jti, claims.exp).await?;
+    state.auth.revoke(&claims.jti);
+    let closed = state.hub.close_token(
+        &claims.sub,
+        &claims.jti,
+        shoal_proto::CloseCode::TokenRevoked,
+    );
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"revoked": true, "closed_connections": closed}),
+    ))
+}
+
+async fn users(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    authenticate(state, &req)?;
+    let list = state.store.list_users().await?;
+    let users: Vec<_> = list
+        .into_iter()
+        .map(|u| json!({"username": u.name, "online": state.hub.is_online(&u.name)}))
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"users": users})))
+}
+
+#[derive(Deserialize)]
+struct ApiPublish {
+    body: shoal_proto::Body,
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn api_publish(
+    state: &AppState,
+    req: Request<Incoming>,
+    room: &str,
+) -> Result<Resp, ApiError> {
+    let Some(key) = &state.cfg.api_key else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "server API disabled (no SHOAL_API_KEY)",
+        ));
+    };
+    match bearer(&req) {
+        Some(t) if constant_time_eq(t.as_bytes(), key.as_bytes()) => {}
+        _ => {
+            state.metrics.auth_failure("bad_signature");
+            return Err(ApiError::unauthorized("invalid API key"));
+        }
+    }
+    let name =
+        RoomName::parse(room).map_err(|e| ApiError::bad_request(format!("room `{room}`: {e}")))?;
+    if name.dm.is_some() {
+        return Err(ApiError::bad_request(
+            "the server API does not post into direct-message rooms",
+        ));
+    }
+    let p: ApiPublish = read_json(req).await?;
+    let r = state.hub.room_or_create(&name);
+    let out = state
+        .hub
+        .publish(&r, "server", p.body, true)
+        .map_err(|(c, m)| {
+            ApiError::new(
+                StatusCode::from_u16(c.as_u16()).unwrap_or(StatusCode::BAD_REQUEST),
+                c.name(),
+                m,
+            )
+        })?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"room": room, "seq": out.seq, "ts": out.ts, "recipients": out.recipients}),
+    ))
+}
+
+async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let m = &state.metrics;
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        m.handshake("bad_request");
+        return Err(ApiError::bad_request("expected a WebSocket upgrade"));
+    }
+    if !state.cfg.allowed_origins.is_empty() {
+        if let Some(origin) = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+        {
+            if !state.cfg.allowed_origins.iter().any(|o| o == origin) {
+                m.handshake("forbidden_origin");
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "origin not allowed",
+                ));
+            }
+        }
+    }
+    let claims = authenticate(state, &req).inspect_err(|_| m.handshake("unauthorized"))?;
+    let proto_header = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    let Some(encoding) = Encoding::negotiate(proto_header.as_deref()) else {
+        m.handshake("bad_request");
+        return Err(ApiError::bad_request(format!(
+            "unsupported subprotocol; use {} or {}",
+            Encoding::MSGPACK_SUBPROTOCOL,
+            Encoding::JSON_SUBPROTOCOL
+        )));
+    };
+    let Ok(permit) = state.conn_permits.clone().try_acquire_owned() else {
+        m.handshake("over_capacity");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "connection limit reached; retry later",
+        ));
+    };
+    let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).map_err(|e| {
+        m.handshake("bad_request");
+        ApiError::bad_request(format!("bad WebSocket handshake: {e}"))
+    })?;
+    let (mut parts, _) = resp.into_parts();
+    if proto_header.is_some() {
+        parts.headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(encoding.subprotocol()),
+        );
+    }
+    m.handshake("ok");
+    let st = state.clone();
+    let timeout = state.cfg.handshake_timeout();
+    state.tracker.spawn(async move {
+        let _permit = permit;
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(ws)) => crate::conn::serve(st, ws.into_inner(), claims, encoding).await,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                st.metrics.handshake("failed");
+            }
+            Err(_) => st.metrics.handshake("failed"),
+        }
+    });
+    Ok(Response::from_parts(parts, Full::new(Bytes::new())))
+}

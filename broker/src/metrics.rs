@@ -1,0 +1,369 @@
+//! Prometheus metrics. Everything the broker counts is registered here
+//! once; hot-path counters are pre-created per label value at start and
+//! updated with a single atomic operation (no lock per message).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+use shoal_proto::{CloseCode, ErrorCode};
+
+type L1 = [(&'static str, &'static str); 1];
+type L2 = [(&'static str, &'static str); 2];
+
+/// Client frame types, for pre-created counters (index via [`client_kind_index`]).
+pub const CLIENT_KINDS: [&str; 7] = [
+    "join", "leave", "pub", "typing", "members", "ping", "invalid",
+];
+/// Server frame types.
+pub const SERVER_KINDS: [&str; 10] = [
+    "hello", "joined", "left", "ack", "msg", "typing", "presence", "members", "pong", "error",
+];
+
+/// Index of a client frame kind in [`CLIENT_KINDS`].
+pub fn client_kind_index(kind: &str) -> usize {
+    CLIENT_KINDS
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(CLIENT_KINDS.len() - 1)
+}
+
+/// All broker metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    handshakes: Family<L1, Counter>,
+    auth_failures: Family<L1, Counter>,
+    frames_in: Vec<Counter>,
+    frames_out: Vec<Counter>,
+    /// Room messages queued to recipients (one per recipient connection).
+    pub deliveries: Counter,
+    errors: Family<L1, Counter>,
+    closes: Family<L1, Counter>,
+    rate_limited: Family<L1, Counter>,
+    /// Ephemeral frames dropped because a consumer's queue was full.
+    pub ephemeral_dropped: Counter,
+    /// Rooms currently in the registry.
+    pub rooms: Gauge,
+    /// Connection memberships across all rooms.
+    pub room_members: Gauge,
+    /// Time from receiving a `pub` to having queued its `msg` to every
+    /// local recipient and its `ack` to the sender.
+    pub publish_seconds: Histogram,
+    /// Frames per vectored socket write.
+    pub write_batch_frames: Histogram,
+    /// Bytes written to WebSocket peers.
+    pub bytes_out: Counter,
+    http: Family<L2, Counter>,
+    process_cpu: Gauge<f64, AtomicU64>,
+    process_rss: Gauge,
+    process_fds: Gauge,
+}
+
+impl Metrics {
+    /// Create and register every metric; `node` becomes a label on all of them.
+    pub fn new(node: &str) -> Self {
+        let mut registry = Registry::with_prefix_and_labels(
+            "shoal",
+            [(
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(node.to_string()),
+            )]
+            .into_iter(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
+        let handshakes = Family::<L1, Counter>::default();
+        registry.register(
+            "handshakes",
+            "WebSocket handshakes by result",
+            handshakes.clone(),
+        );
+        for r in [
+            "ok",
+            "unauthorized",
+            "forbidden_origin",
+            "over_capacity",
+            "bad_request",
+            "failed",
+        ] {
+            let _ = handshakes.get_or_create(&[("result", r)]);
+        }
+        let auth_failures = Family::<L1, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Rejected tokens and logins by reason",
+            auth_failures.clone(),
+        );
+        for e in crate::auth::AuthError::ALL {
+            let _ = auth_failures.get_or_create(&[("reason", e.label())]);
+        }
+        let _ = auth_failures.get_or_create(&[("reason", "bad_password")]);
+        let fin = Family::<L1, Counter>::default();
+        registry.register("frames_in", "Client frames received by type", fin.clone());
+        let frames_in = CLIENT_KINDS
+            .iter()
+            .map(|k| fin.get_or_create(&[("type", k)]).clone())
+            .collect();
+        let fout = Family::<L1, Counter>::default();
+        registry.register("frames_out", "Server frames queued by type", fout.clone());
+        let frames_out = SERVER_KINDS
+            .iter()
+            .map(|k| fout.get_or_create(&[("type", k)]).clone())
+            .collect();
+        let deliveries = Counter::default();
+        registry.register(
+            "deliveries",
+            "Room messages queued to recipient connections",
+            deliveries.clone(),
+        );
+        let errors = Family::<L1, Counter>::default();
+        registry.register("errors", "Error frames sent by code", errors.clone());
+        for c in [
+            ErrorCode::BadRequest,
+            ErrorCode::Unauthorized,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::Conflict,
+            ErrorCode::TooLarge,
+            ErrorCode::RateLimited,
+            ErrorCode::Internal,
+            ErrorCode::Unavailable,
+        ] {
+            let _ = errors.get_or_create(&[("code", c.name())]);
+        }
+        let closes = Family::<L1, Counter>::default();
+        registry.register(
+            "closes",
+            "Connections closed by the server, by close reason",
+            closes.clone(),
+        );
+        for c in CloseCode::ALL {
+            let _ = closes.get_or_create(&[("reason", close_label(c))]);
+        }
+        let rate_limited = Family::<L1, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate or count limit, by kind",
+            rate_limited.clone(),
+        );
+        for k in ["frame", "typing", "rooms", "login"] {
+            let _ = rate_limited.get_or_create(&[("kind", k)]);
+        }
+        let ephemeral_dropped = Counter::default();
+        registry.register(
+            "ephemeral_dropped",
+            "Ephemeral frames dropped for slow consumers",
+            ephemeral_dropped.clone(),
+        );
+        let rooms = Gauge::default();
+        registry.register("rooms", "Rooms in the registry", rooms.clone());
+        let room_members = Gauge::default();
+        registry.register(
+            "room_members",
+            "Connection memberships across rooms",
+            room_members.clone(),
+        );
+        let publish_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 24));
+        registry.register(
+            "publish_seconds",
+            "Publish handling time until every local recipient has the message queued",
+            publish_seconds.clone(),
+        );
+        let write_batch_frames = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "write_batch_frames",
+            "Frames per socket write",
+            write_batch_frames.clone(),
+        );
+        let bytes_out = Counter::default();
+        registry.register(
+            "ws_out_bytes",
+            "Bytes written to WebSocket peers",
+            bytes_out.clone(),
+        );
+        let http = Family::<L2, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            http.clone(),
+        );
+        let process_cpu = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "process_cpu_seconds",
+            "CPU time used by the broker process",
+            process_cpu.clone(),
+        );
+        let process_rss = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the broker process",
+            process_rss.clone(),
+        );
+        let process_fds = Gauge::default();
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors of the broker process",
+            process_fds.clone(),
+        );
+        let process_start: Gauge = Gauge::default();
+        registry.register(
+            "process_start_time_seconds",
+            "Start time of the broker, seconds since the epoch",
+            process_start.clone(),
+        );
+        process_start.set(crate::auth::now_secs() as i64);
+        Metrics {
+            registry,
+            connections,
+            handshakes,
+            auth_failures,
+            frames_in,
+            frames_out,
+            deliveries,
+            errors,
+            closes,
+            rate_limited,
+            ephemeral_dropped,
+            rooms,
+            room_members,
+            publish_seconds,
+            write_batch_frames,
+            bytes_out,
+            http,
+            process_cpu,
+            process_rss,
+            process_fds,
+        }
+    }
+
+    /// Count a handshake outcome.
+    pub fn handshake(&self, result: &'static str) {
+        self.handshakes.get_or_create(&[("result", result)]).inc();
+    }
+    /// Count an authentication failure.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+    /// Count a received client frame (index from [`client_kind_index`]).
+    pub fn frame_in(&self, idx: usize) {
+        if let Some(c) = self.frames_in.get(idx) {
+            c.inc();
+        }
+    }
+    /// Count queued server frames of one kind.
+    pub fn frames_out(&self, kind: &str, n: u64) {
+        if let Some(i) = SERVER_KINDS.iter().position(|k| *k == kind) {
+            self.frames_out[i].inc_by(n);
+        }
+    }
+    /// Count an error frame.
+    pub fn error(&self, code: ErrorCode) {
+        self.errors.get_or_create(&[("code", code.name())]).inc();
+    }
+    /// Count a server-initiated close.
+    pub fn close(&self, code: CloseCode) {
+        self.closes
+            .get_or_create(&[("reason", close_label(code))])
+            .inc();
+    }
+    /// Count a rate-limit refusal.
+    pub fn rate_limited(&self, kind: &'static str) {
+        self.rate_limited.get_or_create(&[("kind", kind)]).inc();
+    }
+    /// Count an HTTP request.
+    pub fn http(&self, route: &'static str, status: u16) {
+        self.http
+            .get_or_create(&[("route", route), ("status", status_label(status))])
+            .inc();
+    }
+
+    /// Render the text exposition format.
+    pub fn render(&self) -> String {
+        self.refresh_process();
+        let mut out = String::with_capacity(16 * 1024);
+        if encode(&mut out, &self.registry).is_err() {
+            tracing::error!("metrics encoding failed");
+        }
+        out
+    }
+
+    fn refresh_process(&self) {
+        // Linux /proc; on other systems these stay 0.
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // Fields after the comm: utime is 14th overall (index 11 here), stime 12, rss 22.
+                let tick = 100.0;
+                let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                self.process_cpu.set((ut + st) / tick);
+                let rss: i64 = f.get(21).and_then(|v| v.parse().ok()).unwrap_or(0);
+                self.process_rss.set(rss * 4096);
+            }
+        }
+        if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
+            self.process_fds.set(d.count() as i64);
+        }
+    }
+}
+
+/// Stable close-reason label.
+pub fn close_label(c: CloseCode) -> &'static str {
+    match c {
+        CloseCode::Normal => "normal",
+        CloseCode::GoingAway => "shutdown",
+        CloseCode::Protocol => "protocol_error",
+        CloseCode::InvalidPayload => "invalid_payload",
+        CloseCode::Policy => "policy",
+        CloseCode::TooBig => "too_big",
+        CloseCode::Internal => "internal",
+        CloseCode::TokenExpired => "token_expired",
+        CloseCode::TokenRevoked => "token_revoked",
+        CloseCode::SlowConsumer => "slow_consumer",
+        CloseCode::IdleTimeout => "idle_timeout",
+        CloseCode::TryAgainLater => "try_again_later",
+    }
+}
+
+fn status_label(s: u16) -> &'static str {
+    match s {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+/// Monotonic id source (connection ids).
+pub static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Next unique id.
+pub fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}

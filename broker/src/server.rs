@@ -1,0 +1,147 @@
+//! Accept loop and graceful shutdown.
+//!
+//! [`run`] is what the binary calls and what tests call with a listener on
+//! port 0. Shutdown: stop accepting, ask idle HTTP connections to finish,
+//! close every WebSocket with 1001 after flushing what is queued, and
+//! return within `--shutdown-timeout`.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::Auth,
+    config::Config,
+    hub::Hub,
+    metrics::Metrics,
+    state::AppState,
+    store::{sqlite::SqliteStore, Store},
+};
+
+/// Build the shared state: open the store, load keys and revocations.
+pub async fn build_state(
+    cfg: Config,
+    listen_port: u16,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<AppState>> {
+    cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let node = cfg.node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "shoal".into());
+        format!("{}-{}", host.trim(), listen_port)
+    });
+    let metrics = Arc::new(Metrics::new(&node));
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&cfg.data).context("opening embedded store")?);
+    let auth = Auth::from_config(&cfg)?;
+    auth.load_revoked(
+        store
+            .revoked(crate::auth::now_secs())
+            .await
+            .context("loading revoked tokens")?,
+    );
+    let hub = Hub::new(cfg.shards, cfg.namespace_table(), metrics.clone());
+    Ok(Arc::new(AppState {
+        conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        cfg: Arc::new(cfg),
+        node,
+        hub,
+        auth,
+        store,
+        metrics,
+        shutdown,
+        tracker: TaskTracker::new(),
+    }))
+}
+
+/// Run the broker on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let port = listener.local_addr()?.port();
+    let state = build_state(cfg, port, shutdown).await?;
+    serve(listener, state).await
+}
+
+/// Accept connections with prepared state until shutdown.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, node = %state.node, "shoal listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let st = state.clone();
+        state.tracker.spawn(async move {
+            let svc_state = st.clone();
+            let svc = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(st.cfg.handshake_timeout())
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = st.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "http connection ended with error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: closing connections with 1001");
+    state.tracker.close();
+    if tokio::time::timeout(state.cfg.shutdown_timeout(), state.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown timeout: {} tasks still running",
+            state.tracker.len()
+        );
+    }
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,30 @@
+//! Shared state handed to every request and connection.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{auth::Auth, config::Config, hub::Hub, metrics::Metrics, store::Store};
+
+/// Everything a handler needs.
+pub struct AppState {
+    /// Validated configuration.
+    pub cfg: Arc<Config>,
+    /// Node id.
+    pub node: String,
+    /// Rooms and users.
+    pub hub: Hub,
+    /// Tokens and passwords.
+    pub auth: Auth,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// One permit per WebSocket connection (`--max-connections`).
+    pub conn_permits: Arc<Semaphore>,
+    /// Cancelled when the server shuts down.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
