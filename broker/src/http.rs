@@ -204,6 +204,7 @@ fn bearer<B>(req: &Request<B>) -> Option<String> {
 
 fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<crate::auth::Claims, ApiError> {
     let verified = bearer(req)
+        .filter(|t| !t.is_empty())
         .ok_or(AuthError::Missing)
         .and_then(|t| state.auth.verify(&t));
     verified.map_err(|e| {

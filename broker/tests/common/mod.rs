@@ -1,0 +1,326 @@
+//! Test harness: a real broker on 127.0.0.1:0 in a temp dir, real HTTP and
+//! WebSocket clients (reqwest, tokio-tungstenite: an independent WebSocket
+//! implementation).
+#![allow(dead_code, missing_docs)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use shoal_broker::Config;
+use shoal_proto::{ClientFrame, Encoding, ServerFrame};
+use tokio::{net::TcpStream, task::JoinHandle};
+use tokio_tungstenite::{
+    tungstenite::{client::IntoClientRequest, http::HeaderValue, protocol::CloseFrame, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: Option<JoinHandle<anyhow::Result<()>>>,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+impl Broker {
+    pub async fn start() -> Broker {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = Config::for_tests(dir.path().to_path_buf());
+        cfg.jwt_secret = Some(SECRET.into());
+        cfg.log = "warn".into();
+        f(&mut cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(shoal_broker::server::run(listener, cfg, shutdown.clone()));
+        Broker {
+            addr,
+            shutdown,
+            task: Some(task),
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
+        let mut r = self.http.post(self.url(path)).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.expect("http");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut r = self.http.get(self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.expect("http");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("http")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Value of one sample line, e.g. `shoal_closes_total{reason="slow_consumer"`.
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Register and log in; returns the token.
+    pub async fn user(&self, name: &str) -> String {
+        let (s, _) = self
+            .post(
+                "/api/register",
+                json!({"username": name, "password": "password123"}),
+                None,
+            )
+            .await;
+        assert!(s == 201 || s == 409, "register {name}: {s}");
+        let (s, v) = self
+            .post(
+                "/api/login",
+                json!({"username": name, "password": "password123"}),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "login {name}: {v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    pub async fn connect(&self, token: &str, enc: Encoding) -> Client {
+        self.try_connect(token, enc).await.expect("connect")
+    }
+
+    pub async fn try_connect(&self, token: &str, enc: Encoding) -> Result<Client, (u16, String)> {
+        let mut req = format!("ws://{}/ws", self.addr)
+            .into_client_request()
+            .expect("req");
+        req.headers_mut().insert(
+            "Authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("hdr"),
+        );
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(enc.subprotocol()),
+        );
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => {
+                let mut c = Client {
+                    ws,
+                    enc,
+                    next_id: 1,
+                };
+                match c.recv().await {
+                    ServerFrame::Hello { .. } => Ok(c),
+                    other => panic!("expected hello, got {other:?}"),
+                }
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).to_string())
+                    .unwrap_or_default();
+                Err((resp.status().as_u16(), body))
+            }
+            Err(e) => panic!("ws connect: {e}"),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), t)
+                .await
+                .expect("shutdown in time")
+                .expect("join")
+                .expect("run");
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub enc: Encoding,
+    next_id: u64,
+}
+
+/// What a receive produced other than a frame.
+#[derive(Debug, PartialEq)]
+pub enum End {
+    Closed(Option<u16>),
+    Error(String),
+    Timeout,
+}
+
+impl Client {
+    pub async fn send(&mut self, f: &ClientFrame) {
+        let bytes = self.enc.encode_client(f).expect("encode");
+        let msg = match self.enc {
+            Encoding::MsgPack => Message::Binary(bytes.into()),
+            Encoding::Json => Message::Text(String::from_utf8(bytes).expect("utf8").into()),
+        };
+        self.ws.send(msg).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) -> Result<(), String> {
+        self.ws.send(m).await.map_err(|e| e.to_string())
+    }
+
+    pub fn id(&mut self) -> Option<u64> {
+        self.next_id += 1;
+        Some(self.next_id)
+    }
+
+    pub async fn try_recv(&mut self, within: Duration) -> Result<ServerFrame, End> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let m = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Err(End::Timeout),
+                Ok(None) => return Err(End::Closed(None)),
+                Ok(Some(Err(e))) => return Err(End::Error(e.to_string())),
+                Ok(Some(Ok(m))) => m,
+            };
+            match m {
+                Message::Binary(b) => {
+                    assert_eq!(
+                        self.enc,
+                        Encoding::MsgPack,
+                        "binary frame on a json connection"
+                    );
+                    return Ok(self.enc.decode_server(&b).expect("decode server frame"));
+                }
+                Message::Text(t) => {
+                    assert_eq!(
+                        self.enc,
+                        Encoding::Json,
+                        "text frame on a msgpack connection"
+                    );
+                    return Ok(self
+                        .enc
+                        .decode_server(t.as_bytes())
+                        .expect("decode server frame"));
+                }
+                Message::Close(c) => {
+                    return Err(End::Closed(c.map(|c: CloseFrame| u16::from(c.code))))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> ServerFrame {
+        match self.try_recv(Duration::from_secs(5)).await {
+            Ok(f) => f,
+            Err(e) => panic!("expected a frame, got {e:?}"),
+        }
+    }
+
+    /// Receive until a frame matches `pred`, skipping others (presence etc.).
+    pub async fn recv_until(&mut self, pred: impl Fn(&ServerFrame) -> bool) -> ServerFrame {
+        loop {
+            let f = self.recv().await;
+            if pred(&f) {
+                return f;
+            }
+        }
+    }
+
+    /// Wait for the connection to end; returns the close code.
+    pub async fn closed(&mut self) -> End {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.try_recv(left).await {
+                Ok(_) => continue,
+                Err(e) => return e,
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> u64 {
+        let id = self.id();
+        self.send(&ClientFrame::Join {
+            id,
+            room: room.into(),
+            since: None,
+        })
+        .await;
+        match self
+            .recv_until(|f| matches!(f, ServerFrame::Joined { .. } | ServerFrame::Error { .. }))
+            .await
+        {
+            ServerFrame::Joined { id: rid, seq, .. } => {
+                assert_eq!(rid, id);
+                seq
+            }
+            e => panic!("join {room}: {e:?}"),
+        }
+    }
+
+    pub async fn publish(&mut self, room: &str, body: Value) -> ServerFrame {
+        let id = self.id();
+        self.send(&ClientFrame::Pub {
+            id,
+            room: Some(room.into()),
+            to: None,
+            cid: None,
+            body,
+        })
+        .await;
+        self.recv_until(|f| matches!(f, ServerFrame::Ack { id: i, .. } | ServerFrame::Error { id: i, .. } if *i == id)).await
+    }
+}
+
+pub fn mint(claims: Value, alg: jsonwebtoken::Algorithm, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("mint")
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
