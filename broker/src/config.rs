@@ -39,7 +39,7 @@ pub struct Config {
     pub jwt_ed25519_public_key: Option<PathBuf>,
 
     /// Lifetime of tokens issued by `POST /api/login`, in seconds.
-    #[arg(long, env = "SHOAL_TOKEN_TTL", default_value_t = 86_400)]
+    #[arg(long = "token-ttl", env = "SHOAL_TOKEN_TTL", default_value_t = 86_400)]
     pub token_ttl_secs: u64,
 
     /// Key for the server API (`POST /api/rooms/{room}/messages`), sent as
@@ -68,7 +68,11 @@ pub struct Config {
 
     /// Seconds a single socket write may take before the peer is treated as
     /// a slow consumer and dropped.
-    #[arg(long, env = "SHOAL_WRITE_TIMEOUT", default_value_t = 10)]
+    #[arg(
+        long = "write-timeout",
+        env = "SHOAL_WRITE_TIMEOUT",
+        default_value_t = 10
+    )]
     pub write_timeout_secs: u64,
 
     /// Maximum rooms one connection may be in; more gets `error 429`.
@@ -94,22 +98,38 @@ pub struct Config {
     pub typing_interval_ms: u64,
 
     /// Seconds between server pings on an idle connection.
-    #[arg(long, env = "SHOAL_PING_INTERVAL", default_value_t = 25)]
+    #[arg(
+        long = "ping-interval",
+        env = "SHOAL_PING_INTERVAL",
+        default_value_t = 25
+    )]
     pub ping_interval_secs: u64,
 
     /// Seconds without any frame from the client (pongs count) before the
     /// connection is closed with 4004.
-    #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 60)]
+    #[arg(
+        long = "idle-timeout",
+        env = "SHOAL_IDLE_TIMEOUT",
+        default_value_t = 60
+    )]
     pub idle_timeout_secs: u64,
 
     /// Seconds a client has to send its HTTP request headers and complete
     /// the WebSocket upgrade.
-    #[arg(long, env = "SHOAL_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    #[arg(
+        long = "handshake-timeout",
+        env = "SHOAL_HANDSHAKE_TIMEOUT",
+        default_value_t = 10
+    )]
     pub handshake_timeout_secs: u64,
 
     /// Seconds graceful shutdown waits for connections to drain after
     /// sending close 1001, before exiting anyway.
-    #[arg(long, env = "SHOAL_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    #[arg(
+        long = "shutdown-timeout",
+        env = "SHOAL_SHUTDOWN_TIMEOUT",
+        default_value_t = 10
+    )]
     pub shutdown_timeout_secs: u64,
 
     /// Allowed `Origin` values for browser WebSocket handshakes

@@ -1,0 +1,39 @@
+# Shoal: common tasks. `make run` starts a broker on the embedded defaults;
+# `make test` installs what the tests need and runs everything CI checks.
+
+CARGO ?= cargo
+ARGS ?=
+FUZZ_SECONDS ?= 60
+
+.PHONY: run build test test-deps lint fmt fuzz clean
+
+## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
+run:
+	$(CARGO) run --release -p shoal-broker --bin shoal -- $(ARGS)
+
+## Release build of every binary (shoal, loadgen).
+build:
+	$(CARGO) build --release --workspace
+
+## Everything CI checks: install test dependencies, lint, all tests.
+test: test-deps lint
+	$(CARGO) test --workspace --all-targets
+
+## Install what the tests need (idempotent; apt packages only when missing).
+test-deps:
+	./scripts/install-test-deps.sh
+
+## rustfmt check and clippy with warnings as errors.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## Run every fuzz target for FUZZ_SECONDS each (needs a nightly toolchain).
+fuzz:
+	./scripts/fuzz.sh $(FUZZ_SECONDS)
+
+clean:
+	$(CARGO) clean
