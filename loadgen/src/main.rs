@@ -1,14 +1,96 @@
-//! `loadgen`: open-loop load generator for Shoal (scenarios arrive with the
-//! loadgen issue; this binary already builds against the protocol crate).
+//! `loadgen`: command-line front end for the Shoal load generator.
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shoal_loadgen::{capacity, connect, fanout, report};
 
-/// Shoal load generator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Shoal load generator: open-loop publishers, coordinated-omission-free
+/// latency percentiles, loss/duplication/reordering counts, JSON results
+/// and SVG plots under results/.
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", version, about)]
-struct Opt {}
+#[command(name = "loadgen", version, about, long_about = None)]
+struct Opt {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// R rooms × M members with P publishers at a fixed total rate; prints
+    /// live progress and a percentile table.
+    Fanout(fanout::FanoutOpts),
+    /// Step the publish rate up until p99 passes the SLO or loss appears;
+    /// reports the highest sustained deliveries/s.
+    Capacity(capacity::CapacityOpts),
+    /// Ramp to N connections; reports handshake latency, failures by cause
+    /// and broker memory per connection.
+    Connect(connect::ConnectOpts),
+}
 
 fn main() -> anyhow::Result<()> {
-    let _opt = Opt::parse();
+    let opt = Opt::parse();
+    tracing_subscriber::fmt()
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOADGEN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let passed = rt.block_on(async {
+        match opt.cmd {
+            Cmd::Fanout(o) => {
+                let r = fanout::run(&o).await?;
+                let path = o.common.out.clone().unwrap_or_else(|| report::default_path("fanout"));
+                report::write_json(&path, &r)?;
+                let svg = path.with_extension("svg");
+                report::plot_percentiles(
+                    &svg,
+                    &format!("fanout {}x{} @ {:.0} msg/s ({})", o.rooms, o.members, o.rate, o.common.encoding.name()),
+                    &[("delivery", &r.latency_curve), ("fan-out completion", &r.fanout_curve)],
+                )?;
+                print!("{}", r.table());
+                println!("results: {} {}", path.display(), svg.display());
+                Ok::<bool, anyhow::Error>(r.passed())
+            }
+            Cmd::Capacity(o) => {
+                let r = capacity::run(&o).await?;
+                let path = o.fanout.common.out.clone().unwrap_or_else(|| report::default_path("capacity"));
+                report::write_json(&path, &r)?;
+                println!(
+                    "capacity at p99 <= {} ms: {:.0} msg/s published, {:.0} deliveries/s",
+                    r.slo_p99_ms, r.capacity_publish_rate, r.capacity_deliveries_per_sec
+                );
+                println!("results: {}", path.display());
+                Ok(r.best.is_some())
+            }
+            Cmd::Connect(o) => {
+                let r = connect::run(&o).await?;
+                let path = o.common.out.clone().unwrap_or_else(|| report::default_path("connect"));
+                report::write_json(&path, &r)?;
+                if !o.common.quiet {
+                    println!(
+                        "established {}/{} at {:.0}/s; handshake p50 {:.3} ms p99 {:.3} ms; failures {:?}",
+                        r.established, r.attempted, r.achieved_connect_rate, r.handshake.p50, r.handshake.p99, r.failures_by_cause
+                    );
+                    if let Some(s) = r.steps.last() {
+                        println!("broker memory: {:.0} bytes per connection", s.bytes_per_connection);
+                    }
+                    println!("results: {}", path.display());
+                }
+                Ok(r.failures.is_empty())
+            }
+        }
+    })?;
+    if !passed {
+        std::process::exit(1);
+    }
     Ok(())
 }

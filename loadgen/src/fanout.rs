@@ -1,0 +1,719 @@
+//! `fanout`: R rooms × M members, P publishers at a fixed total rate.
+//!
+//! Every member connection is a receiver; the first P connections (spread
+//! round-robin over rooms) also publish. Each publisher follows its own
+//! schedule `t0 + k / rate` and stamps `k`'s intended time into the
+//! payload; receivers record `receive time - intended time`. Messages whose
+//! intended time falls in the warm-up are delivered and checked for loss,
+//! but not put in the latency histograms.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use clap::Args;
+use fastwebsockets::{Frame, OpCode, Payload};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::json;
+use shoal_proto::{ClientFrame, Encoding, ServerFrame};
+use tokio::{sync::Semaphore, time::Instant};
+
+use crate::{
+    client::{self, now_ns, Ws},
+    stats::{self, Percentiles},
+    sys, CommonOpts,
+};
+
+/// Options of the fanout scenario.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct FanoutOpts {
+    /// Shared options.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonOpts,
+
+    /// Number of rooms.
+    #[arg(long, default_value_t = 10)]
+    pub rooms: usize,
+
+    /// Member connections per room (each one receives every message of its room).
+    #[arg(long, default_value_t = 10)]
+    pub members: usize,
+
+    /// Publishing connections, spread round-robin over rooms (they are
+    /// members too). At most rooms × members.
+    #[arg(long, default_value_t = 10)]
+    pub publishers: usize,
+
+    /// Total publish rate over all publishers, messages per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+
+    /// Payload padding per message in bytes (the body also carries ~40 bytes of stamps).
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+
+    /// Measured duration in seconds (after warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Warm-up in seconds: published and checked, not measured.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+
+    /// Gate: fail if p99 delivery latency exceeds this many milliseconds.
+    #[arg(long)]
+    pub max_p99_ms: Option<f64>,
+
+    /// Gate: fail if more than this many deliveries are lost.
+    #[arg(long, default_value_t = 0)]
+    pub max_loss: u64,
+
+    /// Connections opened concurrently during set-up.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+}
+
+/// Result of a fanout run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    /// Scenario name.
+    pub scenario: &'static str,
+    /// Options used.
+    pub opts: FanoutOpts,
+    /// Offered publish rate (msgs/s).
+    pub target_rate: f64,
+    /// Publishes actually sent per second within the measured window.
+    pub achieved_rate: f64,
+    /// True if the achieved rate was at least 99% of the target.
+    pub rate_ok: bool,
+    /// Publishes sent in total (warm-up included).
+    pub sent: u64,
+    /// Publishes acknowledged.
+    pub acked: u64,
+    /// Error frames received, by code (e.g. 429 = rate limited by the broker).
+    pub errors: BTreeMap<u16, u64>,
+    /// Deliveries expected (acked messages × room members).
+    pub expected_deliveries: u64,
+    /// Deliveries received.
+    pub deliveries: u64,
+    /// Deliveries per second in the measured window.
+    pub deliveries_per_sec: f64,
+    /// Deliveries never received.
+    pub lost: u64,
+    /// Deliveries received twice.
+    pub duplicated: u64,
+    /// Deliveries received after a later seq.
+    pub reordered: u64,
+    /// Per-delivery latency (intended send to receive).
+    pub latency: Percentiles,
+    /// Fan-out completion latency (intended send to the last member's receive).
+    pub fanout_latency: Percentiles,
+    /// Load generator CPU use, percent of one core.
+    pub loadgen_cpu_percent: f64,
+    /// Each broker's CPU use, percent of one core (from its /metrics).
+    pub broker_cpu_percent: Vec<f64>,
+    /// Each broker's resident memory at the end, bytes.
+    pub broker_rss_bytes: Vec<f64>,
+    /// Gate failures; empty when the run passed.
+    pub failures: Vec<String>,
+    /// Points of the latency percentile curve (percentile, ms), for plots.
+    pub latency_curve: Vec<(f64, f64)>,
+    /// Points of the fan-out latency curve.
+    pub fanout_curve: Vec<(f64, f64)>,
+}
+
+impl FanoutReport {
+    /// True if no gate failed.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// Human-readable summary.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        s += &format!(
+            "offered {:.0} msg/s, achieved {:.0} msg/s{}; deliveries {:.0}/s\n",
+            self.target_rate,
+            self.achieved_rate,
+            if self.rate_ok {
+                ""
+            } else {
+                "  ** UNDER 99% OF TARGET **"
+            },
+            self.deliveries_per_sec
+        );
+        s += &format!(
+            "sent {} acked {} errors {:?}; deliveries {}/{} lost {} duplicated {} reordered {}\n",
+            self.sent,
+            self.acked,
+            self.errors,
+            self.deliveries,
+            self.expected_deliveries,
+            self.lost,
+            self.duplicated,
+            self.reordered
+        );
+        s += &Percentiles::header();
+        s += "\n";
+        s += &self.latency.row("delivery");
+        s += "\n";
+        s += &self.fanout_latency.row("fan-out completion");
+        s += "\n";
+        s += &format!(
+            "cpu: loadgen {:.0}%, broker {:?}%\n",
+            self.loadgen_cpu_percent,
+            self.broker_cpu_percent
+                .iter()
+                .map(|c| c.round())
+                .collect::<Vec<_>>()
+        );
+        if !self.failures.is_empty() {
+            s += &format!("FAILED: {}\n", self.failures.join("; "));
+        }
+        s
+    }
+}
+
+/// Per-room completion tracking: seq -> (receivers still missing it, worst latency, measured).
+type FanoutMap = Mutex<HashMap<u64, (u32, u64, bool)>>;
+
+struct Shared {
+    enc: Encoding,
+    members: u32,
+    window: (u64, u64),
+    acked: Vec<AtomicU64>,
+    max_acked_seq: Vec<AtomicU64>,
+    fanout: Vec<FanoutMap>,
+    fanout_hist: Mutex<Histogram<u64>>,
+    live: Mutex<Histogram<u64>>,
+    deliveries: AtomicU64,
+    sent: AtomicU64,
+    sent_in_window: AtomicU64,
+    errors: Mutex<BTreeMap<u16, u64>>,
+    stop: tokio_util_stop::Stop,
+}
+
+/// Minimal stop signal (a watch channel) so the crate needs no tokio-util.
+mod tokio_util_stop {
+    /// Broadcast "stop" to every task.
+    pub struct Stop {
+        tx: tokio::sync::watch::Sender<bool>,
+    }
+    impl Stop {
+        pub fn new() -> Self {
+            Stop {
+                tx: tokio::sync::watch::channel(false).0,
+            }
+        }
+        pub fn fire(&self) {
+            let _ = self.tx.send(true);
+        }
+        pub async fn wait(&self) {
+            let mut rx = self.tx.subscribe();
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tracker {
+    next: u64,
+    gaps: Vec<(u64, u64)>,
+    received: u64,
+    duplicated: u64,
+    reordered: u64,
+}
+
+impl Tracker {
+    fn see(&mut self, seq: u64) {
+        if seq == self.next {
+            self.next += 1;
+            self.received += 1;
+        } else if seq > self.next {
+            self.gaps.push((self.next, seq));
+            self.next = seq + 1;
+            self.received += 1;
+        } else if let Some(i) = self.gaps.iter().position(|&(a, b)| seq >= a && seq < b) {
+            // A seq we had skipped: late, not lost.
+            let (a, b) = self.gaps.remove(i);
+            if a < seq {
+                self.gaps.push((a, seq));
+            }
+            if seq + 1 < b {
+                self.gaps.push((seq + 1, b));
+            }
+            self.reordered += 1;
+            self.received += 1;
+        } else {
+            self.duplicated += 1;
+        }
+    }
+
+    fn missing(&self, max_acked: u64) -> u64 {
+        let gaps: u64 = self.gaps.iter().map(|(a, b)| b - a).sum();
+        gaps + (max_acked + 1).saturating_sub(self.next)
+    }
+}
+
+struct ConnResult {
+    room: usize,
+    hist: Histogram<u64>,
+    tracker: Tracker,
+}
+
+/// Run the scenario.
+pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
+    anyhow::ensure!(
+        opts.rooms >= 1 && opts.members >= 1,
+        "--rooms and --members must be at least 1"
+    );
+    anyhow::ensure!(
+        opts.publishers >= 1 && opts.publishers <= opts.rooms * opts.members,
+        "--publishers must be 1..=rooms*members"
+    );
+    anyhow::ensure!(
+        opts.rate > 0.0 && opts.duration > 0.0,
+        "--rate and --duration must be positive"
+    );
+    let c = &opts.common;
+    let secret = c.secret()?;
+    let prefix = c.prefix();
+    let n = opts.rooms * opts.members;
+    let enc = c.encoding;
+
+    // Set-up: connect and join, bounded concurrency.
+    let sem = Arc::new(Semaphore::new(opts.connect_concurrency.max(1)));
+    let mut joins = Vec::with_capacity(n);
+    for i in 0..n {
+        let url = c.urls[i % c.urls.len()].clone();
+        let token = client::mint_token(&secret, &format!("{prefix}-u{i}"), 3600)?;
+        let room = format!("{prefix}-r{}", i % opts.rooms);
+        let src = client::source_ip(i, c.source_ips);
+        let sem = sem.clone();
+        joins.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await;
+            let mut ws = client::connect(&url, &token, enc, src)
+                .await
+                .map_err(|e| anyhow::anyhow!("connect {url}: {}", e.label()))?;
+            client::send(
+                &mut ws,
+                enc,
+                &ClientFrame::Join {
+                    id: Some(1),
+                    room: room.clone(),
+                    since: None,
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            loop {
+                match client::read_frame(&mut ws, enc)
+                    .await
+                    .map_err(anyhow::Error::msg)?
+                {
+                    Some(ServerFrame::Joined { seq, .. }) => {
+                        return Ok::<_, anyhow::Error>((ws, room, seq))
+                    }
+                    Some(ServerFrame::Error { code, message, .. }) => {
+                        anyhow::bail!("join {room}: {code} {message}")
+                    }
+                    Some(_) => continue,
+                    None => anyhow::bail!("closed during join"),
+                }
+            }
+        }));
+    }
+    let mut conns = Vec::with_capacity(n);
+    for j in joins {
+        conns.push(j.await??);
+    }
+    if !c.quiet {
+        tracing::info!("{n} connections joined {} rooms", opts.rooms);
+    }
+
+    let http = reqwest::Client::new();
+    let start_instant = Instant::now() + Duration::from_millis(300);
+    let t0 = now_ns() + 300_000_000;
+    let warm_ns = (opts.warmup * 1e9) as u64;
+    let dur_ns = (opts.duration * 1e9) as u64;
+    let window = (t0 + warm_ns, t0 + warm_ns + dur_ns);
+    let shared = Arc::new(Shared {
+        enc,
+        members: opts.members as u32,
+        window,
+        acked: (0..opts.rooms).map(|_| AtomicU64::new(0)).collect(),
+        max_acked_seq: conns
+            .iter()
+            .take(opts.rooms)
+            .map(|(_, _, s)| AtomicU64::new(*s))
+            .collect(),
+        fanout: (0..opts.rooms)
+            .map(|_| Mutex::new(HashMap::new()))
+            .collect(),
+        fanout_hist: Mutex::new(stats::histogram()),
+        live: Mutex::new(stats::histogram()),
+        deliveries: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        sent_in_window: AtomicU64::new(0),
+        errors: Mutex::new(BTreeMap::new()),
+        stop: tokio_util_stop::Stop::new(),
+    });
+    // The room's seq at join time is the same for all its members only if
+    // nobody published before; use the highest seen per room as the base.
+    for (i, (_, _, seq)) in conns.iter().enumerate() {
+        shared.max_acked_seq[i % opts.rooms].fetch_max(*seq, Ordering::Relaxed);
+    }
+
+    let per_pub_rate = opts.rate / opts.publishers as f64;
+    let pad = "x".repeat(opts.payload);
+    let mut tasks = Vec::with_capacity(n);
+    let mut writers = Vec::with_capacity(opts.publishers);
+    for (i, (ws, room, seq)) in conns.into_iter().enumerate() {
+        let room_idx = i % opts.rooms;
+        let (rd, wr) = ws.split(tokio::io::split);
+        let (pong_tx, pong_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let sh = shared.clone();
+        tasks.push(tokio::spawn(reader(rd, pong_tx, sh.clone(), room_idx, seq)));
+        let publisher = i < opts.publishers;
+        let w = tokio::spawn(writer(
+            wr,
+            pong_rx,
+            sh,
+            publisher.then(|| Schedule {
+                pub_id: i as u64,
+                room,
+                interval_ns: (1e9 / per_pub_rate) as u64,
+                // Stagger publishers evenly inside one interval.
+                offset_ns: ((1e9 / per_pub_rate) * i as f64 / opts.publishers as f64) as u64,
+                t0,
+                end: window.1,
+                start_instant,
+                pad: pad.clone(),
+            }),
+        ));
+        if publisher {
+            writers.push(w);
+        }
+    }
+
+    let before = sys::scrape(&http, &c.urls).await;
+    let cpu0 = sys::own_cpu_seconds();
+    let wall0 = Instant::now();
+    let progress = (!c.quiet).then(|| tokio::spawn(progress(shared.clone())));
+    for w in writers {
+        let _ = w.await;
+    }
+    let wall = wall0.elapsed().as_secs_f64();
+    let cpu1 = sys::own_cpu_seconds();
+    let after = sys::scrape(&http, &c.urls).await;
+
+    // Drain: wait until every acked message reached every member, or 5 s.
+    let expected = |sh: &Shared| -> u64 {
+        sh.acked
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum::<u64>()
+            * sh.members as u64
+    };
+    let drain_deadline = Instant::now() + Duration::from_secs(5);
+    while shared.deliveries.load(Ordering::Relaxed) < expected(&shared)
+        && Instant::now() < drain_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    shared.stop.fire();
+    if let Some(p) = progress {
+        p.abort();
+    }
+
+    let mut hist = stats::histogram();
+    let (mut lost, mut dup, mut reo, mut received) = (0, 0, 0, 0);
+    for t in tasks {
+        let r = t.await?;
+        let _ = hist.add(&r.hist);
+        let max_acked = shared.max_acked_seq[r.room].load(Ordering::Relaxed);
+        lost += r.tracker.missing(max_acked);
+        dup += r.tracker.duplicated;
+        reo += r.tracker.reordered;
+        received += r.tracker.received;
+    }
+    let fan = shared.fanout_hist.lock().clone();
+    let achieved = shared.sent_in_window.load(Ordering::Relaxed) as f64 / opts.duration;
+    let rate_ok = achieved >= 0.99 * opts.rate;
+    let latency = Percentiles::of(&hist);
+    let mut failures = Vec::new();
+    if !rate_ok {
+        failures.push(format!(
+            "achieved rate {achieved:.0}/s is under 99% of {:.0}/s",
+            opts.rate
+        ));
+    }
+    if lost > opts.max_loss {
+        failures.push(format!("{lost} deliveries lost (max {})", opts.max_loss));
+    }
+    if dup > 0 || reo > 0 {
+        failures.push(format!("{dup} duplicated, {reo} reordered deliveries"));
+    }
+    if let Some(max) = opts.max_p99_ms {
+        if latency.p99 > max {
+            failures.push(format!("p99 {:.3} ms over {max} ms", latency.p99));
+        }
+    }
+    let errors = shared.errors.lock().clone();
+    if let Some((code, n)) = errors.iter().next() {
+        failures.push(format!("{n} publishes refused with error {code}"));
+    }
+    Ok(FanoutReport {
+        scenario: "fanout",
+        opts: opts.clone(),
+        target_rate: opts.rate,
+        achieved_rate: achieved,
+        rate_ok,
+        sent: shared.sent.load(Ordering::Relaxed),
+        acked: shared.acked.iter().map(|a| a.load(Ordering::Relaxed)).sum(),
+        errors,
+        expected_deliveries: expected(&shared),
+        deliveries: received,
+        deliveries_per_sec: latency.count as f64 / opts.duration,
+        lost,
+        duplicated: dup,
+        reordered: reo,
+        latency,
+        fanout_latency: Percentiles::of(&fan),
+        loadgen_cpu_percent: 100.0 * (cpu1 - cpu0) / wall,
+        broker_cpu_percent: before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| 100.0 * (a.cpu_seconds - b.cpu_seconds) / wall)
+            .collect(),
+        broker_rss_bytes: after.iter().map(|a| a.rss_bytes).collect(),
+        failures,
+        latency_curve: stats::curve(&hist),
+        fanout_curve: stats::curve(&fan),
+    })
+}
+
+struct Schedule {
+    pub_id: u64,
+    room: String,
+    interval_ns: u64,
+    offset_ns: u64,
+    t0: u64,
+    end: u64,
+    start_instant: Instant,
+    pad: String,
+}
+
+type Rd = fastwebsockets::WebSocketRead<
+    tokio::io::ReadHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+>;
+type Wr = fastwebsockets::WebSocketWrite<
+    tokio::io::WriteHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+>;
+
+async fn writer(
+    mut wr: Wr,
+    mut pongs: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    sh: Arc<Shared>,
+    sched: Option<Schedule>,
+) {
+    if let Some(s) = sched {
+        let mut k: u64 = 0;
+        loop {
+            let intended = s.t0 + s.offset_ns + k * s.interval_ns;
+            if intended >= s.end {
+                break;
+            }
+            let at = s.start_instant + Duration::from_nanos(intended - s.t0);
+            // Pongs may be answered while waiting; a late sender sends at
+            // once and keeps the intended stamp.
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = tokio::time::sleep_until(at) => break,
+                    Some(p) = pongs.recv() => {
+                        let _ = wr.write_frame(Frame::pong(Payload::Owned(p))).await;
+                    }
+                }
+            }
+            let body = json!({"s": intended, "p": s.pub_id, "n": k, "x": s.pad});
+            let f = ClientFrame::Pub {
+                id: Some(k),
+                room: Some(s.room.clone()),
+                to: None,
+                cid: None,
+                body,
+            };
+            let Ok(bytes) = sh.enc.encode_client(&f) else {
+                break;
+            };
+            if wr
+                .write_frame(client::data_frame(sh.enc, bytes))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sh.sent.fetch_add(1, Ordering::Relaxed);
+            let now = now_ns();
+            if now >= sh.window.0 && now < sh.window.1 {
+                sh.sent_in_window.fetch_add(1, Ordering::Relaxed);
+            }
+            k += 1;
+        }
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = sh.stop.wait() => return,
+            p = pongs.recv() => match p {
+                Some(p) => { let _ = wr.write_frame(Frame::pong(Payload::Owned(p))).await; }
+                None => return,
+            },
+        }
+    }
+}
+
+async fn reader(
+    mut rd: Rd,
+    pongs: tokio::sync::mpsc::Sender<Vec<u8>>,
+    sh: Arc<Shared>,
+    room: usize,
+    joined_seq: u64,
+) -> ConnResult {
+    let mut hist = stats::histogram();
+    let mut tracker = Tracker {
+        next: joined_seq + 1,
+        ..Default::default()
+    };
+    let mut batch: Vec<u64> = Vec::with_capacity(64);
+    let mut send_fn = |f: Frame<'_>| {
+        if f.opcode == OpCode::Pong {
+            let _ = pongs.try_send(f.payload.to_vec());
+        }
+        std::future::ready(Ok::<(), std::convert::Infallible>(()))
+    };
+    loop {
+        let frame = tokio::select! {
+            _ = sh.stop.wait() => break,
+            f = rd.read_frame(&mut send_fn) => match f {
+                Ok(f) => f,
+                Err(_) => break,
+            },
+        };
+        if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) {
+            if frame.opcode == OpCode::Close {
+                break;
+            }
+            continue;
+        }
+        let now = now_ns();
+        match sh.enc.decode_server(&frame.payload) {
+            Ok(ServerFrame::Msg { seq, body, .. }) => {
+                tracker.see(seq);
+                sh.deliveries.fetch_add(1, Ordering::Relaxed);
+                let stamp = body.get("s").and_then(|v| v.as_u64()).unwrap_or(now);
+                let lat = now.saturating_sub(stamp);
+                let measured = stamp >= sh.window.0 && stamp < sh.window.1;
+                if measured {
+                    stats::record_ns(&mut hist, lat);
+                    batch.push(lat);
+                    if batch.len() == 64 {
+                        let mut live = sh.live.lock();
+                        for l in batch.drain(..) {
+                            stats::record_ns(&mut live, l);
+                        }
+                    }
+                }
+                let done = {
+                    let mut m = sh.fanout[room].lock();
+                    let e = m.entry(seq).or_insert((sh.members, 0, measured));
+                    e.0 -= 1;
+                    e.1 = e.1.max(lat);
+                    if e.0 == 0 {
+                        m.remove(&seq)
+                    } else {
+                        None
+                    }
+                };
+                if let Some((_, worst, true)) = done {
+                    stats::record_ns(&mut sh.fanout_hist.lock(), worst);
+                }
+            }
+            Ok(ServerFrame::Ack { seq, .. }) => {
+                sh.acked[room].fetch_add(1, Ordering::Relaxed);
+                sh.max_acked_seq[room].fetch_max(seq, Ordering::Relaxed);
+            }
+            Ok(ServerFrame::Error { code, .. }) => {
+                *sh.errors.lock().entry(code).or_insert(0) += 1;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                *sh.errors.lock().entry(0).or_insert(0) += 1;
+            }
+        }
+    }
+    ConnResult {
+        room,
+        hist,
+        tracker,
+    }
+}
+
+async fn progress(sh: Arc<Shared>) {
+    let mut last_sent = 0;
+    let mut last_del = 0;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let sent = sh.sent.load(Ordering::Relaxed);
+        let del = sh.deliveries.load(Ordering::Relaxed);
+        let h = std::mem::replace(&mut *sh.live.lock(), stats::histogram());
+        let p = Percentiles::of(&h);
+        let errs: u64 = sh.errors.lock().values().sum();
+        tracing::info!(
+            "[{:>4.0}s] sent {:>7}/s  deliveries {:>8}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}",
+            start.elapsed().as_secs_f64(),
+            sent - last_sent,
+            del - last_del,
+            p.p50,
+            p.p99,
+            errs
+        );
+        last_sent = sent;
+        last_del = del;
+    }
+}
+
+/// Keep the type alias used by other scenarios.
+pub type Conn = Ws;
+
+#[cfg(test)]
+mod tests {
+    use super::Tracker;
+
+    #[test]
+    fn tracker_counts_loss_dup_reorder() {
+        let mut t = Tracker {
+            next: 1,
+            ..Default::default()
+        };
+        for s in [1, 2, 4, 3, 3, 6] {
+            t.see(s);
+        }
+        assert_eq!((t.received, t.duplicated, t.reordered), (5, 1, 1));
+        assert_eq!(t.missing(6), 1); // 5
+        assert_eq!(t.missing(8), 3); // 5, 7, 8
+    }
+}

@@ -1,0 +1,95 @@
+//! Shoal load generator library: scenarios, the WebSocket client they use,
+//! latency statistics and result reports. The `loadgen` binary is a thin
+//! clap front end; integration tests call the scenarios directly.
+//!
+//! Measurement rules (see README "Measuring"): publishers are open-loop and
+//! stamp each message with its *intended* send time from a precomputed
+//! schedule, so a stalled sender or broker shows up as latency instead of
+//! silently lowering the offered load (no coordinated omission).
+
+pub mod capacity;
+pub mod client;
+pub mod connect;
+pub mod fanout;
+pub mod report;
+pub mod stats;
+pub mod sys;
+
+use clap::Args;
+use serde::Serialize;
+
+/// Options shared by every scenario.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CommonOpts {
+    /// Broker base URL; repeat for several nodes (clients are spread
+    /// round-robin), or give one load balancer address.
+    #[arg(long = "url", default_value = "http://127.0.0.1:8080")]
+    pub urls: Vec<String>,
+
+    /// HS256 secret used to mint tokens for synthetic users (the broker's
+    /// SHOAL_JWT_SECRET). If unset, read from --secret-file.
+    #[arg(long, env = "SHOAL_JWT_SECRET", hide_env_values = true)]
+    #[serde(skip)]
+    pub jwt_secret: Option<String>,
+
+    /// File holding the broker's generated secret (what `make run` writes).
+    #[arg(long, default_value = "./data/jwt_secret")]
+    pub secret_file: std::path::PathBuf,
+
+    /// Wire encoding: msgpack or json.
+    #[arg(long, default_value = "msgpack", value_parser = parse_encoding)]
+    #[serde(serialize_with = "ser_encoding")]
+    pub encoding: shoal_proto::Encoding,
+
+    /// Number of local source addresses (127.0.0.1, .2, ...) to spread client
+    /// sockets over; each allows ~28k connections to one broker port.
+    #[arg(long, default_value_t = 1)]
+    pub source_ips: u8,
+
+    /// Prefix for synthetic user and room names (unique per run by default).
+    #[arg(long)]
+    pub prefix: Option<String>,
+
+    /// Where to write the JSON result (default results/<scenario>-<time>.json).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+
+    /// Do not print the live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_encoding(s: &str) -> Result<shoal_proto::Encoding, String> {
+    match s {
+        "msgpack" => Ok(shoal_proto::Encoding::MsgPack),
+        "json" => Ok(shoal_proto::Encoding::Json),
+        _ => Err("expected msgpack or json".into()),
+    }
+}
+
+fn ser_encoding<S: serde::Serializer>(e: &shoal_proto::Encoding, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(e.name())
+}
+
+impl CommonOpts {
+    /// The signing secret, from the flag/env or the secret file.
+    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        use anyhow::Context;
+        match &self.jwt_secret {
+            Some(s) => Ok(s.as_bytes().to_vec()),
+            None => std::fs::read(&self.secret_file).with_context(|| {
+                format!(
+                    "no --jwt-secret and cannot read {} (start the broker with `make run` first, or pass the secret)",
+                    self.secret_file.display()
+                )
+            }),
+        }
+    }
+
+    /// Run-unique name prefix.
+    pub fn prefix(&self) -> String {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| format!("lg{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+    }
+}

@@ -1,0 +1,76 @@
+//! CPU and memory readings: our own from /proc, the broker's from its
+//! `/metrics`, so a report shows whether the load generator was the
+//! bottleneck.
+
+/// CPU seconds (user + system) used by this process so far.
+pub fn own_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (ut + st) / 100.0
+}
+
+/// One sample value from a Prometheus text exposition (first line whose
+/// metric name matches exactly, any labels).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Broker figures scraped from `/metrics`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct BrokerSample {
+    /// CPU seconds used.
+    pub cpu_seconds: f64,
+    /// Resident memory in bytes.
+    pub rss_bytes: f64,
+    /// Open WebSocket connections.
+    pub connections: f64,
+}
+
+/// Scrape every broker; missing values read as 0.
+pub async fn scrape(http: &reqwest::Client, urls: &[String]) -> Vec<BrokerSample> {
+    let mut out = Vec::with_capacity(urls.len());
+    for u in urls {
+        let text = match http
+            .get(format!("{}/metrics", u.trim_end_matches('/')))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        out.push(BrokerSample {
+            cpu_seconds: metric_value(&text, "shoal_process_cpu_seconds").unwrap_or(0.0),
+            rss_bytes: metric_value(&text, "shoal_process_resident_memory_bytes").unwrap_or(0.0),
+            connections: metric_value(&text, "shoal_connections").unwrap_or(0.0),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_metric_lines() {
+        let t = "# HELP x\nshoal_connections{node=\"a\"} 12\nshoal_connections_extra 5\nshoal_process_cpu_seconds{node=\"a\"} 1.5\n";
+        assert_eq!(super::metric_value(t, "shoal_connections"), Some(12.0));
+        assert_eq!(
+            super::metric_value(t, "shoal_process_cpu_seconds"),
+            Some(1.5)
+        );
+        assert_eq!(super::metric_value(t, "nope"), None);
+    }
+}
