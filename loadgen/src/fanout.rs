@@ -116,6 +116,10 @@ pub struct FanoutReport {
     pub latency: Percentiles,
     /// Fan-out completion latency (intended send to the last member's receive).
     pub fanout_latency: Percentiles,
+    /// Sender lag: actual minus intended send time. Part of every latency
+    /// above; large values mean the load generator itself fell behind
+    /// (tokio's timer has 1 ms resolution, so up to ~1 ms is expected).
+    pub send_lag: Percentiles,
     /// Load generator CPU use, percent of one core.
     pub loadgen_cpu_percent: f64,
     /// Each broker's CPU use, percent of one core (from its /metrics).
@@ -166,6 +170,8 @@ impl FanoutReport {
         s += &self.latency.row("delivery");
         s += "\n";
         s += &self.fanout_latency.row("fan-out completion");
+        s += "\n";
+        s += &self.send_lag.row("sender lag");
         s += "\n";
         s += &format!(
             "cpu: loadgen {:.0}%, broker {:?}%\n",
@@ -401,6 +407,8 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         ));
         if publisher {
             writers.push(w);
+        } else {
+            drop(w);
         }
     }
 
@@ -408,8 +416,11 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     let cpu0 = sys::own_cpu_seconds();
     let wall0 = Instant::now();
     let progress = (!c.quiet).then(|| tokio::spawn(progress(shared.clone())));
+    let mut lag = stats::histogram();
     for w in writers {
-        let _ = w.await;
+        if let Ok(h) = w.await {
+            let _ = lag.add(&h);
+        }
     }
     let wall = wall0.elapsed().as_secs_f64();
     let cpu1 = sys::own_cpu_seconds();
@@ -489,6 +500,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         reordered: reo,
         latency,
         fanout_latency: Percentiles::of(&fan),
+        send_lag: Percentiles::of(&lag),
         loadgen_cpu_percent: 100.0 * (cpu1 - cpu0) / wall,
         broker_cpu_percent: before
             .iter()
@@ -525,7 +537,8 @@ async fn writer(
     mut pongs: tokio::sync::mpsc::Receiver<Vec<u8>>,
     sh: Arc<Shared>,
     sched: Option<Schedule>,
-) {
+) -> Histogram<u64> {
+    let mut lag = stats::histogram();
     if let Some(s) = sched {
         let mut k: u64 = 0;
         loop {
@@ -565,19 +578,22 @@ async fn writer(
             }
             sh.sent.fetch_add(1, Ordering::Relaxed);
             let now = now_ns();
+            if intended >= sh.window.0 {
+                stats::record_ns(&mut lag, now.saturating_sub(intended));
+            }
             if now >= sh.window.0 && now < sh.window.1 {
                 sh.sent_in_window.fetch_add(1, Ordering::Relaxed);
             }
             k += 1;
         }
-        return;
+        return lag;
     }
     loop {
         tokio::select! {
-            _ = sh.stop.wait() => return,
+            _ = sh.stop.wait() => return lag,
             p = pongs.recv() => match p {
                 Some(p) => { let _ = wr.write_frame(Frame::pong(Payload::Owned(p))).await; }
-                None => return,
+                None => return lag,
             },
         }
     }
