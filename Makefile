@@ -5,7 +5,7 @@ CARGO ?= cargo
 ARGS ?=
 FUZZ_SECONDS ?= 60
 
-.PHONY: run build test test-deps lint fmt fuzz clean
+.PHONY: run build test test-deps lint fmt fuzz bench clean
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
 run:
@@ -30,6 +30,12 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Benchmark a release broker on loopback: make bench SCENARIO=fanout BENCH_ARGS="--rate 20000"
+SCENARIO ?= fanout
+BENCH_ARGS ?=
+bench:
+	./scripts/bench.sh $(SCENARIO) $(BENCH_ARGS)
 
 ## Run every fuzz target for FUZZ_SECONDS each (needs a nightly toolchain).
 fuzz:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Benchmark a single release-built broker on loopback with loadgen and
+# write results under results/. Usage: scripts/bench.sh [fanout|capacity|connect] [loadgen args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scenario="${1:-fanout}"; shift || true
+cargo build --release -p shoal-broker -p shoal-loadgen
+tmp="$(mktemp -d)"
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+secret="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+SHOAL_JWT_SECRET="$secret" ./target/release/shoal --listen "127.0.0.1:$port" --data "$tmp" \
+    --rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --log warn &
+pid=$!
+trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "http://127.0.0.1:$port" "$@"
