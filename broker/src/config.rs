@@ -141,10 +141,47 @@ pub struct Config {
     /// Per-namespace options, `NS:key=value,...` (repeatable; `;`-separated in
     /// the env var). NS `*` sets the defaults for rooms without a namespace
     /// and for unlisted namespaces. Keys: `publish=members|api` (who may
-    /// publish; `api` = only `POST /api/rooms/{room}/messages`),
-    /// `presence=on|off`, `max_members=N` (default 10000).
+    /// publish; `api` = only `POST /api/publish`), `presence=on|off`,
+    /// `max_members=N` (default 10000), `persist=on|off` (store history;
+    /// default on), `retain_messages=N` (keep the newest N per room),
+    /// `retain_age=SECS` (drop older messages); no retention by default.
     #[arg(long = "namespace", env = "SHOAL_NAMESPACES", value_delimiter = ';')]
     pub namespaces: Vec<NamespaceSpec>,
+
+    /// Bound of the queue from publishers to the group-commit writer, in
+    /// operations. When full, publishers wait (backpressure to the socket);
+    /// nothing is dropped.
+    #[arg(long, env = "SHOAL_STORE_QUEUE", default_value_t = 16_384)]
+    pub store_queue: usize,
+
+    /// Most operations committed in one transaction (group commit).
+    #[arg(long, env = "SHOAL_STORE_BATCH", default_value_t = 1024)]
+    pub store_batch: usize,
+
+    /// SQLite durability: `normal` survives a crash of the broker process
+    /// (kill -9) but not of the machine; `full` fsyncs every commit and
+    /// survives power loss, at a higher publish latency.
+    #[arg(long, env = "SHOAL_STORE_SYNC", default_value = "normal", value_parser = ["normal", "full"])]
+    pub store_sync: String,
+
+    /// Seconds a client message id (`pub {cid}`) is remembered per room: a
+    /// retried `pub` with the same cid within the window is acked with the
+    /// original seq and not delivered again. At most 4096 ids per room.
+    #[arg(
+        long = "idempotency-window",
+        env = "SHOAL_IDEMPOTENCY_WINDOW",
+        default_value_t = 600
+    )]
+    pub idempotency_window_secs: u64,
+
+    /// Seconds between retention passes (see `retain_messages` and
+    /// `retain_age` in `--namespace`).
+    #[arg(
+        long = "retention-interval",
+        env = "SHOAL_RETENTION_INTERVAL",
+        default_value_t = 60
+    )]
+    pub retention_interval_secs: u64,
 
     /// Number of room registry shards (rounded up to a power of two).
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 64)]
@@ -170,6 +207,12 @@ impl Config {
         if self.ping_interval_secs == 0 || self.idle_timeout_secs <= self.ping_interval_secs {
             return Err("--idle-timeout must be longer than --ping-interval (> 0)".into());
         }
+        if self.store_queue == 0 || self.store_batch == 0 {
+            return Err("--store-queue and --store-batch must be positive".into());
+        }
+        if self.retention_interval_secs == 0 {
+            return Err("--retention-interval must be positive".into());
+        }
         if self.token_ttl_secs == 0 {
             return Err("--token-ttl must be positive".into());
         }
@@ -187,6 +230,11 @@ impl Config {
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         c.data = data;
         c
+    }
+
+    /// Like [`Config::for_tests`] with extra flags (data dir unset).
+    pub fn parse_from_for_tests(args: &[&str]) -> Self {
+        Config::parse_from(std::iter::once("shoal").chain(args.iter().copied()))
     }
 
     /// Namespace options resolved against the `*` defaults.
@@ -220,6 +268,14 @@ impl Config {
     pub fn write_timeout(&self) -> Duration {
         Duration::from_secs(self.write_timeout_secs)
     }
+    /// See `--idempotency-window`.
+    pub fn idempotency_window(&self) -> Duration {
+        Duration::from_secs(self.idempotency_window_secs)
+    }
+    /// See `--retention-interval`.
+    pub fn retention_interval(&self) -> Duration {
+        Duration::from_secs(self.retention_interval_secs)
+    }
     /// See `--shutdown-timeout`.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
@@ -244,6 +300,12 @@ pub struct NamespaceOpts {
     pub presence: bool,
     /// Maximum distinct connections in one room of this namespace.
     pub max_members: usize,
+    /// Whether messages are stored (history, replay, receipts).
+    pub persist: bool,
+    /// Keep at most this many newest messages per room.
+    pub retain_messages: Option<u64>,
+    /// Drop messages older than this many seconds.
+    pub retain_age_secs: Option<u64>,
 }
 
 impl Default for NamespaceOpts {
@@ -252,6 +314,9 @@ impl Default for NamespaceOpts {
             publish: PublishPolicy::Members,
             presence: true,
             max_members: 10_000,
+            persist: true,
+            retain_messages: None,
+            retain_age_secs: None,
         }
     }
 }
@@ -263,6 +328,21 @@ pub struct NamespaceSpec {
     publish: Option<PublishPolicy>,
     presence: Option<bool>,
     max_members: Option<usize>,
+    persist: Option<bool>,
+    retain_messages: Option<u64>,
+    retain_age_secs: Option<u64>,
+}
+
+fn on_off(k: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{k}={v}: expected on|off")),
+    }
+}
+
+fn number<T: FromStr>(k: &str, v: &str) -> Result<T, String> {
+    v.parse().map_err(|_| format!("{k}={v}: expected a number"))
 }
 
 impl NamespaceSpec {
@@ -275,6 +355,15 @@ impl NamespaceSpec {
         }
         if let Some(m) = self.max_members {
             o.max_members = m;
+        }
+        if let Some(p) = self.persist {
+            o.persist = p;
+        }
+        if self.retain_messages.is_some() {
+            o.retain_messages = self.retain_messages;
+        }
+        if self.retain_age_secs.is_some() {
+            o.retain_age_secs = self.retain_age_secs;
         }
         o
     }
@@ -298,6 +387,9 @@ impl FromStr for NamespaceSpec {
             publish: None,
             presence: None,
             max_members: None,
+            persist: None,
+            retain_messages: None,
+            retain_age_secs: None,
         };
         for kv in opts.split(',').filter(|kv| !kv.is_empty()) {
             let (k, v) = kv
@@ -311,19 +403,11 @@ impl FromStr for NamespaceSpec {
                         _ => return Err(format!("publish={v}: expected members|api")),
                     })
                 }
-                "presence" => {
-                    spec.presence = Some(match v {
-                        "on" | "true" => true,
-                        "off" | "false" => false,
-                        _ => return Err(format!("presence={v}: expected on|off")),
-                    })
-                }
-                "max_members" => {
-                    spec.max_members = Some(
-                        v.parse()
-                            .map_err(|_| format!("max_members={v}: expected a number"))?,
-                    )
-                }
+                "presence" => spec.presence = Some(on_off(k, v)?),
+                "persist" => spec.persist = Some(on_off(k, v)?),
+                "max_members" => spec.max_members = Some(number(k, v)?),
+                "retain_messages" => spec.retain_messages = Some(number(k, v)?),
+                "retain_age" => spec.retain_age_secs = Some(number(k, v)?),
                 _ => return Err(format!("unknown namespace option `{k}`")),
             }
         }
@@ -339,6 +423,13 @@ pub struct NamespaceTable {
 }
 
 impl NamespaceTable {
+    /// True if any namespace (or the default) has a retention rule.
+    pub fn any_retention(&self) -> bool {
+        std::iter::once(&self.default)
+            .chain(self.by_name.values())
+            .any(|o| o.retain_messages.is_some() || o.retain_age_secs.is_some())
+    }
+
     /// Options for a namespace (`""` for rooms without one). DM rooms always
     /// allow their two members to publish, have presence off and two users.
     pub fn get(&self, namespace: &str) -> NamespaceOpts {
@@ -346,7 +437,8 @@ impl NamespaceTable {
             return NamespaceOpts {
                 publish: PublishPolicy::Members,
                 presence: false,
-                max_members: self.default.max_members,
+                persist: true,
+                ..self.default.clone()
             };
         }
         self.by_name
@@ -375,6 +467,20 @@ mod tests {
         assert_eq!(news.publish, PublishPolicy::Api);
         assert!(!news.presence);
         assert_eq!(news.max_members, 5);
+        assert!(news.persist);
+        let t = Config::parse_from([
+            "shoal",
+            "--namespace",
+            "tick:persist=off",
+            "--namespace",
+            "chat:retain_messages=100,retain_age=3600",
+        ])
+        .namespace_table();
+        assert!(!t.get("tick").persist);
+        assert_eq!(t.get("chat").retain_messages, Some(100));
+        assert_eq!(t.get("chat").retain_age_secs, Some(3600));
+        assert!(t.get("dm").persist);
+        assert!("x:persist=maybe".parse::<NamespaceSpec>().is_err());
         assert!("dm:presence=on".parse::<NamespaceSpec>().is_err());
         assert!("x:colour=red".parse::<NamespaceSpec>().is_err());
         assert!("nocolon".parse::<NamespaceSpec>().is_err());

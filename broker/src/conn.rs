@@ -11,12 +11,12 @@ use bytes::BytesMut;
 use fastwebsockets::{after_handshake_split, OpCode, Role, WebSocketError};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use shoal_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
+use shoal_proto::{names::RoomName, ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 use tokio::time::Instant;
 
 use crate::{
     auth::Claims,
-    hub::Room,
+    hub::{Attach, Pending, Reply, Room},
     metrics::client_kind_index,
     outbound::{run_writer, ws_frame, ConnCtl, ConnHandle, WriterOpts},
     state::AppState,
@@ -174,7 +174,7 @@ pub async fn serve(
                     break;
                 }
                 if frame.fin {
-                    if !session.on_message(frame.opcode, &frame.payload) {
+                    if !session.on_message(&frame.payload).await {
                         break;
                     }
                 } else {
@@ -200,7 +200,7 @@ pub async fn serve(
                         handle.close(CloseCode::InvalidPayload);
                         break;
                     }
-                    if !session.on_message(op, &buf) {
+                    if !session.on_message(&buf).await {
                         break;
                     }
                 }
@@ -240,7 +240,7 @@ fn close_code_for(e: &WebSocketError) -> Option<CloseCode> {
 
 impl Session {
     /// Handle one complete message. Returns false if the connection must end.
-    fn on_message(&mut self, op: OpCode, payload: &[u8]) -> bool {
+    async fn on_message(&mut self, payload: &[u8]) -> bool {
         let m = &self.state.metrics;
         if !self.bucket.take() {
             m.rate_limited("frame");
@@ -261,7 +261,6 @@ impl Session {
             );
             return true;
         }
-        let _ = op; // both opcodes are accepted; the subprotocol fixes the encoding
         let frame = match self.handle.encoding.decode_client(payload) {
             Ok(f) => f,
             Err(e) => {
@@ -271,7 +270,12 @@ impl Session {
             }
         };
         m.frame_in(client_kind_index(frame.kind()));
-        self.dispatch(frame);
+        let cancel = self.handle.cancel_token();
+        // A request may wait on the store; a closing connection stops it.
+        tokio::select! {
+            _ = self.dispatch(frame) => {}
+            _ = cancel.cancelled() => {}
+        }
         !self.handle.is_closing()
     }
 
@@ -281,6 +285,13 @@ impl Session {
 
     fn reply_err(&self, id: Option<u64>, code: ErrorCode, msg: impl Into<String>) {
         self.handle.send(&ServerFrame::error(id, code, msg));
+    }
+
+    fn conn_reply(&self, id: Option<u64>) -> Reply {
+        Reply::Conn {
+            conn: self.handle.clone(),
+            id,
+        }
     }
 
     fn joined_room(&self, id: Option<u64>, room: &str) -> Option<Arc<Room>> {
@@ -297,38 +308,20 @@ impl Session {
         }
     }
 
-    fn dispatch(&mut self, frame: ClientFrame) {
-        let hub = &self.state.hub;
+    async fn dispatch(&mut self, frame: ClientFrame) {
+        let hub = self.state.hub.clone();
         match frame {
             ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }),
-            ClientFrame::Join { id, room, since: _ } => {
-                if !self.rooms.contains_key(room.as_str())
-                    && self.rooms.len() >= self.state.cfg.max_rooms_per_connection
-                {
-                    self.state.metrics.rate_limited("rooms");
-                    self.reply_err(
-                        id,
-                        ErrorCode::RateLimited,
-                        format!(
-                            "at most {} rooms per connection",
-                            self.state.cfg.max_rooms_per_connection
-                        ),
-                    );
-                    return;
-                }
-                match hub.join(&self.handle, &room) {
-                    Ok((r, seq)) => {
-                        self.rooms.insert(r.name.clone(), r);
-                        self.reply(ServerFrame::Joined { id, room, seq });
-                    }
-                    Err((code, msg)) => self.reply_err(id, code, msg),
-                }
-            }
+            ClientFrame::Join { id, room, since } => self.join(id, room, since).await,
             ClientFrame::Leave { id, room } => {
                 if let Some(r) = self.joined_room(id, &room) {
                     self.rooms.remove(room.as_str());
                     self.last_typing.remove(room.as_str());
                     hub.leave(&self.handle, &r);
+                    if r.opts.persist {
+                        hub.enqueue(&r, Pending::Leave(self.handle.user.clone()), Reply::None)
+                            .await;
+                    }
                     self.reply(ServerFrame::Left { id, room });
                 }
             }
@@ -336,32 +329,54 @@ impl Session {
                 id,
                 room,
                 to,
-                cid: _,
+                cid,
                 body,
             } => {
-                let result = match (room, to) {
-                    (Some(room), None) => match self.joined_room(id, &room) {
-                        Some(r) => hub
-                            .publish(&r, &self.handle.user, body, false)
-                            .map(|p| (room, p)),
-                        None => return,
-                    },
-                    (None, Some(to)) => hub
-                        .publish_dm(&self.handle.user, &to, body)
-                        .map(|(r, p)| (r.name.to_string(), p)),
-                    _ => Err((
+                let reply = self.conn_reply(id);
+                let user = self.handle.user.clone();
+                match (room, to) {
+                    (Some(room), None) => {
+                        let Some(r) = self.joined_room(id, &room) else {
+                            return;
+                        };
+                        let permit = if r.opts.persist {
+                            match hub.reserve().await {
+                                Ok(p) => Some(p),
+                                Err(e) => return reply.fail(e),
+                            }
+                        } else {
+                            None
+                        };
+                        // A joined room is never evicted (it has a member).
+                        if let Err(reply) = hub.publish(&r, &user, body, cid, false, reply, permit)
+                        {
+                            reply.fail((ErrorCode::Unavailable, "room is busy; retry".into()));
+                        }
+                    }
+                    (None, Some(to)) => {
+                        if let Err(e) = shoal_proto::names::validate_user(&to) {
+                            return reply
+                                .fail((ErrorCode::BadRequest, format!("user `{to}`: {e}")));
+                        }
+                        if *to == *user {
+                            return reply.fail((
+                                ErrorCode::BadRequest,
+                                "cannot send a direct message to yourself".into(),
+                            ));
+                        }
+                        let full = shoal_proto::names::dm_room(&user, &to);
+                        match RoomName::parse(&full) {
+                            Ok(name) => {
+                                hub.publish_async(&name, &user, body, cid, false, reply)
+                                    .await
+                            }
+                            Err(e) => reply.fail((ErrorCode::BadRequest, e.to_string())),
+                        }
+                    }
+                    _ => reply.fail((
                         ErrorCode::BadRequest,
                         "pub needs exactly one of `room` or `to`".into(),
                     )),
-                };
-                match result {
-                    Ok((room, p)) => self.reply(ServerFrame::Ack {
-                        id,
-                        room,
-                        seq: p.seq,
-                        ts: p.ts,
-                    }),
-                    Err((code, msg)) => self.reply_err(id, code, msg),
                 }
             }
             ClientFrame::Typing { id, room } => {
@@ -381,14 +396,247 @@ impl Session {
                 hub.typing(&r, &self.handle);
             }
             ClientFrame::Members { id, room } => {
-                if let Some(r) = self.joined_room(id, &room) {
-                    let users = hub.members(&r);
-                    self.reply(ServerFrame::Members { id, room, users });
+                let Some(r) = self.joined_room(id, &room) else {
+                    return;
+                };
+                let users = hub.members(&r);
+                let receipts = if r.opts.persist {
+                    match self.state.store.receipts(&room).await {
+                        Ok(v) => v,
+                        Err(e) => return self.store_err(id, e),
+                    }
+                } else {
+                    vec![]
+                };
+                self.reply(ServerFrame::Members {
+                    id,
+                    room,
+                    users,
+                    receipts,
+                });
+            }
+            ClientFrame::History {
+                id,
+                room,
+                before,
+                limit,
+            } => {
+                let name = match hub.check_access(&room, &self.handle.user) {
+                    Ok(n) => n,
+                    Err((c, m)) => return self.reply_err(id, c, m),
+                };
+                if !hub.persists(&name) {
+                    return self.reply_err(
+                        id,
+                        ErrorCode::NotFound,
+                        "this namespace keeps no history",
+                    );
                 }
+                let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize;
+                match self.state.store.history(&room, before, limit).await {
+                    Ok((messages, more)) => self.reply(ServerFrame::History {
+                        id,
+                        room,
+                        messages,
+                        more,
+                    }),
+                    Err(e) => self.store_err(id, e),
+                }
+            }
+            ClientFrame::Mark {
+                id,
+                room,
+                seq,
+                state,
+            } => {
+                let Some(r) = self.joined_room(id, &room) else {
+                    return;
+                };
+                if !r.opts.persist {
+                    return self.reply_err(
+                        id,
+                        ErrorCode::NotFound,
+                        "this namespace keeps no receipts",
+                    );
+                }
+                if seq == 0 || seq > hub.committed(&r) {
+                    return self.reply_err(
+                        id,
+                        ErrorCode::BadRequest,
+                        "seq is not a message in this room",
+                    );
+                }
+                let op = Pending::Mark {
+                    user: self.handle.user.clone(),
+                    seq,
+                    state,
+                };
+                hub.enqueue(&r, op, self.conn_reply(id)).await;
+            }
+            ClientFrame::Delete { id, room, seq } => {
+                let Some(r) = self.joined_room(id, &room) else {
+                    return;
+                };
+                if !r.opts.persist {
+                    return self.reply_err(
+                        id,
+                        ErrorCode::NotFound,
+                        "this namespace keeps no messages",
+                    );
+                }
+                let op = Pending::Delete {
+                    user: self.handle.user.clone(),
+                    seq,
+                    conn: Some(self.handle.id),
+                };
+                hub.enqueue(&r, op, self.conn_reply(id)).await;
             }
         }
     }
+
+    fn store_err(&self, id: Option<u64>, e: crate::store::StoreError) {
+        tracing::warn!(error = %e, "store read failed");
+        self.reply_err(
+            id,
+            ErrorCode::Unavailable,
+            "storage unavailable; retry later",
+        );
+    }
+
+    /// Join, replaying stored messages after `since` first. Replayed frames
+    /// come before `joined`; live messages after it, with nothing missed or
+    /// repeated at the seam (see `hub`).
+    async fn join(&mut self, id: Option<u64>, room: String, since: Option<u64>) {
+        let hub = self.state.hub.clone();
+        if self.rooms.contains_key(room.as_str()) {
+            let seq = self
+                .rooms
+                .get(room.as_str())
+                .map(|r| hub.committed(r))
+                .unwrap_or(0);
+            return self.reply(ServerFrame::Joined { id, room, seq });
+        }
+        if self.rooms.len() >= self.state.cfg.max_rooms_per_connection {
+            self.state.metrics.rate_limited("rooms");
+            return self.reply_err(
+                id,
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} rooms per connection",
+                    self.state.cfg.max_rooms_per_connection
+                ),
+            );
+        }
+        let name = match hub.check_access(&room, &self.handle.user) {
+            Ok(n) => n,
+            Err((c, m)) => return self.reply_err(id, c, m),
+        };
+        let mut gap_checked = false;
+        let mut cursor = since;
+        for _ in 0..JOIN_ATTEMPTS {
+            let r = match hub.ensure_room(&name).await {
+                Ok(r) => r,
+                Err((c, m)) => return self.reply_err(id, c, m),
+            };
+            if !r.opts.persist {
+                cursor = None;
+            }
+            if let Some(c) = cursor.as_mut() {
+                let target = hub.committed(&r);
+                if *c > target {
+                    // The client claims more than exists; nothing to replay.
+                    *c = target;
+                }
+                if let Err(e) = self.replay(&r, c, target, &mut gap_checked).await {
+                    return self.store_err(id, e);
+                }
+            }
+            match hub.attach(&self.handle, &r, cursor) {
+                Ok(Attach::Joined(seq)) => {
+                    self.rooms.insert(r.name.clone(), r.clone());
+                    self.reply(ServerFrame::Joined { id, room, seq });
+                    if r.opts.persist {
+                        hub.enqueue(&r, Pending::Join(self.handle.user.clone()), Reply::None)
+                            .await;
+                    }
+                    return;
+                }
+                Ok(Attach::Behind(_)) | Ok(Attach::Evicted) => continue,
+                Err((c, m)) => {
+                    hub.maybe_evict(&r);
+                    return self.reply_err(id, c, m);
+                }
+            }
+        }
+        self.reply_err(
+            id,
+            ErrorCode::Unavailable,
+            "room is too busy to join right now; retry",
+        );
+    }
+
+    /// Queue stored entries in `(*cursor, target]` and advance the cursor.
+    async fn replay(
+        &self,
+        room: &Room,
+        cursor: &mut u64,
+        target: u64,
+        gap_checked: &mut bool,
+    ) -> Result<(), crate::store::StoreError> {
+        while *cursor < target {
+            let page = self
+                .state
+                .store
+                .replay(&room.name, *cursor, target, REPLAY_PAGE)
+                .await?;
+            if !*gap_checked {
+                *gap_checked = true;
+                if page.floor > *cursor {
+                    self.handle.send(&ServerFrame::Gap {
+                        room: room.name.to_string(),
+                        from: *cursor + 1,
+                        to: page.floor.min(target),
+                    });
+                }
+            }
+            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
+                *cursor = target;
+                break;
+            };
+            let n = page.entries.len() as u64;
+            for e in page.entries {
+                let f = if e.deleted {
+                    ServerFrame::Deleted {
+                        id: None,
+                        room: room.name.to_string(),
+                        seq: e.msg.seq,
+                    }
+                } else {
+                    ServerFrame::Msg {
+                        room: room.name.to_string(),
+                        seq: e.msg.seq,
+                        from: e.msg.from,
+                        ts: e.msg.ts,
+                        body: e.msg.body,
+                    }
+                };
+                if !self.handle.send_wait(&f).await {
+                    return Ok(());
+                }
+            }
+            self.state.metrics.replayed.inc_by(n);
+            *cursor = last;
+        }
+        Ok(())
+    }
 }
+
+/// Stored messages read per replay query.
+const REPLAY_PAGE: usize = 512;
+/// Largest `history` page.
+pub const MAX_HISTORY_PAGE: u32 = 200;
+/// Replay-then-attach rounds before a join into a very busy room gives up.
+const JOIN_ATTEMPTS: usize = 32;
 
 #[cfg(test)]
 mod tests {

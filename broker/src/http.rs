@@ -5,7 +5,7 @@
 //! Every error is JSON `{error, message}` with a matching status; internal
 //! details are logged, never returned.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -18,7 +18,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::json;
 use shoal_proto::{names::RoomName, Encoding};
 
-use crate::{auth::AuthError, state::AppState, store::StoreError};
+use crate::{auth::AuthError, hub::Reply, state::AppState, store::StoreError};
 
 /// Response type of every handler.
 pub type Resp = Response<Full<Bytes>>;
@@ -107,15 +107,38 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         (&Method::POST, "/api/login") => ("login", login(&state, req).await),
         (&Method::POST, "/api/logout") => ("logout", logout(&state, req).await),
         (&Method::GET, "/api/users") => ("users", users(&state, req).await),
-        (&Method::POST, p) if p.starts_with("/api/rooms/") && p.ends_with("/messages") => {
-            let room = p["/api/rooms/".len()..p.len() - "/messages".len()].to_string();
-            ("api_publish", api_publish(&state, req, &room).await)
+        (&Method::POST, "/api/publish") => ("api_publish", api_publish(&state, req, None).await),
+        (&Method::GET, "/api/rooms") => ("rooms", user_rooms(&state, req).await),
+        (m, p) if p.starts_with("/api/rooms/") => {
+            let rest = &p["/api/rooms/".len()..];
+            match (m, rest.rsplit_once('/')) {
+                (&Method::POST, Some((room, "messages"))) => {
+                    let room = room.to_string();
+                    ("api_publish", api_publish(&state, req, Some(room)).await)
+                }
+                (&Method::GET, Some((room, "messages"))) => {
+                    let room = room.to_string();
+                    ("history", history(&state, req, &room).await)
+                }
+                (&Method::GET, Some((room, "search"))) => {
+                    let room = room.to_string();
+                    ("search", search(&state, req, &room).await)
+                }
+                _ => (
+                    "other",
+                    Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "no such route",
+                    )),
+                ),
+            }
         }
         (&Method::GET, "/") => ("static", Ok(index())),
         (
             _,
             "/ws" | "/health" | "/metrics" | "/api/register" | "/api/login" | "/api/logout"
-            | "/api/users",
+            | "/api/users" | "/api/publish" | "/api/rooms",
         ) => (
             "other",
             Err(ApiError::new(
@@ -150,12 +173,18 @@ fn index() -> Resp {
 }
 
 fn health(state: &AppState) -> Resp {
+    let store_up = state.metrics.store_up.get() == 1;
     json_response(
-        StatusCode::OK,
+        if store_up {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
         &json!({
-            "status": "ok",
+            "status": if store_up { "ok" } else { "degraded" },
             "node": state.node,
             "connections": state.metrics.connections.get(),
+            "store": if store_up { "up" } else { "down" },
         }),
     )
 }
@@ -297,17 +326,29 @@ async fn users(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErro
 
 #[derive(Deserialize)]
 struct ApiPublish {
+    #[serde(default)]
+    room: Option<String>,
     body: shoal_proto::Body,
+    #[serde(default)]
+    cid: Option<String>,
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn hub_error((c, m): crate::hub::HubError) -> ApiError {
+    let status = StatusCode::from_u16(c.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+    ApiError::new(status, c.name(), m)
+}
+
+/// Server-side publish: `POST /api/publish {room, body, cid?}` (or
+/// `POST /api/rooms/{room}/messages {body}`), with the API key. Answers
+/// after the message is stored and delivered, with its seq.
 async fn api_publish(
     state: &AppState,
     req: Request<Incoming>,
-    room: &str,
+    path_room: Option<String>,
 ) -> Result<Resp, ApiError> {
     let Some(key) = &state.cfg.api_key else {
         return Err(ApiError::new(
@@ -319,33 +360,113 @@ async fn api_publish(
     match bearer(&req) {
         Some(t) if constant_time_eq(t.as_bytes(), key.as_bytes()) => {}
         _ => {
-            state.metrics.auth_failure("bad_signature");
+            state.metrics.auth_failure("bad_api_key");
             return Err(ApiError::unauthorized("invalid API key"));
         }
     }
+    let p: ApiPublish = read_json(req).await?;
+    let Some(room) = path_room.or(p.room) else {
+        return Err(ApiError::bad_request("missing `room`"));
+    };
     let name =
-        RoomName::parse(room).map_err(|e| ApiError::bad_request(format!("room `{room}`: {e}")))?;
+        RoomName::parse(&room).map_err(|e| ApiError::bad_request(format!("room `{room}`: {e}")))?;
     if name.dm.is_some() {
         return Err(ApiError::bad_request(
             "the server API does not post into direct-message rooms",
         ));
     }
-    let p: ApiPublish = read_json(req).await?;
-    let r = state.hub.room_or_create(&name);
-    let out = state
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let from: Arc<str> = Arc::from(SERVER_SENDER);
+    state
         .hub
-        .publish(&r, "server", p.body, true)
-        .map_err(|(c, m)| {
-            ApiError::new(
-                StatusCode::from_u16(c.as_u16()).unwrap_or(StatusCode::BAD_REQUEST),
-                c.name(),
-                m,
-            )
-        })?;
+        .publish_async(&name, &from, p.body, p.cid, true, Reply::Chan(tx))
+        .await;
+    let out = rx
+        .await
+        .map_err(|_| ApiError::internal("publish reply dropped"))?
+        .map_err(hub_error)?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({"room": room, "seq": out.seq, "ts": out.ts, "recipients": out.recipients}),
     ))
+}
+
+/// Sender name of messages published through the server API.
+pub const SERVER_SENDER: &str = "server";
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn num<T: std::str::FromStr>(q: &HashMap<String, String>, k: &str) -> Result<Option<T>, ApiError> {
+    q.get(k)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::bad_request(format!("`{k}` must be a non-negative integer")))
+        })
+        .transpose()
+}
+
+/// Authenticated user allowed in `room`, and whether the room keeps history.
+fn room_access(
+    state: &AppState,
+    req: &Request<Incoming>,
+    room: &str,
+) -> Result<crate::auth::Claims, ApiError> {
+    let claims = authenticate(state, req)?;
+    let name = state
+        .hub
+        .check_access(room, &claims.sub)
+        .map_err(hub_error)?;
+    if !state.hub.persists(&name) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this namespace keeps no history",
+        ));
+    }
+    Ok(claims)
+}
+
+/// `GET /api/rooms/{room}/messages?before=&limit=`: a history page, newest first.
+async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
+    room_access(state, &req, room)?;
+    let q = query(&req);
+    let before = num::<u64>(&q, "before")?;
+    let limit = num::<u32>(&q, "limit")?
+        .unwrap_or(50)
+        .clamp(1, crate::conn::MAX_HISTORY_PAGE) as usize;
+    let (messages, more) = state.store.history(room, before, limit).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"room": room, "messages": messages, "more": more}),
+    ))
+}
+
+/// `GET /api/rooms/{room}/search?q=&limit=&offset=`: full-text search, best first.
+async fn search(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
+    room_access(state, &req, room)?;
+    let q = query(&req);
+    let text = q.get("q").map(|s| s.trim()).unwrap_or("");
+    if text.is_empty() || text.len() > 256 {
+        return Err(ApiError::bad_request("`q` must be 1 to 256 bytes"));
+    }
+    let limit = num::<u32>(&q, "limit")?.unwrap_or(20).clamp(1, 100) as usize;
+    let offset = num::<u32>(&q, "offset")?.unwrap_or(0).min(10_000) as usize;
+    let hits = state.store.search(room, text, limit, offset).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"room": room, "q": text, "messages": hits, "offset": offset}),
+    ))
+}
+
+/// `GET /api/rooms`: rooms the user is a member of, with unread counts.
+async fn user_rooms(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let claims = authenticate(state, &req)?;
+    let rooms = state.store.user_rooms(&claims.sub).await?;
+    Ok(json_response(StatusCode::OK, &json!({"rooms": rooms})))
 }
 
 async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Result<Resp, ApiError> {

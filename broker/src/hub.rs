@@ -1,30 +1,48 @@
-//! The room registry and the user registry, both sharded by name hash.
+//! The room registry and the user registry, both sharded by name hash,
+//! and the ordering rules that tie them to storage.
 //!
 //! Locks are `parking_lot` mutexes held only for in-memory work, never
 //! across `.await`. Lock order is always shard -> room -> user shard; the
 //! user registry never takes a room lock.
 //!
-//! A room's seq is assigned and its `msg` queued to every member under the
-//! room's own lock, so every member sees that room's messages in seq order.
-//! Queueing is a non-blocking `try_send`; a full queue closes that one
-//! consumer (see `outbound`), it never blocks the publisher.
+//! Sequencing: a room's seq is assigned under the room's lock. In a
+//! persistent namespace the message is then handed to the group-commit
+//! writer (`persist`) in the same critical section, so the writer sees
+//! each room's messages in seq order; it delivers them to members and
+//! acks the sender only after the batch has committed (`committed`
+//! advances then). A client therefore never sees a seq that a crash could
+//! take back. In a non-persistent namespace delivery happens at once.
+//!
+//! Joining with `since` replays from storage up to `committed`, then
+//! attaches under the room lock only if `committed` has not moved, so the
+//! seam between replay and live traffic has no gap and no duplicate.
+//!
+//! Queueing to connections is a non-blocking `try_send`; a full queue
+//! closes that one consumer (see `outbound`), it never blocks the room.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     hash::{BuildHasher, Hash},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
-use shoal_proto::{names::RoomName, Body, ErrorCode, ServerFrame};
+use shoal_proto::{names::RoomName, Body, ErrorCode, MarkState, ServerFrame};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     auth::now_ms,
     config::{NamespaceOpts, NamespaceTable, PublishPolicy},
     metrics::Metrics,
     outbound::{ConnHandle, SharedFrame},
+    store::Store,
 };
+
+/// Longest accepted client message id, in bytes.
+pub const MAX_CID_LEN: usize = 64;
+/// Client message ids remembered per room (oldest forgotten first).
+pub const MAX_CIDS_PER_ROOM: usize = 4096;
 
 /// A room.
 pub struct Room {
@@ -39,49 +57,241 @@ pub struct Room {
 
 #[derive(Default)]
 struct RoomState {
+    /// Last seq assigned.
     seq: u64,
+    /// Last seq delivered to members (committed first, in persistent rooms).
+    committed: u64,
+    /// Bumped when a failed commit takes back assigned seqs; pending
+    /// messages of an older epoch are failed, not stored.
+    epoch: u64,
+    /// Removed from the registry; callers holding it must look it up again.
+    evicted: bool,
     members: HashMap<u64, ConnHandle>,
     /// Connections per user, for presence.
     users: HashMap<Arc<str>, u32>,
+    /// `user \0 cid` -> (seq, ts), with insertion order for expiry.
+    cids: HashMap<String, (u64, u64)>,
+    cid_order: VecDeque<(String, u64)>,
+}
+
+impl RoomState {
+    fn remember_cid(&mut self, key: String, seq: u64, ts: u64, window_ms: u64) {
+        let cutoff = ts.saturating_sub(window_ms);
+        while let Some((k, t)) = self.cid_order.front() {
+            if *t >= cutoff && self.cid_order.len() < MAX_CIDS_PER_ROOM {
+                break;
+            }
+            self.cids.remove(k);
+            self.cid_order.pop_front();
+        }
+        self.cids.insert(key.clone(), (seq, ts));
+        self.cid_order.push_back((key, ts));
+    }
+}
+
+fn cid_key(user: &str, cid: &str) -> String {
+    format!("{user}\0{cid}")
 }
 
 /// A request refused by the hub.
 pub type HubError = (ErrorCode, String);
 
-type Shard<K, V> = Mutex<HashMap<K, V>>;
+fn unavailable(e: impl std::fmt::Display) -> HubError {
+    tracing::warn!(error = %e, "store unavailable");
+    (
+        ErrorCode::Unavailable,
+        "storage unavailable; retry later".into(),
+    )
+}
+
+#[derive(Default)]
+struct RoomShard {
+    map: HashMap<Arc<str>, Arc<Room>>,
+    /// Counts evictions, so a head loaded from the store while the shard
+    /// was unlocked is known to be stale if a room was evicted meanwhile.
+    evictions: u64,
+}
+
+type UserShard = Mutex<HashMap<Arc<str>, Vec<ConnHandle>>>;
+
+/// Where the outcome of a request goes.
+pub enum Reply {
+    /// Nobody waits.
+    None,
+    /// A WebSocket request: answered with a frame carrying `id`.
+    Conn {
+        /// The requesting connection.
+        conn: ConnHandle,
+        /// Request id.
+        id: Option<u64>,
+    },
+    /// A REST request waiting for the publish outcome.
+    Chan(oneshot::Sender<Result<Published, HubError>>),
+}
+
+impl Reply {
+    /// The message was stored (if persistent) and delivered.
+    pub fn ack(self, p: Published) {
+        match self {
+            Reply::None => {}
+            Reply::Conn { conn, id } => {
+                conn.send(&ServerFrame::Ack {
+                    id,
+                    room: p.room.to_string(),
+                    seq: p.seq,
+                    ts: p.ts,
+                });
+            }
+            Reply::Chan(tx) => {
+                let _ = tx.send(Ok(p));
+            }
+        }
+    }
+
+    /// The request failed.
+    pub fn fail(self, (code, message): HubError) {
+        match self {
+            Reply::None => {}
+            Reply::Conn { conn, id } => {
+                conn.send(&ServerFrame::error(id, code, message));
+            }
+            Reply::Chan(tx) => {
+                let _ = tx.send(Err((code, message)));
+            }
+        }
+    }
+}
+
+/// Work for the group-commit writer, in the order it must happen.
+pub enum Pending {
+    /// A sequenced message to store, then deliver and ack.
+    Msg {
+        /// Seq.
+        seq: u64,
+        /// Server timestamp (ms).
+        ts: u64,
+        /// Sender.
+        from: Arc<str>,
+        /// Body.
+        body: Body,
+        /// Client message id.
+        cid: Option<String>,
+    },
+    /// A retried publish whose original is still uncommitted: ack it once
+    /// the original's batch commits.
+    AckOnly {
+        /// Seq of the original.
+        seq: u64,
+        /// Timestamp of the original.
+        ts: u64,
+    },
+    /// Record membership.
+    Join(Arc<str>),
+    /// Drop membership.
+    Leave(Arc<str>),
+    /// Raise a receipt watermark.
+    Mark {
+        /// User.
+        user: Arc<str>,
+        /// Watermark.
+        seq: u64,
+        /// Which.
+        state: MarkState,
+    },
+    /// Soft-delete own message.
+    Delete {
+        /// Requesting user.
+        user: Arc<str>,
+        /// Seq.
+        seq: u64,
+        /// Connection to spare from the broadcast (it gets the reply).
+        conn: Option<u64>,
+    },
+}
+
+/// One unit of work for the writer.
+pub struct Item {
+    /// Room concerned.
+    pub room: Arc<Room>,
+    /// Room epoch when queued.
+    pub epoch: u64,
+    /// What to do.
+    pub op: Pending,
+    /// Who to answer.
+    pub reply: Reply,
+}
+
+/// What goes down the writer's queue.
+pub enum Job {
+    /// Work.
+    Item(Item),
+    /// Answered once everything queued before it has committed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Sender side of the writer's bounded queue.
+pub type JobSender = mpsc::Sender<Job>;
+/// A reserved slot in the writer's queue.
+pub type JobPermit = mpsc::OwnedPermit<Job>;
 
 /// Registry of rooms and connected users.
 pub struct Hub {
-    rooms: Box<[Shard<Arc<str>, Arc<Room>>]>,
-    users: Box<[Shard<Arc<str>, Vec<ConnHandle>>]>,
+    rooms: Box<[Mutex<RoomShard>]>,
+    users: Box<[UserShard]>,
     hasher: std::hash::RandomState,
     mask: usize,
     namespaces: NamespaceTable,
     metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+    jobs: JobSender,
+    cid_window: Duration,
 }
 
 /// What a publish produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
+    /// Room (for a DM, the DM room).
+    pub room: Arc<str>,
     /// Assigned seq.
     pub seq: u64,
     /// Server timestamp (ms).
     pub ts: u64,
-    /// Connections the message was queued to.
+    /// Connections the message was queued to (0 for an idempotent retry).
     pub recipients: usize,
+}
+
+/// Outcome of [`Hub::attach`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// Member now; the room's committed seq.
+    Joined(u64),
+    /// The room moved past the expected seq; replay more and retry.
+    Behind(u64),
+    /// The room was evicted meanwhile; look it up again.
+    Evicted,
 }
 
 impl Hub {
     /// A hub with `shards` shards (rounded up to a power of two).
-    pub fn new(shards: usize, namespaces: NamespaceTable, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        shards: usize,
+        namespaces: NamespaceTable,
+        metrics: Arc<Metrics>,
+        store: Arc<dyn Store>,
+        jobs: JobSender,
+        cid_window: Duration,
+    ) -> Self {
         let n = shards.max(1).next_power_of_two();
         Hub {
-            rooms: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+            rooms: (0..n).map(|_| Mutex::new(RoomShard::default())).collect(),
             users: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: std::hash::RandomState::new(),
             mask: n - 1,
             namespaces,
             metrics,
+            store,
+            jobs,
+            cid_window,
         }
     }
 
@@ -94,39 +304,97 @@ impl Hub {
         self.namespaces.get(ns)
     }
 
-    fn get_or_create<'m>(
-        &self,
-        map: &'m mut HashMap<Arc<str>, Arc<Room>>,
-        name: &RoomName<'_>,
-    ) -> &'m Arc<Room> {
-        if !map.contains_key(name.full) {
-            let room = Arc::new(Room {
-                name: name.full.into(),
-                opts: self.namespaces.get(name.namespace),
-                dm: name.dm.map(|(a, b)| (a.into(), b.into())),
-                state: Mutex::new(RoomState::default()),
-            });
-            self.metrics.rooms.inc();
-            map.insert(room.name.clone(), room);
-        }
-        &map[name.full]
-    }
-
-    /// Join `conn` to a room. Returns the room and its current seq.
-    pub fn join(&self, conn: &ConnHandle, room: &str) -> Result<(Arc<Room>, u64), HubError> {
+    /// Parse a room name and check that `user` may use it (DM privacy).
+    pub fn check_access<'a>(&self, room: &'a str, user: &str) -> Result<RoomName<'a>, HubError> {
         let name = RoomName::parse(room)
             .map_err(|e| (ErrorCode::BadRequest, format!("room `{room}`: {e}")))?;
-        if name.dm.is_some() && !name.dm_allows(&conn.user) {
+        if name.dm.is_some() && !name.dm_allows(user) {
             return Err((
                 ErrorCode::Forbidden,
                 "not a party of this direct-message room".into(),
             ));
         }
-        let mut shard = self.rooms[self.shard(name.full)].lock();
-        let room = self.get_or_create(&mut shard, &name).clone();
+        Ok(name)
+    }
+
+    /// Whether rooms named like this are stored.
+    pub fn persists(&self, name: &RoomName<'_>) -> bool {
+        self.namespaces.get(name.namespace).persist
+    }
+
+    /// The room, loading its head from the store if it is not in memory.
+    pub async fn ensure_room(&self, name: &RoomName<'_>) -> Result<Arc<Room>, HubError> {
+        let idx = self.shard(name.full);
+        loop {
+            let evictions = {
+                let sh = self.rooms[idx].lock();
+                if let Some(r) = sh.map.get(name.full) {
+                    return Ok(r.clone());
+                }
+                sh.evictions
+            };
+            let opts = self.namespaces.get(name.namespace);
+            let head = if opts.persist {
+                let since = now_ms().saturating_sub(self.cid_window.as_millis() as u64);
+                self.store
+                    .room_head(name.full, since)
+                    .await
+                    .map_err(unavailable)?
+            } else {
+                Default::default()
+            };
+            let mut sh = self.rooms[idx].lock();
+            if let Some(r) = sh.map.get(name.full) {
+                return Ok(r.clone());
+            }
+            if sh.evictions != evictions {
+                continue;
+            }
+            let mut st = RoomState {
+                seq: head.last_seq,
+                committed: head.last_seq,
+                ..Default::default()
+            };
+            let window = self.cid_window.as_millis() as u64;
+            for c in head.cids.into_iter().rev() {
+                st.remember_cid(cid_key(&c.user, &c.cid), c.seq, c.ts, window);
+            }
+            let room = Arc::new(Room {
+                name: name.full.into(),
+                opts,
+                dm: name.dm.map(|(a, b)| (a.into(), b.into())),
+                state: Mutex::new(st),
+            });
+            self.metrics.rooms.inc();
+            sh.map.insert(room.name.clone(), room.clone());
+            return Ok(room);
+        }
+    }
+
+    /// The seq delivered to members so far.
+    pub fn committed(&self, room: &Room) -> u64 {
+        room.state.lock().committed
+    }
+
+    /// Make `conn` a member. With `at`, only if the room's committed seq is
+    /// exactly `at` (the client has everything up to it).
+    pub fn attach(
+        &self,
+        conn: &ConnHandle,
+        room: &Arc<Room>,
+        at: Option<u64>,
+    ) -> Result<Attach, HubError> {
         let mut st = room.state.lock();
+        if st.evicted {
+            return Ok(Attach::Evicted);
+        }
         if st.members.contains_key(&conn.id) {
-            return Ok((room.clone(), st.seq));
+            return Ok(Attach::Joined(st.committed));
+        }
+        if let Some(at) = at {
+            if st.committed != at {
+                return Ok(Attach::Behind(st.committed));
+            }
         }
         if st.members.len() >= room.opts.max_members {
             return Err((ErrorCode::Conflict, "room is full".into()));
@@ -143,14 +411,11 @@ impl Hub {
             };
             broadcast(&st, &f, |m| m.id != conn.id, &self.metrics);
         }
-        let seq = st.seq;
-        drop(st);
-        Ok((room, seq))
+        Ok(Attach::Joined(st.committed))
     }
 
     /// Remove `conn` from a room (explicit leave or disconnect).
     pub fn leave(&self, conn: &ConnHandle, room: &Arc<Room>) {
-        let mut shard = self.rooms[self.shard(&*room.name)].lock();
         let mut st = room.state.lock();
         if st.members.remove(&conn.id).is_none() {
             return;
@@ -174,33 +439,172 @@ impl Hub {
             };
             broadcast(&st, &f, |_| true, &self.metrics);
         }
-        // A room with history keeps its seq counter; an unused one is freed.
-        if st.members.is_empty() && st.seq == 0 {
-            drop(st);
-            if shard.remove(&room.name).is_some() {
-                self.metrics.rooms.dec();
-            }
+        drop(st);
+        self.maybe_evict(room);
+    }
+
+    /// Free a room with no members and nothing in flight. Its head is in
+    /// the store (persistent) or not worth keeping (non-persistent rooms
+    /// restart at seq 0 once idle).
+    pub fn maybe_evict(&self, room: &Arc<Room>) {
+        let mut sh = self.rooms[self.shard(&*room.name)].lock();
+        let mut st = room.state.lock();
+        if st.evicted || !st.members.is_empty() || st.seq != st.committed {
+            return;
+        }
+        if sh.map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
+            st.evicted = true;
+            sh.map.remove(&room.name);
+            sh.evictions += 1;
+            self.metrics.rooms.dec();
         }
     }
 
-    /// Publish to a room the caller has joined (or from the server API).
+    /// Reserve a slot in the writer's queue (waits while it is full).
+    pub async fn reserve(&self) -> Result<JobPermit, HubError> {
+        self.jobs
+            .clone()
+            .reserve_owned()
+            .await
+            .map_err(|_| (ErrorCode::Unavailable, "shutting down".into()))
+    }
+
+    /// Queue a non-message job (membership, receipt, delete).
+    pub async fn enqueue(&self, room: &Arc<Room>, op: Pending, reply: Reply) {
+        match self.reserve().await {
+            Ok(permit) => {
+                let epoch = room.state.lock().epoch;
+                permit.send(Job::Item(Item {
+                    room: room.clone(),
+                    epoch,
+                    op,
+                    reply,
+                }));
+            }
+            Err(e) => reply.fail(e),
+        }
+    }
+
+    /// Wait until everything queued so far has committed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(Job::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Publish to a room. The outcome goes to `reply` (after commit, in a
+    /// persistent room). `permit` is required in persistent rooms. Returns
+    /// the reply back if the room was evicted meanwhile (look it up again).
+    #[allow(clippy::too_many_arguments)]
     pub fn publish(
         &self,
-        room: &Room,
-        from: &str,
+        room: &Arc<Room>,
+        from: &Arc<str>,
         body: Body,
+        cid: Option<String>,
         via_api: bool,
-    ) -> Result<Published, HubError> {
+        reply: Reply,
+        permit: Option<JobPermit>,
+    ) -> Result<(), Reply> {
         if !via_api && room.opts.publish == PublishPolicy::Api {
-            return Err((
+            reply.fail((
                 ErrorCode::Forbidden,
                 "only the server API publishes in this namespace".into(),
             ));
+            return Ok(());
+        }
+        if cid
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c.len() > MAX_CID_LEN)
+        {
+            reply.fail((
+                ErrorCode::BadRequest,
+                format!("cid must be 1 to {MAX_CID_LEN} bytes"),
+            ));
+            return Ok(());
         }
         let started = Instant::now();
         let mut st = room.state.lock();
-        st.seq += 1;
-        let (seq, ts) = (st.seq, now_ms());
+        if st.evicted {
+            return Err(reply);
+        }
+        let key = cid.as_deref().map(|c| cid_key(from, c));
+        if let Some(&(seq, ts)) = key.as_ref().and_then(|k| st.cids.get(k)) {
+            self.metrics.idempotent_retries.inc();
+            let p = Published {
+                room: room.name.clone(),
+                seq,
+                ts,
+                recipients: 0,
+            };
+            if seq <= st.committed {
+                drop(st);
+                reply.ack(p);
+            } else if let Some(permit) = permit {
+                permit.send(Job::Item(Item {
+                    room: room.clone(),
+                    epoch: st.epoch,
+                    op: Pending::AckOnly { seq, ts },
+                    reply,
+                }));
+            } else {
+                drop(st);
+                reply.ack(p);
+            }
+            return Ok(());
+        }
+        let seq = st.seq + 1;
+        let ts = now_ms();
+        st.seq = seq;
+        if let Some(k) = key {
+            st.remember_cid(k, seq, ts, self.cid_window.as_millis() as u64);
+        }
+        if room.opts.persist {
+            let Some(permit) = permit else {
+                st.seq -= 1;
+                drop(st);
+                reply.fail((ErrorCode::Internal, "internal error".into()));
+                return Ok(());
+            };
+            permit.send(Job::Item(Item {
+                room: room.clone(),
+                epoch: st.epoch,
+                op: Pending::Msg {
+                    seq,
+                    ts,
+                    from: from.clone(),
+                    body,
+                    cid,
+                },
+                reply,
+            }));
+            return Ok(());
+        }
+        st.committed = seq;
+        let recipients = self.deliver_locked(room, &st, seq, ts, from, body);
+        drop(st);
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        reply.ack(Published {
+            room: room.name.clone(),
+            seq,
+            ts,
+            recipients,
+        });
+        Ok(())
+    }
+
+    fn deliver_locked(
+        &self,
+        room: &Room,
+        st: &RoomState,
+        seq: u64,
+        ts: u64,
+        from: &str,
+        body: Body,
+    ) -> usize {
         let f = ServerFrame::Msg {
             room: room.name.to_string(),
             seq,
@@ -208,42 +612,89 @@ impl Hub {
             ts,
             body,
         };
-        let recipients = if let Some((a, b)) = &room.dm {
-            let mut shared = SharedFrame::new(&f);
-            let mut n = 0;
-            for u in [a, b] {
-                let users = self.users[self.shard(&**u)].lock();
-                for c in users.get(u).into_iter().flatten() {
-                    if let Some(bytes) = shared.get(c.encoding) {
-                        c.push(bytes, false);
-                        n += 1;
-                    }
-                }
-            }
-            n
-        } else {
-            broadcast(&st, &f, |_| true, &self.metrics)
-        };
-        drop(st);
-        self.metrics.deliveries.inc_by(recipients as u64);
-        self.metrics.frames_out("msg", recipients as u64);
-        self.metrics
-            .publish_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(Published {
-            seq,
-            ts,
-            recipients,
-        })
+        let n = self.send_to_room(room, st, &f, |_| true);
+        self.metrics.deliveries.inc_by(n as u64);
+        n
     }
 
-    /// Send a direct message from `from` to user `to`.
-    pub fn publish_dm(
+    /// Queue `f` to a room's audience: the members, or for a DM room every
+    /// live connection of both parties (they need not have joined).
+    fn send_to_room(
         &self,
+        room: &Room,
+        st: &RoomState,
+        f: &ServerFrame,
+        filter: impl Fn(&ConnHandle) -> bool,
+    ) -> usize {
+        let Some((a, b)) = &room.dm else {
+            return broadcast(st, f, filter, &self.metrics);
+        };
+        let ephemeral = f.is_ephemeral();
+        let mut shared = SharedFrame::new(f);
+        let mut n = 0;
+        for u in [a, b] {
+            let users = self.users[self.shard(&**u)].lock();
+            for c in users.get(u).into_iter().flatten().filter(|c| filter(c)) {
+                if let Some(bytes) = shared.get(c.encoding) {
+                    c.push(bytes, ephemeral);
+                    n += 1;
+                }
+            }
+        }
+        self.metrics.frames_out(f.kind(), n as u64);
+        n
+    }
+
+    /// Writer side: is `epoch` still the room's epoch?
+    pub fn is_current(&self, room: &Room, epoch: u64) -> bool {
+        room.state.lock().epoch == epoch
+    }
+
+    /// Writer side: a message committed; deliver it. Returns recipients.
+    pub fn deliver_committed(
+        &self,
+        room: &Room,
+        seq: u64,
+        ts: u64,
         from: &str,
-        to: &str,
         body: Body,
-    ) -> Result<(Arc<Room>, Published), HubError> {
+    ) -> usize {
+        let mut st = room.state.lock();
+        debug_assert_eq!(st.committed + 1, seq, "commits are delivered in seq order");
+        st.committed = st.committed.max(seq);
+        self.deliver_locked(room, &st, seq, ts, from, body)
+    }
+
+    /// Writer side: a commit failed; take back every seq not committed yet
+    /// so the room has no gap. Pending messages of this epoch will fail.
+    pub fn abort(&self, room: &Room, epoch: u64) {
+        let mut st = room.state.lock();
+        if st.epoch != epoch {
+            return;
+        }
+        st.epoch += 1;
+        st.seq = st.committed;
+        let committed = st.committed;
+        let dropped: Vec<String> = st
+            .cids
+            .iter()
+            .filter(|(_, (s, _))| *s > committed)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dropped {
+            st.cids.remove(&k);
+        }
+    }
+
+    /// Send an event frame (mark, deleted) to the room's audience,
+    /// optionally sparing one connection.
+    pub fn event(&self, room: &Room, f: &ServerFrame, except: Option<u64>) -> usize {
+        let st = room.state.lock();
+        self.send_to_room(room, &st, f, |c| Some(c.id) != except)
+    }
+
+    /// Direct-message room between two users (validated), loaded.
+    pub async fn dm_room(&self, from: &str, to: &str) -> Result<Arc<Room>, HubError> {
         shoal_proto::names::validate_user(to)
             .map_err(|e| (ErrorCode::BadRequest, format!("user `{to}`: {e}")))?;
         if from == to {
@@ -254,12 +705,50 @@ impl Hub {
         }
         let full = shoal_proto::names::dm_room(from, to);
         let name = RoomName::parse(&full).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
-        let room = {
-            let mut shard = self.rooms[self.shard(name.full)].lock();
-            self.get_or_create(&mut shard, &name).clone()
-        };
-        let p = self.publish(&room, from, body, false)?;
-        Ok((room, p))
+        self.ensure_room(&name).await
+    }
+
+    /// Publish from async code: loads the room, reserves the writer slot,
+    /// and retries if the room is evicted meanwhile.
+    pub async fn publish_async(
+        &self,
+        name: &RoomName<'_>,
+        from: &Arc<str>,
+        body: Body,
+        cid: Option<String>,
+        via_api: bool,
+        mut reply: Reply,
+    ) {
+        for _ in 0..8 {
+            let room = match self.ensure_room(name).await {
+                Ok(r) => r,
+                Err(e) => return reply.fail(e),
+            };
+            let permit = if room.opts.persist {
+                match self.reserve().await {
+                    Ok(p) => Some(p),
+                    Err(e) => return reply.fail(e),
+                }
+            } else {
+                None
+            };
+            match self.publish(
+                &room,
+                from,
+                body.clone(),
+                cid.clone(),
+                via_api,
+                reply,
+                permit,
+            ) {
+                Ok(()) => {
+                    self.maybe_evict(&room);
+                    return;
+                }
+                Err(r) => reply = r,
+            }
+        }
+        reply.fail((ErrorCode::Unavailable, "room is busy; retry".into()));
     }
 
     /// Forward `typing` to the room's other users.
@@ -281,15 +770,9 @@ impl Hub {
         v
     }
 
-    /// Look up an existing room.
+    /// Look up a room in memory.
     pub fn room(&self, name: &str) -> Option<Arc<Room>> {
-        self.rooms[self.shard(name)].lock().get(name).cloned()
-    }
-
-    /// Look up or create a room by validated name (server API).
-    pub fn room_or_create(&self, name: &RoomName<'_>) -> Arc<Room> {
-        let mut shard = self.rooms[self.shard(name.full)].lock();
-        self.get_or_create(&mut shard, name).clone()
+        self.rooms[self.shard(name)].lock().map.get(name).cloned()
     }
 
     /// Add a live connection to the user registry.
@@ -351,18 +834,17 @@ fn broadcast(
             n += 1;
         }
     }
-    if !matches!(f, ServerFrame::Msg { .. }) {
-        metrics.frames_out(f.kind(), n as u64);
-    }
+    metrics.frames_out(f.kind(), n as u64);
     n
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::ConnCtl;
+    use crate::{outbound::ConnCtl, persist::Writer, store::sqlite::SqliteStore};
     use shoal_proto::Encoding;
     use tokio::sync::mpsc::Receiver;
+    use tokio_util::sync::CancellationToken;
 
     fn conn(user: &str, m: &Arc<Metrics>) -> (ConnHandle, Receiver<bytes::Bytes>) {
         ConnHandle::new(
@@ -384,67 +866,159 @@ mod tests {
         out
     }
 
-    #[test]
-    fn seq_presence_and_cleanup() {
-        let m = Arc::new(Metrics::new("t"));
-        let hub = Hub::new(4, NamespaceTable::default(), m.clone());
-        let (a, mut ra) = conn("alice", &m);
-        let (b, mut rb) = conn("bob", &m);
-        let (room, seq) = hub.join(&a, "lobby").expect("join");
-        assert_eq!(seq, 0);
-        hub.join(&b, "lobby").expect("join");
-        assert!(matches!(
-            &drain(&mut ra)[..],
-            [ServerFrame::Presence { online: true, .. }]
-        ));
-        let p1 = hub.publish(&room, "alice", "x".into(), false).expect("pub");
-        let p2 = hub.publish(&room, "bob", "y".into(), false).expect("pub");
-        assert_eq!((p1.seq, p2.seq, p2.recipients), (1, 2, 2));
-        let got: Vec<u64> = drain(&mut rb)
+    fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
+        frames
             .iter()
             .filter_map(|f| match f {
                 ServerFrame::Msg { seq, .. } => Some(*seq),
                 _ => None,
             })
-            .collect();
-        assert_eq!(got, vec![1, 2]);
+            .collect()
+    }
+
+    struct Fixture {
+        hub: Arc<Hub>,
+        m: Arc<Metrics>,
+        _dir: tempfile::TempDir,
+        stop: CancellationToken,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    fn fixture(ns: NamespaceTable) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), false).expect("open"));
+        let m = Arc::new(Metrics::new("t"));
+        let (tx, rx) = mpsc::channel(64);
+        let hub = Arc::new(Hub::new(
+            4,
+            ns,
+            m.clone(),
+            store.clone(),
+            tx,
+            Duration::from_secs(60),
+        ));
+        let stop = CancellationToken::new();
+        tokio::spawn(
+            Writer {
+                hub: hub.clone(),
+                store,
+                metrics: m.clone(),
+                batch: 16,
+            }
+            .run(rx, stop.clone()),
+        );
+        Fixture {
+            hub,
+            m,
+            _dir: dir,
+            stop,
+        }
+    }
+
+    async fn publish(hub: &Hub, room: &str, from: &str, cid: Option<&str>) -> Published {
+        let (tx, rx) = oneshot::channel();
+        let name = RoomName::parse(room).expect("name");
+        hub.publish_async(
+            &name,
+            &Arc::from(from),
+            "x".into(),
+            cid.map(String::from),
+            false,
+            Reply::Chan(tx),
+        )
+        .await;
+        rx.await.expect("reply").expect("published")
+    }
+
+    async fn join(hub: &Hub, c: &ConnHandle, room: &str) -> Arc<Room> {
+        let name = RoomName::parse(room).expect("name");
+        let r = hub.ensure_room(&name).await.expect("room");
+        assert!(matches!(hub.attach(c, &r, None), Ok(Attach::Joined(_))));
+        r
+    }
+
+    #[tokio::test]
+    async fn seq_presence_eviction_and_reload() {
+        let f = fixture(NamespaceTable::default());
+        let hub = &f.hub;
+        let (a, mut ra) = conn("alice", &f.m);
+        let (b, mut rb) = conn("bob", &f.m);
+        let room = join(hub, &a, "lobby").await;
+        join(hub, &b, "lobby").await;
+        assert!(matches!(
+            &drain(&mut ra)[..],
+            [ServerFrame::Presence { online: true, .. }]
+        ));
+        let p1 = publish(hub, "lobby", "alice", None).await;
+        let p2 = publish(hub, "lobby", "bob", None).await;
+        assert_eq!((p1.seq, p2.seq, p2.recipients), (1, 2, 2));
+        assert_eq!(seqs(&drain(&mut rb)), vec![1, 2]);
         hub.leave(&b, &room);
         assert!(matches!(
             drain(&mut ra).last(),
             Some(ServerFrame::Presence { online: false, .. })
         ));
         hub.leave(&a, &room);
-        assert!(
-            hub.room("lobby").is_some(),
-            "room with history keeps its seq"
-        );
-        let (_r2, seq) = hub.join(&a, "lobby").expect("join");
-        assert_eq!(seq, 2);
-        let (tmp, _) = hub.join(&a, "empty").expect("join");
-        hub.leave(&a, &tmp);
-        assert!(hub.room("empty").is_none(), "unused room is freed");
+        assert!(hub.room("lobby").is_none(), "idle room is evicted");
+        // Its seq comes back from the store.
+        let r2 = join(hub, &a, "lobby").await;
+        assert_eq!(hub.committed(&r2), 2);
+        assert_eq!(publish(hub, "lobby", "alice", None).await.seq, 3);
     }
 
-    #[test]
-    fn dm_privacy() {
-        let m = Arc::new(Metrics::new("t"));
-        let hub = Hub::new(4, NamespaceTable::default(), m.clone());
-        let (a, mut ra) = conn("alice", &m);
-        let (b, mut rb) = conn("bob", &m);
-        let (c, mut rc) = conn("carol", &m);
+    #[tokio::test]
+    async fn idempotent_retry_acks_original_seq() {
+        let f = fixture(NamespaceTable::default());
+        let (a, mut ra) = conn("alice", &f.m);
+        join(&f.hub, &a, "r").await;
+        let p1 = publish(&f.hub, "r", "alice", Some("c1")).await;
+        let p2 = publish(&f.hub, "r", "alice", Some("c1")).await;
+        let p3 = publish(&f.hub, "r", "bob", Some("c1")).await;
+        assert_eq!((p1.seq, p2.seq, p3.seq), (1, 1, 2));
+        assert_eq!(p2.recipients, 0);
+        assert_eq!(
+            seqs(&drain(&mut ra)),
+            vec![1, 2],
+            "the retry is not delivered"
+        );
+    }
+
+    #[tokio::test]
+    async fn non_persistent_namespace_delivers_inline() {
+        let cfg = crate::Config::parse_from_for_tests(&["--namespace", "tick:persist=off"]);
+        let f = fixture(cfg.namespace_table());
+        let (a, mut ra) = conn("alice", &f.m);
+        join(&f.hub, &a, "tick:x").await;
+        let p = publish(&f.hub, "tick:x", "alice", None).await;
+        assert_eq!((p.seq, p.recipients), (1, 1));
+        assert_eq!(seqs(&drain(&mut ra)), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn dm_privacy() {
+        let f = fixture(NamespaceTable::default());
+        let hub = &f.hub;
+        let (a, mut ra) = conn("alice", &f.m);
+        let (b, mut rb) = conn("bob", &f.m);
+        let (c, mut rc) = conn("carol", &f.m);
         for x in [&a, &b, &c] {
             hub.register(x);
         }
-        let (room, p) = hub.publish_dm("alice", "bob", "hi".into()).expect("dm");
-        assert_eq!(&*room.name, "dm:alice:bob");
+        let p = publish(hub, "dm:alice:bob", "alice", None).await;
+        assert_eq!(&*p.room, "dm:alice:bob");
         assert_eq!(p.recipients, 2);
         assert_eq!(drain(&mut ra).len(), 1);
         assert_eq!(drain(&mut rb).len(), 1);
         assert!(drain(&mut rc).is_empty());
         assert_eq!(
-            hub.join(&c, "dm:alice:bob").err().map(|e| e.0),
+            hub.check_access("dm:alice:bob", "carol").err().map(|e| e.0),
             Some(ErrorCode::Forbidden)
         );
-        assert!(hub.join(&b, "dm:alice:bob").is_ok());
+        assert!(hub.check_access("dm:alice:bob", "bob").is_ok());
     }
 }

@@ -9,6 +9,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbound;
+pub mod persist;
 pub mod server;
 pub mod state;
 pub mod store;

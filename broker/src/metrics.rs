@@ -20,12 +20,13 @@ type L1 = [(&'static str, &'static str); 1];
 type L2 = [(&'static str, &'static str); 2];
 
 /// Client frame types, for pre-created counters (index via [`client_kind_index`]).
-pub const CLIENT_KINDS: [&str; 7] = [
-    "join", "leave", "pub", "typing", "members", "ping", "invalid",
+pub const CLIENT_KINDS: [&str; 10] = [
+    "join", "leave", "pub", "typing", "members", "history", "mark", "delete", "ping", "invalid",
 ];
 /// Server frame types.
-pub const SERVER_KINDS: [&str; 10] = [
-    "hello", "joined", "left", "ack", "msg", "typing", "presence", "members", "pong", "error",
+pub const SERVER_KINDS: [&str; 14] = [
+    "hello", "joined", "left", "ack", "msg", "typing", "presence", "members", "gap", "history",
+    "mark", "deleted", "pong", "error",
 ];
 
 /// Index of a client frame kind in [`CLIENT_KINDS`].
@@ -61,6 +62,20 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     /// Frames per vectored socket write.
     pub write_batch_frames: Histogram,
+    /// Publishes answered from the idempotency window (retried cid).
+    pub idempotent_retries: Counter,
+    /// Operations per group-commit transaction.
+    pub store_batch_ops: Histogram,
+    /// Time to commit one group-commit transaction.
+    pub store_commit_seconds: Histogram,
+    /// Failed group commits.
+    pub store_errors: Counter,
+    /// 1 while the last store write succeeded.
+    pub store_up: Gauge,
+    /// Messages replayed to rejoining clients.
+    pub replayed: Counter,
+    /// Messages removed by retention.
+    pub retention_removed: Counter,
     /// Bytes written to WebSocket peers.
     pub bytes_out: Counter,
     http: Family<L2, Counter>,
@@ -112,6 +127,7 @@ impl Metrics {
             let _ = auth_failures.get_or_create(&[("reason", e.label())]);
         }
         let _ = auth_failures.get_or_create(&[("reason", "bad_password")]);
+        let _ = auth_failures.get_or_create(&[("reason", "bad_api_key")]);
         let fin = Family::<L1, Counter>::default();
         registry.register("frames_in", "Client frames received by type", fin.clone());
         let frames_in = CLIENT_KINDS
@@ -189,6 +205,49 @@ impl Metrics {
             "Frames per socket write",
             write_batch_frames.clone(),
         );
+        let idempotent_retries = Counter::default();
+        registry.register(
+            "idempotent_retries",
+            "Publishes answered with the original seq of a retried client message id",
+            idempotent_retries.clone(),
+        );
+        let store_batch_ops = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "store_batch_ops",
+            "Operations per group-commit transaction",
+            store_batch_ops.clone(),
+        );
+        let store_commit_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 20));
+        registry.register(
+            "store_commit_seconds",
+            "Time to write and commit one group-commit transaction",
+            store_commit_seconds.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Failed group-commit transactions",
+            store_errors.clone(),
+        );
+        let store_up: Gauge = Gauge::default();
+        store_up.set(1);
+        registry.register(
+            "store_up",
+            "1 while the last store write succeeded, else 0",
+            store_up.clone(),
+        );
+        let replayed = Counter::default();
+        registry.register(
+            "replayed",
+            "Stored messages replayed to clients joining with since",
+            replayed.clone(),
+        );
+        let retention_removed = Counter::default();
+        registry.register(
+            "retention_removed",
+            "Messages removed by retention",
+            retention_removed.clone(),
+        );
         let bytes_out = Counter::default();
         registry.register(
             "ws_out_bytes",
@@ -242,6 +301,13 @@ impl Metrics {
             room_members,
             publish_seconds,
             write_batch_frames,
+            idempotent_retries,
+            store_batch_ops,
+            store_commit_seconds,
+            store_errors,
+            store_up,
+            replayed,
+            retention_removed,
             bytes_out,
             http,
             process_cpu,

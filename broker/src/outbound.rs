@@ -208,6 +208,21 @@ impl ConnHandle {
         }
     }
 
+    /// Encode and queue a frame, waiting while the queue is full (replay:
+    /// the reader of this connection is the one waiting, so a client that
+    /// asks for a long replay is paced by its own reading). False if the
+    /// connection is gone.
+    pub async fn send_wait(&self, frame: &ServerFrame) -> bool {
+        let Some(b) = encode_ws(self.encoding, frame) else {
+            return false;
+        };
+        self.metrics.frames_out(frame.kind(), 1);
+        tokio::select! {
+            r = self.tx.send(b) => r.is_ok(),
+            _ = self.ctl.cancel.cancelled() => false,
+        }
+    }
+
     /// Close the connection with `code` (first caller wins).
     pub fn close(&self, code: CloseCode) {
         if self
@@ -219,6 +234,11 @@ impl ConnHandle {
             self.metrics.close(code);
             self.ctl.cancel.cancel();
         }
+    }
+
+    /// Token cancelled when the connection ends.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.ctl.cancel.clone()
     }
 
     /// True once the connection is closing.

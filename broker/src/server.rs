@@ -10,16 +10,20 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, Semaphore},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::Auth,
-    config::Config,
+    config::{Config, NamespaceTable},
     hub::Hub,
     metrics::Metrics,
+    persist::Writer,
     state::AppState,
-    store::{sqlite::SqliteStore, Store},
+    store::{sqlite::SqliteStore, Retention, RetentionPolicy, Store},
 };
 
 /// Build the shared state: open the store, load keys and revocations.
@@ -34,8 +38,9 @@ pub async fn build_state(
         format!("{}-{}", host.trim(), listen_port)
     });
     let metrics = Arc::new(Metrics::new(&node));
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&cfg.data).context("opening embedded store")?);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&cfg.data, cfg.store_sync == "full").context("opening embedded store")?,
+    );
     let auth = Auth::from_config(&cfg)?;
     auth.load_revoked(
         store
@@ -43,7 +48,32 @@ pub async fn build_state(
             .await
             .context("loading revoked tokens")?,
     );
-    let hub = Hub::new(cfg.shards, cfg.namespace_table(), metrics.clone());
+    let (jobs_tx, jobs_rx) = mpsc::channel(cfg.store_queue);
+    let hub = Arc::new(Hub::new(
+        cfg.shards,
+        cfg.namespace_table(),
+        metrics.clone(),
+        store.clone(),
+        jobs_tx,
+        cfg.idempotency_window(),
+    ));
+    let writer_stop = CancellationToken::new();
+    tokio::spawn(
+        Writer {
+            hub: hub.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            batch: cfg.store_batch,
+        }
+        .run(jobs_rx, writer_stop.clone()),
+    );
+    tokio::spawn(retention(
+        store.clone(),
+        cfg.namespace_table(),
+        cfg.retention_interval(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     Ok(Arc::new(AppState {
         conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg: Arc::new(cfg),
@@ -54,7 +84,55 @@ pub async fn build_state(
         metrics,
         shutdown,
         tracker: TaskTracker::new(),
+        writer_stop,
     }))
+}
+
+/// Background retention: every interval, drop what each room's namespace
+/// no longer keeps.
+async fn retention(
+    store: Arc<dyn Store>,
+    namespaces: NamespaceTable,
+    every: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let namespaces = Arc::new(namespaces);
+    if !namespaces.any_retention() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = crate::auth::now_ms();
+        let ns = namespaces.clone();
+        let policy: RetentionPolicy = Arc::new(move |room: &str| {
+            let name = shoal_proto::RoomName::parse(room).ok()?;
+            let o = ns.get(name.namespace);
+            if !o.persist || (o.retain_messages.is_none() && o.retain_age_secs.is_none()) {
+                return None;
+            }
+            Some(Retention {
+                max_messages: o.retain_messages,
+                min_ts: o
+                    .retain_age_secs
+                    .map(|s| now.saturating_sub(s.saturating_mul(1000))),
+            })
+        });
+        match store.apply_retention(policy).await {
+            Ok(n) => {
+                metrics.retention_removed.inc_by(n);
+                if n > 0 {
+                    tracing::info!(removed = n, "retention pass");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+        }
+    }
 }
 
 /// Run the broker on `listener` until `shutdown` is cancelled.
@@ -120,6 +198,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
             state.tracker.len()
         );
     }
+    // Commit what connections queued before they closed, then stop the writer.
+    if tokio::time::timeout(state.cfg.shutdown_timeout(), state.hub.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown timeout: store writes still pending");
+    }
+    state.writer_stop.cancel();
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -14,7 +14,7 @@ pub struct AppState {
     /// Node id.
     pub node: String,
     /// Rooms and users.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
     /// Tokens and passwords.
     pub auth: Auth,
     /// Durable state.
@@ -27,4 +27,6 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Stops the group-commit writer once connections have drained.
+    pub writer_stop: CancellationToken,
 }

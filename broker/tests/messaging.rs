@@ -218,7 +218,8 @@ async fn typing_presence_members() {
         ServerFrame::Members {
             id,
             room: "room1".into(),
-            users: vec!["alice".into(), "bob".into()]
+            users: vec!["alice".into(), "bob".into()],
+            receipts: vec![],
         }
     );
 

@@ -129,6 +129,28 @@ impl Encoding {
     }
 }
 
+/// Serialise a message body for storage (JSON text, the same bytes for
+/// every store).
+pub fn body_to_storage(body: &crate::Body) -> String {
+    body.to_string()
+}
+
+/// Parse a stored body. A body that fails to parse (a damaged row) comes
+/// back as JSON `null` rather than failing the whole page.
+pub fn body_from_storage(text: &str) -> crate::Body {
+    serde_json::from_str(text).unwrap_or(crate::Body::Null)
+}
+
+/// The searchable text of a body: a string body itself, else the `text`
+/// field of a map body, else nothing.
+pub fn body_text(body: &crate::Body) -> Option<&str> {
+    match body {
+        crate::Body::String(s) => Some(s),
+        crate::Body::Object(m) => m.get("text").and_then(|t| t.as_str()),
+        _ => None,
+    }
+}
+
 /// Why bytes could not be decoded into a frame. Every variant maps to error
 /// code 400 on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -204,6 +226,29 @@ mod tests {
                 id: Some(u64::MAX),
                 room: "lobby".into(),
             },
+            C::History {
+                id: Some(5),
+                room: "lobby".into(),
+                before: Some(100),
+                limit: Some(20),
+            },
+            C::History {
+                id: None,
+                room: "lobby".into(),
+                before: None,
+                limit: None,
+            },
+            C::Mark {
+                id: None,
+                room: "lobby".into(),
+                seq: 9,
+                state: crate::MarkState::Read,
+            },
+            C::Delete {
+                id: Some(6),
+                room: "lobby".into(),
+                seq: 3,
+            },
             C::Ping { id: Some(0) },
             C::Ping { id: None },
         ]
@@ -252,6 +297,38 @@ mod tests {
                 id: Some(9),
                 room: "lobby".into(),
                 users: vec!["alice".into(), "bob".into()],
+                receipts: vec![crate::frame::Receipt {
+                    user: "bob".into(),
+                    delivered: 4,
+                    read: 2,
+                }],
+            },
+            S::Gap {
+                room: "lobby".into(),
+                from: 1,
+                to: 40,
+            },
+            S::History {
+                id: Some(2),
+                room: "lobby".into(),
+                messages: vec![crate::frame::StoredMsg {
+                    seq: 3,
+                    from: "bob".into(),
+                    ts: 5,
+                    body: json!({"text": "x"}),
+                }],
+                more: true,
+            },
+            S::Mark {
+                room: "lobby".into(),
+                user: "bob".into(),
+                seq: 3,
+                state: crate::MarkState::Delivered,
+            },
+            S::Deleted {
+                id: None,
+                room: "lobby".into(),
+                seq: 3,
             },
             S::Pong { id: Some(4) },
             S::Error {

@@ -69,6 +69,42 @@ pub enum ClientFrame {
         /// Room name.
         room: String,
     },
+    /// Page back through a room's stored history, newest first.
+    History {
+        /// Request id, echoed in the reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Only messages with a seq below this (default: the newest).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        /// Page size (default 50, at most 200).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Move this user's delivered or read watermark in a room up to `seq`.
+    Mark {
+        /// Request id (only echoed on error).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Everything up to and including this seq is delivered/read.
+        seq: u64,
+        /// Which watermark.
+        state: MarkState,
+    },
+    /// Soft-delete one of your own messages.
+    Delete {
+        /// Request id, echoed in the reply (`deleted`) or `error`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Seq of the message.
+        seq: u64,
+    },
     /// Application-level ping; answered with `pong`.
     Ping {
         /// Request id, echoed in the reply.
@@ -86,6 +122,9 @@ impl ClientFrame {
             | ClientFrame::Pub { id, .. }
             | ClientFrame::Typing { id, .. }
             | ClientFrame::Members { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Mark { id, .. }
+            | ClientFrame::Delete { id, .. }
             | ClientFrame::Ping { id } => *id,
         }
     }
@@ -98,6 +137,9 @@ impl ClientFrame {
             ClientFrame::Pub { .. } => "pub",
             ClientFrame::Typing { .. } => "typing",
             ClientFrame::Members { .. } => "members",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Mark { .. } => "mark",
+            ClientFrame::Delete { .. } => "delete",
             ClientFrame::Ping { .. } => "ping",
         }
     }
@@ -111,6 +153,40 @@ pub enum MarkState {
     Delivered,
     /// Seen by the user.
     Read,
+}
+
+impl MarkState {
+    /// Name as on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            MarkState::Delivered => "delivered",
+            MarkState::Read => "read",
+        }
+    }
+}
+
+/// One stored message, as returned by `history` and search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMsg {
+    /// Per-room sequence number.
+    pub seq: u64,
+    /// Sender's user name.
+    pub from: String,
+    /// Server timestamp, milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// Message body as the sender gave it.
+    pub body: Body,
+}
+
+/// A user's receipt watermarks in a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// User name.
+    pub user: String,
+    /// Highest seq delivered to one of the user's devices (0: none).
+    pub delivered: u64,
+    /// Highest seq the user has read (0: none).
+    pub read: u64,
 }
 
 /// Frames the broker sends to a client.
@@ -198,6 +274,54 @@ pub enum ServerFrame {
         room: String,
         /// Users with at least one connection in the room, sorted.
         users: Vec<String>,
+        /// Receipt watermarks of every user who has marked anything in the
+        /// room, online or not, sorted by user. Absent when empty.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        receipts: Vec<Receipt>,
+    },
+    /// History no longer reaches back to what `join {since}` asked for:
+    /// seqs `from..=to` are gone (retention). Replay continues after `to`.
+    Gap {
+        /// Room name.
+        room: String,
+        /// First missing seq.
+        from: u64,
+        /// Last missing seq.
+        to: u64,
+    },
+    /// Reply to `history`: one page, newest first.
+    History {
+        /// Request id of the `history`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Messages, highest seq first; soft-deleted ones are left out.
+        messages: Vec<StoredMsg>,
+        /// True if older messages exist (ask again with `before` set to the
+        /// last seq of this page).
+        more: bool,
+    },
+    /// A user's receipt watermark moved.
+    Mark {
+        /// Room name.
+        room: String,
+        /// User whose watermark moved.
+        user: String,
+        /// New watermark: everything up to this seq.
+        seq: u64,
+        /// Which watermark.
+        state: MarkState,
+    },
+    /// A message was soft-deleted by its sender; remove it from view.
+    Deleted {
+        /// Request id, when this is the reply to your own `delete`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Seq of the deleted message.
+        seq: u64,
     },
     /// Reply to `ping`.
     Pong {
@@ -229,6 +353,10 @@ impl ServerFrame {
             ServerFrame::Typing { .. } => "typing",
             ServerFrame::Presence { .. } => "presence",
             ServerFrame::Members { .. } => "members",
+            ServerFrame::Gap { .. } => "gap",
+            ServerFrame::History { .. } => "history",
+            ServerFrame::Mark { .. } => "mark",
+            ServerFrame::Deleted { .. } => "deleted",
             ServerFrame::Pong { .. } => "pong",
             ServerFrame::Error { .. } => "error",
         }

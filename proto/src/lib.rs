@@ -13,5 +13,5 @@ pub mod names;
 
 pub use codec::{DecodeError, EncodeError, Encoding, DEFAULT_MAX_DEPTH};
 pub use codes::{CloseCode, ErrorCode};
-pub use frame::{Body, ClientFrame, MarkState, ServerFrame};
+pub use frame::{Body, ClientFrame, MarkState, Receipt, ServerFrame, StoredMsg};
 pub use names::{NameError, RoomName};

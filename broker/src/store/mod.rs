@@ -5,7 +5,10 @@
 
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use shoal_proto::{MarkState, Receipt, StoredMsg};
 use thiserror::Error;
 
 /// Storage failure.
@@ -28,7 +31,150 @@ pub struct UserRecord {
     pub created_ms: u64,
 }
 
-/// Durable state: accounts and revoked tokens.
+/// What the store knows about a room when it is loaded into memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomHead {
+    /// Highest seq stored (0: none).
+    pub last_seq: u64,
+    /// Recent client message ids, for idempotent retries across restarts.
+    pub cids: Vec<CidEntry>,
+}
+
+/// A remembered client message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidEntry {
+    /// Sender.
+    pub user: String,
+    /// Client message id.
+    pub cid: String,
+    /// Seq it was given.
+    pub seq: u64,
+    /// Server timestamp (ms).
+    pub ts: u64,
+}
+
+/// A new message to store.
+#[derive(Debug, Clone)]
+pub struct NewMsg {
+    /// Room name.
+    pub room: Arc<str>,
+    /// Seq assigned by the hub.
+    pub seq: u64,
+    /// Sender.
+    pub from: Arc<str>,
+    /// Server timestamp (ms).
+    pub ts: u64,
+    /// Body in storage form (`shoal_proto::codec::body_to_storage`).
+    pub body: String,
+    /// Searchable text, if any.
+    pub text: Option<String>,
+    /// Client message id.
+    pub cid: Option<String>,
+    /// For a DM room, both parties: they become members of the room.
+    pub parties: Option<(Arc<str>, Arc<str>)>,
+}
+
+/// One write in a group-commit batch.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Store a message.
+    Msg(NewMsg),
+    /// Record that `user` is a member of `room` (for `GET /api/rooms`).
+    Join {
+        /// Room.
+        room: Arc<str>,
+        /// User.
+        user: Arc<str>,
+    },
+    /// Remove the membership (explicit `leave`).
+    Leave {
+        /// Room.
+        room: Arc<str>,
+        /// User.
+        user: Arc<str>,
+    },
+    /// Raise a receipt watermark (never lowers it; `read` raises
+    /// `delivered` too).
+    Mark {
+        /// Room.
+        room: Arc<str>,
+        /// User.
+        user: Arc<str>,
+        /// New watermark.
+        seq: u64,
+        /// Which one.
+        state: MarkState,
+    },
+    /// Soft-delete a message if `user` sent it.
+    Delete {
+        /// Room.
+        room: Arc<str>,
+        /// Seq.
+        seq: u64,
+        /// Who asks; must be the sender.
+        user: Arc<str>,
+    },
+}
+
+/// Result of one [`WriteOp`] in a committed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpOutcome {
+    /// Applied.
+    Done,
+    /// Nothing changed (watermark already at or above, message already
+    /// deleted).
+    Unchanged,
+    /// Delete: no such message from this user.
+    NotFound,
+}
+
+/// One stored entry as replayed to a rejoining client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayEntry {
+    /// The message (body is `null` when deleted).
+    pub msg: StoredMsg,
+    /// Soft-deleted: replayed as `deleted`, not as `msg`.
+    pub deleted: bool,
+}
+
+/// A page of replay.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Replay {
+    /// Highest seq removed by retention (0: none); `since` below it is a gap.
+    pub floor: u64,
+    /// Entries after `since`, in seq order.
+    pub entries: Vec<ReplayEntry>,
+}
+
+/// A room as listed for one of its members.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RoomSummary {
+    /// Room name.
+    pub room: String,
+    /// Highest seq in the room.
+    pub last_seq: u64,
+    /// The user's delivered watermark.
+    pub delivered: u64,
+    /// The user's read watermark.
+    pub read: u64,
+    /// Messages from others after the read watermark, not deleted.
+    pub unread: u64,
+}
+
+/// Retention rule for one room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep at most this many newest messages.
+    pub max_messages: Option<u64>,
+    /// Drop messages with a timestamp (ms) below this.
+    pub min_ts: Option<u64>,
+}
+
+/// Picks the retention rule of a room by name (None: keep everything).
+pub type RetentionPolicy = Arc<dyn Fn(&str) -> Option<Retention> + Send + Sync>;
+
+/// Durable state: accounts, revoked tokens, messages, memberships and
+/// receipts.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Create a user; `Conflict` if the name is taken.
@@ -41,4 +187,43 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError>;
     /// Revoked token ids that have not expired yet.
     async fn revoked(&self, now: u64) -> Result<Vec<String>, StoreError>;
+
+    /// Head of a room, with client ids of messages newer than `cid_since_ms`.
+    async fn room_head(&self, room: &str, cid_since_ms: u64) -> Result<RoomHead, StoreError>;
+    /// Apply a batch in one transaction: all or nothing. Outcomes are in
+    /// the order of `ops`.
+    async fn write_batch(&self, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>, StoreError>;
+    /// Stored entries with `after < seq <= upto`, in seq order, at most `limit`.
+    async fn replay(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Replay, StoreError>;
+    /// A page of history below `before` (default: newest), newest first,
+    /// without deleted messages; the flag says whether older ones exist.
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError>;
+    /// Full-text search in one room, best match first.
+    async fn search(
+        &self,
+        room: &str,
+        query: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<StoredMsg>, StoreError>;
+    /// Receipt watermarks of every member of a room who has marked
+    /// anything, sorted by user.
+    async fn receipts(&self, room: &str) -> Result<Vec<Receipt>, StoreError>;
+    /// Rooms `user` is a member of, with unread counts, sorted by name.
+    async fn user_rooms(&self, user: &str) -> Result<Vec<RoomSummary>, StoreError>;
+    /// Whether `user` is a recorded member of `room`.
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
+    /// Delete what retention no longer keeps; returns messages removed.
+    async fn apply_retention(&self, policy: RetentionPolicy) -> Result<u64, StoreError>;
 }

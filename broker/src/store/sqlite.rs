@@ -1,20 +1,36 @@
-//! Embedded SQLite store (WAL mode) in the data directory.
+//! Embedded SQLite store (WAL mode, FTS5) in the data directory.
 //!
-//! rusqlite is synchronous, so every call runs on the blocking pool behind
-//! one connection mutex; SQLite serialises writers anyway, and the hot
-//! message path does not touch this store.
+//! rusqlite is synchronous, so every call runs on the blocking pool. One
+//! writer connection takes every write (SQLite serialises writers anyway;
+//! the group-commit batches of `persist` make that one transaction per
+//! batch), and a small pool of reader connections serves replay, history
+//! and search concurrently with it, which WAL mode allows.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
+use shoal_proto::{codec::body_from_storage, MarkState, Receipt, StoredMsg};
 
-use super::{Store, StoreError, UserRecord};
+use super::{
+    CidEntry, OpOutcome, Replay, ReplayEntry, RetentionPolicy, RoomHead, RoomSummary, Store,
+    StoreError, UserRecord, WriteOp,
+};
+
+/// Reader connections (replay, history, search, listings).
+const READERS: usize = 4;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE users (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE users (
         name TEXT PRIMARY KEY NOT NULL,
         password_hash TEXT NOT NULL,
         created_ms INTEGER NOT NULL
@@ -22,46 +38,276 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
     CREATE TABLE revoked_tokens (
         jti TEXT PRIMARY KEY NOT NULL,
         exp INTEGER NOT NULL
-    );"];
+    );",
+    // `floor`: highest seq removed by retention; a `since` below it is a gap.
+    "CREATE TABLE rooms (
+        name TEXT PRIMARY KEY NOT NULL,
+        last_seq INTEGER NOT NULL,
+        floor INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        room TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        sender TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        cid TEXT,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (room, seq)
+    );
+    CREATE TABLE members (
+        user TEXT NOT NULL,
+        room TEXT NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        read INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (user, room)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_by_room ON members (room, user);
+    CREATE VIRTUAL TABLE messages_fts USING fts5(
+        text, room UNINDEXED, tokenize = 'unicode61 remove_diacritics 2'
+    );",
+];
 
 /// SQLite-backed [`Store`].
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    readers: Arc<[Mutex<Connection>]>,
+    next_reader: Arc<AtomicUsize>,
+}
+
+fn open_conn(path: &Path, full_sync: bool) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if full_sync { "FULL" } else { "NORMAL" },
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 impl SqliteStore {
     /// Open (creating if needed) `<dir>/shoal.db` and run migrations.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+    /// `full_sync` fsyncs every commit (survives power loss).
+    pub fn open(dir: &Path, full_sync: bool) -> anyhow::Result<Self> {
         use anyhow::Context;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("shoal.db");
         let conn =
-            Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            open_conn(&path, full_sync).with_context(|| format!("opening {}", path.display()))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             conn.execute_batch(m)
                 .with_context(|| format!("migration {}", i + 1))?;
             conn.pragma_update(None, "user_version", (i + 1) as i64)?;
         }
+        let readers = (0..READERS)
+            .map(|_| open_conn(&path, full_sync).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()
+            .context("opening reader connections")?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            readers: readers.into(),
+            next_reader: Arc::new(AtomicUsize::new(0)),
         })
     }
 
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || f(&conn.lock()))
+        tokio::task::spawn_blocking(move || f(&mut conn.lock()))
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
+
+    /// Run a read on one of the reader connections.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            // Prefer an idle reader; block on the round-robin one otherwise.
+            for i in 0..readers.len() {
+                if let Some(c) = readers[(start + i) % readers.len()].try_lock() {
+                    return f(&c);
+                }
+            }
+            f(&readers[start % readers.len()].lock())
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+}
+
+/// Turn user text into an FTS5 query that can only match terms: every
+/// whitespace-separated word becomes a quoted string (quotes doubled), so
+/// FTS operators and column filters in the input are inert.
+pub fn fts_query(q: &str) -> Option<String> {
+    let terms: Vec<String> = q
+        .split_whitespace()
+        .take(16)
+        .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
+        .collect();
+    (!terms.is_empty()).then(|| terms.join(" "))
+}
+
+fn stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMsg> {
+    Ok(StoredMsg {
+        seq: r.get::<_, i64>(0)? as u64,
+        from: r.get(1)?,
+        ts: r.get::<_, i64>(2)? as u64,
+        body: body_from_storage(&r.get::<_, String>(3)?),
+    })
+}
+
+fn apply_op(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<OpOutcome> {
+    match op {
+        WriteOp::Msg(m) => {
+            tx.prepare_cached(
+                "INSERT INTO messages (room, seq, sender, ts, body, cid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![&*m.room, m.seq as i64, &*m.from, m.ts as i64, m.body, m.cid])?;
+            if let Some(text) = &m.text {
+                let id = tx.last_insert_rowid();
+                tx.prepare_cached(
+                    "INSERT INTO messages_fts (rowid, text, room) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![id, text, &*m.room])?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO rooms (name, last_seq) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+            )?
+            .execute(params![&*m.room, m.seq as i64])?;
+            if let Some((a, b)) = &m.parties {
+                for u in [a, b] {
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO members (user, room) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![&**u, &*m.room])?;
+                }
+            }
+            Ok(OpOutcome::Done)
+        }
+        WriteOp::Join { room, user } => {
+            let n = tx
+                .prepare_cached("INSERT OR IGNORE INTO members (user, room) VALUES (?1, ?2)")?
+                .execute(params![&**user, &**room])?;
+            Ok(if n > 0 {
+                OpOutcome::Done
+            } else {
+                OpOutcome::Unchanged
+            })
+        }
+        WriteOp::Leave { room, user } => {
+            let n = tx
+                .prepare_cached("DELETE FROM members WHERE user = ?1 AND room = ?2")?
+                .execute(params![&**user, &**room])?;
+            Ok(if n > 0 {
+                OpOutcome::Done
+            } else {
+                OpOutcome::Unchanged
+            })
+        }
+        WriteOp::Mark {
+            room,
+            user,
+            seq,
+            state,
+        } => {
+            tx.prepare_cached("INSERT OR IGNORE INTO members (user, room) VALUES (?1, ?2)")?
+                .execute(params![&**user, &**room])?;
+            let sql = match state {
+                MarkState::Delivered => {
+                    "UPDATE members SET delivered = ?3
+                     WHERE user = ?1 AND room = ?2 AND delivered < ?3"
+                }
+                MarkState::Read => {
+                    "UPDATE members SET read = ?3, delivered = max(delivered, ?3)
+                     WHERE user = ?1 AND room = ?2 AND read < ?3"
+                }
+            };
+            let n = tx
+                .prepare_cached(sql)?
+                .execute(params![&**user, &**room, *seq as i64])?;
+            Ok(if n > 0 {
+                OpOutcome::Done
+            } else {
+                OpOutcome::Unchanged
+            })
+        }
+        WriteOp::Delete { room, seq, user } => {
+            let id: Option<(i64, bool)> = tx
+                .prepare_cached(
+                    "SELECT id, deleted FROM messages WHERE room = ?1 AND seq = ?2 AND sender = ?3",
+                )?
+                .query_row(params![&**room, *seq as i64, &**user], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            match id {
+                None => Ok(OpOutcome::NotFound),
+                Some((_, true)) => Ok(OpOutcome::Unchanged),
+                Some((id, false)) => {
+                    tx.prepare_cached("UPDATE messages SET deleted = 1 WHERE id = ?1")?
+                        .execute([id])?;
+                    tx.prepare_cached("DELETE FROM messages_fts WHERE rowid = ?1")?
+                        .execute([id])?;
+                    Ok(OpOutcome::Done)
+                }
+            }
+        }
+    }
+}
+
+fn retention_pass(c: &mut Connection, policy: &RetentionPolicy) -> rusqlite::Result<u64> {
+    let rooms: Vec<(String, i64, i64)> = {
+        let mut st = c.prepare("SELECT name, last_seq, floor FROM rooms")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut removed = 0u64;
+    // Short transactions, so the group-commit writer is never held up long.
+    for chunk in rooms.chunks(256) {
+        let tx = c.transaction()?;
+        for (room, last, floor) in chunk {
+            let Some(rule) = policy(room) else { continue };
+            let mut upto = *floor;
+            if let Some(n) = rule.max_messages {
+                upto = upto.max(last - (n.min(i64::MAX as u64) as i64).min(*last));
+            }
+            if let Some(min_ts) = rule.min_ts {
+                let old: Option<i64> = tx
+                    .prepare_cached("SELECT max(seq) FROM messages WHERE room = ?1 AND ts < ?2")?
+                    .query_row(params![room, min_ts as i64], |r| r.get(0))?;
+                upto = upto.max(old.unwrap_or(0));
+            }
+            if upto <= *floor {
+                continue;
+            }
+            tx.prepare_cached(
+                "DELETE FROM messages_fts WHERE rowid IN
+                 (SELECT id FROM messages WHERE room = ?1 AND seq <= ?2)",
+            )?
+            .execute(params![room, upto])?;
+            removed += tx
+                .prepare_cached("DELETE FROM messages WHERE room = ?1 AND seq <= ?2")?
+                .execute(params![room, upto])? as u64;
+            tx.prepare_cached("UPDATE rooms SET floor = ?2 WHERE name = ?1")?
+                .execute(params![room, upto])?;
+        }
+        tx.commit()?;
+    }
+    Ok(removed)
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -147,16 +393,223 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn room_head(&self, room: &str, cid_since_ms: u64) -> Result<RoomHead, StoreError> {
+        let room = room.to_string();
+        self.read(move |c| {
+            let last_seq: Option<i64> = c
+                .prepare_cached("SELECT last_seq FROM rooms WHERE name = ?1")
+                .and_then(|mut s| s.query_row([&room], |r| r.get(0)).optional())
+                .map_err(unavailable)?;
+            let mut st = c
+                .prepare_cached(
+                    "SELECT sender, cid, seq, ts FROM messages
+                     WHERE room = ?1 AND cid IS NOT NULL AND ts >= ?2
+                     ORDER BY seq DESC LIMIT 4096",
+                )
+                .map_err(unavailable)?;
+            let cids = st
+                .query_map(params![room, cid_since_ms as i64], |r| {
+                    Ok(CidEntry {
+                        user: r.get(0)?,
+                        cid: r.get(1)?,
+                        seq: r.get::<_, i64>(2)? as u64,
+                        ts: r.get::<_, i64>(3)? as u64,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            Ok(RoomHead {
+                last_seq: last_seq.unwrap_or(0) as u64,
+                cids,
+            })
+        })
+        .await
+    }
+
+    async fn write_batch(&self, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            let out = ops
+                .iter()
+                .map(|op| apply_op(&tx, op))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn replay(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Replay, StoreError> {
+        let room = room.to_string();
+        self.read(move |c| {
+            let floor: Option<i64> = c
+                .prepare_cached("SELECT floor FROM rooms WHERE name = ?1")
+                .and_then(|mut s| s.query_row([&room], |r| r.get(0)).optional())
+                .map_err(unavailable)?;
+            let mut st = c
+                .prepare_cached(
+                    "SELECT seq, sender, ts, body, deleted FROM messages
+                     WHERE room = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
+                )
+                .map_err(unavailable)?;
+            let entries = st
+                .query_map(
+                    params![room, after as i64, upto as i64, limit as i64],
+                    |r| {
+                        let deleted: bool = r.get(4)?;
+                        let mut msg = stored(r)?;
+                        if deleted {
+                            msg.body = shoal_proto::Body::Null;
+                        }
+                        Ok(ReplayEntry { msg, deleted })
+                    },
+                )
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            Ok(Replay {
+                floor: floor.unwrap_or(0) as u64,
+                entries,
+            })
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+        let room = room.to_string();
+        let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT seq, sender, ts, body FROM messages
+                     WHERE room = ?1 AND seq < ?2 AND deleted = 0
+                     ORDER BY seq DESC LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let mut page = st
+                .query_map(params![room, before, limit as i64 + 1], stored)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)?;
+            let more = page.len() > limit;
+            page.truncate(limit);
+            Ok((page, more))
+        })
+        .await
+    }
+
+    async fn search(
+        &self,
+        room: &str,
+        query: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<StoredMsg>, StoreError> {
+        let Some(q) = fts_query(query) else {
+            return Ok(vec![]);
+        };
+        let room = room.to_string();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT m.seq, m.sender, m.ts, m.body FROM messages_fts f
+                     JOIN messages m ON m.id = f.rowid
+                     WHERE messages_fts MATCH ?1 AND f.room = ?2 AND m.deleted = 0
+                     ORDER BY bm25(messages_fts), m.seq DESC LIMIT ?3 OFFSET ?4",
+                )
+                .map_err(unavailable)?;
+            st.query_map(params![q, room, limit as i64, offset as i64], stored)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn receipts(&self, room: &str) -> Result<Vec<Receipt>, StoreError> {
+        let room = room.to_string();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT user, delivered, read FROM members
+                     WHERE room = ?1 AND (delivered > 0 OR read > 0) ORDER BY user",
+                )
+                .map_err(unavailable)?;
+            st.query_map([room], |r| {
+                Ok(Receipt {
+                    user: r.get(0)?,
+                    delivered: r.get::<_, i64>(1)? as u64,
+                    read: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn user_rooms(&self, user: &str) -> Result<Vec<RoomSummary>, StoreError> {
+        let user = user.to_string();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT m.room, coalesce(r.last_seq, 0), m.delivered, m.read,
+                        (SELECT count(*) FROM messages x WHERE x.room = m.room
+                          AND x.seq > m.read AND x.deleted = 0 AND x.sender <> m.user)
+                     FROM members m LEFT JOIN rooms r ON r.name = m.room
+                     WHERE m.user = ?1 ORDER BY m.room",
+                )
+                .map_err(unavailable)?;
+            st.query_map([user], |r| {
+                Ok(RoomSummary {
+                    room: r.get(0)?,
+                    last_seq: r.get::<_, i64>(1)? as u64,
+                    delivered: r.get::<_, i64>(2)? as u64,
+                    read: r.get::<_, i64>(3)? as u64,
+                    unread: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let (room, user) = (room.to_string(), user.to_string());
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM members WHERE user = ?1 AND room = ?2")
+                .and_then(|mut s| s.exists(params![user, room]))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn apply_retention(&self, policy: RetentionPolicy) -> Result<u64, StoreError> {
+        self.with(move |c| retention_pass(c, &policy).map_err(unavailable))
+            .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_proto::codec::body_to_storage;
 
     #[tokio::test]
     async fn users_and_revocations_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = SqliteStore::open(dir.path()).expect("open");
+        let s = SqliteStore::open(dir.path(), false).expect("open");
         s.create_user("alice", "h1").await.expect("create");
         assert!(matches!(
             s.create_user("alice", "h2").await,
@@ -165,7 +618,7 @@ mod tests {
         s.revoke("j1", 100).await.expect("revoke");
         s.revoke("j2", 10).await.expect("revoke");
         drop(s);
-        let s = SqliteStore::open(dir.path()).expect("reopen");
+        let s = SqliteStore::open(dir.path(), false).expect("reopen");
         assert_eq!(
             s.password_hash("alice").await.expect("q"),
             Some("h1".into())
@@ -173,5 +626,147 @@ mod tests {
         assert_eq!(s.password_hash("nobody").await.expect("q"), None);
         assert_eq!(s.list_users().await.expect("q").len(), 1);
         assert_eq!(s.revoked(50).await.expect("q"), vec!["j1".to_string()]);
+    }
+
+    fn msg(room: &str, seq: u64, from: &str, text: &str) -> WriteOp {
+        WriteOp::Msg(super::super::NewMsg {
+            room: room.into(),
+            seq,
+            from: from.into(),
+            ts: seq * 1000,
+            body: body_to_storage(&serde_json::json!({ "text": text })),
+            text: Some(text.into()),
+            cid: Some(format!("c{seq}")),
+            parties: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn messages_history_replay_search_receipts_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(dir.path(), false).expect("open");
+        let words = [
+            "apple pie",
+            "banana split",
+            "apple apple tart",
+            "cherry",
+            "plum",
+        ];
+        let mut ops: Vec<WriteOp> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                msg(
+                    "r",
+                    i as u64 + 1,
+                    if i % 2 == 0 { "alice" } else { "bob" },
+                    w,
+                )
+            })
+            .collect();
+        ops.push(WriteOp::Join {
+            room: "r".into(),
+            user: "bob".into(),
+        });
+        s.write_batch(ops).await.expect("batch");
+        let head = s.room_head("r", 0).await.expect("head");
+        assert_eq!(head.last_seq, 5);
+        assert_eq!(head.cids.len(), 5);
+        assert_eq!(s.room_head("nope", 0).await.expect("head").last_seq, 0);
+
+        // History pages newest first, with a "more" flag.
+        let (p1, more) = s.history("r", None, 2).await.expect("h");
+        assert_eq!(p1.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![5, 4]);
+        assert!(more);
+        let (p3, more) = s.history("r", Some(2), 2).await.expect("h");
+        assert_eq!(p3.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1]);
+        assert!(!more);
+
+        // Delete: only the sender; then out of history and search, flagged in replay.
+        let out = s
+            .write_batch(vec![
+                WriteOp::Delete {
+                    room: "r".into(),
+                    seq: 1,
+                    user: "bob".into(),
+                },
+                WriteOp::Delete {
+                    room: "r".into(),
+                    seq: 1,
+                    user: "alice".into(),
+                },
+                WriteOp::Mark {
+                    room: "r".into(),
+                    user: "bob".into(),
+                    seq: 3,
+                    state: MarkState::Read,
+                },
+                WriteOp::Mark {
+                    room: "r".into(),
+                    user: "bob".into(),
+                    seq: 2,
+                    state: MarkState::Read,
+                },
+            ])
+            .await
+            .expect("batch");
+        assert_eq!(
+            out,
+            vec![
+                OpOutcome::NotFound,
+                OpOutcome::Done,
+                OpOutcome::Done,
+                OpOutcome::Unchanged
+            ]
+        );
+        let hits = s.search("r", "apple", 10, 0).await.expect("search");
+        assert_eq!(hits.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+        assert!(s.search("r", "\"  OR * NEAR(", 10, 0).await.is_ok());
+        assert!(s
+            .search("other", "apple", 10, 0)
+            .await
+            .expect("s")
+            .is_empty());
+        let r = s.replay("r", 0, 5, 100).await.expect("replay");
+        assert_eq!(r.entries.len(), 5);
+        assert!(r.entries[0].deleted);
+
+        // Receipts and unread: bob read up to 3; messages 4 (his own) and 5 remain.
+        let rec = s.receipts("r").await.expect("rec");
+        assert_eq!(
+            rec,
+            vec![Receipt {
+                user: "bob".into(),
+                delivered: 3,
+                read: 3
+            }]
+        );
+        let rooms = s.user_rooms("bob").await.expect("rooms");
+        assert_eq!(rooms.len(), 1);
+        assert_eq!((rooms[0].last_seq, rooms[0].unread), (5, 1));
+        assert!(s.is_member("r", "bob").await.expect("m"));
+        assert!(!s.is_member("r", "alice").await.expect("m"));
+
+        // Retention keeps the newest 2 and records the floor.
+        let policy: RetentionPolicy = Arc::new(|_: &str| {
+            Some(super::super::Retention {
+                max_messages: Some(2),
+                min_ts: None,
+            })
+        });
+        assert_eq!(s.apply_retention(policy).await.expect("ret"), 3);
+        let r = s.replay("r", 0, 5, 100).await.expect("replay");
+        assert_eq!(r.floor, 3);
+        assert_eq!(
+            r.entries.iter().map(|e| e.msg.seq).collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+        assert!(s.search("r", "apple", 10, 0).await.expect("s").is_empty());
+    }
+
+    #[test]
+    fn fts_query_quotes_everything() {
+        assert_eq!(fts_query("  "), None);
+        assert_eq!(fts_query("a \"b"), Some("\"a\" \"\"\"b\"".into()));
     }
 }

@@ -1,0 +1,245 @@
+//! The group-commit writer: the one task that writes messages, memberships,
+//! receipts and deletions to the store, and the only place that delivers
+//! stored messages.
+//!
+//! Publishers queue jobs (bounded by `--store-queue`; a full queue makes
+//! publishers wait, nothing is dropped). The writer takes everything queued,
+//! up to `--store-batch` operations, writes it in one transaction, and only
+//! then delivers each message to its room and acks its sender, in queue
+//! order, which is seq order per room. An acked message is therefore
+//! committed and survives a crash of the broker process.
+//!
+//! If a commit fails (disk full, database unavailable), nothing in the
+//! batch is acked or delivered: each sender gets `error 503`, the rooms
+//! take back their uncommitted seqs (see `Hub::abort`), and the store is
+//! reported down on `/health` until a write succeeds again.
+
+use std::{sync::Arc, time::Instant};
+
+use shoal_proto::{
+    codec::{body_text, body_to_storage},
+    ErrorCode, ServerFrame,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    hub::{Hub, Item, Job, Pending, Published, Reply},
+    metrics::Metrics,
+    store::{NewMsg, OpOutcome, Store, WriteOp},
+};
+
+/// What the writer needs.
+pub struct Writer {
+    /// Room registry, for delivery after commit.
+    pub hub: Arc<Hub>,
+    /// Where batches go.
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Most operations per transaction.
+    pub batch: usize,
+}
+
+fn unavailable() -> (ErrorCode, String) {
+    (
+        ErrorCode::Unavailable,
+        "storage unavailable; message not stored, retry".into(),
+    )
+}
+
+fn write_op(item: &Item) -> Option<WriteOp> {
+    let room = item.room.name.clone();
+    Some(match &item.op {
+        Pending::Msg {
+            seq,
+            ts,
+            from,
+            body,
+            cid,
+        } => WriteOp::Msg(NewMsg {
+            room,
+            seq: *seq,
+            from: from.clone(),
+            ts: *ts,
+            body: body_to_storage(body),
+            text: body_text(body).map(str::to_string),
+            cid: cid.clone(),
+            parties: item.room.dm.clone(),
+        }),
+        Pending::AckOnly { .. } => return None,
+        Pending::Join(user) => WriteOp::Join {
+            room,
+            user: user.clone(),
+        },
+        Pending::Leave(user) => WriteOp::Leave {
+            room,
+            user: user.clone(),
+        },
+        Pending::Mark { user, seq, state } => WriteOp::Mark {
+            room,
+            user: user.clone(),
+            seq: *seq,
+            state: *state,
+        },
+        Pending::Delete { user, seq, .. } => WriteOp::Delete {
+            room,
+            seq: *seq,
+            user: user.clone(),
+        },
+    })
+}
+
+impl Writer {
+    /// Run until `stop` is cancelled and the queue is empty, or every
+    /// sender is gone.
+    pub async fn run(self, mut rx: mpsc::Receiver<Job>, stop: CancellationToken) {
+        let mut jobs = Vec::with_capacity(self.batch);
+        loop {
+            let n = tokio::select! {
+                n = rx.recv_many(&mut jobs, self.batch) => n,
+                _ = stop.cancelled() => {
+                    // Finish what is queued, then stop.
+                    while let Ok(j) = rx.try_recv() {
+                        jobs.push(j);
+                    }
+                    if jobs.is_empty() {
+                        break;
+                    }
+                    jobs.len()
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            self.batch(std::mem::take(&mut jobs)).await;
+            jobs.reserve(self.batch);
+        }
+        tracing::debug!("group-commit writer stopped");
+    }
+
+    async fn batch(&self, jobs: Vec<Job>) {
+        let mut items = Vec::with_capacity(jobs.len());
+        let mut flushes = Vec::new();
+        for j in jobs {
+            match j {
+                Job::Item(i) => items.push(i),
+                Job::Flush(tx) => flushes.push(tx),
+            }
+        }
+        // Messages queued before a failed commit took their seqs back.
+        let mut live = Vec::with_capacity(items.len());
+        for it in items {
+            let sequenced = matches!(it.op, Pending::Msg { .. } | Pending::AckOnly { .. });
+            if sequenced && !self.hub.is_current(&it.room, it.epoch) {
+                it.reply.fail(unavailable());
+            } else {
+                live.push(it);
+            }
+        }
+        let ops: Vec<WriteOp> = live.iter().filter_map(write_op).collect();
+        let n_ops = ops.len();
+        let result = if ops.is_empty() {
+            Ok(vec![])
+        } else {
+            let started = Instant::now();
+            let r = self.store.write_batch(ops).await;
+            self.metrics
+                .store_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.store_batch_ops.observe(n_ops as f64);
+            r
+        };
+        match result {
+            Ok(outcomes) => {
+                self.metrics.store_up.set(1);
+                let mut outcomes = outcomes.into_iter();
+                for it in live {
+                    let outcome = if matches!(it.op, Pending::AckOnly { .. }) {
+                        OpOutcome::Done
+                    } else {
+                        outcomes.next().unwrap_or(OpOutcome::Done)
+                    };
+                    self.committed(it, outcome);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ops = n_ops, "group commit failed");
+                self.metrics.store_errors.inc();
+                self.metrics.store_up.set(0);
+                for it in live {
+                    if matches!(it.op, Pending::Msg { .. }) {
+                        self.hub.abort(&it.room, it.epoch);
+                    }
+                    it.reply.fail(unavailable());
+                }
+            }
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+
+    fn committed(&self, it: Item, outcome: OpOutcome) {
+        let room = &it.room;
+        match it.op {
+            Pending::Msg {
+                seq,
+                ts,
+                from,
+                body,
+                ..
+            } => {
+                let recipients = self.hub.deliver_committed(room, seq, ts, &from, body);
+                it.reply.ack(Published {
+                    room: room.name.clone(),
+                    seq,
+                    ts,
+                    recipients,
+                });
+                self.hub.maybe_evict(room);
+            }
+            Pending::AckOnly { seq, ts } => it.reply.ack(Published {
+                room: room.name.clone(),
+                seq,
+                ts,
+                recipients: 0,
+            }),
+            Pending::Join(_) | Pending::Leave(_) => {}
+            Pending::Mark { user, seq, state } => {
+                if outcome == OpOutcome::Done {
+                    let f = ServerFrame::Mark {
+                        room: room.name.to_string(),
+                        user: user.to_string(),
+                        seq,
+                        state,
+                    };
+                    self.hub.event(room, &f, None);
+                }
+            }
+            Pending::Delete { seq, conn, .. } => match outcome {
+                OpOutcome::NotFound => it.reply.fail((
+                    ErrorCode::NotFound,
+                    format!("no message {seq} of yours in `{}`", room.name),
+                )),
+                _ => {
+                    if outcome == OpOutcome::Done {
+                        let f = ServerFrame::Deleted {
+                            id: None,
+                            room: room.name.to_string(),
+                            seq,
+                        };
+                        self.hub.event(room, &f, conn);
+                    }
+                    if let Reply::Conn { conn, id } = it.reply {
+                        conn.send(&ServerFrame::Deleted {
+                            id,
+                            room: room.name.to_string(),
+                            seq,
+                        });
+                    }
+                }
+            },
+        }
+    }
+}
