@@ -52,112 +52,6 @@ impl Broker {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    pub async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
-        let mut r = self.http.post(self.url(path)).json(&body);
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        let resp = r.send().await.expect("http");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
-        let mut r = self.http.get(self.url(path));
-        if let Some(t) = token {
-            r = r.bearer_auth(t);
-        }
-        let resp = r.send().await.expect("http");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn metrics(&self) -> String {
-        self.http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("http")
-            .text()
-            .await
-            .expect("text")
-    }
-
-    /// Value of one sample line, e.g. `shoal_closes_total{reason="slow_consumer"`.
-    pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = self.metrics().await;
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    /// Register and log in; returns the token.
-    pub async fn user(&self, name: &str) -> String {
-        let (s, _) = self
-            .post(
-                "/api/register",
-                json!({"username": name, "password": "password123"}),
-                None,
-            )
-            .await;
-        assert!(s == 201 || s == 409, "register {name}: {s}");
-        let (s, v) = self
-            .post(
-                "/api/login",
-                json!({"username": name, "password": "password123"}),
-                None,
-            )
-            .await;
-        assert_eq!(s, 200, "login {name}: {v}");
-        v["token"].as_str().expect("token").to_string()
-    }
-
-    pub async fn connect(&self, token: &str, enc: Encoding) -> Client {
-        self.try_connect(token, enc).await.expect("connect")
-    }
-
-    pub async fn try_connect(&self, token: &str, enc: Encoding) -> Result<Client, (u16, String)> {
-        let mut req = format!("ws://{}/ws", self.addr)
-            .into_client_request()
-            .expect("req");
-        req.headers_mut().insert(
-            "Authorization",
-            HeaderValue::from_str(&format!("Bearer {token}")).expect("hdr"),
-        );
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(enc.subprotocol()),
-        );
-        match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => {
-                let mut c = Client {
-                    ws,
-                    enc,
-                    next_id: 1,
-                };
-                match c.recv().await {
-                    ServerFrame::Hello { .. } => Ok(c),
-                    other => panic!("expected hello, got {other:?}"),
-                }
-            }
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).to_string())
-                    .unwrap_or_default();
-                Err((resp.status().as_u16(), body))
-            }
-            Err(e) => panic!("ws connect: {e}"),
-        }
-    }
-
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
@@ -323,4 +217,200 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_secs()
+}
+
+/// A broker as a separate OS process (for kill -9 tests), on a free
+/// loopback port, killed by PID when dropped.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+impl Proc {
+    pub async fn start(data: &std::path::Path, extra: &[&str]) -> Proc {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+                .port();
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--data")
+                .arg(data)
+                .arg("--log")
+                .arg("warn")
+                .args(extra)
+                .env("SHOAL_JWT_SECRET", SECRET)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn shoal");
+            let mut p = Proc {
+                child,
+                addr,
+                http: reqwest::Client::new(),
+            };
+            for _ in 0..100 {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    break; // port taken meanwhile: try another
+                }
+                if p.http
+                    .get(format!("http://{addr}/health"))
+                    .send()
+                    .await
+                    .is_ok()
+                {
+                    return p;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!("broker process did not start");
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// HTTP and WebSocket helpers for anything with an address.
+#[allow(async_fn_in_trait)]
+pub trait Endpoint {
+    fn addr(&self) -> SocketAddr;
+    fn http(&self) -> &reqwest::Client;
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr(), path)
+    }
+
+    async fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
+        let mut r = self.http().post(self.url(path)).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.expect("http");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut r = self.http().get(self.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let resp = r.send().await.expect("http");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn metrics(&self) -> String {
+        self.http()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("http")
+            .text()
+            .await
+            .expect("text")
+    }
+
+    /// Value of one sample line, e.g. `shoal_closes_total{reason="slow_consumer"`.
+    async fn metric(&self, prefix: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Register and log in; returns the token.
+    async fn user(&self, name: &str) -> String {
+        let (s, _) = self
+            .post(
+                "/api/register",
+                json!({"username": name, "password": "password123"}),
+                None,
+            )
+            .await;
+        assert!(s == 201 || s == 409, "register {name}: {s}");
+        let (s, v) = self
+            .post(
+                "/api/login",
+                json!({"username": name, "password": "password123"}),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "login {name}: {v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    async fn connect(&self, token: &str, enc: Encoding) -> Client {
+        self.try_connect(token, enc).await.expect("connect")
+    }
+
+    async fn try_connect(&self, token: &str, enc: Encoding) -> Result<Client, (u16, String)> {
+        let mut req = format!("ws://{}/ws", self.addr())
+            .into_client_request()
+            .expect("req");
+        req.headers_mut().insert(
+            "Authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("hdr"),
+        );
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(enc.subprotocol()),
+        );
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => {
+                let mut c = Client {
+                    ws,
+                    enc,
+                    next_id: 1,
+                };
+                match c.recv().await {
+                    ServerFrame::Hello { .. } => Ok(c),
+                    other => panic!("expected hello, got {other:?}"),
+                }
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).to_string())
+                    .unwrap_or_default();
+                Err((resp.status().as_u16(), body))
+            }
+            Err(e) => panic!("ws connect: {e}"),
+        }
+    }
+}
+
+impl Endpoint for Broker {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+}
+
+impl Endpoint for Proc {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
 }

@@ -1,0 +1,679 @@
+//! Durable history against a real broker: crash safety, recovery with
+//! `since`, gaps, idempotent retries, history paging, receipts, unread
+//! counts, search, soft delete and the publish API.
+
+mod common;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use common::*;
+use serde_json::{json, Value};
+use shoal_proto::{ClientFrame, Encoding, MarkState, ServerFrame};
+
+fn msg_seq(f: &ServerFrame) -> Option<u64> {
+    match f {
+        ServerFrame::Msg { seq, .. } => Some(*seq),
+        _ => None,
+    }
+}
+
+async fn join_since(c: &mut Client, room: &str, since: Option<u64>) -> (Vec<ServerFrame>, u64) {
+    let id = c.id();
+    c.send(&ClientFrame::Join {
+        id,
+        room: room.into(),
+        since,
+    })
+    .await;
+    let mut before = vec![];
+    loop {
+        match c.recv().await {
+            ServerFrame::Joined { id: i, seq, .. } if i == id => return (before, seq),
+            ServerFrame::Error { message, .. } => panic!("join {room}: {message}"),
+            f => before.push(f),
+        }
+    }
+}
+
+async fn publish_cid(c: &mut Client, room: &str, cid: &str, body: Value) -> ServerFrame {
+    let id = c.id();
+    c.send(&ClientFrame::Pub {
+        id,
+        room: Some(room.into()),
+        to: None,
+        cid: Some(cid.into()),
+        body,
+    })
+    .await;
+    c.recv_until(|f| matches!(f, ServerFrame::Ack { id: i, .. } | ServerFrame::Error { id: i, .. } if *i == id))
+        .await
+}
+
+fn ack_seq(f: &ServerFrame) -> u64 {
+    match f {
+        ServerFrame::Ack { seq, .. } => *seq,
+        other => panic!("expected ack, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn acked_messages_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = Proc::start(dir.path(), &["--rate-burst", "1000"]).await;
+    let token = p.user("alice").await;
+    let mut a = p.connect(&token, Encoding::MsgPack).await;
+    a.join("journal").await;
+    // Pipeline 300 publishes, then kill the broker as soon as 200 acks are in.
+    for i in 0..300u32 {
+        let id = Some(1000 + u64::from(i));
+        a.send(&ClientFrame::Pub {
+            id,
+            room: Some("journal".into()),
+            to: None,
+            cid: None,
+            body: json!({ "text": format!("entry {i}") }),
+        })
+        .await;
+    }
+    let mut acked = BTreeSet::new();
+    while acked.len() < 200 {
+        if let ServerFrame::Ack { seq, .. } = a.recv().await {
+            acked.insert(seq);
+        }
+    }
+    p.kill9();
+    drop(a);
+
+    let p = Proc::start(dir.path(), &[]).await;
+    let token = p.user("alice").await;
+    let mut stored = BTreeSet::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/api/rooms/journal/messages?limit=200&before={b}"),
+            None => "/api/rooms/journal/messages?limit=200".into(),
+        };
+        let (s, v) = p.get(&path, Some(&token)).await;
+        assert_eq!(s, 200, "{v}");
+        let page = v["messages"].as_array().expect("messages").clone();
+        for m in &page {
+            stored.insert(m["seq"].as_u64().expect("seq"));
+        }
+        if !v["more"].as_bool().expect("more") {
+            break;
+        }
+        before = page.last().and_then(|m| m["seq"].as_u64());
+    }
+    let missing: Vec<_> = acked.difference(&stored).collect();
+    assert!(
+        missing.is_empty(),
+        "acked but lost after kill -9: {missing:?}"
+    );
+    // Stored seqs have no gap, and new publishes continue after them.
+    let max = stored.iter().max().copied().unwrap_or(0);
+    assert_eq!(stored.len() as u64, max, "no gap in stored seqs");
+    let mut a = p.connect(&token, Encoding::Json).await;
+    assert_eq!(a.join("journal").await, max);
+    assert_eq!(
+        ack_seq(&a.publish("journal", json!("after")).await),
+        max + 1
+    );
+}
+
+#[tokio::test]
+async fn reconnect_with_since_misses_nothing_under_concurrent_publishing() {
+    let b = Broker::start_with(|c| c.rate_burst = 2000.0).await;
+    let (ta, tb) = (b.user("alice").await, b.user("bob").await);
+    let mut pubber = b.connect(&ta, Encoding::MsgPack).await;
+    pubber.join("live").await;
+    const N: u64 = 400;
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            pubber
+                .send(&ClientFrame::Pub {
+                    id: None,
+                    room: Some("live".into()),
+                    to: None,
+                    cid: None,
+                    body: json!(i),
+                })
+                .await;
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // Wait for every ack so the run ends with all N committed.
+        let mut acks = 0;
+        while acks < N {
+            if let ServerFrame::Ack { .. } = pubber.recv().await {
+                acks += 1;
+            }
+        }
+        pubber
+    });
+    let mut seen: Vec<u64> = vec![];
+    let mut enc = Encoding::Json;
+    // Drop the connection three times mid-stream, rejoining with since.
+    for round in 0..4 {
+        let mut c = b.connect(&tb, enc).await;
+        let since = seen.last().copied().unwrap_or(0);
+        let (replayed, joined_at) = join_since(&mut c, "live", Some(since)).await;
+        seen.extend(replayed.iter().filter_map(msg_seq));
+        assert_eq!(
+            seen.last().copied().unwrap_or(0),
+            joined_at,
+            "joined at the replay's end"
+        );
+        let take = if round < 3 { 60 } else { u64::MAX };
+        let mut got = 0;
+        while got < take && seen.last().copied().unwrap_or(0) < N {
+            if let Some(s) = msg_seq(&c.recv().await) {
+                seen.push(s);
+                got += 1;
+            }
+        }
+        drop(c);
+        enc = if enc == Encoding::Json {
+            Encoding::MsgPack
+        } else {
+            Encoding::Json
+        };
+    }
+    publisher.await.expect("publisher");
+    assert_eq!(
+        seen,
+        (1..=N).collect::<Vec<_>>(),
+        "no gap, no duplicate, in order"
+    );
+}
+
+#[tokio::test]
+async fn gap_frame_when_retention_dropped_the_range() {
+    let b = Broker::start_with(|c| {
+        c.namespaces = vec!["short:retain_messages=5".parse().expect("spec")];
+        c.retention_interval_secs = 1;
+    })
+    .await;
+    let t = b.user("alice").await;
+    let mut a = b.connect(&t, Encoding::Json).await;
+    a.join("short:feed").await;
+    for i in 0..20 {
+        ack_seq(&a.publish("short:feed", json!(i)).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.metric("shoal_retention_removed_total").await < 15.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "retention did not run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = b.connect(&t, Encoding::MsgPack).await;
+    let (frames, seq) = join_since(&mut c, "short:feed", Some(2)).await;
+    assert_eq!(seq, 20);
+    assert_eq!(
+        frames[0],
+        ServerFrame::Gap {
+            room: "short:feed".into(),
+            from: 3,
+            to: 15
+        }
+    );
+    let seqs: Vec<u64> = frames.iter().filter_map(msg_seq).collect();
+    assert_eq!(seqs, (16..=20).collect::<Vec<_>>());
+    // No gap when the client is already within what is kept.
+    let mut d = b.connect(&t, Encoding::Json).await;
+    let (frames, _) = join_since(&mut d, "short:feed", Some(18)).await;
+    assert_eq!(
+        frames.iter().filter_map(msg_seq).collect::<Vec<_>>(),
+        vec![19, 20]
+    );
+}
+
+#[tokio::test]
+async fn idempotent_retry_is_acked_once_and_delivered_once() {
+    let b = Broker::start().await;
+    let (ta, tb) = (b.user("alice").await, b.user("bob").await);
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    let mut o = b.connect(&tb, Encoding::MsgPack).await;
+    a.join("r").await;
+    o.join("r").await;
+    let s1 = ack_seq(&publish_cid(&mut a, "r", "m-1", json!("hello")).await);
+    let s2 = ack_seq(&publish_cid(&mut a, "r", "m-1", json!("hello")).await);
+    let s3 = ack_seq(&publish_cid(&mut a, "r", "m-2", json!("again")).await);
+    assert_eq!((s1, s2, s3), (1, 1, 2));
+    let mut got = vec![];
+    while got.len() < 2 {
+        if let Some(s) = msg_seq(&o.recv().await) {
+            got.push(s);
+        }
+    }
+    assert_eq!(got, vec![1, 2]);
+    assert!(
+        o.try_recv(Duration::from_millis(300)).await.is_err(),
+        "the retry was delivered again"
+    );
+    // A retry after reconnecting (even on a new connection) still dedups.
+    drop(a);
+    let mut a = b.connect(&ta, Encoding::MsgPack).await;
+    a.join("r").await;
+    assert_eq!(
+        ack_seq(&publish_cid(&mut a, "r", "m-2", json!("again")).await),
+        2
+    );
+    let too_long = "x".repeat(65);
+    assert!(matches!(
+        publish_cid(&mut a, "r", &too_long, json!(1)).await,
+        ServerFrame::Error { code: 400, .. }
+    ));
+    assert!(b.metric("shoal_idempotent_retries_total").await >= 2.0);
+}
+
+#[tokio::test]
+async fn history_paging_and_privacy_over_ws_and_rest() {
+    let b = Broker::start().await;
+    let (ta, tc) = (b.user("alice").await, b.user("carol").await);
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    a.join("paged").await;
+    for i in 1..=7 {
+        ack_seq(&a.publish("paged", json!({ "text": format!("m{i}") })).await);
+    }
+    // WS: pages of 3, newest first, until `more` is false.
+    let mut before = None;
+    let mut pages = vec![];
+    loop {
+        let id = a.id();
+        a.send(&ClientFrame::History {
+            id,
+            room: "paged".into(),
+            before,
+            limit: Some(3),
+        })
+        .await;
+        match a
+            .recv_until(|f| matches!(f, ServerFrame::History { .. }))
+            .await
+        {
+            ServerFrame::History {
+                id: i,
+                messages,
+                more,
+                ..
+            } => {
+                assert_eq!(i, id);
+                let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+                before = seqs.last().copied();
+                pages.push(seqs);
+                if !more {
+                    break;
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(pages, vec![vec![7, 6, 5], vec![4, 3, 2], vec![1]]);
+    // Stable under concurrent publishing: a page below 5 ignores newer messages.
+    ack_seq(&a.publish("paged", json!("new")).await);
+    let (s, v) = b
+        .get("/api/rooms/paged/messages?before=5&limit=2", Some(&ta))
+        .await;
+    assert_eq!(s, 200);
+    let seqs: Vec<u64> = v["messages"]
+        .as_array()
+        .expect("arr")
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!((seqs, v["more"].as_bool()), (vec![4, 3], Some(true)));
+    assert_eq!(v["messages"][0]["body"]["text"], "m4");
+    assert_eq!(v["messages"][0]["from"], "alice");
+    // Edges: before=1 is empty; limit 0 is clamped to 1; bad numbers are 400.
+    let (_, v) = b.get("/api/rooms/paged/messages?before=1", Some(&ta)).await;
+    assert_eq!(v["messages"], json!([]));
+    let (_, v) = b.get("/api/rooms/paged/messages?limit=0", Some(&ta)).await;
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1));
+    let (s, v) = b
+        .get("/api/rooms/paged/messages?before=-3", Some(&ta))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")));
+    // Privacy: no token 401; a DM room of others 403, over REST and WS.
+    let (s, _) = b.get("/api/rooms/paged/messages", None).await;
+    assert_eq!(s, 401);
+    a.send(&ClientFrame::Pub {
+        id: None,
+        room: None,
+        to: Some("bob".into()),
+        cid: None,
+        body: json!("secret"),
+    })
+    .await;
+    a.recv_until(|f| matches!(f, ServerFrame::Ack { .. })).await;
+    let (s, _) = b.get("/api/rooms/dm:alice:bob/messages", Some(&tc)).await;
+    assert_eq!(s, 403);
+    let (s, v) = b.get("/api/rooms/dm:alice:bob/messages", Some(&ta)).await;
+    assert_eq!(
+        (s, v["messages"][0]["body"].as_str()),
+        (200, Some("secret"))
+    );
+    let mut c = b.connect(&tc, Encoding::MsgPack).await;
+    let id = c.id();
+    c.send(&ClientFrame::History {
+        id,
+        room: "dm:alice:bob".into(),
+        before: None,
+        limit: None,
+    })
+    .await;
+    assert!(matches!(
+        c.recv().await,
+        ServerFrame::Error { code: 403, .. }
+    ));
+}
+
+#[tokio::test]
+async fn receipts_members_and_unread_counts() {
+    let b = Broker::start().await;
+    let (ta, tb) = (b.user("alice").await, b.user("bob").await);
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    let mut o = b.connect(&tb, Encoding::MsgPack).await;
+    a.join("team").await;
+    o.join("team").await;
+    for i in 1..=4 {
+        ack_seq(&a.publish("team", json!(format!("hi {i}"))).await);
+    }
+    ack_seq(&o.publish("team", json!("bob here")).await);
+    // Bob has 4 unread (his own message does not count).
+    let (s, v) = b.get("/api/rooms", Some(&tb)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["rooms"],
+        json!([{"room": "team", "last_seq": 5, "delivered": 0, "read": 0, "unread": 4}])
+    );
+    o.send(&ClientFrame::Mark {
+        id: None,
+        room: "team".into(),
+        seq: 3,
+        state: MarkState::Read,
+    })
+    .await;
+    let mark = a
+        .recv_until(|f| matches!(f, ServerFrame::Mark { .. }))
+        .await;
+    assert_eq!(
+        mark,
+        ServerFrame::Mark {
+            room: "team".into(),
+            user: "bob".into(),
+            seq: 3,
+            state: MarkState::Read
+        }
+    );
+    // A lower watermark changes nothing and sends nothing; a future seq is 400.
+    o.send(&ClientFrame::Mark {
+        id: None,
+        room: "team".into(),
+        seq: 2,
+        state: MarkState::Delivered,
+    })
+    .await;
+    let id = o.id();
+    o.send(&ClientFrame::Mark {
+        id,
+        room: "team".into(),
+        seq: 99,
+        state: MarkState::Read,
+    })
+    .await;
+    assert!(matches!(
+        o.recv_until(|f| matches!(f, ServerFrame::Error { .. }))
+            .await,
+        ServerFrame::Error { code: 400, .. }
+    ));
+    let id = a.id();
+    a.send(&ClientFrame::Members {
+        id,
+        room: "team".into(),
+    })
+    .await;
+    match a
+        .recv_until(|f| matches!(f, ServerFrame::Members { .. }))
+        .await
+    {
+        ServerFrame::Members {
+            users, receipts, ..
+        } => {
+            assert_eq!(users, vec!["alice", "bob"]);
+            assert_eq!(
+                receipts,
+                vec![shoal_proto::Receipt {
+                    user: "bob".into(),
+                    delivered: 3,
+                    read: 3
+                }]
+            );
+        }
+        _ => unreachable!(),
+    }
+    let (_, v) = b.get("/api/rooms", Some(&tb)).await;
+    assert_eq!(v["rooms"][0]["unread"], 1);
+    assert_eq!(v["rooms"][0]["read"], 3);
+    // Alice's view: bob's one message is unread for her.
+    let (_, v) = b.get("/api/rooms", Some(&ta)).await;
+    assert_eq!(v["rooms"][0]["unread"], 1);
+    // A DM makes both parties members of the DM room.
+    a.send(&ClientFrame::Pub {
+        id: None,
+        room: None,
+        to: Some("bob".into()),
+        cid: None,
+        body: json!("psst"),
+    })
+    .await;
+    a.recv_until(|f| matches!(f, ServerFrame::Ack { .. })).await;
+    let (_, v) = b.get("/api/rooms", Some(&tb)).await;
+    let rooms: Vec<&str> = v["rooms"]
+        .as_array()
+        .expect("arr")
+        .iter()
+        .map(|r| r["room"].as_str().expect("room"))
+        .collect();
+    assert_eq!(rooms, vec!["dm:alice:bob", "team"]);
+    assert_eq!(v["rooms"][0]["unread"], 1);
+}
+
+#[tokio::test]
+async fn search_ranks_and_respects_privacy() {
+    let b = Broker::start().await;
+    let (ta, tc) = (b.user("alice").await, b.user("carol").await);
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    a.join("kitchen").await;
+    for text in [
+        "apple pie recipe",
+        "banana bread",
+        "apple apple apple crumble with apple",
+        "unrelated",
+    ] {
+        ack_seq(&a.publish("kitchen", json!({ "text": text })).await);
+    }
+    let (s, v) = b.get("/api/rooms/kitchen/search?q=apple", Some(&tc)).await;
+    assert_eq!(s, 200, "{v}");
+    let seqs: Vec<u64> = v["messages"]
+        .as_array()
+        .expect("arr")
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, vec![3, 1], "best match first");
+    let (_, v) = b
+        .get(
+            "/api/rooms/kitchen/search?q=apple&limit=1&offset=1",
+            Some(&tc),
+        )
+        .await;
+    assert_eq!(v["messages"][0]["seq"], 1);
+    // FTS and SQL metacharacters are searched as text, never as syntax.
+    for q in [
+        "%22",
+        "apple%22%20OR%20*",
+        "NEAR(apple",
+        "'%3B%20DROP%20TABLE%20messages%3B--",
+        "text%3Aapple",
+    ] {
+        let (s, v) = b
+            .get(&format!("/api/rooms/kitchen/search?q={q}"), Some(&tc))
+            .await;
+        assert_eq!(s, 200, "{q}: {v}");
+    }
+    let (s, _) = b.get("/api/rooms/kitchen/search?q=", Some(&tc)).await;
+    assert_eq!(s, 400);
+    // Another pair's DM room is not searchable.
+    let (s, _) = b
+        .get("/api/rooms/dm:alice:bob/search?q=apple", Some(&tc))
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = b.get("/api/rooms/kitchen/search?q=apple", None).await;
+    assert_eq!(s, 401);
+    // History still intact after the hostile queries.
+    let (_, v) = b.get("/api/rooms/kitchen/messages", Some(&ta)).await;
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(4));
+}
+
+#[tokio::test]
+async fn soft_delete_own_messages_only() {
+    let b = Broker::start().await;
+    let (ta, tb) = (b.user("alice").await, b.user("bob").await);
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    let mut o = b.connect(&tb, Encoding::MsgPack).await;
+    a.join("r").await;
+    o.join("r").await;
+    ack_seq(&a.publish("r", json!({"text": "oops typo"})).await);
+    ack_seq(&a.publish("r", json!({"text": "fixed"})).await);
+    // Bob cannot delete alice's message.
+    let id = o.id();
+    o.send(&ClientFrame::Delete {
+        id,
+        room: "r".into(),
+        seq: 1,
+    })
+    .await;
+    assert!(matches!(
+        o.recv_until(|f| matches!(f, ServerFrame::Error { .. }))
+            .await,
+        ServerFrame::Error { code: 404, .. }
+    ));
+    let id = a.id();
+    a.send(&ClientFrame::Delete {
+        id,
+        room: "r".into(),
+        seq: 1,
+    })
+    .await;
+    assert_eq!(
+        a.recv_until(|f| matches!(f, ServerFrame::Deleted { .. }))
+            .await,
+        ServerFrame::Deleted {
+            id,
+            room: "r".into(),
+            seq: 1
+        }
+    );
+    assert_eq!(
+        o.recv_until(|f| matches!(f, ServerFrame::Deleted { .. }))
+            .await,
+        ServerFrame::Deleted {
+            id: None,
+            room: "r".into(),
+            seq: 1
+        }
+    );
+    let (_, v) = b.get("/api/rooms/r/messages", Some(&tb)).await;
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1));
+    let (_, v) = b.get("/api/rooms/r/search?q=typo", Some(&tb)).await;
+    assert_eq!(v["messages"], json!([]));
+    // Replay tells a rejoining client the message is gone.
+    let mut c = b.connect(&tb, Encoding::Json).await;
+    let (frames, _) = join_since(&mut c, "r", Some(0)).await;
+    assert_eq!(
+        frames,
+        vec![
+            ServerFrame::Deleted {
+                id: None,
+                room: "r".into(),
+                seq: 1
+            },
+            ServerFrame::Msg {
+                room: "r".into(),
+                seq: 2,
+                from: "alice".into(),
+                ts: match &frames[1] {
+                    ServerFrame::Msg { ts, .. } => *ts,
+                    _ => 0,
+                },
+                body: json!({"text": "fixed"})
+            }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn publish_api_auth_and_delivery() {
+    let disabled = Broker::start().await;
+    let (s, v) = disabled
+        .post(
+            "/api/publish",
+            json!({"room": "news", "body": "x"}),
+            Some("k"),
+        )
+        .await;
+    assert_eq!((s, v["error"].as_str()), (403, Some("forbidden")));
+
+    let b = Broker::start_with(|c| c.api_key = Some("the-api-key-0123456789".into())).await;
+    for key in [None, Some("wrong"), Some("the-api-key-012345678")] {
+        let (s, v) = b
+            .post("/api/publish", json!({"room": "news", "body": "x"}), key)
+            .await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{key:?}"
+        );
+    }
+    let key = Some("the-api-key-0123456789");
+    let (s, _) = b.post("/api/publish", json!({"body": "x"}), key).await;
+    assert_eq!(s, 400);
+    let (s, _) = b
+        .post("/api/publish", json!({"room": "bad room", "body": 1}), key)
+        .await;
+    assert_eq!(s, 400);
+    let t = b.user("alice").await;
+    let mut a = b.connect(&t, Encoding::MsgPack).await;
+    a.join("news").await;
+    let (s, v) = b
+        .post(
+            "/api/publish",
+            json!({"room": "news", "body": {"text": "breaking"}, "cid": "n-1"}),
+            key,
+        )
+        .await;
+    assert_eq!(
+        (s, v["seq"].as_u64(), v["recipients"].as_u64()),
+        (201, Some(1), Some(1))
+    );
+    match a.recv().await {
+        ServerFrame::Msg { from, seq, .. } => assert_eq!((from.as_str(), seq), ("server", 1)),
+        f => panic!("{f:?}"),
+    }
+    let (s, v) = b
+        .post(
+            "/api/publish",
+            json!({"room": "news", "body": {"text": "breaking"}, "cid": "n-1"}),
+            key,
+        )
+        .await;
+    assert_eq!(
+        (s, v["seq"].as_u64()),
+        (201, Some(1)),
+        "API retries are idempotent too"
+    );
+    assert!(b.metric("shoal_auth_failures_total{node=").await >= 0.0);
+}
