@@ -243,3 +243,181 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use shoal_proto::{names::RoomName, Encoding, MarkState, Receipt, StoredMsg};
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::{
+        config::NamespaceTable,
+        hub::{Attach, HubError},
+        outbound::{ConnCtl, ConnHandle},
+        store::{
+            sqlite::SqliteStore, Replay, RetentionPolicy, RoomHead, RoomSummary, StoreError,
+            UserRecord,
+        },
+    };
+
+    /// The embedded store, with writes that fail while `down` is set (a full
+    /// disk, a lost database).
+    struct Flaky {
+        inner: SqliteStore,
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for Flaky {
+        async fn create_user(&self, n: &str, h: &str) -> Result<(), StoreError> {
+            self.inner.create_user(n, h).await
+        }
+        async fn password_hash(&self, n: &str) -> Result<Option<String>, StoreError> {
+            self.inner.password_hash(n).await
+        }
+        async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+            self.inner.list_users().await
+        }
+        async fn revoke(&self, j: &str, e: u64) -> Result<(), StoreError> {
+            self.inner.revoke(j, e).await
+        }
+        async fn revoked(&self, n: u64) -> Result<Vec<String>, StoreError> {
+            self.inner.revoked(n).await
+        }
+        async fn room_head(&self, r: &str, s: u64) -> Result<RoomHead, StoreError> {
+            self.inner.room_head(r, s).await
+        }
+        async fn write_batch(&self, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>, StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("database or disk is full".into()));
+            }
+            self.inner.write_batch(ops).await
+        }
+        async fn replay(&self, r: &str, a: u64, u: u64, l: usize) -> Result<Replay, StoreError> {
+            self.inner.replay(r, a, u, l).await
+        }
+        async fn history(
+            &self,
+            r: &str,
+            b: Option<u64>,
+            l: usize,
+        ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+            self.inner.history(r, b, l).await
+        }
+        async fn search(
+            &self,
+            r: &str,
+            q: &str,
+            l: usize,
+            o: usize,
+        ) -> Result<Vec<StoredMsg>, StoreError> {
+            self.inner.search(r, q, l, o).await
+        }
+        async fn receipts(&self, r: &str) -> Result<Vec<Receipt>, StoreError> {
+            self.inner.receipts(r).await
+        }
+        async fn user_rooms(&self, u: &str) -> Result<Vec<RoomSummary>, StoreError> {
+            self.inner.user_rooms(u).await
+        }
+        async fn is_member(&self, r: &str, u: &str) -> Result<bool, StoreError> {
+            self.inner.is_member(r, u).await
+        }
+        async fn apply_retention(&self, p: RetentionPolicy) -> Result<u64, StoreError> {
+            self.inner.apply_retention(p).await
+        }
+    }
+
+    async fn publish(hub: &Hub, body: &str) -> Result<Published, HubError> {
+        let (tx, rx) = oneshot::channel();
+        let name = RoomName::parse("r").expect("name");
+        hub.publish_async(
+            &name,
+            &Arc::from("alice"),
+            body.into(),
+            None,
+            false,
+            Reply::Chan(tx),
+        )
+        .await;
+        rx.await.expect("reply")
+    }
+
+    #[tokio::test]
+    async fn failed_commit_answers_503_takes_seqs_back_and_recovers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Flaky {
+            inner: SqliteStore::open(dir.path(), false).expect("open"),
+            down: AtomicBool::new(false),
+        });
+        let metrics = Arc::new(Metrics::new("t"));
+        let (tx, rx) = mpsc::channel(64);
+        let hub = Arc::new(Hub::new(
+            4,
+            NamespaceTable::default(),
+            metrics.clone(),
+            store.clone(),
+            tx,
+            std::time::Duration::from_secs(60),
+        ));
+        let stop = CancellationToken::new();
+        tokio::spawn(
+            Writer {
+                hub: hub.clone(),
+                store: store.clone(),
+                metrics: metrics.clone(),
+                batch: 8,
+            }
+            .run(rx, stop.clone()),
+        );
+        let (member, mut inbox) = ConnHandle::new(
+            "bob".into(),
+            "j".into(),
+            Encoding::Json,
+            64,
+            Arc::new(ConnCtl::default()),
+            metrics.clone(),
+        );
+        let room = hub
+            .ensure_room(&RoomName::parse("r").expect("name"))
+            .await
+            .expect("room");
+        assert!(matches!(
+            hub.attach(&member, &room, None),
+            Ok(Attach::Joined(0))
+        ));
+        assert_eq!(publish(&hub, "one").await.map(|p| p.seq), Ok(1));
+
+        store.down.store(true, Ordering::SeqCst);
+        let failed = publish(&hub, "lost").await;
+        assert_eq!(failed.map_err(|e| e.0), Err(ErrorCode::Unavailable));
+        assert_eq!(metrics.store_up.get(), 0);
+        hub.enqueue(
+            &room,
+            Pending::Mark {
+                user: "bob".into(),
+                seq: 1,
+                state: MarkState::Read,
+            },
+            Reply::None,
+        )
+        .await;
+
+        store.down.store(false, Ordering::SeqCst);
+        // The failed seq was taken back: the next message gets 2, no gap.
+        assert_eq!(publish(&hub, "two").await.map(|p| p.seq), Ok(2));
+        assert_eq!(metrics.store_up.get(), 1);
+        let mut got = vec![];
+        while let Ok(b) = inbox.try_recv() {
+            if let Ok(ServerFrame::Msg { seq, body, .. }) = Encoding::Json.decode_server(&b[2..]) {
+                got.push((seq, body));
+            }
+        }
+        assert_eq!(got, vec![(1, "one".into()), (2, "two".into())]);
+        let (page, _) = store.history("r", None, 10).await.expect("history");
+        assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2, 1]);
+        stop.cancel();
+    }
+}
