@@ -183,6 +183,18 @@ pub struct Config {
     )]
     pub retention_interval_secs: u64,
 
+    /// URL that gets `POST {user, room, seq, from, preview}` (JSON) when a
+    /// direct message commits and its recipient has no live connection, for
+    /// push notifications. Plain `http://` (put a TLS proxy in front for
+    /// an external service). Retried 4 times with doubling backoff; at most
+    /// 1024 wait, more are dropped and counted.
+    #[arg(long, env = "SHOAL_OFFLINE_WEBHOOK")]
+    pub offline_webhook: Option<String>,
+
+    /// First retry delay of the offline webhook, in milliseconds.
+    #[arg(long, env = "SHOAL_WEBHOOK_BACKOFF_MS", default_value_t = 500)]
+    pub webhook_backoff_ms: u64,
+
     /// Number of room registry shards (rounded up to a power of two).
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 64)]
     pub shards: usize,
@@ -209,6 +221,11 @@ impl Config {
         }
         if self.store_queue == 0 || self.store_batch == 0 {
             return Err("--store-queue and --store-batch must be positive".into());
+        }
+        if let Some(u) = &self.offline_webhook {
+            if !u.starts_with("http://") {
+                return Err("--offline-webhook must be an http:// URL".into());
+            }
         }
         if self.retention_interval_secs == 0 {
             return Err("--retention-interval must be positive".into());

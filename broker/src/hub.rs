@@ -909,6 +909,7 @@ mod tests {
                 store,
                 metrics: m.clone(),
                 batch: 16,
+                webhook: None,
             }
             .run(rx, stop.clone()),
         );

@@ -13,5 +13,6 @@ pub mod persist;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod webhook;
 
 pub use config::Config;

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub replayed: Counter,
     /// Messages removed by retention.
     pub retention_removed: Counter,
+    /// Offline webhook counters.
+    pub webhook: std::sync::Arc<crate::webhook::WebhookMetrics>,
     /// Bytes written to WebSocket peers.
     pub bytes_out: Counter,
     http: Family<L2, Counter>,
@@ -248,6 +250,22 @@ impl Metrics {
             "Messages removed by retention",
             retention_removed.clone(),
         );
+        let webhook = std::sync::Arc::new(crate::webhook::WebhookMetrics::default());
+        registry.register(
+            "webhook_sent",
+            "Offline notifications accepted by the webhook (2xx)",
+            webhook.sent.clone(),
+        );
+        registry.register(
+            "webhook_failed_attempts",
+            "Offline webhook attempts that failed (non-2xx, timeout, connection error)",
+            webhook.failed_attempts.clone(),
+        );
+        registry.register(
+            "webhook_dropped",
+            "Offline notifications given up after every retry or dropped on a full queue",
+            webhook.dropped.clone(),
+        );
         let bytes_out = Counter::default();
         registry.register(
             "ws_out_bytes",
@@ -308,6 +326,7 @@ impl Metrics {
             store_up,
             replayed,
             retention_removed,
+            webhook,
             bytes_out,
             http,
             process_cpu,

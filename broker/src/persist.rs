@@ -27,6 +27,7 @@ use crate::{
     hub::{Hub, Item, Job, Pending, Published, Reply},
     metrics::Metrics,
     store::{NewMsg, OpOutcome, Store, WriteOp},
+    webhook::{preview, Offline, Webhook},
 };
 
 /// What the writer needs.
@@ -39,6 +40,8 @@ pub struct Writer {
     pub metrics: Arc<Metrics>,
     /// Most operations per transaction.
     pub batch: usize,
+    /// Offline notifications for direct messages.
+    pub webhook: Option<Webhook>,
 }
 
 fn unavailable() -> (ErrorCode, String) {
@@ -190,6 +193,19 @@ impl Writer {
                 body,
                 ..
             } => {
+                if let (Some(w), Some((a, b))) = (&self.webhook, &room.dm) {
+                    for u in [a, b] {
+                        if *u != from && !self.hub.is_online(u) {
+                            w.notify(Offline {
+                                user: u.to_string(),
+                                room: room.name.to_string(),
+                                seq,
+                                from: from.to_string(),
+                                preview: preview(body_text(&body)),
+                            });
+                        }
+                    }
+                }
                 let recipients = self.hub.deliver_committed(room, seq, ts, &from, body);
                 it.reply.ack(Published {
                     room: room.name.clone(),
@@ -369,6 +385,7 @@ mod tests {
                 store: store.clone(),
                 metrics: metrics.clone(),
                 batch: 8,
+                webhook: None,
             }
             .run(rx, stop.clone()),
         );

@@ -64,6 +64,13 @@ pub async fn build_state(
             store: store.clone(),
             metrics: metrics.clone(),
             batch: cfg.store_batch,
+            webhook: cfg.offline_webhook.clone().map(|url| {
+                crate::webhook::Webhook::start(
+                    url,
+                    Duration::from_millis(cfg.webhook_backoff_ms),
+                    metrics.webhook.clone(),
+                )
+            }),
         }
         .run(jobs_rx, writer_stop.clone()),
     );

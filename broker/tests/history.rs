@@ -677,3 +677,119 @@ async fn publish_api_auth_and_delivery() {
     );
     assert!(b.metric("shoal_auth_failures_total{node=").await >= 0.0);
 }
+
+/// A local HTTP receiver that answers 500 to the first `fail_first`
+/// requests and 200 after, recording every JSON body.
+async fn receiver(fail_first: usize) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use http_body_util::BodyExt;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/push", listener.local_addr().expect("addr"));
+    let g = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let g = g.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let g = g.clone();
+                        async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let n = {
+                                let mut g = g.lock().expect("lock");
+                                g.push(v);
+                                g.len()
+                            };
+                            let status = if n <= fail_first { 500 } else { 200 };
+                            let mut r = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::new(),
+                            ));
+                            *r.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test]
+async fn offline_dm_is_kept_and_webhook_retried() {
+    let (url, got) = receiver(2).await;
+    let b = Broker::start_with(|c| {
+        c.offline_webhook = Some(url);
+        c.webhook_backoff_ms = 50;
+    })
+    .await;
+    let (ta, tb) = (b.user("alice").await, b.user("bob").await);
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    a.send(&ClientFrame::Pub {
+        id: None,
+        room: None,
+        to: Some("bob".into()),
+        cid: None,
+        body: json!({"text": "are you there?"}),
+    })
+    .await;
+    a.recv_until(|f| matches!(f, ServerFrame::Ack { .. })).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.lock().expect("lock").len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhook not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expected = json!({"user": "bob", "room": "dm:alice:bob", "seq": 1, "from": "alice", "preview": "are you there?"});
+    assert_eq!(
+        *got.lock().expect("lock"),
+        vec![expected.clone(), expected.clone(), expected]
+    );
+    assert_eq!(b.metric("shoal_webhook_sent_total").await, 1.0);
+    assert_eq!(b.metric("shoal_webhook_failed_attempts_total").await, 2.0);
+
+    // Bob logs in later: the DM room shows unread, and joining with his
+    // delivered watermark brings the message.
+    let (_, v) = b.get("/api/rooms", Some(&tb)).await;
+    assert_eq!(v["rooms"][0]["room"], "dm:alice:bob");
+    assert_eq!(v["rooms"][0]["unread"], 1);
+    let mut o = b.connect(&tb, Encoding::MsgPack).await;
+    let since = v["rooms"][0]["delivered"].as_u64();
+    let (frames, _) = join_since(&mut o, "dm:alice:bob", since).await;
+    assert_eq!(
+        frames.iter().filter_map(msg_seq).collect::<Vec<_>>(),
+        vec![1]
+    );
+
+    // Online now: a DM reaches him live and triggers no webhook.
+    a.send(&ClientFrame::Pub {
+        id: None,
+        room: None,
+        to: Some("bob".into()),
+        cid: None,
+        body: json!("live"),
+    })
+    .await;
+    assert_eq!(
+        msg_seq(&o.recv_until(|f| matches!(f, ServerFrame::Msg { .. })).await),
+        Some(2)
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(got.lock().expect("lock").len(), 3);
+}
