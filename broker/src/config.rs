@@ -183,6 +183,11 @@ pub struct Config {
     )]
     pub retention_interval_secs: u64,
 
+    /// Largest attachment accepted by `POST /api/files`, in bytes; larger
+    /// gets 413.
+    #[arg(long, env = "SHOAL_MAX_FILE_SIZE", default_value_t = 5 * 1024 * 1024)]
+    pub max_file_size: usize,
+
     /// URL that gets `POST {user, room, seq, from, preview}` (JSON) when a
     /// direct message commits and its recipient has no live connection, for
     /// push notifications. Plain `http://` (put a TLS proxy in front for

@@ -531,16 +531,30 @@ impl Session {
             Ok(n) => n,
             Err((c, m)) => return self.reply_err(id, c, m),
         };
+        let persist = hub.persists(&name);
+        if persist {
+            // Membership is durable before `joined`, so REST calls that check
+            // it (files, room list) agree at once.
+            let r = match hub.ensure_room(&name).await {
+                Ok(r) => r,
+                Err((c, m)) => return self.reply_err(id, c, m),
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            hub.enqueue(&r, Pending::Join(self.handle.user.clone()), Reply::Chan(tx))
+                .await;
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((c, m))) => return self.reply_err(id, c, m),
+                Err(_) => return self.reply_err(id, ErrorCode::Unavailable, "shutting down"),
+            }
+        }
         let mut gap_checked = false;
-        let mut cursor = since;
+        let mut cursor = since.filter(|_| persist);
         for _ in 0..JOIN_ATTEMPTS {
             let r = match hub.ensure_room(&name).await {
                 Ok(r) => r,
                 Err((c, m)) => return self.reply_err(id, c, m),
             };
-            if !r.opts.persist {
-                cursor = None;
-            }
             if let Some(c) = cursor.as_mut() {
                 let target = hub.committed(&r);
                 if *c > target {
@@ -551,18 +565,17 @@ impl Session {
                     return self.store_err(id, e);
                 }
             }
-            match hub.attach(&self.handle, &r, cursor) {
-                Ok(Attach::Joined(seq)) => {
-                    self.rooms.insert(r.name.clone(), r.clone());
-                    self.reply(ServerFrame::Joined { id, room, seq });
-                    if r.opts.persist {
-                        hub.enqueue(&r, Pending::Join(self.handle.user.clone()), Reply::None)
-                            .await;
-                    }
+            match hub.attach(&self.handle, &r, cursor, id) {
+                Ok(Attach::Joined(_)) => {
+                    self.rooms.insert(r.name.clone(), r);
                     return;
                 }
                 Ok(Attach::Behind(_)) | Ok(Attach::Evicted) => continue,
                 Err((c, m)) => {
+                    if persist {
+                        hub.enqueue(&r, Pending::Leave(self.handle.user.clone()), Reply::None)
+                            .await;
+                    }
                     hub.maybe_evict(&r);
                     return self.reply_err(id, c, m);
                 }

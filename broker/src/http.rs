@@ -109,6 +109,11 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         (&Method::GET, "/api/users") => ("users", users(&state, req).await),
         (&Method::POST, "/api/publish") => ("api_publish", api_publish(&state, req, None).await),
         (&Method::GET, "/api/rooms") => ("rooms", user_rooms(&state, req).await),
+        (&Method::POST, "/api/files") => ("file_upload", upload(&state, req).await),
+        (&Method::GET, p) if p.starts_with("/api/files/") => {
+            let id = p["/api/files/".len()..].to_string();
+            ("file_get", download(&state, req, &id).await)
+        }
         (m, p) if p.starts_with("/api/rooms/") => {
             let rest = &p["/api/rooms/".len()..];
             match (m, rest.rsplit_once('/')) {
@@ -138,7 +143,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         (
             _,
             "/ws" | "/health" | "/metrics" | "/api/register" | "/api/login" | "/api/logout"
-            | "/api/users" | "/api/publish" | "/api/rooms",
+            | "/api/users" | "/api/publish" | "/api/rooms" | "/api/files",
         ) => (
             "other",
             Err(ApiError::new(
@@ -460,6 +465,159 @@ async fn search(state: &AppState, req: Request<Incoming>, room: &str) -> Result<
         StatusCode::OK,
         &json!({"room": room, "q": text, "messages": hits, "offset": offset}),
     ))
+}
+
+/// Attachment types accepted, as detected from the bytes.
+pub const FILE_TYPES: &[&str] = &[
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "application/pdf",
+    "text/plain",
+];
+
+fn sanitize_file_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ' '))
+        .take(100)
+        .collect();
+    let clean = clean.trim().trim_start_matches('.').to_string();
+    if clean.is_empty() {
+        "file".into()
+    } else {
+        clean
+    }
+}
+
+/// The type of `data` by its magic bytes; UTF-8 without NULs is text.
+fn detect_type(data: &[u8]) -> Option<&'static str> {
+    match infer::get(data) {
+        Some(t) => FILE_TYPES.iter().copied().find(|k| *k == t.mime_type()),
+        None if !data.contains(&0) && std::str::from_utf8(data).is_ok() => Some("text/plain"),
+        None => None,
+    }
+}
+
+/// May `user` read or post attachments in `room`? DM parties, or recorded
+/// members of the room.
+async fn file_access(state: &AppState, room: &str, user: &str) -> Result<(), ApiError> {
+    let name = state.hub.check_access(room, user).map_err(hub_error)?;
+    if name.dm.is_some() || state.store.is_member(room, user).await? {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only members of the room may use its files",
+        ))
+    }
+}
+
+/// `POST /api/files?room=&name=` with the raw bytes as the body and a
+/// `Content-Type` that must match them.
+async fn upload(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let claims = authenticate(state, &req)?;
+    let q = query(&req);
+    let room = q
+        .get("room")
+        .ok_or_else(|| ApiError::bad_request("missing `room`"))?
+        .clone();
+    file_access(state, &room, &claims.sub).await?;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let name = sanitize_file_name(q.get("name").map(String::as_str).unwrap_or("file"));
+    let max = state.cfg.max_file_size;
+    let data = Limited::new(req.into_body(), max)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("file larger than {max} bytes"),
+            )
+        })?
+        .to_bytes();
+    if data.is_empty() {
+        return Err(ApiError::bad_request("empty file"));
+    }
+    let Some(detected) = detect_type(&data) else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("accepted types: {}", FILE_TYPES.join(", ")),
+        ));
+    };
+    if declared != detected {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type `{declared}` does not match the bytes ({detected})"),
+        ));
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let size = data.len();
+    state
+        .store
+        .put_file(crate::store::FileRecord {
+            id: id.clone(),
+            room: room.clone(),
+            owner: claims.sub.clone(),
+            name: name.clone(),
+            content_type: detected.into(),
+            data: data.to_vec(),
+            created_ms: crate::auth::now_ms(),
+        })
+        .await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"id": id, "url": format!("/api/files/{id}"), "room": room,
+                "name": name, "content_type": detected, "size": size}),
+    ))
+}
+
+/// `GET /api/files/{id}` (Bearer or `?token=`): members of the file's room only.
+async fn download(state: &AppState, req: Request<Incoming>, id: &str) -> Result<Resp, ApiError> {
+    let claims = authenticate(state, &req)?;
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such file");
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(not_found());
+    }
+    let f = state.store.get_file(id).await?.ok_or_else(not_found)?;
+    file_access(state, &f.room, &claims.sub).await?;
+    let disposition = if f.content_type.starts_with("image/") {
+        "inline"
+    } else {
+        "attachment"
+    };
+    let mut r = Response::new(Full::new(Bytes::from(f.data)));
+    let h = r.headers_mut();
+    let hv = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("file"));
+    h.insert(header::CONTENT_TYPE, hv(&f.content_type));
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        hv(&format!("{disposition}; filename=\"{}\"", f.name)),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; sandbox"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=3600"),
+    );
+    Ok(r)
 }
 
 /// `GET /api/rooms`: rooms the user is a member of, with unread counts.

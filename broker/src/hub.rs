@@ -377,19 +377,30 @@ impl Hub {
     }
 
     /// Make `conn` a member. With `at`, only if the room's committed seq is
-    /// exactly `at` (the client has everything up to it).
+    /// exactly `at` (the client has everything up to it). On success the
+    /// `joined` reply (with `id`) is queued under the room lock, so it comes
+    /// before any live message of the room.
     pub fn attach(
         &self,
         conn: &ConnHandle,
         room: &Arc<Room>,
         at: Option<u64>,
+        id: Option<u64>,
     ) -> Result<Attach, HubError> {
         let mut st = room.state.lock();
         if st.evicted {
             return Ok(Attach::Evicted);
         }
+        let joined = |seq| {
+            conn.send(&ServerFrame::Joined {
+                id,
+                room: room.name.to_string(),
+                seq,
+            });
+            Ok(Attach::Joined(seq))
+        };
         if st.members.contains_key(&conn.id) {
-            return Ok(Attach::Joined(st.committed));
+            return joined(st.committed);
         }
         if let Some(at) = at {
             if st.committed != at {
@@ -411,7 +422,7 @@ impl Hub {
             };
             broadcast(&st, &f, |m| m.id != conn.id, &self.metrics);
         }
-        Ok(Attach::Joined(st.committed))
+        joined(st.committed)
     }
 
     /// Remove `conn` from a room (explicit leave or disconnect).
@@ -939,7 +950,10 @@ mod tests {
     async fn join(hub: &Hub, c: &ConnHandle, room: &str) -> Arc<Room> {
         let name = RoomName::parse(room).expect("name");
         let r = hub.ensure_room(&name).await.expect("room");
-        assert!(matches!(hub.attach(c, &r, None), Ok(Attach::Joined(_))));
+        assert!(matches!(
+            hub.attach(c, &r, None, None),
+            Ok(Attach::Joined(_))
+        ));
         r
     }
 
@@ -953,7 +967,10 @@ mod tests {
         join(hub, &b, "lobby").await;
         assert!(matches!(
             &drain(&mut ra)[..],
-            [ServerFrame::Presence { online: true, .. }]
+            [
+                ServerFrame::Joined { .. },
+                ServerFrame::Presence { online: true, .. }
+            ]
         ));
         let p1 = publish(hub, "lobby", "alice", None).await;
         let p2 = publish(hub, "lobby", "bob", None).await;

@@ -221,7 +221,13 @@ impl Writer {
                 ts,
                 recipients: 0,
             }),
-            Pending::Join(_) | Pending::Leave(_) => {}
+            // A joiner waits for its membership to be durable (Reply::Chan).
+            Pending::Join(_) | Pending::Leave(_) => it.reply.ack(Published {
+                room: room.name.clone(),
+                seq: 0,
+                ts: 0,
+                recipients: 0,
+            }),
             Pending::Mark { user, seq, state } => {
                 if outcome == OpOutcome::Done {
                     let f = ServerFrame::Mark {
@@ -341,6 +347,12 @@ mod tests {
         async fn is_member(&self, r: &str, u: &str) -> Result<bool, StoreError> {
             self.inner.is_member(r, u).await
         }
+        async fn put_file(&self, f: crate::store::FileRecord) -> Result<(), StoreError> {
+            self.inner.put_file(f).await
+        }
+        async fn get_file(&self, id: &str) -> Result<Option<crate::store::FileRecord>, StoreError> {
+            self.inner.get_file(id).await
+        }
         async fn apply_retention(&self, p: RetentionPolicy) -> Result<u64, StoreError> {
             self.inner.apply_retention(p).await
         }
@@ -402,7 +414,7 @@ mod tests {
             .await
             .expect("room");
         assert!(matches!(
-            hub.attach(&member, &room, None),
+            hub.attach(&member, &room, None, None),
             Ok(Attach::Joined(0))
         ));
         assert_eq!(publish(&hub, "one").await.map(|p| p.seq), Ok(1));

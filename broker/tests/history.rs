@@ -793,3 +793,126 @@ async fn offline_dm_is_kept_and_webhook_retried() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(got.lock().expect("lock").len(), 3);
 }
+
+#[tokio::test]
+async fn attachments_size_type_and_privacy() {
+    let b = Broker::start_with(|c| c.max_file_size = 64 * 1024).await;
+    let (ta, tb, tc) = (
+        b.user("alice").await,
+        b.user("bob").await,
+        b.user("carol").await,
+    );
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    let mut o = b.connect(&tb, Encoding::Json).await;
+    a.join("photos").await;
+    o.join("photos").await;
+    let png: Vec<u8> = [
+        &[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a][..],
+        &[0u8; 64][..],
+    ]
+    .concat();
+    let upload = |token: &str, room: &str, ctype: &str, body: Vec<u8>| {
+        b.http()
+            .post(b.url(&format!("/api/files?room={room}&name=../../etc/cat.png")))
+            .bearer_auth(token)
+            .header("Content-Type", ctype)
+            .body(body)
+            .send()
+    };
+    let r = upload(&ta, "photos", "image/png", png.clone())
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 201);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["content_type"], "image/png");
+    assert_eq!(v["name"], "etccat.png", "path parts are stripped");
+    let url = v["url"].as_str().expect("url").to_string();
+    // A message can reference it; members fetch it with the right headers.
+    ack_seq(
+        &a.publish("photos", json!({"text": "look", "file": v["id"]}))
+            .await,
+    );
+    let r = b
+        .http()
+        .get(b.url(&url))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert!(r.headers()["content-disposition"]
+        .to_str()
+        .expect("str")
+        .starts_with("inline; filename=\"etccat.png\""));
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(r.bytes().await.expect("bytes").to_vec(), png);
+    // Token in the query works too (for <img src>).
+    let r = b
+        .http()
+        .get(b.url(&format!("{url}?token={tb}")))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 200);
+    // Not a member: 403. No token: 401. Unknown id: 404.
+    let r = b
+        .http()
+        .get(b.url(&url))
+        .bearer_auth(&tc)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 403);
+    let r = b.http().get(b.url(&url)).send().await.expect("http");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = b
+        .http()
+        .get(b.url("/api/files/00000000000000000000000000000000"))
+        .bearer_auth(&ta)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 404);
+    // Type must match the bytes; unknown binary is refused; size is capped.
+    for (ctype, body, status) in [
+        ("image/jpeg", png.clone(), 415),
+        ("text/html", b"<script>alert(1)</script>".to_vec(), 415),
+        ("application/octet-stream", vec![0u8, 1, 2, 3], 415),
+        ("text/plain", vec![b'a'; 70 * 1024], 413),
+        ("text/plain", b"notes".to_vec(), 201),
+    ] {
+        let r = upload(&ta, "photos", ctype, body).await.expect("http");
+        assert_eq!(r.status().as_u16(), status, "{ctype}");
+        let v: Value = r.json().await.expect("json");
+        if status != 201 {
+            assert!(v["error"].is_string(), "{v}");
+        }
+    }
+    // Carol is not a member of the room, nor a party of the DM.
+    let r = upload(&tc, "photos", "image/png", png.clone())
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 403);
+    let r = upload(&tc, "dm:alice:bob", "image/png", png.clone())
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 403);
+    let r = upload(&ta, "dm:alice:bob", "image/png", png)
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 201);
+    let v: Value = r.json().await.expect("json");
+    let r = b
+        .http()
+        .get(b.url(v["url"].as_str().expect("url")))
+        .bearer_auth(&tb)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "the other party may fetch a DM file"
+    );
+}

@@ -170,6 +170,25 @@ pub struct Retention {
     pub min_ts: Option<u64>,
 }
 
+/// A stored attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Opaque id (random, unguessable).
+    pub id: String,
+    /// Room it was posted in; only its members may fetch it.
+    pub room: String,
+    /// Uploader.
+    pub owner: String,
+    /// File name as uploaded (sanitised).
+    pub name: String,
+    /// Verified content type.
+    pub content_type: String,
+    /// Bytes.
+    pub data: Vec<u8>,
+    /// Upload time (ms).
+    pub created_ms: u64,
+}
+
 /// Picks the retention rule of a room by name (None: keep everything).
 pub type RetentionPolicy = Arc<dyn Fn(&str) -> Option<Retention> + Send + Sync>;
 
@@ -224,6 +243,10 @@ pub trait Store: Send + Sync + 'static {
     async fn user_rooms(&self, user: &str) -> Result<Vec<RoomSummary>, StoreError>;
     /// Whether `user` is a recorded member of `room`.
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
+    /// Store an attachment.
+    async fn put_file(&self, file: FileRecord) -> Result<(), StoreError>;
+    /// Fetch an attachment by id.
+    async fn get_file(&self, id: &str) -> Result<Option<FileRecord>, StoreError>;
     /// Delete what retention no longer keeps; returns messages removed.
     async fn apply_retention(&self, policy: RetentionPolicy) -> Result<u64, StoreError>;
 }

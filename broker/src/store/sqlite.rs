@@ -20,8 +20,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use shoal_proto::{codec::body_from_storage, MarkState, Receipt, StoredMsg};
 
 use super::{
-    CidEntry, OpOutcome, Replay, ReplayEntry, RetentionPolicy, RoomHead, RoomSummary, Store,
-    StoreError, UserRecord, WriteOp,
+    CidEntry, FileRecord, OpOutcome, Replay, ReplayEntry, RetentionPolicy, RoomHead, RoomSummary,
+    Store, StoreError, UserRecord, WriteOp,
 };
 
 /// Reader connections (replay, history, search, listings).
@@ -66,6 +66,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX members_by_room ON members (room, user);
     CREATE VIRTUAL TABLE messages_fts USING fts5(
         text, room UNINDEXED, tokenize = 'unicode61 remove_diacritics 2'
+    );",
+    "CREATE TABLE files (
+        id TEXT PRIMARY KEY NOT NULL,
+        room TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        data BLOB NOT NULL,
+        created_ms INTEGER NOT NULL
     );",
 ];
 
@@ -595,6 +604,51 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn put_file(&self, f: FileRecord) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO files (id, room, owner, name, content_type, data, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    f.id,
+                    f.room,
+                    f.owner,
+                    f.name,
+                    f.content_type,
+                    f.data,
+                    f.created_ms as i64
+                ],
+            )
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn get_file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT id, room, owner, name, content_type, data, created_ms FROM files WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(FileRecord {
+                        id: r.get(0)?,
+                        room: r.get(1)?,
+                        owner: r.get(2)?,
+                        name: r.get(3)?,
+                        content_type: r.get(4)?,
+                        data: r.get(5)?,
+                        created_ms: r.get::<_, i64>(6)? as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn apply_retention(&self, policy: RetentionPolicy) -> Result<u64, StoreError> {
         self.with(move |c| retention_pass(c, &policy).map_err(unavailable))
             .await
@@ -762,6 +816,24 @@ mod tests {
             vec![4, 5]
         );
         assert!(s.search("r", "apple", 10, 0).await.expect("s").is_empty());
+    }
+
+    #[tokio::test]
+    async fn files_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = SqliteStore::open(dir.path(), false).expect("open");
+        let f = FileRecord {
+            id: "a".repeat(32),
+            room: "r".into(),
+            owner: "alice".into(),
+            name: "x.png".into(),
+            content_type: "image/png".into(),
+            data: vec![1, 2, 3],
+            created_ms: 5,
+        };
+        s.put_file(f.clone()).await.expect("put");
+        assert_eq!(s.get_file(&f.id).await.expect("get"), Some(f));
+        assert_eq!(s.get_file("nope").await.expect("get"), None);
     }
 
     #[test]

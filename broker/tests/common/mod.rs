@@ -35,7 +35,7 @@ impl Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = Config::for_tests(dir.path().to_path_buf());
         cfg.jwt_secret = Some(SECRET.into());
-        cfg.log = "warn".into();
+        cfg.log = std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "warn".into());
         f(&mut cfg);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
