@@ -13,4 +13,11 @@ SHOAL_JWT_SECRET="$secret" ./target/release/shoal --listen "127.0.0.1:$port" --d
 pid=$!
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "http://127.0.0.1:$port" "$@"
+rc=0
+SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "http://127.0.0.1:$port" "$@" || rc=$?
+# What the group-commit writer did during the run.
+curl -sf "http://127.0.0.1:$port/metrics" | awk '
+  /^shoal_store_batch_ops_sum/ {ops=$2} /^shoal_store_batch_ops_count/ {n=$2}
+  /^shoal_store_commit_seconds_sum/ {t=$2}
+  END { if (n > 0) printf "store: %d commits, %.1f ops per commit, %.3f ms per commit\n", n, ops/n, 1000*t/n }'
+exit "$rc"

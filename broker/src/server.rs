@@ -38,9 +38,10 @@ pub async fn build_state(
         format!("{}-{}", host.trim(), listen_port)
     });
     let metrics = Arc::new(Metrics::new(&node));
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&cfg.data, cfg.store_sync == "full").context("opening embedded store")?,
-    );
+    let sqlite =
+        SqliteStore::open(&cfg.data, cfg.store_sync == "full").context("opening embedded store")?;
+    tokio::spawn(checkpointer(sqlite.clone(), shutdown.clone()));
+    let store: Arc<dyn Store> = Arc::new(sqlite);
     let auth = Auth::from_config(&cfg)?;
     auth.load_revoked(
         store
@@ -93,6 +94,21 @@ pub async fn build_state(
         tracker: TaskTracker::new(),
         writer_stop,
     }))
+}
+
+/// Background WAL checkpoints, off the group-commit path.
+async fn checkpointer(store: SqliteStore, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = store.checkpoint().await {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+    let _ = store.checkpoint().await;
 }
 
 /// Background retention: every interval, drop what each room's namespace

@@ -116,6 +116,9 @@ pub struct FanoutReport {
     pub latency: Percentiles,
     /// Fan-out completion latency (intended send to the last member's receive).
     pub fanout_latency: Percentiles,
+    /// Publish-to-ack latency (intended send to the `ack`, which the broker
+    /// sends once the message is stored).
+    pub ack_latency: Percentiles,
     /// Sender lag: actual minus intended send time. Part of every latency
     /// above; large values mean the load generator itself fell behind
     /// (tokio's timer has 1 ms resolution, so up to ~1 ms is expected).
@@ -171,6 +174,8 @@ impl FanoutReport {
         s += "\n";
         s += &self.fanout_latency.row("fan-out completion");
         s += "\n";
+        s += &self.ack_latency.row("publish to ack");
+        s += "\n";
         s += &self.send_lag.row("sender lag");
         s += "\n";
         s += &format!(
@@ -199,6 +204,7 @@ struct Shared {
     max_acked_seq: Vec<AtomicU64>,
     fanout: Vec<FanoutMap>,
     fanout_hist: Mutex<Histogram<u64>>,
+    ack_hist: Mutex<Histogram<u64>>,
     live: Mutex<Histogram<u64>>,
     deliveries: AtomicU64,
     sent: AtomicU64,
@@ -365,6 +371,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             .map(|_| Mutex::new(HashMap::new()))
             .collect(),
         fanout_hist: Mutex::new(stats::histogram()),
+        ack_hist: Mutex::new(stats::histogram()),
         live: Mutex::new(stats::histogram()),
         deliveries: AtomicU64::new(0),
         sent: AtomicU64::new(0),
@@ -387,8 +394,18 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         let (rd, wr) = ws.split(tokio::io::split);
         let (pong_tx, pong_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
         let sh = shared.clone();
-        tasks.push(tokio::spawn(reader(rd, pong_tx, sh.clone(), room_idx, seq)));
         let publisher = i < opts.publishers;
+        let interval_ns = (1e9 / per_pub_rate) as u64;
+        let offset_ns = ((1e9 / per_pub_rate) * i as f64 / opts.publishers as f64) as u64;
+        let ack_clock = publisher.then_some((t0 + offset_ns, interval_ns));
+        tasks.push(tokio::spawn(reader(
+            rd,
+            pong_tx,
+            sh.clone(),
+            room_idx,
+            seq,
+            ack_clock,
+        )));
         let w = tokio::spawn(writer(
             wr,
             pong_rx,
@@ -396,9 +413,9 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             publisher.then(|| Schedule {
                 pub_id: i as u64,
                 room,
-                interval_ns: (1e9 / per_pub_rate) as u64,
+                interval_ns,
                 // Stagger publishers evenly inside one interval.
-                offset_ns: ((1e9 / per_pub_rate) * i as f64 / opts.publishers as f64) as u64,
+                offset_ns,
                 t0,
                 end: window.1,
                 start_instant,
@@ -458,6 +475,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         received += r.tracker.received;
     }
     let fan = shared.fanout_hist.lock().clone();
+    let ack_latency = Percentiles::of(&shared.ack_hist.lock().clone());
     let achieved = shared.sent_in_window.load(Ordering::Relaxed) as f64 / opts.duration;
     let rate_ok = achieved >= 0.99 * opts.rate;
     let latency = Percentiles::of(&hist);
@@ -500,6 +518,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         reordered: reo,
         latency,
         fanout_latency: Percentiles::of(&fan),
+        ack_latency,
         send_lag: Percentiles::of(&lag),
         loadgen_cpu_percent: 100.0 * (cpu1 - cpu0) / wall,
         broker_cpu_percent: before
@@ -605,6 +624,7 @@ async fn reader(
     sh: Arc<Shared>,
     room: usize,
     joined_seq: u64,
+    ack_clock: Option<(u64, u64)>,
 ) -> ConnResult {
     let mut hist = stats::histogram();
     let mut tracker = Tracker {
@@ -665,7 +685,13 @@ async fn reader(
                     stats::record_ns(&mut sh.fanout_hist.lock(), worst);
                 }
             }
-            Ok(ServerFrame::Ack { seq, .. }) => {
+            Ok(ServerFrame::Ack { seq, id, .. }) => {
+                if let (Some((base, step)), Some(k)) = (ack_clock, id) {
+                    let intended = base + k * step;
+                    if intended >= sh.window.0 && intended < sh.window.1 {
+                        stats::record_ns(&mut sh.ack_hist.lock(), now.saturating_sub(intended));
+                    }
+                }
                 sh.acked[room].fetch_add(1, Ordering::Relaxed);
                 sh.max_acked_seq[room].fetch_max(seq, Ordering::Relaxed);
             }
