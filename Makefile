@@ -5,7 +5,7 @@ CARGO ?= cargo
 ARGS ?=
 FUZZ_SECONDS ?= 60
 
-.PHONY: run build test test-deps lint fmt fuzz bench clean
+.PHONY: run build test test-deps lint fmt fuzz bench smoke observe clean
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
 run:
@@ -15,9 +15,20 @@ run:
 build:
 	$(CARGO) build --release --workspace
 
-## Everything CI checks: install test dependencies, lint, all tests.
+## Everything CI checks: install test dependencies, lint, all tests, then
+## the latency smoke gate (p99 < 50 ms, zero loss) on the debug binaries.
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets
+	./scripts/smoke.sh
+
+## ~10 s fanout over a few hundred connections, gated on absolute bounds.
+smoke:
+	./scripts/smoke.sh
+
+## Prometheus (Debian package) scraping `make run`/`make cluster` brokers and
+## loadgen --metrics-listen 127.0.0.1:9102, on http://127.0.0.1:9090.
+observe:
+	./scripts/observe.sh
 
 ## Install what the tests need (idempotent; apt packages only when missing).
 test-deps:

@@ -3,9 +3,10 @@
 # Rust toolchain. Idempotent: packages already present are not reinstalled.
 set -euo pipefail
 
-# Debian packages the test suite starts or calls. Extended as features land
-# (redis-server, nginx, postgresql, prometheus, chromium).
-APT_PACKAGES=(${SHOAL_APT_PACKAGES:-})
+# Debian packages the test suite starts or calls: curl and python3 for the
+# smoke and bench scripts, prometheus (with promtool) for the dashboard
+# check. Extended as features land (redis-server, nginx, postgresql, chromium).
+APT_PACKAGES=(curl python3 prometheus ${SHOAL_APT_PACKAGES:-})
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

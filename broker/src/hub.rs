@@ -176,6 +176,8 @@ pub enum Pending {
         body: Body,
         /// Client message id.
         cid: Option<String>,
+        /// When the publish was accepted (for `publish_seconds`).
+        started: Instant,
     },
     /// A retried publish whose original is still uncommitted: ack it once
     /// the original's batch commits.
@@ -587,6 +589,7 @@ impl Hub {
                     from: from.clone(),
                     body,
                     cid,
+                    started,
                 },
                 reply,
             }));
@@ -616,6 +619,7 @@ impl Hub {
         from: &str,
         body: Body,
     ) -> usize {
+        let started = Instant::now();
         let f = ServerFrame::Msg {
             room: room.name.to_string(),
             seq,
@@ -625,6 +629,9 @@ impl Hub {
         };
         let n = self.send_to_room(room, st, &f, |_| true);
         self.metrics.deliveries.inc_by(n as u64);
+        self.metrics
+            .fanout_seconds
+            .observe(started.elapsed().as_secs_f64());
         n
     }
 

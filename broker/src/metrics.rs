@@ -5,15 +5,87 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::{text::encode, EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
+        counter::Counter, family::Family, gauge::Gauge, histogram::exponential_buckets, MetricType,
     },
     registry::Registry,
 };
+
+/// A fixed-bucket histogram whose `observe` is three relaxed atomic adds.
+/// prometheus-client's own `Histogram` takes a mutex per observation, and
+/// these sit on per-message paths shared by every connection.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    inner: std::sync::Arc<HistInner>,
+}
+
+#[derive(Debug)]
+struct HistInner {
+    bounds: Vec<f64>,
+    /// One per bound, plus the +Inf bucket.
+    counts: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum in millionths, so it can be an integer atomic.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Buckets with these upper bounds (plus +Inf).
+    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+        let bounds: Vec<f64> = bounds.into_iter().filter(|b| b.is_finite()).collect();
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        Histogram {
+            inner: std::sync::Arc::new(HistInner {
+                bounds,
+                counts,
+                count: AtomicU64::new(0),
+                sum_micros: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Record one value.
+    pub fn observe(&self, v: f64) {
+        let i = &self.inner;
+        let idx = i.bounds.partition_point(|b| *b < v);
+        i.counts[idx].fetch_add(1, Ordering::Relaxed);
+        i.count.fetch_add(1, Ordering::Relaxed);
+        i.sum_micros
+            .fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let i = &self.inner;
+        let buckets: Vec<(f64, u64)> = i
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(i.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        // Count from the buckets, so the exposition is self-consistent even
+        // while observations race with the scrape.
+        let count = buckets.iter().map(|b| b.1).sum();
+        encoder.encode_histogram::<NoLabelSet>(
+            i.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
 use shoal_proto::{CloseCode, ErrorCode};
 
 type L1 = [(&'static str, &'static str); 1];
@@ -58,8 +130,14 @@ pub struct Metrics {
     /// Connection memberships across all rooms.
     pub room_members: Gauge,
     /// Time from receiving a `pub` to having queued its `msg` to every
-    /// local recipient and its `ack` to the sender.
+    /// local recipient and its `ack` to the sender (after commit, in a
+    /// stored namespace).
     pub publish_seconds: Histogram,
+    /// Time to queue one message to every recipient connection.
+    pub fanout_seconds: Histogram,
+    /// Frames waiting in a connection's outbound queue, sampled each time
+    /// its writer wakes.
+    pub outbound_queue_depth: Histogram,
     /// Frames per vectored socket write.
     pub write_batch_frames: Histogram,
     /// Publishes answered from the idempotency window (retried cid).
@@ -201,6 +279,18 @@ impl Metrics {
             "Publish handling time until every local recipient has the message queued",
             publish_seconds.clone(),
         );
+        let fanout_seconds = Histogram::new(exponential_buckets(1e-6, 2.0, 24));
+        registry.register(
+            "fanout_seconds",
+            "Time to queue one message to every recipient connection",
+            fanout_seconds.clone(),
+        );
+        let outbound_queue_depth = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "outbound_queue_depth",
+            "Frames waiting in a connection's outbound queue when its writer wakes",
+            outbound_queue_depth.clone(),
+        );
         let write_batch_frames = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         registry.register(
             "write_batch_frames",
@@ -278,6 +368,9 @@ impl Metrics {
             "HTTP requests by route and status",
             http.clone(),
         );
+        for route in ["health", "metrics"] {
+            let _ = http.get_or_create(&[("route", route), ("status", "200")]);
+        }
         let process_cpu = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "process_cpu_seconds",
@@ -318,6 +411,8 @@ impl Metrics {
             rooms,
             room_members,
             publish_seconds,
+            fanout_seconds,
+            outbound_queue_depth,
             write_batch_frames,
             idempotent_retries,
             store_batch_ops,
@@ -451,4 +546,31 @@ pub static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Next unique id.
 pub fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_histogram_exposition() {
+        let m = Metrics::new("n1");
+        for v in [0.5, 1.5, 3.0, 1e9] {
+            m.write_batch_frames.observe(v);
+        }
+        let text = m.render();
+        assert!(text.contains("# TYPE shoal_write_batch_frames histogram"));
+        for (le, n) in [
+            ("1.0", 1),
+            ("2.0", 2),
+            ("4.0", 3),
+            ("512.0", 3),
+            ("+Inf", 4),
+        ] {
+            let line = format!("shoal_write_batch_frames_bucket{{le=\"{le}\",node=\"n1\"}} {n}");
+            assert!(text.contains(&line), "missing `{line}` in\n{text}");
+        }
+        assert!(text.contains("shoal_write_batch_frames_count{node=\"n1\"} 4"));
+        assert!(text.contains("shoal_write_batch_frames_sum{node=\"n1\"} 1000000005"));
+    }
 }

@@ -300,6 +300,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
                 if n == 0 {
                     break;
                 }
+                metrics.outbound_queue_depth.observe((n + rx.len()) as f64);
                 if write_batch(&mut io, &mut batch, opts.write_timeout, &metrics).await.is_err() {
                     ctl.cancel.cancel();
                     return;

@@ -60,6 +60,7 @@ fn write_op(item: &Item) -> Option<WriteOp> {
             from,
             body,
             cid,
+            ..
         } => WriteOp::Msg(NewMsg {
             room,
             seq: *seq,
@@ -191,6 +192,7 @@ impl Writer {
                 ts,
                 from,
                 body,
+                started,
                 ..
             } => {
                 if let (Some(w), Some((a, b))) = (&self.webhook, &room.dm) {
@@ -207,6 +209,9 @@ impl Writer {
                     }
                 }
                 let recipients = self.hub.deliver_committed(room, seq, ts, &from, body);
+                self.metrics
+                    .publish_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 it.reply.ack(Published {
                     room: room.name.clone(),
                     seq,

@@ -81,6 +81,21 @@ pub struct FanoutOpts {
     pub connect_concurrency: usize,
 }
 
+/// One second of a run.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
+pub struct TimePoint {
+    /// Seconds since the publishers started.
+    pub t: f64,
+    /// Publishes sent in that second.
+    pub sent_per_sec: u64,
+    /// Deliveries received in that second.
+    pub deliveries_per_sec: u64,
+    /// Median delivery latency of messages received in that second (ms).
+    pub p50_ms: f64,
+    /// p99 of the same (ms).
+    pub p99_ms: f64,
+}
+
 /// Result of a fanout run.
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutReport {
@@ -133,6 +148,12 @@ pub struct FanoutReport {
     pub failures: Vec<String>,
     /// Points of the latency percentile curve (percentile, ms), for plots.
     pub latency_curve: Vec<(f64, f64)>,
+    /// The delivery latency histogram, (µs, count) per bucket.
+    pub latency_raw: Vec<(u64, u64)>,
+    /// The publish-to-ack histogram, (µs, count) per bucket.
+    pub ack_raw: Vec<(u64, u64)>,
+    /// One point per second of the run: rates and latency of that second.
+    pub timeline: Vec<TimePoint>,
     /// Points of the fan-out latency curve.
     pub fanout_curve: Vec<(f64, f64)>,
 }
@@ -210,6 +231,8 @@ struct Shared {
     sent: AtomicU64,
     sent_in_window: AtomicU64,
     errors: Mutex<BTreeMap<u16, u64>>,
+    gaps: AtomicU64,
+    acked_total: AtomicU64,
     stop: tokio_util_stop::Stop,
 }
 
@@ -377,6 +400,8 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         sent: AtomicU64::new(0),
         sent_in_window: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
+        gaps: AtomicU64::new(0),
+        acked_total: AtomicU64::new(0),
         stop: tokio_util_stop::Stop::new(),
     });
     // The room's seq at join time is the same for all its members only if
@@ -432,7 +457,23 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     let before = sys::scrape(&http, &c.urls).await;
     let cpu0 = sys::own_cpu_seconds();
     let wall0 = Instant::now();
-    let progress = (!c.quiet).then(|| tokio::spawn(progress(shared.clone())));
+    let timeline = Arc::new(Mutex::new(Vec::new()));
+    let live = match c.metrics_listen {
+        Some(addr) => {
+            let l = crate::live::Live::new();
+            l.offered_rate.set(opts.rate);
+            l.connections.set(n as i64);
+            let server = l.clone().serve(addr).await?;
+            Some((l, server))
+        }
+        None => None,
+    };
+    let progress = tokio::spawn(progress(
+        shared.clone(),
+        timeline.clone(),
+        !c.quiet,
+        live.as_ref().map(|l| l.0.clone()),
+    ));
     let mut lag = stats::histogram();
     for w in writers {
         if let Ok(h) = w.await {
@@ -459,8 +500,10 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     shared.stop.fire();
-    if let Some(p) = progress {
-        p.abort();
+    progress.abort();
+    if let Some((l, server)) = live {
+        l.connections.set(0);
+        server.abort();
     }
 
     let mut hist = stats::histogram();
@@ -475,7 +518,9 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         received += r.tracker.received;
     }
     let fan = shared.fanout_hist.lock().clone();
-    let ack_latency = Percentiles::of(&shared.ack_hist.lock().clone());
+    let ack_hist = shared.ack_hist.lock().clone();
+    let points = timeline.lock().clone();
+    let ack_latency = Percentiles::of(&ack_hist);
     let achieved = shared.sent_in_window.load(Ordering::Relaxed) as f64 / opts.duration;
     let rate_ok = achieved >= 0.99 * opts.rate;
     let latency = Percentiles::of(&hist);
@@ -529,6 +574,9 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         broker_rss_bytes: after.iter().map(|a| a.rss_bytes).collect(),
         failures,
         latency_curve: stats::curve(&hist),
+        latency_raw: stats::raw(&hist),
+        ack_raw: stats::raw(&ack_hist),
+        timeline: points,
         fanout_curve: stats::curve(&fan),
     })
 }
@@ -655,6 +703,9 @@ async fn reader(
         let now = now_ns();
         match sh.enc.decode_server(&frame.payload) {
             Ok(ServerFrame::Msg { seq, body, .. }) => {
+                if seq > tracker.next {
+                    sh.gaps.fetch_add(seq - tracker.next, Ordering::Relaxed);
+                }
                 tracker.see(seq);
                 sh.deliveries.fetch_add(1, Ordering::Relaxed);
                 let stamp = body.get("s").and_then(|v| v.as_u64()).unwrap_or(now);
@@ -693,6 +744,7 @@ async fn reader(
                     }
                 }
                 sh.acked[room].fetch_add(1, Ordering::Relaxed);
+                sh.acked_total.fetch_add(1, Ordering::Relaxed);
                 sh.max_acked_seq[room].fetch_max(seq, Ordering::Relaxed);
             }
             Ok(ServerFrame::Error { code, .. }) => {
@@ -711,9 +763,15 @@ async fn reader(
     }
 }
 
-async fn progress(sh: Arc<Shared>) {
+async fn progress(
+    sh: Arc<Shared>,
+    timeline: Arc<Mutex<Vec<TimePoint>>>,
+    print: bool,
+    live: Option<Arc<crate::live::Live>>,
+) {
     let mut last_sent = 0;
     let mut last_del = 0;
+    let (mut last_acked, mut last_gaps, mut last_errs) = (0, 0, 0);
     let start = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -724,6 +782,32 @@ async fn progress(sh: Arc<Shared>) {
         let h = std::mem::replace(&mut *sh.live.lock(), stats::histogram());
         let p = Percentiles::of(&h);
         let errs: u64 = sh.errors.lock().values().sum();
+        if let Some(l) = &live {
+            let acked = sh.acked_total.load(Ordering::Relaxed);
+            let gaps = sh.gaps.load(Ordering::Relaxed);
+            l.sent.inc_by(sent - last_sent);
+            l.achieved_rate.set((sent - last_sent) as f64);
+            l.deliveries.inc_by(del - last_del);
+            l.acked.inc_by(acked - last_acked);
+            l.gaps.inc_by(gaps - last_gaps);
+            l.errors.inc_by(errs - last_errs);
+            for (q, v) in [("0.5", p.p50), ("0.99", p.p99), ("0.999", p.p999)] {
+                l.latency.get_or_create(&[("quantile", q)]).set(v / 1000.0);
+            }
+            (last_acked, last_gaps, last_errs) = (acked, gaps, errs);
+        }
+        timeline.lock().push(TimePoint {
+            t: start.elapsed().as_secs_f64(),
+            sent_per_sec: sent - last_sent,
+            deliveries_per_sec: del - last_del,
+            p50_ms: p.p50,
+            p99_ms: p.p99,
+        });
+        last_sent = sent;
+        last_del = del;
+        if !print {
+            continue;
+        }
         tracing::info!(
             "[{:>4.0}s] sent {:>7}/s  deliveries {:>8}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}",
             start.elapsed().as_secs_f64(),
@@ -733,8 +817,6 @@ async fn progress(sh: Arc<Shared>) {
             p.p99,
             errs
         );
-        last_sent = sent;
-        last_del = del;
     }
 }
 

@@ -11,6 +11,8 @@ pub mod capacity;
 pub mod client;
 pub mod connect;
 pub mod fanout;
+pub mod gate;
+pub mod live;
 pub mod report;
 pub mod stats;
 pub mod sys;
@@ -57,6 +59,11 @@ pub struct CommonOpts {
     /// Do not print the live progress line.
     #[arg(long)]
     pub quiet: bool,
+
+    /// Serve live figures (rates, latency quantiles, gaps, connections) for
+    /// Prometheus at `http://ADDR/metrics` while the run lasts.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_encoding(s: &str) -> Result<shoal_proto::Encoding, String> {

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_loadgen::{capacity, connect, fanout, report};
+use shoal_loadgen::{capacity, connect, fanout, gate, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,10 +30,35 @@ enum Cmd {
     /// Ramp to N connections; reports handshake latency, failures by cause
     /// and broker memory per connection.
     Connect(connect::ConnectOpts),
+    /// Compare a result with a baseline and absolute bounds; exits 1 on
+    /// regression with a table of what moved.
+    Gate(gate::GateOpts),
+    /// Render SVG charts from result files: percentile spectrum (overlaid),
+    /// latency over time, throughput against p99 across a capacity ramp.
+    Report(report::ReportOpts),
 }
 
 fn main() -> anyhow::Result<()> {
     let opt = Opt::parse();
+    match &opt.cmd {
+        Cmd::Gate(o) => {
+            let v = gate::run(o)?;
+            print!("{}", v.table);
+            if v.failures.is_empty() {
+                println!("gate: PASS");
+                return Ok(());
+            }
+            println!("gate: FAIL\n  {}", v.failures.join("\n  "));
+            std::process::exit(1);
+        }
+        Cmd::Report(o) => {
+            for p in report::render(o)? {
+                println!("{}", p.display());
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_target(false)
         .with_writer(std::io::stderr)
@@ -89,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(r.failures.is_empty())
             }
+            Cmd::Gate(_) | Cmd::Report(_) => Ok(true),
         }
     })?;
     if !passed {

@@ -74,6 +74,23 @@ impl Percentiles {
     }
 }
 
+/// The histogram itself, as (value in µs, count) pairs of every recorded
+/// bucket: enough to merge runs or recompute any percentile later.
+pub fn raw(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+/// Rebuild a histogram from [`raw`] pairs.
+pub fn from_raw(pairs: &[(u64, u64)]) -> Histogram<u64> {
+    let mut h = histogram();
+    for &(v, n) in pairs {
+        let _ = h.record_n(v.clamp(1, MAX_US), n);
+    }
+    h
+}
+
 /// Percentile curve points (percentile, ms) for plotting.
 pub fn curve(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     let mut pts = Vec::new();
@@ -91,6 +108,16 @@ pub fn curve(h: &Histogram<u64>) -> Vec<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_round_trips() {
+        let mut h = histogram();
+        for i in 1..=5000u64 {
+            record_ns(&mut h, i * 7_000);
+        }
+        let back = from_raw(&raw(&h));
+        assert_eq!(Percentiles::of(&back), Percentiles::of(&h));
+    }
 
     #[test]
     fn percentiles_in_ms() {

@@ -40,6 +40,7 @@ fn common(url: &str, dir: &std::path::Path, name: &str) -> CommonOpts {
         prefix: None,
         out: Some(dir.join(format!("{name}.json"))),
         quiet: true,
+        metrics_listen: None,
     }
 }
 
