@@ -5,7 +5,7 @@ CARGO ?= cargo
 ARGS ?=
 FUZZ_SECONDS ?= 60
 
-.PHONY: run build test test-deps lint fmt fuzz bench smoke observe clean
+.PHONY: run build test test-deps lint fmt fuzz bench smoke observe web-test clean
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
 run:
@@ -19,7 +19,12 @@ build:
 ## the latency smoke gate (p99 < 50 ms, zero loss) on the debug binaries.
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets
+	./scripts/web-tests.sh
 	./scripts/smoke.sh
+
+## The web client in headless Chromium (two users, DMs, restart, XSS).
+web-test:
+	./scripts/web-tests.sh
 
 ## ~10 s fanout over a few hundred connections, gated on absolute bounds.
 smoke:

@@ -5,19 +5,30 @@ set -euo pipefail
 
 # Debian packages the test suite starts or calls: curl and python3 for the
 # smoke and bench scripts, prometheus (with promtool) for the dashboard
-# check. Extended as features land (redis-server, nginx, postgresql, chromium).
-APT_PACKAGES=(curl python3 prometheus ${SHOAL_APT_PACKAGES:-})
+# check, chromium + nodejs/npm for the web client's browser tests. Extended
+# as features land (redis-server, nginx, postgresql).
+APT_PACKAGES=(curl python3 prometheus chromium ${SHOAL_APT_PACKAGES:-})
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+# Node may come from elsewhere (nodesource bundles npm); only install the
+# Debian packages when the commands are missing.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# npm packages of the browser tests (playwright-core drives the system
+# Chromium; no browser download), pinned by web-tests/package-lock.json.
+if [ ! -d "$(dirname "$0")/../web-tests/node_modules/playwright-core" ]; then
+    npm ci --prefix "$(dirname "$0")/../web-tests" --no-audit --no-fund
 fi
 
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -115,7 +115,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
             ("file_get", download(&state, req, &id).await)
         }
         (m, p) if p.starts_with("/api/rooms/") => {
-            let rest = &p["/api/rooms/".len()..];
+            // Room names contain `:`; clients may send it percent-encoded.
+            let rest = percent_encoding::percent_decode_str(&p["/api/rooms/".len()..])
+                .decode_utf8_lossy()
+                .to_string();
             match (m, rest.rsplit_once('/')) {
                 (&Method::POST, Some((room, "messages"))) => {
                     let room = room.to_string();
@@ -139,7 +142,14 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
                 ),
             }
         }
-        (&Method::GET, "/") => ("static", Ok(index())),
+        (&Method::GET, "/" | "/index.html") => {
+            ("static", Ok(asset(INDEX_HTML, "text/html; charset=utf-8")))
+        }
+        (&Method::GET, "/app.js") => (
+            "static",
+            Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
+        ),
+        (&Method::GET, "/style.css") => ("static", Ok(asset(STYLE_CSS, "text/css; charset=utf-8"))),
         (
             _,
             "/ws" | "/health" | "/metrics" | "/api/register" | "/api/login" | "/api/logout"
@@ -166,13 +176,31 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
     Ok(resp)
 }
 
-fn index() -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from_static(
-        b"<!doctype html><meta charset=utf-8><title>Shoal</title><p>Shoal broker. WebSocket endpoint: <code>/ws</code>.",
-    )));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
+// The web client, embedded in the binary: only these exact paths are
+// served, so no request path ever reaches the filesystem.
+const INDEX_HTML: &str = include_str!("../static/index.html");
+const APP_JS: &str = include_str!("../static/app.js");
+const STYLE_CSS: &str = include_str!("../static/style.css");
+
+fn asset(body: &'static str, content_type: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+             img-src 'self' data: blob:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
     );
     r
 }

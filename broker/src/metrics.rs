@@ -567,7 +567,7 @@ mod tests {
             ("512.0", 3),
             ("+Inf", 4),
         ] {
-            let line = format!("shoal_write_batch_frames_bucket{{le=\"{le}\",node=\"n1\"}} {n}");
+            let line = format!("shoal_write_batch_frames_bucket{{node=\"n1\",le=\"{le}\"}} {n}");
             assert!(text.contains(&line), "missing `{line}` in\n{text}");
         }
         assert!(text.contains("shoal_write_batch_frames_count{node=\"n1\"} 4"));

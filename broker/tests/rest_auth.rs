@@ -274,3 +274,49 @@ async fn origin_allow_list_and_connection_limit() {
     assert_eq!(err.0, 503);
     assert!(b.metrics().await.contains("result=\"over_capacity\"} 1"));
 }
+
+#[tokio::test]
+async fn web_client_is_served_with_a_strict_policy_and_no_filesystem_paths() {
+    let b = Broker::start().await;
+    for (path, ctype) in [
+        ("/", "text/html"),
+        ("/index.html", "text/html"),
+        ("/app.js", "text/javascript"),
+        ("/style.css", "text/css"),
+    ] {
+        let r = b.http.get(b.url(path)).send().await.expect("http");
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .expect("str")
+            .starts_with(ctype));
+        let csp = r.headers()["content-security-policy"]
+            .to_str()
+            .expect("str");
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    }
+    let page = b
+        .http
+        .get(b.url("/"))
+        .send()
+        .await
+        .expect("http")
+        .text()
+        .await
+        .expect("text");
+    assert!(page.contains("role=\"log\"") && page.contains("aria-live"));
+    for path in [
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/static/app.js",
+        "/app.js/../../Cargo.toml",
+        "/.env",
+    ] {
+        let (s, v) = b.get(path, None).await;
+        assert_eq!((s, v["error"].as_str()), (404, Some("not_found")), "{path}");
+    }
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Browser tests of the web client: headless Chromium (Debian package) driven
+# by playwright-core against the debug-built broker. `make test` runs this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -p shoal-broker
+[ -d web-tests/node_modules/playwright-core ] || npm ci --prefix web-tests --no-audit --no-fund
+SHOAL_BIN="$PWD/target/debug/shoal" node web-tests/e2e.mjs

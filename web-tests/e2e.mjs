@@ -1,0 +1,261 @@
+// End-to-end tests of the Shoal web client: a real broker (the binary cargo
+// built) on a free loopback port in a temp dir, two headless Chromium
+// contexts driven by playwright-core. Run by `make test` (scripts/web-tests.sh).
+//
+//   SHOAL_BIN=target/debug/shoal node web-tests/e2e.mjs
+import { spawn } from 'node:child_process';
+import { mkdtempSync, mkdirSync, rmSync, copyFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = join(here, '..');
+const BIN = process.env.SHOAL_BIN || join(repo, 'target/debug/shoal');
+const BROWSER = process.env.CHROMIUM || '/usr/bin/chromium';
+const ARTIFACTS = join(here, 'artifacts');
+const SECRET = 'web-test-secret-web-test-secret-0123456';
+const API_KEY = 'web-test-api-key-0123456789';
+const T = 15000;
+
+function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => res(p)); });
+    s.on('error', rej);
+  });
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+class Broker {
+  constructor(port, data) { this.port = port; this.data = data; this.proc = null; }
+  get url() { return `http://127.0.0.1:${this.port}`; }
+  async start() {
+    this.proc = spawn(BIN, ['--listen', `127.0.0.1:${this.port}`, '--data', this.data, '--log', 'warn'], {
+      env: { ...process.env, SHOAL_JWT_SECRET: SECRET, SHOAL_API_KEY: API_KEY },
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    for (let i = 0; i < 100; i++) {
+      try { if ((await fetch(this.url + '/health')).ok) return; } catch (_) { /* not up yet */ }
+      await sleep(100);
+    }
+    throw new Error('broker did not start');
+  }
+  async stop() {
+    if (!this.proc) return;
+    const p = this.proc;
+    this.proc = null;
+    const done = new Promise((r) => p.once('exit', r));
+    p.kill('SIGTERM');
+    await Promise.race([done, sleep(15000)]);
+    if (p.exitCode === null) p.kill('SIGKILL');
+  }
+}
+
+async function publishApi(broker, room, text) {
+  const r = await fetch(broker.url + '/api/publish', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', Authorization: 'Bearer ' + API_KEY },
+    body: JSON.stringify({ room, body: { text } }),
+  });
+  if (r.status !== 201) throw new Error('publish api ' + r.status);
+}
+
+async function signUp(page, url, user) {
+  await page.goto(url);
+  await page.fill('#username', user);
+  await page.fill('#password', 'password123');
+  await page.click('#register');
+  await page.waitForSelector('#app:not([hidden])', { timeout: T });
+  await page.waitForSelector('#conn.connected', { timeout: T });
+}
+
+async function logIn(page, url, user) {
+  await page.goto(url);
+  await page.fill('#username', user);
+  await page.fill('#password', 'password123');
+  await page.press('#password', 'Enter');
+  await page.waitForSelector('#conn.connected', { timeout: T });
+}
+
+async function openRoom(page, name) {
+  await page.fill('#join-room', name);
+  await page.press('#join-room', 'Enter');
+  await page.waitForFunction((n) => document.getElementById('room-title').textContent.includes(n), name, { timeout: T });
+}
+
+async function say(page, text) {
+  await page.fill('#text', text);
+  await page.press('#text', 'Enter'); // keyboard only
+}
+
+const logTexts = (page) => page.$$eval('#log .msg .text', (els) => els.map((e) => e.textContent));
+
+async function expectText(page, text) {
+  try {
+    await page.waitForFunction(
+      (t) => [...document.querySelectorAll('#log .msg:not(.pending) .text')].some((e) => e.textContent === t),
+      text, { timeout: T });
+  } catch (e) {
+    const state = await page.evaluate(() => ({
+      conn: document.getElementById('conn').textContent,
+      room: document.getElementById('room-title').textContent,
+      log: [...document.querySelectorAll('#log > *')].map((m) => m.className + ': ' + m.textContent).slice(-8),
+    }));
+    throw new Error(`"${text}" not shown: ${JSON.stringify(state)}`);
+  }
+}
+
+let failures = 0;
+async function check(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    console.log(`ok   ${name} (${Date.now() - t0} ms)`);
+  } catch (e) {
+    failures++;
+    console.log(`FAIL ${name}: ${e.stack || e}`);
+  }
+}
+
+function assert(cond, msg) { if (!cond) throw new Error(msg); }
+
+async function main() {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const tmp = mkdtempSync(join(tmpdir(), 'shoal-web-'));
+  const broker = new Broker(await freePort(), join(tmp, 'data'));
+  await broker.start();
+  const browser = await chromium.launch({
+    executablePath: BROWSER,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const dialogs = [];
+  const ctxA = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  const ctxB = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+  const a = await ctxA.newPage();
+  const b = await ctxB.newPage();
+  for (const p of [a, b]) {
+    p.on('dialog', (d) => { dialogs.push(d.message()); d.dismiss(); });
+    p.on('pageerror', (e) => { failures++; console.log('page error: ' + e.message); });
+  }
+
+  try {
+    await check('register, log in, join a room, exchange messages in order', async () => {
+      await signUp(a, broker.url, 'alice');
+      await signUp(b, broker.url, 'bob');
+      await openRoom(a, 'general');
+      await openRoom(b, 'general');
+      await say(a, 'hello bob');
+      await expectText(b, 'hello bob');
+      await say(b, 'hi alice');
+      await expectText(a, 'hi alice');
+      for (let i = 1; i <= 3; i++) await say(a, `line ${i}`);
+      await expectText(b, 'line 3');
+      const got = (await logTexts(b)).filter((t) => t.startsWith('line') || t.startsWith('h'));
+      assert(JSON.stringify(got) === JSON.stringify(['hello bob', 'hi alice', 'line 1', 'line 2', 'line 3']),
+        'order on bob: ' + JSON.stringify(got));
+    });
+
+    await check('typing indicator and presence', async () => {
+      await sleep(2100); // the client sends `typing` at most every 2 s
+      await b.type('#text', 'typing…');
+      await a.waitForFunction(() => document.getElementById('typing').textContent.includes('bob is typing'), null, { timeout: T });
+      await b.fill('#text', '');
+      await a.waitForSelector('#members li[data-member="bob"] .dot.online', { timeout: T });
+      await a.waitForSelector('#users li[data-user="bob"] .dot.online', { timeout: T });
+    });
+
+    await check('read marks turn to read when the other side views the room', async () => {
+      await say(a, 'did you read this?');
+      await expectText(b, 'did you read this?');
+      await a.waitForFunction(() => {
+        const own = [...document.querySelectorAll('#log .msg.own')].find((m) => m.querySelector('.text').textContent === 'did you read this?');
+        return own && own.querySelector('.status').textContent.includes('read');
+      }, null, { timeout: T });
+    });
+
+    await check('message text is rendered as text, never as HTML', async () => {
+      const evil = '<img src=x onerror=alert(1)>';
+      await say(a, evil);
+      await expectText(b, evil);
+      assert((await b.$$('#log img')).length === 0, 'an <img> element was created');
+      await sleep(300);
+      assert(dialogs.length === 0, 'a dialog opened: ' + dialogs.join(','));
+    });
+
+    await check('DM arrives without joining; kept while logged out and there at next login', async () => {
+      await a.click('#users li[data-user="bob"]');
+      await a.waitForFunction(() => document.getElementById('room-title').textContent.includes('bob'), null, { timeout: T });
+      await say(a, 'psst, private');
+      await b.waitForSelector('#rooms li[data-room="dm:alice:bob"]', { timeout: T });
+      await b.click('#rooms li[data-room="dm:alice:bob"]');
+      await expectText(b, 'psst, private');
+      // Bob logs out; alice writes; bob logs back in and finds it.
+      await b.click('#logout');
+      await b.waitForSelector('#auth:not([hidden])', { timeout: T });
+      await say(a, 'while you were away');
+      await expectText(a, 'while you were away');
+      await logIn(b, broker.url, 'bob');
+      await b.waitForSelector('#rooms li[data-room="dm:alice:bob"] .badge', { timeout: T });
+      await b.click('#rooms li[data-room="dm:alice:bob"]');
+      await expectText(b, 'while you were away');
+    });
+
+    await check('broker restart: the page shows it is reconnecting, reconnects, shows what was sent meanwhile', async () => {
+      await openRoom(a, 'general');
+      await openRoom(b, 'general');
+      await broker.stop();
+      await a.waitForSelector('#conn.reconnecting', { timeout: T });
+      await broker.start();
+      await publishApi(broker, 'general', 'sent during the outage');
+      await publishApi(broker, 'general', 'and another one');
+      await a.waitForSelector('#conn.connected', { timeout: 30000 });
+      await b.waitForSelector('#conn.connected', { timeout: 30000 });
+      await expectText(a, 'sent during the outage');
+      await expectText(a, 'and another one');
+      await say(a, 'back online');
+      await expectText(b, 'back online');
+    });
+
+    await check('search and delete own message', async () => {
+      await a.click('#users li[data-user="bob"]');
+      await a.fill('#search-q', 'private');
+      await a.press('#search-q', 'Enter');
+      await a.waitForFunction(() => document.getElementById('search-results').textContent.includes('psst, private'), null, { timeout: T });
+      await openRoom(a, 'general');
+      await say(a, 'delete me');
+      await expectText(b, 'delete me');
+      const own = a.locator('#log .msg.own', { hasText: 'delete me' });
+      await own.locator('button.del').click();
+      await b.waitForFunction(() => ![...document.querySelectorAll('#log .msg .text')].some((e) => e.textContent === 'delete me'), null, { timeout: T });
+    });
+
+    await check('narrow phone-sized window stays usable', async () => {
+      await a.setViewportSize({ width: 380, height: 740 });
+      await say(a, 'from my phone');
+      await expectText(b, 'from my phone');
+      const box = await a.locator('#text').boundingBox();
+      assert(box && box.x >= 0 && box.x + box.width <= 380, 'input off screen: ' + JSON.stringify(box));
+      await a.setViewportSize({ width: 1100, height: 720 });
+    });
+
+    await a.screenshot({ path: join(ARTIFACTS, 'chat.png') });
+    if (process.env.UPDATE_SCREENSHOT) copyFileSync(join(ARTIFACTS, 'chat.png'), join(repo, 'docs/screenshot.png'));
+  } finally {
+    await browser.close();
+    await broker.stop();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+  if (failures) {
+    console.log(`${failures} failure(s)`);
+    process.exit(1);
+  }
+  console.log('all web tests passed');
+}
+
+main().catch((e) => { console.error(e); process.exit(1); });
