@@ -57,6 +57,13 @@ impl TokenBucket {
     }
 }
 
+/// Outcome of the per-frame rate check.
+enum Admit {
+    Yes,
+    Refused,
+    Close,
+}
+
 /// Window over which rate-limit strikes are counted.
 const STRIKE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -91,7 +98,9 @@ pub async fn serve(
     let (r, w) = tokio::io::split(io);
     let (mut rd, _) = after_handshake_split(r, tokio::io::sink(), Role::Server);
     rd.set_auto_close(false);
-    rd.set_auto_pong(true);
+    // Pings are answered here, not by fastwebsockets, so that they count
+    // against the frame rate limit (a ping flood is a flood).
+    rd.set_auto_pong(false);
     // fastwebsockets rejects a frame when `len >= limit`, before reading its payload.
     rd.set_max_message_size(cfg.max_message_size + 1);
 
@@ -128,12 +137,9 @@ pub async fn serve(
 
     let expires_in = Duration::from_secs(claims.exp.saturating_sub(crate::auth::now_secs()));
     let token_deadline = Instant::now() + expires_in;
-    let pong_handle = handle.clone();
-    let mut send_fn = move |f: fastwebsockets::Frame<'_>| {
-        // Only pongs reach here (auto-close is off); they are best effort.
-        let _ = pong_handle.push(ws_frame(f.opcode, &f.payload), true);
-        std::future::ready(Ok::<(), Infallible>(()))
-    };
+    // Auto-close and auto-pong are off, so fastwebsockets never has
+    // anything to send on our behalf.
+    let mut send_fn = |_f: fastwebsockets::Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
     let mut message: Option<(OpCode, BytesMut)> = None;
     let max = cfg.max_message_size;
     loop {
@@ -167,7 +173,16 @@ pub async fn serve(
                 handle.close(CloseCode::Normal);
                 break;
             }
-            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Pong => continue,
+            OpCode::Ping => {
+                match session.admit() {
+                    Admit::Yes => {}
+                    Admit::Refused => continue,
+                    Admit::Close => break,
+                }
+                // Best effort, like other ephemeral frames.
+                let _ = handle.push(ws_frame(OpCode::Pong, &frame.payload), true);
+            }
             OpCode::Text | OpCode::Binary => {
                 if message.is_some() {
                     handle.close(CloseCode::Protocol);
@@ -240,27 +255,38 @@ fn close_code_for(e: &WebSocketError) -> Option<CloseCode> {
 
 impl Session {
     /// Handle one complete message. Returns false if the connection must end.
-    async fn on_message(&mut self, payload: &[u8]) -> bool {
-        let m = &self.state.metrics;
-        if !self.bucket.take() {
-            m.rate_limited("frame");
-            let now = Instant::now();
-            if now.duration_since(self.strike_window_start) > STRIKE_WINDOW {
-                self.strike_window_start = now;
-                self.strikes = 0;
-            }
-            self.strikes += 1;
-            if self.strikes > self.state.cfg.rate_strikes {
-                self.handle.close(CloseCode::Policy);
-                return false;
-            }
-            self.reply_err(
-                None,
-                ErrorCode::RateLimited,
-                "rate limit exceeded; slow down",
-            );
-            return true;
+    /// Take a token for one incoming frame (data or ping). Over the rate:
+    /// `error 429` and a strike; too many strikes: close 1008.
+    fn admit(&mut self) -> Admit {
+        if self.bucket.take() {
+            return Admit::Yes;
         }
+        self.state.metrics.rate_limited("frame");
+        let now = Instant::now();
+        if now.duration_since(self.strike_window_start) > STRIKE_WINDOW {
+            self.strike_window_start = now;
+            self.strikes = 0;
+        }
+        self.strikes += 1;
+        if self.strikes > self.state.cfg.rate_strikes {
+            self.handle.close(CloseCode::Policy);
+            return Admit::Close;
+        }
+        self.reply_err(
+            None,
+            ErrorCode::RateLimited,
+            "rate limit exceeded; slow down",
+        );
+        Admit::Refused
+    }
+
+    async fn on_message(&mut self, payload: &[u8]) -> bool {
+        match self.admit() {
+            Admit::Yes => {}
+            Admit::Refused => return true,
+            Admit::Close => return false,
+        }
+        let m = &self.state.metrics;
         let frame = match self.handle.encoding.decode_client(payload) {
             Ok(f) => f,
             Err(e) => {

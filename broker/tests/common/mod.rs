@@ -94,6 +94,18 @@ impl Client {
         self.ws.send(msg).await.expect("send");
     }
 
+    /// Like `send`, but a broken connection is an error, not a panic.
+    pub async fn try_send(&mut self, f: &ClientFrame) -> Result<(), String> {
+        let bytes = self.enc.encode_client(f).map_err(|e| e.to_string())?;
+        let msg = match self.enc {
+            Encoding::MsgPack => Message::Binary(bytes.into()),
+            Encoding::Json => {
+                Message::Text(String::from_utf8(bytes).map_err(|e| e.to_string())?.into())
+            }
+        };
+        self.send_raw(msg).await
+    }
+
     pub async fn send_raw(&mut self, m: Message) -> Result<(), String> {
         self.ws.send(m).await.map_err(|e| e.to_string())
     }
