@@ -4,6 +4,7 @@
 CARGO ?= cargo
 ARGS ?=
 FUZZ_SECONDS ?= 60
+FUZZ_TEST_SECONDS ?= 15
 
 .PHONY: run build test test-deps lint fmt fuzz bench smoke observe web-test clean
 
@@ -21,6 +22,7 @@ test: test-deps lint
 	$(CARGO) test --workspace --all-targets
 	./scripts/web-tests.sh
 	./scripts/smoke.sh
+	./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
 
 ## The web client in headless Chromium (two users, DMs, restart, XSS).
 web-test:
@@ -53,7 +55,8 @@ BENCH_ARGS ?=
 bench:
 	./scripts/bench.sh $(SCENARIO) $(BENCH_ARGS)
 
-## Run every fuzz target for FUZZ_SECONDS each (needs a nightly toolchain).
+## Run every fuzz target for FUZZ_SECONDS each (stable toolchain; `make test`
+## runs each for FUZZ_TEST_SECONDS).
 fuzz:
 	./scripts/fuzz.sh $(FUZZ_SECONDS)
 

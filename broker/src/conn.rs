@@ -57,6 +57,81 @@ impl TokenBucket {
     }
 }
 
+/// What one WebSocket frame amounts to, after fragment assembly.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A fragment was buffered; nothing to do yet.
+    Pending,
+    /// The frame itself is a complete data message (no copy made).
+    Whole,
+    /// A fragmented message, reassembled.
+    Reassembled(bytes::Bytes),
+    /// A ping to answer (after the rate check).
+    Ping,
+    /// A pong: nothing to do.
+    Pong,
+    /// The connection must close with this code.
+    Close(CloseCode),
+}
+
+/// Reassembles fragmented messages under the message size cap
+/// (fastwebsockets caps each frame, not a reassembled message) and enforces
+/// the fragmentation rules of RFC 6455 §5.4.
+pub struct Assembler {
+    max: usize,
+    message: Option<(OpCode, BytesMut)>,
+}
+
+impl Assembler {
+    /// Messages over `max` bytes close the connection with 1009.
+    pub fn new(max: usize) -> Self {
+        Assembler { max, message: None }
+    }
+
+    /// Feed one frame.
+    pub fn feed(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) -> Step {
+        match opcode {
+            OpCode::Close => Step::Close(CloseCode::Normal),
+            OpCode::Pong => Step::Pong,
+            OpCode::Ping => Step::Ping,
+            OpCode::Text | OpCode::Binary => {
+                if self.message.is_some() {
+                    return Step::Close(CloseCode::Protocol);
+                }
+                if payload.len() > self.max {
+                    return Step::Close(CloseCode::TooBig);
+                }
+                if fin {
+                    return Step::Whole;
+                }
+                let mut buf = BytesMut::with_capacity((payload.len() * 2).min(self.max));
+                buf.extend_from_slice(payload);
+                self.message = Some((opcode, buf));
+                Step::Pending
+            }
+            OpCode::Continuation => {
+                let Some((op, buf)) = self.message.as_mut() else {
+                    return Step::Close(CloseCode::Protocol);
+                };
+                if buf.len() + payload.len() > self.max {
+                    self.message = None;
+                    return Step::Close(CloseCode::TooBig);
+                }
+                buf.extend_from_slice(payload);
+                if !fin {
+                    return Step::Pending;
+                }
+                let op = *op;
+                let buf = self.message.take().map(|(_, b)| b).unwrap_or_default();
+                if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                    return Step::Close(CloseCode::InvalidPayload);
+                }
+                Step::Reassembled(buf.freeze())
+            }
+        }
+    }
+}
+
 /// Outcome of the per-frame rate check.
 enum Admit {
     Yes,
@@ -140,8 +215,7 @@ pub async fn serve(
     // Auto-close and auto-pong are off, so fastwebsockets never has
     // anything to send on our behalf.
     let mut send_fn = |_f: fastwebsockets::Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
-    let mut message: Option<(OpCode, BytesMut)> = None;
-    let max = cfg.max_message_size;
+    let mut assembler = Assembler::new(cfg.max_message_size);
     loop {
         let idle_deadline = Instant::now() + cfg.idle_timeout();
         // read_frame is not cancel-safe; every branch that wins over it
@@ -168,13 +242,14 @@ pub async fn serve(
                 Ok(Ok(f)) => f,
             },
         };
-        match frame.opcode {
-            OpCode::Close => {
-                handle.close(CloseCode::Normal);
+        match assembler.feed(frame.fin, frame.opcode, &frame.payload) {
+            Step::Pending => {}
+            Step::Close(code) => {
+                handle.close(code);
                 break;
             }
-            OpCode::Pong => continue,
-            OpCode::Ping => {
+            Step::Pong => {}
+            Step::Ping => {
                 match session.admit() {
                     Admit::Yes => {}
                     Admit::Refused => continue,
@@ -183,41 +258,14 @@ pub async fn serve(
                 // Best effort, like other ephemeral frames.
                 let _ = handle.push(ws_frame(OpCode::Pong, &frame.payload), true);
             }
-            OpCode::Text | OpCode::Binary => {
-                if message.is_some() {
-                    handle.close(CloseCode::Protocol);
+            Step::Whole => {
+                if !session.on_message(&frame.payload).await {
                     break;
-                }
-                if frame.fin {
-                    if !session.on_message(&frame.payload).await {
-                        break;
-                    }
-                } else {
-                    let mut buf = BytesMut::with_capacity(frame.payload.len() * 2);
-                    buf.extend_from_slice(&frame.payload);
-                    message = Some((frame.opcode, buf));
                 }
             }
-            OpCode::Continuation => {
-                let Some((op, buf)) = message.as_mut() else {
-                    handle.close(CloseCode::Protocol);
+            Step::Reassembled(buf) => {
+                if !session.on_message(&buf).await {
                     break;
-                };
-                if buf.len() + frame.payload.len() > max {
-                    handle.close(CloseCode::TooBig);
-                    break;
-                }
-                buf.extend_from_slice(&frame.payload);
-                if frame.fin {
-                    let op = *op;
-                    let buf = message.take().map(|(_, b)| b).unwrap_or_default();
-                    if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
-                        handle.close(CloseCode::InvalidPayload);
-                        break;
-                    }
-                    if !session.on_message(&buf).await {
-                        break;
-                    }
                 }
             }
         }
@@ -680,6 +728,49 @@ const JOIN_ATTEMPTS: usize = 32;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assembler_rules() {
+        let mut a = Assembler::new(10);
+        assert_eq!(a.feed(true, OpCode::Text, b"hi"), Step::Whole);
+        assert_eq!(a.feed(false, OpCode::Text, b"he"), Step::Pending);
+        assert_eq!(a.feed(false, OpCode::Continuation, b"ll"), Step::Pending);
+        assert_eq!(
+            a.feed(true, OpCode::Continuation, b"o"),
+            Step::Reassembled(bytes::Bytes::from_static(b"hello"))
+        );
+        assert_eq!(
+            a.feed(true, OpCode::Continuation, b"x"),
+            Step::Close(CloseCode::Protocol)
+        );
+        assert_eq!(a.feed(false, OpCode::Binary, b"12345"), Step::Pending);
+        assert_eq!(
+            a.feed(true, OpCode::Text, b"x"),
+            Step::Close(CloseCode::Protocol)
+        );
+        let mut a = Assembler::new(10);
+        assert_eq!(a.feed(false, OpCode::Binary, b"123456"), Step::Pending);
+        assert_eq!(
+            a.feed(false, OpCode::Continuation, b"789012"),
+            Step::Close(CloseCode::TooBig)
+        );
+        let mut a = Assembler::new(10);
+        assert_eq!(a.feed(false, OpCode::Text, b"\xe2\x82"), Step::Pending);
+        assert_eq!(
+            a.feed(true, OpCode::Continuation, b"\xac"),
+            Step::Reassembled(bytes::Bytes::from_static("€".as_bytes()))
+        );
+        assert_eq!(a.feed(false, OpCode::Text, b"\xff"), Step::Pending);
+        assert_eq!(
+            a.feed(true, OpCode::Continuation, b"a"),
+            Step::Close(CloseCode::InvalidPayload)
+        );
+        assert_eq!(a.feed(true, OpCode::Ping, b""), Step::Ping);
+        assert_eq!(
+            a.feed(true, OpCode::Close, b""),
+            Step::Close(CloseCode::Normal)
+        );
+    }
 
     #[test]
     fn bucket_limits_burst() {

@@ -243,7 +243,12 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
             )
         })?
         .to_bytes();
-    serde_json::from_slice(&body)
+    parse_json(&body)
+}
+
+/// Parse an untrusted REST body; a bad one is a 400, never a panic.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
@@ -275,10 +280,13 @@ fn authenticate<B>(state: &AppState, req: &Request<B>) -> Result<crate::auth::Cl
     })
 }
 
-#[derive(Deserialize)]
-struct Credentials {
-    username: String,
-    password: String,
+/// Body of `POST /api/register` and `POST /api/login`.
+#[derive(Debug, Deserialize)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
 }
 
 async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
@@ -357,13 +365,17 @@ async fn users(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErro
     Ok(json_response(StatusCode::OK, &json!({"users": users})))
 }
 
-#[derive(Deserialize)]
-struct ApiPublish {
+/// Body of `POST /api/publish`.
+#[derive(Debug, Deserialize)]
+pub struct ApiPublish {
+    /// Target room (or taken from the path).
     #[serde(default)]
-    room: Option<String>,
-    body: shoal_proto::Body,
+    pub room: Option<String>,
+    /// Message body.
+    pub body: shoal_proto::Body,
+    /// Client message id for idempotent retries.
     #[serde(default)]
-    cid: Option<String>,
+    pub cid: Option<String>,
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

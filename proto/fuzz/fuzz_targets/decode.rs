@@ -9,7 +9,9 @@ use shoal_proto::Encoding;
 fuzz_target!(|data: &[u8]| {
     for enc in Encoding::ALL {
         if let Ok(frame) = enc.decode_client(data) {
-            let bytes = enc.encode_client(&frame).expect("a decoded frame re-encodes");
+            let bytes = enc
+                .encode_client(&frame)
+                .expect("a decoded frame re-encodes");
             assert_eq!(enc.decode_client(&bytes).ok(), Some(frame));
         }
         let _ = enc.decode_server(data);
