@@ -47,6 +47,13 @@ pub struct Config {
     #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// WebSocket handshakes admitted per second (token bucket, burst of one
+    /// second's worth); over it the upgrade completes and is closed at once
+    /// with 4005 (try again later), which tells clients to back off with
+    /// jitter. Protects a node from reconnection storms. 0 = unlimited.
+    #[arg(long, env = "SHOAL_HANDSHAKE_RATE", default_value_t = 5000.0)]
+    pub handshake_rate: f64,
+
     /// Maximum concurrent WebSocket connections; more get HTTP 503 before upgrade.
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,

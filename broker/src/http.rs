@@ -721,12 +721,35 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
             HeaderValue::from_static(encoding.subprotocol()),
         );
     }
-    m.handshake("ok");
+    // Over the handshake rate: finish the upgrade (browsers only see close
+    // codes, not HTTP statuses) and close at once with 4005.
+    let admitted = state
+        .handshake_bucket
+        .as_ref()
+        .is_none_or(|b| b.lock().take());
+    if admitted {
+        m.handshake("ok");
+    } else {
+        m.handshake("rate_limited");
+        m.rate_limited("handshake");
+    }
     let st = state.clone();
     let timeout = state.cfg.handshake_timeout();
     state.tracker.spawn(async move {
         let _permit = permit;
         match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(mut ws)) if !admitted => {
+                let code = shoal_proto::CloseCode::TryAgainLater;
+                st.metrics.close(code);
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    ws.write_frame(fastwebsockets::Frame::close(
+                        code.as_u16(),
+                        code.reason().as_bytes(),
+                    )),
+                )
+                .await;
+            }
             Ok(Ok(ws)) => crate::conn::serve(st, ws.into_inner(), claims, encoding).await,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "upgrade failed");

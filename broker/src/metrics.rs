@@ -192,6 +192,7 @@ impl Metrics {
             "unauthorized",
             "forbidden_origin",
             "over_capacity",
+            "rate_limited",
             "bad_request",
             "failed",
         ] {
@@ -256,7 +257,7 @@ impl Metrics {
             "Requests refused by a rate or count limit, by kind",
             rate_limited.clone(),
         );
-        for k in ["frame", "typing", "rooms", "login"] {
+        for k in ["frame", "typing", "rooms", "login", "handshake"] {
             let _ = rate_limited.get_or_create(&[("kind", k)]);
         }
         let ephemeral_dropped = Counter::default();

@@ -82,7 +82,14 @@ pub async fn build_state(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let handshake_bucket = (cfg.handshake_rate > 0.0).then(|| {
+        parking_lot::Mutex::new(crate::conn::TokenBucket::new(
+            cfg.handshake_rate,
+            cfg.handshake_rate.max(1.0),
+        ))
+    });
     Ok(Arc::new(AppState {
+        handshake_bucket,
         conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg: Arc::new(cfg),
         node,

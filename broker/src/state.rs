@@ -21,6 +21,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Admits handshakes at `--handshake-rate` (None: unlimited).
+    pub handshake_bucket: Option<parking_lot::Mutex<crate::conn::TokenBucket>>,
     /// One permit per WebSocket connection (`--max-connections`).
     pub conn_permits: Arc<Semaphore>,
     /// Cancelled when the server shuts down.

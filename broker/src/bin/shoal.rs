@@ -15,6 +15,12 @@ async fn main() -> anyhow::Result<()> {
     cfg.validate()
         .map_err(|e| anyhow::anyhow!(e))
         .context("invalid configuration")?;
+    // Every connection is a file descriptor; the usual soft limit (1024)
+    // would cap the broker long before --max-connections.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(open_files = n, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;

@@ -338,10 +338,17 @@ pub trait Endpoint {
     }
 
     /// Value of one sample line, e.g. `shoal_closes_total{reason="slow_consumer"`.
-    async fn metric(&self, prefix: &str) -> f64 {
+    /// Value of one sample: `name` or `name{a="b",c="d"` (the sample of
+    /// `name` whose labels include those pairs, in any order).
+    async fn metric(&self, key: &str) -> f64 {
         let text = self.metrics().await;
+        let (name, labels) = key.split_once('{').unwrap_or((key, ""));
+        let want: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
         text.lines()
-            .find(|l| l.starts_with(prefix))
+            .find(|l| {
+                (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                    && want.iter().all(|w| l.contains(w))
+            })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
@@ -373,6 +380,16 @@ pub trait Endpoint {
     }
 
     async fn try_connect(&self, token: &str, enc: Encoding) -> Result<Client, (u16, String)> {
+        let mut c = self.try_connect_raw(token, enc).await?;
+        match c.recv().await {
+            ServerFrame::Hello { .. } => Ok(c),
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+
+    /// Upgrade without reading `hello` (the broker may close at once with
+    /// 4005 instead). Err for an HTTP refusal or a connection error (0).
+    async fn try_connect_raw(&self, token: &str, enc: Encoding) -> Result<Client, (u16, String)> {
         let mut req = format!("ws://{}/ws", self.addr())
             .into_client_request()
             .expect("req");
@@ -385,17 +402,11 @@ pub trait Endpoint {
             HeaderValue::from_static(enc.subprotocol()),
         );
         match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => {
-                let mut c = Client {
-                    ws,
-                    enc,
-                    next_id: 1,
-                };
-                match c.recv().await {
-                    ServerFrame::Hello { .. } => Ok(c),
-                    other => panic!("expected hello, got {other:?}"),
-                }
-            }
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                enc,
+                next_id: 1,
+            }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let body = resp
                     .body()
@@ -404,7 +415,7 @@ pub trait Endpoint {
                     .unwrap_or_default();
                 Err((resp.status().as_u16(), body))
             }
-            Err(e) => panic!("ws connect: {e}"),
+            Err(e) => Err((0, e.to_string())),
         }
     }
 }
