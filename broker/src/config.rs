@@ -38,6 +38,15 @@ pub struct Config {
     #[arg(long, env = "SHOAL_JWT_ED25519_PUBLIC_KEY")]
     pub jwt_ed25519_public_key: Option<PathBuf>,
 
+    /// PEM certificate chain: serve TLS (`https://`, `wss://`) on `--listen`
+    /// instead of plain HTTP. Needs `--tls-key`. Reloaded on SIGHUP.
+    #[arg(long, env = "SHOAL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "SHOAL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Lifetime of tokens issued by `POST /api/login`, in seconds.
     #[arg(long = "token-ttl", env = "SHOAL_TOKEN_TTL", default_value_t = 86_400)]
     pub token_ttl_secs: u64,

@@ -13,6 +13,7 @@ pub mod persist;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod webhook;
 
 pub use config::Config;

@@ -193,6 +193,7 @@ impl Metrics {
             "forbidden_origin",
             "over_capacity",
             "rate_limited",
+            "tls_failed",
             "bad_request",
             "failed",
         ] {

@@ -88,7 +88,17 @@ pub async fn build_state(
             cfg.handshake_rate.max(1.0),
         ))
     });
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => {
+            let t = crate::tls::Tls::load(c, k).context("loading TLS certificate")?;
+            tokio::spawn(crate::tls::reload_on_sighup(t.clone(), shutdown.clone()));
+            Some(t)
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    };
     Ok(Arc::new(AppState {
+        tls,
         handshake_bucket,
         conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg: Arc::new(cfg),
@@ -195,24 +205,22 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
         let _ = stream.set_nodelay(true);
         let st = state.clone();
         state.tracker.spawn(async move {
-            let svc_state = st.clone();
-            let svc = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(st.cfg.handshake_timeout())
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let res = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = st.shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match st.tls.as_ref().map(|t| t.acceptor()) {
+                None => serve_http(st, TokioIo::new(stream), peer).await,
+                Some(acceptor) => {
+                    // A plain-HTTP request on the TLS port fails here and
+                    // the socket is closed; nothing reaches the router.
+                    match tokio::time::timeout(st.cfg.handshake_timeout(), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => serve_http(st, TokioIo::new(tls), peer).await,
+                        Ok(Err(e)) => {
+                            st.metrics.handshake("tls_failed");
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => st.metrics.handshake("tls_failed"),
+                    }
                 }
-            };
-            if let Err(e) = res {
-                tracing::debug!(%peer, error = %e, "http connection ended with error");
             }
         });
     }
@@ -238,6 +246,32 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
     state.writer_stop.cancel();
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Serve HTTP/1.1 (with upgrades) on one accepted connection, plain or TLS.
+async fn serve_http<I>(st: Arc<AppState>, io: TokioIo<I>, peer: std::net::SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc_state = st.clone();
+    let svc = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(st.cfg.handshake_timeout())
+        .max_buf_size(64 * 1024)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = st.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(%peer, error = %e, "http connection ended with error");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -21,6 +21,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Native TLS, when configured.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// Admits handshakes at `--handshake-rate` (None: unlimited).
     pub handshake_bucket: Option<parking_lot::Mutex<crate::conn::TokenBucket>>,
     /// One permit per WebSocket connection (`--max-connections`).
