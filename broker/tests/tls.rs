@@ -73,12 +73,10 @@ async fn read_text<S: AsyncRead + Unpin>(s: &mut S, pending: &mut Vec<u8>) -> St
             } else {
                 (len, 2)
             };
-            if len < 126 || off == 4 {
-                if pending.len() >= off + len {
-                    let text = String::from_utf8_lossy(&pending[off..off + len]).to_string();
-                    pending.drain(..off + len);
-                    return text;
-                }
+            if (len < 126 || off == 4) && pending.len() >= off + len {
+                let text = String::from_utf8_lossy(&pending[off..off + len]).to_string();
+                pending.drain(..off + len);
+                return text;
             }
         }
         let n = s.read(&mut tmp).await.expect("read");
