@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark a single release-built broker on loopback with loadgen and
 # write results under results/. Usage: scripts/bench.sh [fanout|capacity|connect] [loadgen args...]
+# The broker has a `live` namespace without storage (`--namespace live` in
+# loadgen measures delivery alone); BROKER_ARGS adds broker flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario="${1:-fanout}"; shift || true
@@ -9,7 +11,8 @@ tmp="$(mktemp -d)"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 secret="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 SHOAL_JWT_SECRET="$secret" ./target/release/shoal --listen "127.0.0.1:$port" --data "$tmp" \
-    --rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --log warn &
+    --rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --log warn \
+    --namespace live:persist=off ${BROKER_ARGS:-} &
 pid=$!
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done

@@ -79,6 +79,11 @@ pub struct FanoutOpts {
     /// Connections opened concurrently during set-up.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+
+    /// Put the rooms in this namespace (e.g. one the broker runs with
+    /// `persist=off`, to measure delivery without storage).
+    #[arg(long)]
+    pub namespace: Option<String>,
 }
 
 /// One second of a run.
@@ -330,7 +335,10 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     for i in 0..n {
         let url = c.urls[i % c.urls.len()].clone();
         let token = client::mint_token(&secret, &format!("{prefix}-u{i}"), 3600)?;
-        let room = format!("{prefix}-r{}", i % opts.rooms);
+        let room = match &opts.namespace {
+            Some(ns) => format!("{ns}:{prefix}-r{}", i % opts.rooms),
+            None => format!("{prefix}-r{}", i % opts.rooms),
+        };
         let src = client::source_ip(i, c.source_ips);
         let sem = sem.clone();
         joins.push(tokio::spawn(async move {
@@ -375,7 +383,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     }
 
     let http = reqwest::Client::new();
-    let start_instant = Instant::now() + Duration::from_millis(300);
+    let pace_start = std::time::Instant::now() + Duration::from_millis(300);
     let t0 = now_ns() + 300_000_000;
     let warm_ns = (opts.warmup * 1e9) as u64;
     let dur_ns = (opts.duration * 1e9) as u64;
@@ -414,6 +422,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     let pad = "x".repeat(opts.payload);
     let mut tasks = Vec::with_capacity(n);
     let mut writers = Vec::with_capacity(opts.publishers);
+    let mut paces = Vec::with_capacity(opts.publishers);
     for (i, (ws, room, seq)) in conns.into_iter().enumerate() {
         let room_idx = i % opts.rooms;
         let (rd, wr) = ws.split(tokio::io::split);
@@ -431,22 +440,25 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             seq,
             ack_clock,
         )));
-        let w = tokio::spawn(writer(
-            wr,
-            pong_rx,
-            sh,
-            publisher.then(|| Schedule {
+        let sched = publisher.then(|| {
+            let (tx, ticks) = tokio::sync::mpsc::unbounded_channel();
+            paces.push(Pace {
+                offset_ns,
+                interval_ns,
+                tx,
+            });
+            Schedule {
                 pub_id: i as u64,
                 room,
                 interval_ns,
                 // Stagger publishers evenly inside one interval.
                 offset_ns,
                 t0,
-                end: window.1,
-                start_instant,
                 pad: pad.clone(),
-            }),
-        ));
+                ticks,
+            }
+        });
+        let w = tokio::spawn(writer(wr, pong_rx, sh, sched));
         if publisher {
             writers.push(w);
         } else {
@@ -454,6 +466,11 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         }
     }
 
+    let total_ns = window.1 - t0;
+    std::thread::Builder::new()
+        .name("loadgen-pacer".into())
+        .spawn(move || pacer(paces, pace_start, total_ns))
+        .map_err(|e| anyhow::anyhow!("starting the pacer thread: {e}"))?;
     let before = sys::scrape(&http, &c.urls).await;
     let cpu0 = sys::own_cpu_seconds();
     let wall0 = Instant::now();
@@ -587,9 +604,43 @@ struct Schedule {
     interval_ns: u64,
     offset_ns: u64,
     t0: u64,
-    end: u64,
-    start_instant: Instant,
     pad: String,
+    /// Send times, as schedule indexes, from the pacer thread.
+    ticks: tokio::sync::mpsc::UnboundedReceiver<u64>,
+}
+
+/// One publisher's schedule, for the pacer.
+struct Pace {
+    offset_ns: u64,
+    interval_ns: u64,
+    tx: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+/// The pacer: one OS thread that sleeps until the next intended send time
+/// of any publisher (nanosleep, ~60 µs slack) and wakes that publisher.
+/// tokio's timer rounds every sleep up to a whole millisecond, which would
+/// put up to 1 ms of the load generator's own delay into every latency.
+fn pacer(paces: Vec<Pace>, start: std::time::Instant, dur_ns: u64) {
+    use std::{cmp::Reverse, collections::BinaryHeap};
+    let mut heap: BinaryHeap<Reverse<(u64, usize, u64)>> = paces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Reverse((p.offset_ns, i, 0)))
+        .collect();
+    while let Some(Reverse((due, i, k))) = heap.pop() {
+        if due >= dur_ns {
+            continue;
+        }
+        let at = start + Duration::from_nanos(due);
+        let now = std::time::Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        if paces[i].tx.send(k).is_err() {
+            continue; // that publisher is gone
+        }
+        heap.push(Reverse((due + paces[i].interval_ns, i, k + 1)));
+    }
 }
 
 type Rd = fastwebsockets::WebSocketRead<
@@ -607,24 +658,21 @@ async fn writer(
 ) -> Histogram<u64> {
     let mut lag = stats::histogram();
     if let Some(s) = sched {
-        let mut k: u64 = 0;
+        let mut ticks = s.ticks;
         loop {
-            let intended = s.t0 + s.offset_ns + k * s.interval_ns;
-            if intended >= s.end {
-                break;
-            }
-            let at = s.start_instant + Duration::from_nanos(intended - s.t0);
-            // Pongs may be answered while waiting; a late sender sends at
-            // once and keeps the intended stamp.
-            loop {
+            // The pacer thread says when; pongs are answered while waiting.
+            // A late sender sends at once and keeps the intended stamp.
+            let k = loop {
                 tokio::select! {
                     biased;
-                    _ = tokio::time::sleep_until(at) => break,
+                    t = ticks.recv() => break t,
                     Some(p) = pongs.recv() => {
                         let _ = wr.write_frame(Frame::pong(Payload::Owned(p))).await;
                     }
                 }
-            }
+            };
+            let Some(k) = k else { break };
+            let intended = s.t0 + s.offset_ns + k * s.interval_ns;
             let body = json!({"s": intended, "p": s.pub_id, "n": k, "x": s.pad});
             let f = ClientFrame::Pub {
                 id: Some(k),
@@ -651,7 +699,6 @@ async fn writer(
             if now >= sh.window.0 && now < sh.window.1 {
                 sh.sent_in_window.fetch_add(1, Ordering::Relaxed);
             }
-            k += 1;
         }
         return lag;
     }

@@ -142,6 +142,7 @@ async fn every_panel_query_returns_data() {
         max_p99_ms: None,
         max_loss: 0,
         connect_concurrency: 16,
+        namespace: None,
     };
     let run = tokio::spawn(async move { fanout::run(&opts).await });
 

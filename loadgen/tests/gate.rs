@@ -62,6 +62,7 @@ async fn fanout_gate_no_loss_full_rate_bounded_latency() {
             max_p99_ms: Some(250.0),
             max_loss: 0,
             connect_concurrency: 32,
+            namespace: None,
         };
         let r = fanout::run(&opts).await.expect("fanout run");
         assert!(r.passed(), "{enc:?}: {}", r.table());
@@ -120,6 +121,7 @@ async fn gate_fails_when_the_rate_cannot_be_met() {
         max_p99_ms: None,
         max_loss: 0,
         connect_concurrency: 4,
+        namespace: None,
     };
     let r = fanout::run(&opts).await.expect("run");
     assert!(!r.passed());
