@@ -6,7 +6,7 @@ ARGS ?=
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 15
 
-.PHONY: run build test test-deps lint fmt fuzz bench smoke observe web-test clean
+.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test clean
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
 run:
@@ -27,6 +27,11 @@ test: test-deps lint
 ## The web client in headless Chromium (two users, DMs, restart, XSS).
 web-test:
 	./scripts/web-tests.sh
+
+## One hour of steady load with connection churn; fails on loss, p99 drift
+## or unbounded RSS growth (SOAK_SECONDS=600 for the short version).
+soak:
+	./scripts/soak.sh
 
 ## ~10 s fanout over a few hundred connections, gated on absolute bounds.
 smoke:

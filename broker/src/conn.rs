@@ -171,6 +171,8 @@ pub async fn serve(
         metrics.clone(),
     );
     let (r, w) = tokio::io::split(io);
+    let unmasked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = crate::maskcheck::MaskCheck::new(r, unmasked.clone());
     let (mut rd, _) = after_handshake_split(r, tokio::io::sink(), Role::Server);
     rd.set_auto_close(false);
     // Pings are answered here, not by fastwebsockets, so that they count
@@ -230,6 +232,10 @@ pub async fn serve(
             r = tokio::time::timeout_at(idle_deadline, rd.read_frame(&mut send_fn)) => match r {
                 Err(_) => {
                     handle.close(CloseCode::IdleTimeout);
+                    break;
+                }
+                Ok(Err(_)) if unmasked.load(std::sync::atomic::Ordering::Acquire) => {
+                    handle.close(CloseCode::Protocol);
                     break;
                 }
                 Ok(Err(e)) => {

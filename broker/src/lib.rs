@@ -7,6 +7,7 @@ pub mod config;
 pub mod conn;
 pub mod http;
 pub mod hub;
+pub mod maskcheck;
 pub mod metrics;
 pub mod outbound;
 pub mod persist;

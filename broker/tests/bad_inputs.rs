@@ -579,6 +579,24 @@ async fn bad_input_catalogue() {
     });
     // WebSocket protocol violations.
     case!(
+        "unmasked client frame",
+        Close(1002),
+        raw_frames(&b, &t, &[(0x81, br#"{"t":"ping"}"#.to_vec(), false)]).await
+    );
+    case!(
+        "unmasked frame after masked ones",
+        Close(1002),
+        raw_frames(
+            &b,
+            &t,
+            &[
+                (0x81, br#"{"t":"ping"}"#.to_vec(), true),
+                (0x81, br#"{"t":"ping"}"#.to_vec(), false)
+            ]
+        )
+        .await
+    );
+    case!(
         "continuation without a start",
         Close(1002),
         raw_frames(&b, &t, &[(0x80, b"x".to_vec(), true)]).await

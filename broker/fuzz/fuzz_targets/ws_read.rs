@@ -1,5 +1,5 @@
-//! The WebSocket read path as the broker configures it: fastwebsockets'
-//! server-side frame reader (auto-close and auto-pong off, message size cap)
+//! The WebSocket read path as the broker configures it: the mask check,
+//! fastwebsockets' server-side frame reader (auto-close and auto-pong off, message size cap)
 //! over arbitrary bytes, then Shoal's fragment assembler, then frame
 //! decoding in both encodings. Nothing may panic; the assembler may never
 //! hand out a message over the cap.
@@ -17,7 +17,9 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let (mut rd, _) = after_handshake_split(data, tokio::io::sink(), Role::Server);
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let masked_only = shoal_broker::maskcheck::MaskCheck::new(data, flag);
+        let (mut rd, _) = after_handshake_split(masked_only, tokio::io::sink(), Role::Server);
         rd.set_auto_close(false);
         rd.set_auto_pong(false);
         rd.set_max_message_size(MAX + 1);
