@@ -286,7 +286,8 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     opts: WriterOpts,
     metrics: Arc<Metrics>,
 ) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(opts.batch.min(64));
+    // Grown on first use: an idle connection holds no batch buffer.
+    let mut batch: Vec<Bytes> = Vec::new();
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + opts.ping_interval,
         opts.ping_interval,

@@ -14,6 +14,8 @@ pub mod fanout;
 pub mod gate;
 pub mod live;
 pub mod report;
+#[cfg(feature = "rest")]
+pub mod rest;
 pub mod stats;
 pub mod sys;
 

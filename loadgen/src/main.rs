@@ -30,6 +30,11 @@ enum Cmd {
     /// Ramp to N connections; reports handshake latency, failures by cause
     /// and broker memory per connection.
     Connect(connect::ConnectOpts),
+    /// Goose load test of the REST API (register, login, users, rooms,
+    /// history); reports goose's per-request figures. Built with the `rest`
+    /// cargo feature.
+    #[cfg(feature = "rest")]
+    Rest(shoal_loadgen::rest::RestOpts),
     /// Compare a result with a baseline and absolute bounds; exits 1 on
     /// regression with a table of what moved.
     Gate(gate::GateOpts),
@@ -112,6 +117,15 @@ fn main() -> anyhow::Result<()> {
                     }
                     println!("results: {}", path.display());
                 }
+                Ok(r.failures.is_empty())
+            }
+            #[cfg(feature = "rest")]
+            Cmd::Rest(o) => {
+                let r = shoal_loadgen::rest::run(&o).await?;
+                let path = o.common.out.clone().unwrap_or_else(|| report::default_path("rest"));
+                report::write_json(&path, &r)?;
+                print!("{}", r.table());
+                println!("results: {}", path.display());
                 Ok(r.failures.is_empty())
             }
             Cmd::Gate(_) | Cmd::Report(_) => Ok(true),
