@@ -21,9 +21,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(n) => tracing::info!(open_files = n, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
     }
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.listen))?;
+    let listener = listen(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -31,4 +29,20 @@ async fn main() -> anyhow::Result<()> {
         trigger.cancel();
     });
     shoal_broker::server::run(listener, cfg, shutdown).await
+}
+
+/// Accept backlog: tokio's default (1024) overflows during a reconnection
+/// storm, and a dropped SYN costs the client a one-second retransmit. The
+/// kernel caps it at net.core.somaxconn.
+const BACKLOG: u32 = 8192;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
