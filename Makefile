@@ -57,11 +57,16 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## Benchmark a release broker on loopback: make bench SCENARIO=fanout BENCH_ARGS="--rate 20000"
-SCENARIO ?= fanout
-BENCH_ARGS ?=
+## The standard single-node capacity run (about two minutes): a release
+## broker on loopback, the publish rate stepped up until p99 passes 50 ms;
+## writes results/bench-capacity.json and charts in results/bench-charts/.
+## Other runs: make bench SCENARIO=fanout BENCH_ARGS="--rate 20000 ..."
+SCENARIO ?= capacity
+BENCH_ARGS ?= --rooms 20 --members 10 --publishers 40 --rate 1000 --step-factor 1.5 --duration 5 --warmup 1 --out results/bench-capacity.json
 bench:
 	./scripts/bench.sh $(SCENARIO) $(BENCH_ARGS)
+	@if [ "$(SCENARIO)" = capacity ] && [ -f results/bench-capacity.json ]; then \
+		./target/release/loadgen report results/bench-capacity.json --out results/bench-charts; fi
 
 ## Run every fuzz target for FUZZ_SECONDS each (stable toolchain; `make test`
 ## runs each for FUZZ_TEST_SECONDS).
