@@ -4,10 +4,11 @@
 set -euo pipefail
 
 # Debian packages the test suite starts or calls: curl and python3 for the
-# smoke and bench scripts, prometheus (with promtool) for the dashboard
+# smoke and bench scripts, procps (kill) for the TLS reload test, g++ for
+# libFuzzer (cargo-fuzz), prometheus (with promtool) for the dashboard
 # check, chromium + nodejs/npm for the web client's browser tests. Extended
 # as features land (redis-server, nginx, postgresql).
-APT_PACKAGES=(curl python3 prometheus chromium ${SHOAL_APT_PACKAGES:-})
+APT_PACKAGES=(curl python3 procps g++ prometheus chromium ${SHOAL_APT_PACKAGES:-})
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
