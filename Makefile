@@ -23,8 +23,8 @@ build:
 ## the latency smoke gate (p99 < 50 ms, zero loss) on the debug binaries.
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets $(FEATURES)
-	./scripts/web-tests.sh
-	./scripts/smoke.sh
+	SKIP_BUILD=1 ./scripts/web-tests.sh
+	SKIP_BUILD=1 ./scripts/smoke.sh
 	./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
 
 ## The web client in headless Chromium (two users, DMs, restart, XSS).

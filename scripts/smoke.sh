@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 profile="${PROFILE:-debug}"
 if [ "$profile" = release ]; then
     cargo build --release -p shoal-broker -p shoal-loadgen
-else
+elif [ -z "${SKIP_BUILD:-}" ]; then
+    # `make test` sets SKIP_BUILD: `cargo test` has just built both binaries.
     cargo build -p shoal-broker -p shoal-loadgen
 fi
 bin="target/$profile"

@@ -3,6 +3,8 @@
 # by playwright-core against the debug-built broker. `make test` runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -p shoal-broker
+# `make test` has just built the binaries with `cargo test` (SKIP_BUILD=1);
+# building again here with another feature set would rebuild half the tree.
+[ -n "${SKIP_BUILD:-}" ] || cargo build -p shoal-broker
 [ -d web-tests/node_modules/playwright-core ] || npm ci --prefix web-tests --no-audit --no-fund
 SHOAL_BIN="$PWD/target/debug/shoal" node web-tests/e2e.mjs
