@@ -159,7 +159,7 @@ pub struct Metrics {
     /// Bytes written to WebSocket peers.
     pub bytes_out: Counter,
     http: Family<L2, Counter>,
-    process_cpu: Gauge<f64, AtomicU64>,
+    process_cpu: Counter<f64, AtomicU64>,
     process_rss: Gauge,
     process_fds: Gauge,
 }
@@ -373,7 +373,7 @@ impl Metrics {
         for route in ["health", "metrics"] {
             let _ = http.get_or_create(&[("route", route), ("status", "200")]);
         }
-        let process_cpu = Gauge::<f64, AtomicU64>::default();
+        let process_cpu = Counter::<f64, AtomicU64>::default();
         registry.register(
             "process_cpu_seconds",
             "CPU time used by the broker process",
@@ -494,7 +494,13 @@ impl Metrics {
                 let tick = 100.0;
                 let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
                 let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                self.process_cpu.set((ut + st) / tick);
+                // A counter only moves forward: add what accrued since the
+                // last scrape.
+                let total = (ut + st) / tick;
+                let seen = self.process_cpu.get();
+                if total > seen {
+                    self.process_cpu.inc_by(total - seen);
+                }
                 let rss: i64 = f.get(21).and_then(|v| v.parse().ok()).unwrap_or(0);
                 self.process_rss.set(rss * 4096);
             }

@@ -39,7 +39,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("shoal_webhook_dropped", "counter"),
     ("shoal_ws_out_bytes", "counter"),
     ("shoal_http_requests", "counter"),
-    ("shoal_process_cpu_seconds", "gauge"),
+    ("shoal_process_cpu_seconds", "counter"),
     ("shoal_process_resident_memory_bytes", "gauge"),
     ("shoal_process_open_fds", "gauge"),
     ("shoal_process_start_time_seconds", "gauge"),

@@ -53,7 +53,7 @@ pub async fn scrape(http: &reqwest::Client, urls: &[String]) -> Vec<BrokerSample
             Err(_) => String::new(),
         };
         out.push(BrokerSample {
-            cpu_seconds: metric_value(&text, "shoal_process_cpu_seconds").unwrap_or(0.0),
+            cpu_seconds: metric_value(&text, "shoal_process_cpu_seconds_total").unwrap_or(0.0),
             rss_bytes: metric_value(&text, "shoal_process_resident_memory_bytes").unwrap_or(0.0),
             connections: metric_value(&text, "shoal_connections").unwrap_or(0.0),
         });
@@ -65,10 +65,10 @@ pub async fn scrape(http: &reqwest::Client, urls: &[String]) -> Vec<BrokerSample
 mod tests {
     #[test]
     fn parses_metric_lines() {
-        let t = "# HELP x\nshoal_connections{node=\"a\"} 12\nshoal_connections_extra 5\nshoal_process_cpu_seconds{node=\"a\"} 1.5\n";
+        let t = "# HELP x\nshoal_connections{node=\"a\"} 12\nshoal_connections_extra 5\nshoal_process_cpu_seconds_total{node=\"a\"} 1.5\n";
         assert_eq!(super::metric_value(t, "shoal_connections"), Some(12.0));
         assert_eq!(
-            super::metric_value(t, "shoal_process_cpu_seconds"),
+            super::metric_value(t, "shoal_process_cpu_seconds_total"),
             Some(1.5)
         );
         assert_eq!(super::metric_value(t, "nope"), None);
