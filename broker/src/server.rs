@@ -115,7 +115,7 @@ pub async fn build_state(
 
 /// Background WAL checkpoints, off the group-commit path.
 async fn checkpointer(store: SqliteStore, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

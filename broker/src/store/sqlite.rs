@@ -84,7 +84,19 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     readers: Arc<[Mutex<Connection>]>,
     next_reader: Arc<AtomicUsize>,
+    /// Set by `checkpoint` when the WAL has grown past [`WAL_RESET_FRAMES`];
+    /// the writer then resets it between two batches.
+    wal_reset_due: Arc<std::sync::atomic::AtomicBool>,
+    wal_reset_frames: i64,
 }
+
+/// WAL frames (4 KiB pages) after which the writer checkpoints the log
+/// itself so that it can restart.
+/// Passive checkpoints copy pages into the database but cannot reset a log
+/// that is written to continuously, so under sustained load the WAL file
+/// (and its shared-memory index, which counts as resident memory) would
+/// grow without bound.
+const WAL_RESET_FRAMES: i64 = 16_384;
 
 fn open_conn(path: &Path, full_sync: bool) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
@@ -117,6 +129,8 @@ impl SqliteStore {
         // inside whichever commit crosses the WAL threshold: an inline
         // checkpoint fsyncs the database and stalls the group commit.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // When the log restarts, cut the file back to 64 MiB.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         let readers = (0..READERS)
             .map(|_| open_conn(&path, full_sync).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()
@@ -125,17 +139,26 @@ impl SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             readers: readers.into(),
             next_reader: Arc::new(AtomicUsize::new(0)),
+            wal_reset_due: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            wal_reset_frames: WAL_RESET_FRAMES,
         })
     }
 
     /// Copy committed WAL frames into the database without blocking the
     /// writer (PASSIVE). Call periodically; returns frames checkpointed.
     pub async fn checkpoint(&self) -> Result<i64, StoreError> {
-        self.read(|c| {
-            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(2))
+        let (log, done) = self
+            .read(|c| {
+                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
                 .map_err(unavailable)
-        })
-        .await
+            })
+            .await?;
+        if log > self.wal_reset_frames {
+            self.wal_reset_due.store(true, Ordering::Relaxed);
+        }
+        Ok(done)
     }
 
     async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -451,6 +474,7 @@ impl Store for SqliteStore {
     }
 
     async fn write_batch(&self, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>, StoreError> {
+        let reset = self.wal_reset_due.clone();
         self.with(move |c| {
             let tx = c.transaction().map_err(unavailable)?;
             let out = ops
@@ -459,6 +483,16 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(unavailable)?;
             tx.commit().map_err(unavailable)?;
+            if reset.swap(false, Ordering::Relaxed) {
+                // Here, between two batches, no frame can be appended while
+                // the checkpoint runs, so it can copy the whole log (the
+                // background ones have done most of it); the next write
+                // then restarts the log from its beginning.
+                if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying later");
+                    reset.store(true, Ordering::Relaxed);
+                }
+            }
             Ok(out)
         })
         .await
@@ -848,6 +882,37 @@ mod tests {
         s.put_file(f.clone()).await.expect("put");
         assert_eq!(s.get_file(&f.id).await.expect("get"), Some(f));
         assert_eq!(s.get_file("nope").await.expect("get"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_stays_bounded_under_continuous_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = SqliteStore::open(dir.path(), false).expect("open");
+        s.wal_reset_frames = 64;
+        let wal = dir.path().join("shoal.db-wal");
+        // Checkpoints run concurrently with a writer that never pauses, as
+        // in production; only the writer-side restart can bound the log.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cp, cp_stop) = (s.clone(), stop.clone());
+        let checkpoints = tokio::spawn(async move {
+            while !cp_stop.load(Ordering::Relaxed) {
+                let _ = cp.checkpoint().await;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        });
+        let mut max_wal = 0;
+        for i in 0..4000u64 {
+            s.write_batch(vec![msg("w", i + 1, "alice", "some searchable words")])
+                .await
+                .expect("batch");
+            if i % 50 == 0 {
+                max_wal = max_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        checkpoints.await.expect("checkpoints");
+        assert!(max_wal < 4 * 1024 * 1024, "WAL grew to {max_wal} bytes");
+        assert_eq!(s.room_head("w", 0).await.expect("head").last_seq, 4000);
     }
 
     #[test]
