@@ -388,6 +388,21 @@ impl Session {
         }
     }
 
+    /// A joined room whose namespace is stored; otherwise answers 404
+    /// ("this namespace keeps no {what}").
+    fn stored_room(&self, id: Option<u64>, room: &str, what: &str) -> Option<Arc<Room>> {
+        let r = self.joined_room(id, room)?;
+        if r.opts.persist {
+            return Some(r);
+        }
+        self.reply_err(
+            id,
+            ErrorCode::NotFound,
+            format!("this namespace keeps no {what}"),
+        );
+        None
+    }
+
     async fn dispatch(&mut self, frame: ClientFrame) {
         let hub = self.state.hub.clone();
         match frame {
@@ -529,16 +544,9 @@ impl Session {
                 seq,
                 state,
             } => {
-                let Some(r) = self.joined_room(id, &room) else {
+                let Some(r) = self.stored_room(id, &room, "receipts") else {
                     return;
                 };
-                if !r.opts.persist {
-                    return self.reply_err(
-                        id,
-                        ErrorCode::NotFound,
-                        "this namespace keeps no receipts",
-                    );
-                }
                 if seq == 0 || seq > hub.committed(&r) {
                     return self.reply_err(
                         id,
@@ -554,16 +562,9 @@ impl Session {
                 hub.enqueue(&r, op, self.conn_reply(id)).await;
             }
             ClientFrame::Delete { id, room, seq } => {
-                let Some(r) = self.joined_room(id, &room) else {
+                let Some(r) = self.stored_room(id, &room, "messages") else {
                     return;
                 };
-                if !r.opts.persist {
-                    return self.reply_err(
-                        id,
-                        ErrorCode::NotFound,
-                        "this namespace keeps no messages",
-                    );
-                }
                 let op = Pending::Delete {
                     user: self.handle.user.clone(),
                     seq,

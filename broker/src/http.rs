@@ -45,6 +45,9 @@ impl ApiError {
     fn bad_request(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
     }
+    fn no_route() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
     fn unauthorized(m: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
     }
@@ -132,14 +135,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
                     let room = room.to_string();
                     ("search", search(&state, req, &room).await)
                 }
-                _ => (
-                    "other",
-                    Err(ApiError::new(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "no such route",
-                    )),
-                ),
+                _ => ("other", Err(ApiError::no_route())),
             }
         }
         (&Method::GET, "/" | "/index.html") => {
@@ -162,14 +158,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
                 format!("{method} not allowed on {path}"),
             )),
         ),
-        _ => (
-            "other",
-            Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such route",
-            )),
-        ),
+        _ => ("other", Err(ApiError::no_route())),
     };
     let resp = result.unwrap_or_else(ApiError::into_response);
     state.metrics.http(route, resp.status().as_u16());

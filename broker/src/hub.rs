@@ -459,10 +459,17 @@ impl Hub {
     /// Free a room with no members and nothing in flight. Its head is in
     /// the store (persistent) or not worth keeping (non-persistent rooms
     /// restart at seq 0 once idle).
+    /// Called after every committed message, so the common case (a room
+    /// with members) is answered under the room lock alone, without taking
+    /// the shard lock that every join and lookup in the shard shares.
     pub fn maybe_evict(&self, room: &Arc<Room>) {
+        let idle = |st: &RoomState| !st.evicted && st.members.is_empty() && st.seq == st.committed;
+        if !idle(&room.state.lock()) {
+            return;
+        }
         let mut sh = self.rooms[self.shard(&*room.name)].lock();
         let mut st = room.state.lock();
-        if st.evicted || !st.members.is_empty() || st.seq != st.committed {
+        if !idle(&st) {
             return;
         }
         if sh.map.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {

@@ -230,7 +230,6 @@ struct Shared {
     max_acked_seq: Vec<AtomicU64>,
     fanout: Vec<FanoutMap>,
     fanout_hist: Mutex<Histogram<u64>>,
-    ack_hist: Mutex<Histogram<u64>>,
     live: Mutex<Histogram<u64>>,
     deliveries: AtomicU64,
     sent: AtomicU64,
@@ -306,6 +305,8 @@ impl Tracker {
 struct ConnResult {
     room: usize,
     hist: Histogram<u64>,
+    /// Publish-to-ack latencies of this connection's own publishes.
+    acks: Histogram<u64>,
     tracker: Tracker,
 }
 
@@ -402,7 +403,6 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             .map(|_| Mutex::new(HashMap::new()))
             .collect(),
         fanout_hist: Mutex::new(stats::histogram()),
-        ack_hist: Mutex::new(stats::histogram()),
         live: Mutex::new(stats::histogram()),
         deliveries: AtomicU64::new(0),
         sent: AtomicU64::new(0),
@@ -524,10 +524,12 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     }
 
     let mut hist = stats::histogram();
+    let mut ack_hist = stats::histogram();
     let (mut lost, mut dup, mut reo, mut received) = (0, 0, 0, 0);
     for t in tasks {
         let r = t.await?;
         let _ = hist.add(&r.hist);
+        let _ = ack_hist.add(&r.acks);
         let max_acked = shared.max_acked_seq[r.room].load(Ordering::Relaxed);
         lost += r.tracker.missing(max_acked);
         dup += r.tracker.duplicated;
@@ -535,7 +537,6 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         received += r.tracker.received;
     }
     let fan = shared.fanout_hist.lock().clone();
-    let ack_hist = shared.ack_hist.lock().clone();
     let points = timeline.lock().clone();
     let ack_latency = Percentiles::of(&ack_hist);
     let achieved = shared.sent_in_window.load(Ordering::Relaxed) as f64 / opts.duration;
@@ -722,6 +723,7 @@ async fn reader(
     ack_clock: Option<(u64, u64)>,
 ) -> ConnResult {
     let mut hist = stats::histogram();
+    let mut acks = stats::histogram();
     let mut tracker = Tracker {
         next: joined_seq + 1,
         ..Default::default()
@@ -787,7 +789,7 @@ async fn reader(
                 if let (Some((base, step)), Some(k)) = (ack_clock, id) {
                     let intended = base + k * step;
                     if intended >= sh.window.0 && intended < sh.window.1 {
-                        stats::record_ns(&mut sh.ack_hist.lock(), now.saturating_sub(intended));
+                        stats::record_ns(&mut acks, now.saturating_sub(intended));
                     }
                 }
                 sh.acked[room].fetch_add(1, Ordering::Relaxed);
@@ -806,6 +808,7 @@ async fn reader(
     ConnResult {
         room,
         hist,
+        acks,
         tracker,
     }
 }

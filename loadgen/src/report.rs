@@ -97,56 +97,31 @@ pub fn plot_percentiles(
 ) -> anyhow::Result<()> {
     // x = -log10(1 - p/100): 0 = p0, 1 = p90, 2 = p99, 3 = p99.9 ...
     let nines = |p: f64| -((1.0 - (p / 100.0).min(0.99999)).log10());
-    let ymax = series
+    let series: Vec<(String, Vec<(f64, f64)>)> = series
         .iter()
-        .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
-        .fold(0.0f64, f64::max)
-        .max(0.001)
-        * 1.1;
-    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0f64..5.0f64, 0.0f64..ymax)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("percentile")
-        .y_desc("latency (ms)")
-        .x_label_formatter(&|x| match x.round() as i64 {
-            0 => "p0".into(),
-            1 => "p90".into(),
-            2 => "p99".into(),
-            3 => "p99.9".into(),
-            4 => "p99.99".into(),
-            _ => "p99.999".into(),
+        .map(|(n, pts)| {
+            (
+                n.to_string(),
+                pts.iter().map(|&(p, v)| (nines(p), v)).collect(),
+            )
         })
-        .x_labels(6)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        chart
-            .draw_series(LineSeries::new(
-                pts.iter().map(|&(p, v)| (nines(p), v)),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+        .collect();
+    let label = |x: &f64| match x.round() as i64 {
+        0 => "p0".into(),
+        1 => "p90".into(),
+        2 => "p99".into(),
+        3 => "p99.9".into(),
+        4 => "p99.99".into(),
+        _ => "p99.999".into(),
+    };
+    line_chart(
+        path,
+        title,
+        5.0,
+        ("percentile", "latency (ms)"),
+        Some(&label),
+        &series,
+    )
 }
 
 /// Plot (x, y) series on linear axes.
@@ -157,30 +132,54 @@ pub fn plot_xy(
     y_desc: &str,
     series: &[(String, Vec<(f64, f64)>)],
 ) -> anyhow::Result<()> {
-    let pts = || series.iter().flat_map(|(_, p)| p.iter());
-    let xmax = pts().map(|p| p.0).fold(0.0f64, f64::max).max(1e-3) * 1.05;
-    let ymax = pts().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.1;
+    let xmax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.0))
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05;
+    line_chart(path, title, xmax, (x_desc, y_desc), None, series)
+}
+
+type XLabel<'a> = &'a dyn Fn(&f64) -> String;
+
+/// One SVG line chart, x from 0 to `xmax`, y from 0 to the highest point.
+fn line_chart(
+    path: &Path,
+    title: &str,
+    xmax: f64,
+    (x_desc, y_desc): (&str, &str),
+    x_label: Option<XLabel<'_>>,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> anyhow::Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.1;
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0f64..xmax, 0.0f64..ymax)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| err(&e))?;
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_desc).y_desc(y_desc);
+    if let Some(f) = x_label {
+        mesh.x_label_formatter(f).x_labels(6);
+    }
+    mesh.draw().map_err(|e| err(&e))?;
     let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = colors[i % colors.len()];
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| err(&e))?
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
@@ -189,8 +188,8 @@ pub fn plot_xy(
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
     Ok(())
 }
 
