@@ -168,6 +168,32 @@ async fn raw_frames(b: &Broker, token: &str, frames: &[(u8, Vec<u8>, bool)]) -> 
     }
 }
 
+fn join_frame(room: impl Into<String>) -> ClientFrame {
+    ClientFrame::Join {
+        id: Some(1),
+        room: room.into(),
+        since: None,
+    }
+}
+
+fn dm_frame(to: &str) -> ClientFrame {
+    ClientFrame::Pub {
+        id: Some(1),
+        room: None,
+        to: Some(to.into()),
+        cid: None,
+        body: json!(1),
+    }
+}
+
+/// Join `room` on a fresh connection, then send `f`; the outcome of `f`.
+async fn joined_then(b: &Broker, token: &str, room: &str, f: ClientFrame) -> Expect {
+    let mut c = b.connect(token, Encoding::Json).await;
+    c.join(room).await;
+    c.send(&f).await;
+    outcome(&mut c).await
+}
+
 fn pub_frame(room: &str) -> ClientFrame {
     ClientFrame::Pub {
         id: Some(1),
@@ -333,96 +359,32 @@ async fn bad_input_catalogue() {
     case!(
         "control character in room",
         Error(400),
-        ws_frame(
-            &b,
-            &t,
-            J,
-            ClientFrame::Join {
-                id: Some(1),
-                room: "a\u{1}b".into(),
-                since: None
-            }
-        )
-        .await
+        ws_frame(&b, &t, J, join_frame("a\u{1}b")).await
     );
     case!(
         "invalid utf-8 ish room (replacement char)",
         Error(400),
-        ws_frame(
-            &b,
-            &t,
-            J,
-            ClientFrame::Join {
-                id: Some(1),
-                room: "a\u{fffd}b".into(),
-                since: None
-            }
-        )
-        .await
+        ws_frame(&b, &t, J, join_frame("a\u{fffd}b")).await
     );
     case!(
         "room name too long",
         Error(400),
-        ws_frame(
-            &b,
-            &t,
-            J,
-            ClientFrame::Join {
-                id: Some(1),
-                room: "r".repeat(200),
-                since: None
-            }
-        )
-        .await
+        ws_frame(&b, &t, J, join_frame("r".repeat(200))).await
     );
     case!(
         "room with path characters",
         Error(400),
-        ws_frame(
-            &b,
-            &t,
-            J,
-            ClientFrame::Join {
-                id: Some(1),
-                room: "../etc".into(),
-                since: None
-            }
-        )
-        .await
+        ws_frame(&b, &t, J, join_frame("../etc")).await
     );
     case!(
         "bad DM user name",
         Error(400),
-        ws_frame(
-            &b,
-            &t,
-            J,
-            ClientFrame::Pub {
-                id: Some(1),
-                room: None,
-                to: Some("bad user".into()),
-                cid: None,
-                body: json!(1)
-            }
-        )
-        .await
+        ws_frame(&b, &t, J, dm_frame("bad user")).await
     );
     case!(
         "DM to yourself",
         Error(400),
-        ws_frame(
-            &b,
-            &t,
-            J,
-            ClientFrame::Pub {
-                id: Some(1),
-                room: None,
-                to: Some("mallory".into()),
-                cid: None,
-                body: json!(1)
-            }
-        )
-        .await
+        ws_frame(&b, &t, J, dm_frame("mallory")).await
     );
     case!(
         "pub with room and to",
@@ -449,17 +411,7 @@ async fn bad_input_catalogue() {
     case!(
         "join another pair's DM room",
         Error(403),
-        ws_frame(
-            &b,
-            &t,
-            J,
-            ClientFrame::Join {
-                id: Some(1),
-                room: "dm:bystander:poster".into(),
-                since: None
-            }
-        )
-        .await
+        ws_frame(&b, &t, J, join_frame("dm:bystander:poster")).await
     );
     case!(
         "history of another pair's DM room",
@@ -477,42 +429,54 @@ async fn bad_input_catalogue() {
         )
         .await
     );
-    case!("oversized cid", Error(400), {
-        let mut c = b.connect(&t, J).await;
-        c.join("m1").await;
-        c.send(&ClientFrame::Pub {
-            id: Some(9),
-            room: Some("m1".into()),
-            to: None,
-            cid: Some("c".repeat(100)),
-            body: json!(1),
-        })
-        .await;
-        outcome(&mut c).await
-    });
-    case!("mark beyond the room's last seq", Error(400), {
-        let mut c = b.connect(&t, J).await;
-        c.join("m2").await;
-        c.send(&ClientFrame::Mark {
-            id: Some(9),
-            room: "m2".into(),
-            seq: u64::MAX,
-            state: shoal_proto::MarkState::Read,
-        })
-        .await;
-        outcome(&mut c).await
-    });
-    case!("delete a message that does not exist", Error(404), {
-        let mut c = b.connect(&t, J).await;
-        c.join("m3").await;
-        c.send(&ClientFrame::Delete {
-            id: Some(9),
-            room: "m3".into(),
-            seq: 12345,
-        })
-        .await;
-        outcome(&mut c).await
-    });
+    case!(
+        "oversized cid",
+        Error(400),
+        joined_then(
+            &b,
+            &t,
+            "m1",
+            ClientFrame::Pub {
+                id: Some(9),
+                room: Some("m1".into()),
+                to: None,
+                cid: Some("c".repeat(100)),
+                body: json!(1),
+            }
+        )
+        .await
+    );
+    case!(
+        "mark beyond the room's last seq",
+        Error(400),
+        joined_then(
+            &b,
+            &t,
+            "m2",
+            ClientFrame::Mark {
+                id: Some(9),
+                room: "m2".into(),
+                seq: u64::MAX,
+                state: shoal_proto::MarkState::Read,
+            }
+        )
+        .await
+    );
+    case!(
+        "delete a message that does not exist",
+        Error(404),
+        joined_then(
+            &b,
+            &t,
+            "m3",
+            ClientFrame::Delete {
+                id: Some(9),
+                room: "m3".into(),
+                seq: 12345,
+            }
+        )
+        .await
+    );
     // Limits and floods.
     case!("thousands of joins from one socket", Error(429), {
         let mut c = b.connect(&t, M).await;

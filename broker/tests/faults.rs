@@ -15,7 +15,7 @@ use std::{
 use common::*;
 use rand::Rng;
 use serde_json::json;
-use shoal_proto::{ClientFrame, CloseCode, Encoding, ServerFrame};
+use shoal_proto::{CloseCode, Encoding, ServerFrame};
 use tokio::sync::watch;
 
 const CLIENTS: usize = 5000;
@@ -42,22 +42,10 @@ async fn connect_with_backoff(b: &Broker, token: &str, throttled: &AtomicU64) ->
     panic!("could not reconnect after 30 tries");
 }
 
+/// Join (with `since` when given); the joined seq and the replayed seqs.
 async fn join(c: &mut Client, room: &str, since: Option<u64>) -> (u64, Vec<u64>) {
-    c.send(&ClientFrame::Join {
-        id: Some(1),
-        room: room.into(),
-        since,
-    })
-    .await;
-    let mut replayed = vec![];
-    loop {
-        match c.recv().await {
-            ServerFrame::Joined { seq, .. } => return (seq, replayed),
-            ServerFrame::Msg { seq, .. } => replayed.push(seq),
-            ServerFrame::Error { code, message, .. } => panic!("join: {code} {message}"),
-            _ => {}
-        }
-    }
+    let (before, seq) = c.join_since(room, since).await;
+    (seq, before.iter().filter_map(msg_seq).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

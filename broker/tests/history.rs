@@ -10,45 +10,6 @@ use common::*;
 use serde_json::{json, Value};
 use shoal_proto::{ClientFrame, Encoding, MarkState, ServerFrame};
 
-fn msg_seq(f: &ServerFrame) -> Option<u64> {
-    match f {
-        ServerFrame::Msg { seq, .. } => Some(*seq),
-        _ => None,
-    }
-}
-
-async fn join_since(c: &mut Client, room: &str, since: Option<u64>) -> (Vec<ServerFrame>, u64) {
-    let id = c.id();
-    c.send(&ClientFrame::Join {
-        id,
-        room: room.into(),
-        since,
-    })
-    .await;
-    let mut before = vec![];
-    loop {
-        match c.recv().await {
-            ServerFrame::Joined { id: i, seq, .. } if i == id => return (before, seq),
-            ServerFrame::Error { message, .. } => panic!("join {room}: {message}"),
-            f => before.push(f),
-        }
-    }
-}
-
-async fn publish_cid(c: &mut Client, room: &str, cid: &str, body: Value) -> ServerFrame {
-    let id = c.id();
-    c.send(&ClientFrame::Pub {
-        id,
-        room: Some(room.into()),
-        to: None,
-        cid: Some(cid.into()),
-        body,
-    })
-    .await;
-    c.recv_until(|f| matches!(f, ServerFrame::Ack { id: i, .. } | ServerFrame::Error { id: i, .. } if *i == id))
-        .await
-}
-
 fn ack_seq(f: &ServerFrame) -> u64 {
     match f {
         ServerFrame::Ack { seq, .. } => *seq,
@@ -157,7 +118,7 @@ async fn reconnect_with_since_misses_nothing_under_concurrent_publishing() {
     for round in 0..4 {
         let mut c = b.connect(&tb, enc).await;
         let since = seen.last().copied().unwrap_or(0);
-        let (replayed, joined_at) = join_since(&mut c, "live", Some(since)).await;
+        let (replayed, joined_at) = c.join_since("live", Some(since)).await;
         seen.extend(replayed.iter().filter_map(msg_seq));
         assert_eq!(
             seen.last().copied().unwrap_or(0),
@@ -209,7 +170,7 @@ async fn gap_frame_when_retention_dropped_the_range() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut c = b.connect(&t, Encoding::MsgPack).await;
-    let (frames, seq) = join_since(&mut c, "short:feed", Some(2)).await;
+    let (frames, seq) = c.join_since("short:feed", Some(2)).await;
     assert_eq!(seq, 20);
     assert_eq!(
         frames[0],
@@ -223,7 +184,7 @@ async fn gap_frame_when_retention_dropped_the_range() {
     assert_eq!(seqs, (16..=20).collect::<Vec<_>>());
     // No gap when the client is already within what is kept.
     let mut d = b.connect(&t, Encoding::Json).await;
-    let (frames, _) = join_since(&mut d, "short:feed", Some(18)).await;
+    let (frames, _) = d.join_since("short:feed", Some(18)).await;
     assert_eq!(
         frames.iter().filter_map(msg_seq).collect::<Vec<_>>(),
         vec![19, 20]
@@ -238,9 +199,9 @@ async fn idempotent_retry_is_acked_once_and_delivered_once() {
     let mut o = b.connect(&tb, Encoding::MsgPack).await;
     a.join("r").await;
     o.join("r").await;
-    let s1 = ack_seq(&publish_cid(&mut a, "r", "m-1", json!("hello")).await);
-    let s2 = ack_seq(&publish_cid(&mut a, "r", "m-1", json!("hello")).await);
-    let s3 = ack_seq(&publish_cid(&mut a, "r", "m-2", json!("again")).await);
+    let s1 = ack_seq(&a.publish_cid("r", Some("m-1"), json!("hello")).await);
+    let s2 = ack_seq(&a.publish_cid("r", Some("m-1"), json!("hello")).await);
+    let s3 = ack_seq(&a.publish_cid("r", Some("m-2"), json!("again")).await);
     assert_eq!((s1, s2, s3), (1, 1, 2));
     let mut got = vec![];
     while got.len() < 2 {
@@ -258,12 +219,12 @@ async fn idempotent_retry_is_acked_once_and_delivered_once() {
     let mut a = b.connect(&ta, Encoding::MsgPack).await;
     a.join("r").await;
     assert_eq!(
-        ack_seq(&publish_cid(&mut a, "r", "m-2", json!("again")).await),
+        ack_seq(&a.publish_cid("r", Some("m-2"), json!("again")).await),
         2
     );
     let too_long = "x".repeat(65);
     assert!(matches!(
-        publish_cid(&mut a, "r", &too_long, json!(1)).await,
+        a.publish_cid("r", Some(&too_long), json!(1)).await,
         ServerFrame::Error { code: 400, .. }
     ));
     assert!(b.metric("shoal_idempotent_retries_total").await >= 2.0);
@@ -339,14 +300,7 @@ async fn history_paging_and_privacy_over_ws_and_rest() {
     // Privacy: no token 401; a DM room of others 403, over REST and WS.
     let (s, _) = b.get("/api/rooms/paged/messages", None).await;
     assert_eq!(s, 401);
-    a.send(&ClientFrame::Pub {
-        id: None,
-        room: None,
-        to: Some("bob".into()),
-        cid: None,
-        body: json!("secret"),
-    })
-    .await;
+    a.send_dm("bob", json!("secret")).await;
     a.recv_until(|f| matches!(f, ServerFrame::Ack { .. })).await;
     let (s, _) = b.get("/api/rooms/dm:alice:bob/messages", Some(&tc)).await;
     assert_eq!(s, 403);
@@ -461,14 +415,7 @@ async fn receipts_members_and_unread_counts() {
     let (_, v) = b.get("/api/rooms", Some(&ta)).await;
     assert_eq!(v["rooms"][0]["unread"], 1);
     // A DM makes both parties members of the DM room.
-    a.send(&ClientFrame::Pub {
-        id: None,
-        room: None,
-        to: Some("bob".into()),
-        cid: None,
-        body: json!("psst"),
-    })
-    .await;
+    a.send_dm("bob", json!("psst")).await;
     a.recv_until(|f| matches!(f, ServerFrame::Ack { .. })).await;
     let (_, v) = b.get("/api/rooms", Some(&tb)).await;
     let rooms: Vec<&str> = v["rooms"]
@@ -592,7 +539,7 @@ async fn soft_delete_own_messages_only() {
     assert_eq!(v["messages"], json!([]));
     // Replay tells a rejoining client the message is gone.
     let mut c = b.connect(&tb, Encoding::Json).await;
-    let (frames, _) = join_since(&mut c, "r", Some(0)).await;
+    let (frames, _) = c.join_since("r", Some(0)).await;
     assert_eq!(
         frames,
         vec![
@@ -739,14 +686,7 @@ async fn offline_dm_is_kept_and_webhook_retried() {
     .await;
     let (ta, tb) = (b.user("alice").await, b.user("bob").await);
     let mut a = b.connect(&ta, Encoding::Json).await;
-    a.send(&ClientFrame::Pub {
-        id: None,
-        room: None,
-        to: Some("bob".into()),
-        cid: None,
-        body: json!({"text": "are you there?"}),
-    })
-    .await;
+    a.send_dm("bob", json!({"text": "are you there?"})).await;
     a.recv_until(|f| matches!(f, ServerFrame::Ack { .. })).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while got.lock().expect("lock").len() < 3 {
@@ -771,21 +711,14 @@ async fn offline_dm_is_kept_and_webhook_retried() {
     assert_eq!(v["rooms"][0]["unread"], 1);
     let mut o = b.connect(&tb, Encoding::MsgPack).await;
     let since = v["rooms"][0]["delivered"].as_u64();
-    let (frames, _) = join_since(&mut o, "dm:alice:bob", since).await;
+    let (frames, _) = o.join_since("dm:alice:bob", since).await;
     assert_eq!(
         frames.iter().filter_map(msg_seq).collect::<Vec<_>>(),
         vec![1]
     );
 
     // Online now: a DM reaches him live and triggers no webhook.
-    a.send(&ClientFrame::Pub {
-        id: None,
-        room: None,
-        to: Some("bob".into()),
-        cid: None,
-        body: json!("live"),
-    })
-    .await;
+    a.send_dm("bob", json!("live")).await;
     assert_eq!(
         msg_seq(&o.recv_until(|f| matches!(f, ServerFrame::Msg { .. })).await),
         Some(2)

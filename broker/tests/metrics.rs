@@ -60,20 +60,7 @@ async fn every_family_is_exposed_and_counters_move() {
             "{name}: no sample with a node label"
         );
     }
-    // `name{a="b"` matches the sample of `name` whose labels include a="b"
-    // (the node label comes first in the exposition).
-    let m = |t: &str, k: &str| {
-        let (name, labels) = k.split_once('{').unwrap_or((k, ""));
-        let want: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
-        t.lines()
-            .find(|l| {
-                (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-                    && want.iter().all(|w| l.contains(w))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let m = sample;
     let before = b.metrics().await;
 
     // A bad token: handshake refused and counted by reason.

@@ -202,17 +202,79 @@ impl Client {
     }
 
     pub async fn publish(&mut self, room: &str, body: Value) -> ServerFrame {
+        self.publish_cid(room, None, body).await
+    }
+
+    /// Publish with an optional client message id; returns the `ack` or
+    /// `error` answering it.
+    pub async fn publish_cid(&mut self, room: &str, cid: Option<&str>, body: Value) -> ServerFrame {
         let id = self.id();
         self.send(&ClientFrame::Pub {
             id,
             room: Some(room.into()),
             to: None,
-            cid: None,
+            cid: cid.map(str::to_string),
             body,
         })
         .await;
         self.recv_until(|f| matches!(f, ServerFrame::Ack { id: i, .. } | ServerFrame::Error { id: i, .. } if *i == id)).await
     }
+
+    /// Send a direct message (no request id; callers wait for what they need).
+    pub async fn send_dm(&mut self, to: &str, body: Value) {
+        self.send(&ClientFrame::Pub {
+            id: None,
+            room: None,
+            to: Some(to.into()),
+            cid: None,
+            body,
+        })
+        .await;
+    }
+
+    /// Join with an optional `since`; returns the frames that came before
+    /// `joined` (the replay, and anything else) and the joined seq.
+    pub async fn join_since(&mut self, room: &str, since: Option<u64>) -> (Vec<ServerFrame>, u64) {
+        let id = self.id();
+        self.send(&ClientFrame::Join {
+            id,
+            room: room.into(),
+            since,
+        })
+        .await;
+        let mut before = vec![];
+        loop {
+            match self.recv().await {
+                ServerFrame::Joined { id: i, seq, .. } if i == id => return (before, seq),
+                ServerFrame::Error { code, message, .. } => panic!("join {room}: {code} {message}"),
+                f => before.push(f),
+            }
+        }
+    }
+}
+
+/// The seq of a `msg` frame.
+pub fn msg_seq(f: &ServerFrame) -> Option<u64> {
+    match f {
+        ServerFrame::Msg { seq, .. } => Some(*seq),
+        _ => None,
+    }
+}
+
+/// Value of one sample in Prometheus text: `name` or `name{a="b",c="d"`
+/// (the sample of `name` whose labels include those pairs, in any order);
+/// 0 when absent.
+pub fn sample(text: &str, key: &str) -> f64 {
+    let (name, labels) = key.split_once('{').unwrap_or((key, ""));
+    let want: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
+    text.lines()
+        .find(|l| {
+            (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                && want.iter().all(|w| l.contains(w))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn mint(claims: Value, alg: jsonwebtoken::Algorithm, secret: &[u8]) -> String {
@@ -338,20 +400,9 @@ pub trait Endpoint {
     }
 
     /// Value of one sample line, e.g. `shoal_closes_total{reason="slow_consumer"`.
-    /// Value of one sample: `name` or `name{a="b",c="d"` (the sample of
-    /// `name` whose labels include those pairs, in any order).
+    /// Value of one sample of `/metrics` (see [`sample`]).
     async fn metric(&self, key: &str) -> f64 {
-        let text = self.metrics().await;
-        let (name, labels) = key.split_once('{').unwrap_or((key, ""));
-        let want: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
-        text.lines()
-            .find(|l| {
-                (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-                    && want.iter().all(|w| l.contains(w))
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        sample(&self.metrics().await, key)
     }
 
     /// Register and log in; returns the token.
