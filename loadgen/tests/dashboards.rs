@@ -7,9 +7,8 @@ use std::{path::PathBuf, process::Child, time::Duration};
 
 use serde_json::Value;
 use shoal_loadgen::{fanout, CommonOpts};
-use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "dash-secret-dash-secret-dash-secret-0123";
+mod common;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -81,18 +80,8 @@ fn prometheus_config_is_valid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_query_returns_data() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = shoal_broker::Config::for_tests(dir.path().join("broker"));
-    cfg.jwt_secret = Some(SECRET.into());
-    cfg.rate_limit = 100_000.0;
-    cfg.rate_burst = 100_000.0;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let broker = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(shoal_broker::server::run(listener, cfg, stop.clone()));
-
+    let b = common::broker(|_| {}).await;
+    let (broker, dir) = (b.addr, &b.dir);
     let lg_port = free_port();
     let prom_port = free_port();
     let conf = dir.path().join("prometheus.yml");
@@ -122,15 +111,8 @@ async fn every_panel_query_returns_data() {
 
     let opts = fanout::FanoutOpts {
         common: CommonOpts {
-            urls: vec![format!("http://{broker}")],
-            jwt_secret: Some(SECRET.into()),
-            secret_file: "unused".into(),
-            encoding: shoal_proto::Encoding::MsgPack,
-            source_ips: 1,
-            prefix: None,
-            out: None,
-            quiet: true,
             metrics_listen: Some(([127, 0, 0, 1], lg_port).into()),
+            ..common::common(&b.url)
         },
         rooms: 4,
         members: 5,
@@ -192,6 +174,6 @@ async fn every_panel_query_returns_data() {
     );
     let report = run.await.expect("join").expect("fanout");
     assert_eq!(report.lost, 0);
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    b.stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), b.task).await;
 }

@@ -6,47 +6,28 @@
 use std::time::Duration;
 
 use shoal_loadgen::{connect, fanout, CommonOpts};
-use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "gate-secret-gate-secret-gate-secret-0123";
+mod common;
 
-async fn broker() -> (
-    String,
-    CancellationToken,
-    tempfile::TempDir,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = shoal_broker::Config::for_tests(dir.path().to_path_buf());
-    cfg.jwt_secret = Some(SECRET.into());
-    cfg.rate_limit = 100_000.0;
-    cfg.rate_burst = 100_000.0;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(shoal_broker::server::run(listener, cfg, stop.clone()));
-    (url, stop, dir, task)
-}
+use common::broker;
 
 fn common(url: &str, dir: &std::path::Path, name: &str) -> CommonOpts {
     CommonOpts {
-        urls: vec![url.to_string()],
-        jwt_secret: Some(SECRET.into()),
-        secret_file: "unused".into(),
-        encoding: shoal_proto::Encoding::MsgPack,
         source_ips: 2,
-        prefix: None,
         out: Some(dir.join(format!("{name}.json"))),
-        quiet: true,
-        metrics_listen: None,
+        ..common::common(url)
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_gate_no_loss_full_rate_bounded_latency() {
-    let (url, stop, dir, task) = broker().await;
+    let common::TestBroker {
+        url,
+        stop,
+        dir,
+        task,
+        ..
+    } = broker(|_| {}).await;
     for enc in [shoal_proto::Encoding::MsgPack, shoal_proto::Encoding::Json] {
         let mut c = common(&url, dir.path(), "fanout");
         c.encoding = enc;
@@ -97,20 +78,15 @@ async fn fanout_gate_no_loss_full_rate_bounded_latency() {
 async fn gate_fails_when_the_rate_cannot_be_met() {
     // A broker rate limit below the offered rate: publishes are refused,
     // so the run must fail rather than report a clean result.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = shoal_broker::Config::for_tests(dir.path().to_path_buf());
-    cfg.jwt_secret = Some(SECRET.into());
-    cfg.rate_limit = 20.0;
-    cfg.rate_burst = 20.0;
-    cfg.rate_strikes = 1_000_000;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let stop = CancellationToken::new();
-    let _task = tokio::spawn(shoal_broker::server::run(listener, cfg, stop.clone()));
+    let b = broker(|cfg| {
+        cfg.rate_limit = 20.0;
+        cfg.rate_burst = 20.0;
+        cfg.rate_strikes = 1_000_000;
+    })
+    .await;
+    let (url, dir, stop) = (&b.url, b.dir.path(), &b.stop);
     let opts = fanout::FanoutOpts {
-        common: common(&url, dir.path(), "limited"),
+        common: common(url, dir, "limited"),
         rooms: 1,
         members: 2,
         publishers: 1,
@@ -135,7 +111,7 @@ async fn gate_fails_when_the_rate_cannot_be_met() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_ramp_reports_memory_and_handshakes() {
-    let (url, stop, dir, _task) = broker().await;
+    let common::TestBroker { url, stop, dir, .. } = broker(|_| {}).await;
     let opts = connect::ConnectOpts {
         common: common(&url, dir.path(), "connect"),
         connections: 400,
