@@ -8,18 +8,15 @@ cd "$(dirname "$0")/.."
 scenario="${1:-fanout}"; shift || true
 cargo build --release -p shoal-broker -p shoal-loadgen
 tmp="$(mktemp -d)"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-secret="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-SHOAL_JWT_SECRET="$secret" ./target/release/shoal --listen "127.0.0.1:$port" --data "$tmp" \
-    --rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --log warn \
-    --namespace live:persist=off ${BROKER_ARGS:-} &
-pid=$!
-trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+. scripts/broker.sh
+trap 'stop_broker; rm -rf "$tmp"' EXIT
+start_broker ./target/release/shoal "$tmp" \
+    --rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 \
+    --namespace live:persist=off ${BROKER_ARGS:-}
 rc=0
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "http://127.0.0.1:$port" "$@" || rc=$?
+SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "$url" "$@" || rc=$?
 # What the group-commit writer did during the run.
-curl -sf "http://127.0.0.1:$port/metrics" | awk '
+curl -sf "$url/metrics" | awk '
   /^shoal_store_batch_ops_sum/ {ops=$2} /^shoal_store_batch_ops_count/ {n=$2}
   /^shoal_store_commit_seconds_sum/ {t=$2}
   END { if (n > 0) printf "store: %d commits, %.1f ops per commit, %.3f ms per commit\n", n, ops/n, 1000*t/n }'

@@ -16,14 +16,10 @@ fi
 bin="target/$profile"
 tmp="$(mktemp -d)"
 out="${SMOKE_OUT:-$tmp/smoke.json}"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-secret="smoke-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-SHOAL_JWT_SECRET="$secret" "$bin/shoal" --listen "127.0.0.1:$port" --data "$tmp/data" \
-    --rate-limit 100000 --rate-burst 100000 --log warn &
-pid=$!
-trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
-SHOAL_JWT_SECRET="$secret" "$bin/loadgen" fanout --url "http://127.0.0.1:$port" \
+. scripts/broker.sh
+trap 'stop_broker; rm -rf "$tmp"' EXIT
+start_broker "$bin/shoal" "$tmp/data" --rate-limit 100000 --rate-burst 100000
+SHOAL_JWT_SECRET="$secret" "$bin/loadgen" fanout --url "$url" \
     --rooms 20 --members 15 --publishers 20 --rate 1000 --payload 64 \
     --duration 8 --warmup 2 --quiet --out "$out" --max-p99-ms 50
 "$bin/loadgen" gate --current "$out" --max-p99-ms 50 --max-loss 0 "$@"

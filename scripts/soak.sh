@@ -12,18 +12,13 @@ rate="${SOAK_RATE:-4000}"
 max_p99="${SOAK_MAX_P99_MS:-50}"
 cargo build --release -p shoal-broker -p shoal-loadgen
 tmp="$(mktemp -d)"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-secret="soak-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 out="results/soak-$stamp"
-SHOAL_JWT_SECRET="$secret" ./target/release/shoal --listen "127.0.0.1:$port" --data "$tmp/data" \
-    --rate-limit 1000000 --rate-burst 1000000 --log warn &
-pid=$!
-cleanup() { kill "$churn" "$sampler" 2>/dev/null || true; kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; rm -rf "$tmp"; }
+. scripts/broker.sh
 churn=""; sampler=""
+cleanup() { kill $churn $sampler 2>/dev/null || true; stop_broker; rm -rf "$tmp"; }
 trap cleanup EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
-url="http://127.0.0.1:$port"
+start_broker ./target/release/shoal "$tmp/data" --rate-limit 1000000 --rate-burst 1000000
 
 # RSS and fds every 10 s.
 echo "t,rss_bytes,open_fds,connections" > "$out.csv"
