@@ -216,6 +216,41 @@ pub struct Config {
     #[arg(long, env = "SHOAL_WEBHOOK_BACKOFF_MS", default_value_t = 500)]
     pub webhook_backoff_ms: u64,
 
+    /// Cluster bus: `local` (a single node; rooms are sequenced in
+    /// process) or `redis` (several nodes share rooms through
+    /// `--redis-url`; Redis assigns each room's seqs and keeps its hot
+    /// history).
+    #[arg(long, env = "SHOAL_BUS", value_enum, default_value_t = BusKind::Local)]
+    pub bus: BusKind,
+
+    /// Redis for `--bus redis`: `redis://[user:pass@]host:port[/db]` or
+    /// `rediss://` for TLS.
+    #[arg(long, env = "SHOAL_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Multiplexed Redis command connections. Publishes from every
+    /// WebSocket connection share them and are pipelined.
+    #[arg(long, env = "SHOAL_REDIS_CONNECTIONS", default_value_t = 2)]
+    pub redis_connections: usize,
+
+    /// Messages kept per room in Redis (the hot history that `join
+    /// {since}` and gap recovery read). Trimmed approximately (`MAXLEN ~`);
+    /// a `since` older than what is kept gets a `gap` frame.
+    #[arg(long, env = "SHOAL_REDIS_STREAM_LEN", default_value_t = 10_000)]
+    pub redis_stream_len: usize,
+
+    /// Timeout of one Redis command and of connecting, in milliseconds.
+    /// A publish that times out is answered `error 503` (retry with the
+    /// same `cid` is safe).
+    #[arg(long, env = "SHOAL_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
+    pub redis_timeout_ms: u64,
+
+    /// Bus payloads waiting for delivery on this node. Overflow policy:
+    /// the payload is dropped and counted, and the node reads what it
+    /// missed from the hot history (no message is lost, it comes later).
+    #[arg(long, env = "SHOAL_BUS_INBOUND_QUEUE", default_value_t = 65_536)]
+    pub bus_inbound_queue: usize,
+
     /// Number of room registry shards (rounded up to a power of two).
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 64)]
     pub shards: usize,
@@ -250,6 +285,18 @@ impl Config {
         }
         if self.retention_interval_secs == 0 {
             return Err("--retention-interval must be positive".into());
+        }
+        if self.bus == BusKind::Redis {
+            match &self.redis_url {
+                Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {}
+                _ => return Err("--bus redis needs --redis-url redis://host:port".into()),
+            }
+            if self.redis_connections == 0 || self.redis_timeout_ms == 0 {
+                return Err("--redis-connections and --redis-timeout-ms must be positive".into());
+            }
+            if self.redis_stream_len < 100 || self.bus_inbound_queue == 0 {
+                return Err("--redis-stream-len must be >= 100 and --bus-inbound-queue > 0".into());
+            }
         }
         if self.token_ttl_secs == 0 {
             return Err("--token-ttl must be positive".into());
@@ -318,6 +365,15 @@ impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
+}
+
+/// Which cluster bus a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BusKind {
+    /// Single node: no bus.
+    Local,
+    /// Redis (single instance).
+    Redis,
 }
 
 /// Who may publish in a namespace.

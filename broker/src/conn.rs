@@ -434,6 +434,17 @@ impl Session {
                         let Some(r) = self.joined_room(id, &room) else {
                             return;
                         };
+                        if hub.bus().is_some() {
+                            // Sequenced by the bus; delivery (to this node
+                            // too) comes from the subscription.
+                            return match RoomName::parse(&r.name) {
+                                Ok(name) => {
+                                    hub.publish_async(&name, &user, body, cid, false, reply)
+                                        .await
+                                }
+                                Err(e) => reply.fail((ErrorCode::BadRequest, e.to_string())),
+                            };
+                        }
                         let permit = if r.opts.persist {
                             match hub.reserve().await {
                                 Ok(p) => Some(p),
@@ -630,7 +641,8 @@ impl Session {
             }
         }
         let mut gap_checked = false;
-        let mut cursor = since.filter(|_| persist);
+        // A cluster keeps every namespace's hot history in the bus.
+        let mut cursor = since.filter(|_| persist || hub.bus().is_some());
         for _ in 0..JOIN_ATTEMPTS {
             let r = match hub.ensure_room(&name).await {
                 Ok(r) => r,
@@ -678,11 +690,19 @@ impl Session {
         gap_checked: &mut bool,
     ) -> Result<(), crate::store::StoreError> {
         while *cursor < target {
-            let page = self
-                .state
-                .store
-                .replay(&room.name, *cursor, target, REPLAY_PAGE)
-                .await?;
+            let page = match self.state.hub.bus() {
+                // In a cluster the hot history is the bus's.
+                Some(bus) => bus
+                    .replay(&room.name, *cursor, target, REPLAY_PAGE)
+                    .await
+                    .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?,
+                None => {
+                    self.state
+                        .store
+                        .replay(&room.name, *cursor, target, REPLAY_PAGE)
+                        .await?
+                }
+            };
             if !*gap_checked {
                 *gap_checked = true;
                 if page.floor > *cursor {

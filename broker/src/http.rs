@@ -196,17 +196,20 @@ fn asset(body: &'static str, content_type: &'static str) -> Resp {
 
 fn health(state: &AppState) -> Resp {
     let store_up = state.metrics.store_up.get() == 1;
+    let bus = state.hub.bus().map(|b| b.healthy());
+    let ok = store_up && bus != Some(false);
     json_response(
-        if store_up {
+        if ok {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
         &json!({
-            "status": if store_up { "ok" } else { "degraded" },
+            "status": if ok { "ok" } else { "degraded" },
             "node": state.node,
             "connections": state.metrics.connections.get(),
             "store": if store_up { "up" } else { "down" },
+            "bus": match bus { None => "local", Some(true) => "up", Some(false) => "down" },
         }),
     )
 }

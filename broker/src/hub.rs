@@ -28,11 +28,12 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use shoal_proto::{names::RoomName, Body, ErrorCode, MarkState, ServerFrame};
+use shoal_proto::{bus::BusRecord, names::RoomName, Body, ErrorCode, MarkState, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     auth::now_ms,
+    bus::Bus,
     config::{NamespaceOpts, NamespaceTable, PublishPolicy},
     metrics::Metrics,
     outbound::{ConnHandle, SharedFrame},
@@ -247,6 +248,36 @@ pub struct Hub {
     store: Arc<dyn Store>,
     jobs: JobSender,
     cid_window: Duration,
+    /// The cluster bus, when there is one (set once at start).
+    bus: std::sync::OnceLock<Arc<dyn Bus>>,
+}
+
+/// Hot-history entries read per gap-fill query.
+const GAP_FILL_PAGE: usize = 512;
+
+fn bus_unavailable(e: crate::bus::BusError) -> HubError {
+    tracing::warn!(error = %e, "cluster bus unavailable");
+    (
+        ErrorCode::Unavailable,
+        "cluster bus unavailable; retry later".into(),
+    )
+}
+
+/// Checks every publish passes before it is sequenced.
+fn check_publish(opts: &NamespaceOpts, cid: Option<&str>, via_api: bool) -> Result<(), HubError> {
+    if !via_api && opts.publish == PublishPolicy::Api {
+        return Err((
+            ErrorCode::Forbidden,
+            "only the server API publishes in this namespace".into(),
+        ));
+    }
+    if cid.is_some_and(|c| c.is_empty() || c.len() > MAX_CID_LEN) {
+        return Err((
+            ErrorCode::BadRequest,
+            format!("cid must be 1 to {MAX_CID_LEN} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// What a publish produced.
@@ -294,7 +325,24 @@ impl Hub {
             store,
             jobs,
             cid_window,
+            bus: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Route room traffic through a cluster bus from now on. Call once,
+    /// before serving.
+    pub fn set_bus(&self, bus: Arc<dyn Bus>) {
+        let _ = self.bus.set(bus);
+    }
+
+    /// The cluster bus, if this node is part of a cluster.
+    pub fn bus(&self) -> Option<&Arc<dyn Bus>> {
+        self.bus.get()
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     fn shard<T: Hash + ?Sized>(&self, key: &T) -> usize {
@@ -336,6 +384,19 @@ impl Hub {
                 sh.evictions
             };
             let opts = self.namespaces.get(name.namespace);
+            if let Some(bus) = self.bus.get() {
+                let head = bus.subscribe(name.full).await.map_err(bus_unavailable)?;
+                let mut sh = self.rooms[idx].lock();
+                if let Some(r) = sh.map.get(name.full) {
+                    bus.unsubscribe(name.full);
+                    return Ok(r.clone());
+                }
+                if sh.evictions != evictions {
+                    bus.unsubscribe(name.full);
+                    continue;
+                }
+                return Ok(self.insert_room(&mut sh, name, opts, head, RoomState::default()));
+            }
             let head = if opts.persist {
                 let since = now_ms().saturating_sub(self.cid_window.as_millis() as u64);
                 self.store
@@ -352,25 +413,34 @@ impl Hub {
             if sh.evictions != evictions {
                 continue;
             }
-            let mut st = RoomState {
-                seq: head.last_seq,
-                committed: head.last_seq,
-                ..Default::default()
-            };
+            let mut st = RoomState::default();
             let window = self.cid_window.as_millis() as u64;
             for c in head.cids.into_iter().rev() {
                 st.remember_cid(cid_key(&c.user, &c.cid), c.seq, c.ts, window);
             }
-            let room = Arc::new(Room {
-                name: name.full.into(),
-                opts,
-                dm: name.dm.map(|(a, b)| (a.into(), b.into())),
-                state: Mutex::new(st),
-            });
-            self.metrics.rooms.inc();
-            sh.map.insert(room.name.clone(), room.clone());
-            return Ok(room);
+            return Ok(self.insert_room(&mut sh, name, opts, head.last_seq, st));
         }
+    }
+
+    fn insert_room(
+        &self,
+        sh: &mut RoomShard,
+        name: &RoomName<'_>,
+        opts: NamespaceOpts,
+        head: u64,
+        mut st: RoomState,
+    ) -> Arc<Room> {
+        st.seq = head;
+        st.committed = head;
+        let room = Arc::new(Room {
+            name: name.full.into(),
+            opts,
+            dm: name.dm.map(|(a, b)| (a.into(), b.into())),
+            state: Mutex::new(st),
+        });
+        self.metrics.rooms.inc();
+        sh.map.insert(room.name.clone(), room.clone());
+        room
     }
 
     /// The seq delivered to members so far.
@@ -477,6 +547,9 @@ impl Hub {
             sh.map.remove(&room.name);
             sh.evictions += 1;
             self.metrics.rooms.dec();
+            if let Some(bus) = self.bus.get() {
+                bus.unsubscribe(&room.name);
+            }
         }
     }
 
@@ -527,21 +600,8 @@ impl Hub {
         reply: Reply,
         permit: Option<JobPermit>,
     ) -> Result<(), Reply> {
-        if !via_api && room.opts.publish == PublishPolicy::Api {
-            reply.fail((
-                ErrorCode::Forbidden,
-                "only the server API publishes in this namespace".into(),
-            ));
-            return Ok(());
-        }
-        if cid
-            .as_ref()
-            .is_some_and(|c| c.is_empty() || c.len() > MAX_CID_LEN)
-        {
-            reply.fail((
-                ErrorCode::BadRequest,
-                format!("cid must be 1 to {MAX_CID_LEN} bytes"),
-            ));
+        if let Err(e) = check_publish(&room.opts, cid.as_deref(), via_api) {
+            reply.fail(e);
             return Ok(());
         }
         let started = Instant::now();
@@ -744,6 +804,11 @@ impl Hub {
         via_api: bool,
         mut reply: Reply,
     ) {
+        if let Some(bus) = self.bus.get() {
+            return self
+                .publish_bus(&**bus, name, from, body, cid, via_api, reply)
+                .await;
+        }
         for _ in 0..8 {
             let room = match self.ensure_room(name).await {
                 Ok(r) => r,
@@ -776,12 +841,173 @@ impl Hub {
         reply.fail((ErrorCode::Unavailable, "room is busy; retry".into()));
     }
 
-    /// Forward `typing` to the room's other users.
+    /// Cluster publish: the bus sequences, keeps and publishes; its reply
+    /// is the ack. Delivery (here too) comes from the subscription.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_bus(
+        &self,
+        bus: &dyn Bus,
+        name: &RoomName<'_>,
+        from: &Arc<str>,
+        body: Body,
+        cid: Option<String>,
+        via_api: bool,
+        reply: Reply,
+    ) {
+        let opts = self.namespaces.get(name.namespace);
+        if let Err(e) = check_publish(&opts, cid.as_deref(), via_api) {
+            return reply.fail(e);
+        }
+        let started = Instant::now();
+        let floor = self.room(name.full).map_or(0, |r| r.state.lock().committed);
+        let record = BusRecord {
+            ts: now_ms(),
+            from: from.to_string(),
+            body,
+        };
+        let key = cid.as_deref().map(|c| (&**from, c));
+        match bus.publish(name.full, &record, key, floor).await {
+            Ok(s) => {
+                if s.duplicate {
+                    self.metrics.idempotent_retries.inc();
+                }
+                self.metrics
+                    .publish_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                reply.ack(Published {
+                    room: name.full.into(),
+                    seq: s.seq,
+                    ts: s.ts,
+                    recipients: 0,
+                });
+            }
+            Err(e) => reply.fail(bus_unavailable(e)),
+        }
+    }
+
+    /// Pump side: a sequenced message arrived from the bus. Delivered if it
+    /// is the room's next seq; after a gap the missing ones are read from
+    /// the hot history first; a repeat is ignored.
+    pub async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
+        let Some(r) = self.room(room) else { return };
+        let BusRecord { ts, from, body } = record;
+        if let Some(committed) = self.accept_bus(&r, seq, ts, &from, body.clone()) {
+            self.fill_gap(bus, &r, committed, seq - 1).await;
+            self.accept_bus(&r, seq, ts, &from, body);
+        }
+    }
+
+    /// Deliver `seq` if it is next. Returns the committed seq on a gap.
+    fn accept_bus(&self, room: &Room, seq: u64, ts: u64, from: &str, body: Body) -> Option<u64> {
+        let mut st = room.state.lock();
+        if st.evicted || seq <= st.committed {
+            return None;
+        }
+        if seq > st.committed + 1 {
+            return Some(st.committed);
+        }
+        st.committed = seq;
+        st.seq = st.seq.max(seq);
+        self.deliver_locked(room, &st, seq, ts, from, body);
+        None
+    }
+
+    /// Deliver `(after, upto]` from the hot history. What the history no
+    /// longer has is announced to members as a `gap`.
+    async fn fill_gap(&self, bus: &dyn Bus, room: &Room, mut after: u64, upto: u64) {
+        while after < upto {
+            let page = match bus.replay(&room.name, after, upto, GAP_FILL_PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    // Retried on the next message or at resync.
+                    tracing::warn!(room = %room.name, error = %e, "gap fill failed");
+                    return;
+                }
+            };
+            let first = page.entries.first().map_or(upto + 1, |e| e.msg.seq);
+            let missing_to = page.floor.max(first - 1).min(upto);
+            if missing_to > after {
+                self.skip_gap(room, missing_to);
+                after = missing_to;
+            }
+            let n = page.entries.len() as u64;
+            for e in page.entries {
+                after = after.max(e.msg.seq);
+                self.accept_bus(room, e.msg.seq, e.msg.ts, &e.msg.from, e.msg.body);
+            }
+            self.metrics.bus_gap_filled.inc_by(n);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Members cannot get seqs up to `to`: say so and move on.
+    fn skip_gap(&self, room: &Room, to: u64) {
+        let mut st = room.state.lock();
+        if st.evicted || st.committed >= to {
+            return;
+        }
+        let f = ServerFrame::Gap {
+            room: room.name.to_string(),
+            from: st.committed + 1,
+            to,
+        };
+        st.committed = to;
+        st.seq = st.seq.max(to);
+        self.send_to_room(room, &st, &f, |_| true);
+    }
+
+    /// Pump side: the subscription was re-established, or inbound payloads
+    /// were dropped: bring every local room up to the bus head.
+    pub async fn bus_resync(&self, bus: &dyn Bus) {
+        let rooms: Vec<Arc<Room>> = self
+            .rooms
+            .iter()
+            .flat_map(|sh| sh.lock().map.values().cloned().collect::<Vec<_>>())
+            .collect();
+        for r in rooms {
+            let head = match bus.head(&r.name).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "resync stopped: bus unavailable");
+                    return;
+                }
+            };
+            let committed = r.state.lock().committed;
+            if head > committed {
+                self.fill_gap(bus, &r, committed, head).await;
+            }
+        }
+    }
+
+    /// Pump side: an ephemeral frame for the room's local members.
+    pub fn bus_event(&self, room: &str, f: &ServerFrame) {
+        let Some(r) = self.room(room) else { return };
+        let st = r.state.lock();
+        match f {
+            ServerFrame::Typing { user, .. } => {
+                broadcast(&st, f, |m| *m.user != **user, &self.metrics)
+            }
+            _ => broadcast(&st, f, |_| true, &self.metrics),
+        };
+    }
+
+    /// Forward `typing` to the room's other users (on every node).
     pub fn typing(&self, room: &Room, conn: &ConnHandle) {
         let f = ServerFrame::Typing {
             room: room.name.to_string(),
             user: conn.user.to_string(),
         };
+        if let Some(bus) = self.bus.get().cloned() {
+            let name = room.name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = bus.event(&name, &f).await {
+                    tracing::debug!(error = %e, "typing not forwarded");
+                }
+            });
+            return;
+        }
         let st = room.state.lock();
         broadcast(&st, &f, |m| m.user != conn.user, &self.metrics);
     }
@@ -1052,5 +1278,133 @@ mod tests {
             Some(ErrorCode::Forbidden)
         );
         assert!(hub.check_access("dm:alice:bob", "bob").is_ok());
+    }
+
+    /// Two nodes on one in-process bus, each with one member.
+    fn cluster(
+        core: &Arc<crate::bus::memory::MemoryCore>,
+        queue: usize,
+    ) -> (Fixture, Arc<dyn Bus>) {
+        let f = fixture(NamespaceTable::default());
+        let (inbound, rx) = crate::bus::InboundQueue::new(queue, f.m.clone());
+        let bus: Arc<dyn Bus> = Arc::new(core.node(inbound));
+        f.hub.set_bus(bus.clone());
+        tokio::spawn(crate::bus::pump(
+            f.hub.clone(),
+            bus.clone(),
+            rx,
+            f.stop.clone(),
+        ));
+        (f, bus)
+    }
+
+    async fn recv_seqs(rx: &mut Receiver<bytes::Bytes>, n: usize) -> Vec<u64> {
+        let mut out = vec![];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(b)) => {
+                    if let Ok(ServerFrame::Msg { seq, .. }) = Encoding::Json.decode_server(&b[2..])
+                    {
+                        out.push(seq);
+                    }
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn cluster_nodes_deliver_one_order() {
+        let core = crate::bus::memory::MemoryCore::new(1000);
+        let (na, _) = cluster(&core, 1024);
+        let (nb, _) = cluster(&core, 1024);
+        let (a, mut ra) = conn("alice", &na.m);
+        let (b, mut rb) = conn("bob", &nb.m);
+        join(&na.hub, &a, "lobby").await;
+        join(&nb.hub, &b, "lobby").await;
+        for i in 0..20 {
+            let hub = if i % 2 == 0 { &na.hub } else { &nb.hub };
+            let p = publish(hub, "lobby", "alice", None).await;
+            assert_eq!(p.seq, i + 1);
+        }
+        let want: Vec<u64> = (1..=20).collect();
+        assert_eq!(recv_seqs(&mut ra, 20).await, want);
+        assert_eq!(recv_seqs(&mut rb, 20).await, want);
+        // A retried cid is answered with the original seq, not repeated.
+        let p1 = publish(&na.hub, "lobby", "alice", Some("c")).await;
+        let p2 = publish(&nb.hub, "lobby", "alice", Some("c")).await;
+        assert_eq!((p1.seq, p2.seq), (21, 21));
+        assert_eq!(recv_seqs(&mut rb, 2).await, vec![21]);
+    }
+
+    #[tokio::test]
+    async fn cluster_outage_fails_publishes_and_dropped_payloads_are_recovered() {
+        let core = crate::bus::memory::MemoryCore::new(1000);
+        let (na, _) = cluster(&core, 1024);
+        // Node B's inbound queue holds 1 payload: most are dropped and
+        // must come back from the hot history, in order.
+        let (nb, bus_b) = cluster(&core, 1);
+        let (b, mut rb) = conn("bob", &nb.m);
+        join(&nb.hub, &b, "lobby").await;
+        for _ in 0..50 {
+            publish(&na.hub, "lobby", "alice", None).await;
+        }
+        assert_eq!(recv_seqs(&mut rb, 50).await, (1..=50).collect::<Vec<_>>());
+        assert!(nb.m.bus_inbound_dropped.get() > 0, "the queue overflowed");
+        core.set_up(false);
+        assert!(!bus_b.healthy());
+        let (tx, rx) = oneshot::channel();
+        let name = RoomName::parse("lobby").expect("name");
+        na.hub
+            .publish_async(
+                &name,
+                &Arc::from("alice"),
+                "x".into(),
+                None,
+                false,
+                Reply::Chan(tx),
+            )
+            .await;
+        assert_eq!(
+            rx.await.expect("reply").err().map(|e| e.0),
+            Some(ErrorCode::Unavailable)
+        );
+        core.set_up(true);
+        assert_eq!(publish(&na.hub, "lobby", "alice", None).await.seq, 51);
+        assert_eq!(recv_seqs(&mut rb, 1).await, vec![51]);
+    }
+
+    #[tokio::test]
+    async fn cluster_gap_beyond_hot_history_is_announced() {
+        let core = crate::bus::memory::MemoryCore::new(5);
+        let (na, _) = cluster(&core, 1024);
+        let (nb, bus_b) = cluster(&core, 1024);
+        let (b, mut rb) = conn("bob", &nb.m);
+        let room = join(&nb.hub, &b, "lobby").await;
+        drain(&mut rb);
+        // Node B misses 1..=10 (as if its subscription was down); after
+        // the 11th only 7..=11 are still kept.
+        bus_b.unsubscribe("lobby");
+        for _ in 0..10 {
+            publish(&na.hub, "lobby", "alice", None).await;
+        }
+        bus_b.subscribe("lobby").await.expect("subscribe");
+        publish(&na.hub, "lobby", "alice", None).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut got = vec![];
+        while got.len() < 6 {
+            let Ok(Some(bytes)) = tokio::time::timeout_at(deadline, rb.recv()).await else {
+                break;
+            };
+            got.push(Encoding::Json.decode_server(&bytes[2..]).expect("frame"));
+        }
+        assert!(
+            matches!(&got[0], ServerFrame::Gap { from: 1, to: 6, .. }),
+            "{got:?}"
+        );
+        assert_eq!(seqs(&got), (7..=11).collect::<Vec<_>>());
+        assert_eq!(nb.hub.committed(&room), 11);
     }
 }

@@ -3,6 +3,7 @@
 //! [`server::run`].
 
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod http;

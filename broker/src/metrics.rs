@@ -158,6 +158,26 @@ pub struct Metrics {
     pub webhook: std::sync::Arc<crate::webhook::WebhookMetrics>,
     /// Bytes written to WebSocket peers.
     pub bytes_out: Counter,
+    /// Bus payloads dropped on a full inbound queue (recovered by resync).
+    pub bus_inbound_dropped: Counter,
+    /// Bus payloads that did not decode.
+    pub bus_bad_payloads: Counter,
+    /// Messages read from the hot history to fill a delivery gap.
+    pub bus_gap_filled: Counter,
+    /// 1 while the cluster bus is reachable and subscribed (always 1
+    /// without a bus).
+    pub bus_up: Gauge,
+    /// Redis command round trips (publish script, replay, head).
+    pub redis_command_seconds: Histogram,
+    /// Commands in flight on this node's Redis command connections when
+    /// one more is sent: how many share each pipelined write.
+    pub redis_pipeline_depth: Histogram,
+    /// Redis commands that failed (connection error, timeout, error reply).
+    pub redis_errors: Counter,
+    /// Times the subscription connection was re-established.
+    pub redis_reconnects: Counter,
+    /// Rooms this node is subscribed to on the bus.
+    pub redis_subscriptions: Gauge,
     http: Family<L2, Counter>,
     process_cpu: Counter<f64, AtomicU64>,
     process_rss: Gauge,
@@ -364,6 +384,61 @@ impl Metrics {
             "Bytes written to WebSocket peers",
             bytes_out.clone(),
         );
+        let bus_inbound_dropped = Counter::default();
+        registry.register(
+            "bus_inbound_dropped",
+            "Bus payloads dropped on a full inbound queue (then read back from the hot history)",
+            bus_inbound_dropped.clone(),
+        );
+        let bus_bad_payloads = Counter::default();
+        registry.register(
+            "bus_bad_payloads",
+            "Bus payloads that could not be decoded",
+            bus_bad_payloads.clone(),
+        );
+        let bus_gap_filled = Counter::default();
+        registry.register(
+            "bus_gap_filled",
+            "Messages read from the hot history to fill a delivery gap",
+            bus_gap_filled.clone(),
+        );
+        let bus_up: Gauge = Gauge::default();
+        bus_up.set(1);
+        registry.register(
+            "bus_up",
+            "1 while the cluster bus is reachable and subscribed (always 1 on a single node)",
+            bus_up.clone(),
+        );
+        let redis_command_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 20));
+        registry.register(
+            "redis_command_seconds",
+            "Round trip of one Redis command",
+            redis_command_seconds.clone(),
+        );
+        let redis_pipeline_depth = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "redis_pipeline_depth",
+            "Commands in flight on the Redis command connections when one more is sent",
+            redis_pipeline_depth.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis commands that failed",
+            redis_errors.clone(),
+        );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_reconnects",
+            "Times the Redis subscription connection was re-established",
+            redis_reconnects.clone(),
+        );
+        let redis_subscriptions = Gauge::default();
+        registry.register(
+            "redis_subscriptions",
+            "Rooms this node is subscribed to on the bus",
+            redis_subscriptions.clone(),
+        );
         let http = Family::<L2, Counter>::default();
         registry.register(
             "http_requests",
@@ -425,6 +500,15 @@ impl Metrics {
             retention_removed,
             webhook,
             bytes_out,
+            bus_inbound_dropped,
+            bus_bad_payloads,
+            bus_gap_filled,
+            bus_up,
+            redis_command_seconds,
+            redis_pipeline_depth,
+            redis_errors,
+            redis_reconnects,
+            redis_subscriptions,
             http,
             process_cpu,
             process_rss,

@@ -58,6 +58,25 @@ pub async fn build_state(
         jobs_tx,
         cfg.idempotency_window(),
     ));
+    if cfg.bus == crate::config::BusKind::Redis {
+        let (inbound, rx) = crate::bus::InboundQueue::new(cfg.bus_inbound_queue, metrics.clone());
+        let settings = crate::bus::redis::RedisSettings {
+            url: cfg.redis_url.clone().unwrap_or_default(),
+            connections: cfg.redis_connections,
+            stream_len: cfg.redis_stream_len,
+            cid_window: cfg.idempotency_window(),
+            timeout: Duration::from_millis(cfg.redis_timeout_ms),
+        };
+        let bus: Arc<dyn crate::bus::Bus> = crate::bus::redis::RedisBus::start(
+            settings,
+            metrics.clone(),
+            inbound,
+            shutdown.clone(),
+        )
+        .context("starting the Redis bus")?;
+        hub.set_bus(bus.clone());
+        tokio::spawn(crate::bus::pump(hub.clone(), bus, rx, shutdown.clone()));
+    }
     let writer_stop = CancellationToken::new();
     tokio::spawn(
         Writer {

@@ -94,6 +94,11 @@ impl Encoding {
         self.decode(bytes, DEFAULT_MAX_DEPTH)
     }
 
+    /// Decode any protocol type (bus records, events) with the same bounds.
+    pub(crate) fn decode_any<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, DecodeError> {
+        self.decode(bytes, DEFAULT_MAX_DEPTH)
+    }
+
     fn encode<T: Serialize>(self, value: &T) -> Result<Vec<u8>, EncodeError> {
         match self {
             Encoding::MsgPack => rmp_serde::to_vec_named(value).map_err(EncodeError::MsgPack),

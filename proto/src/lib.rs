@@ -6,6 +6,7 @@
 //! [`DecodeError`]; it never panics. The full specification for client
 //! authors is `proto/PROTOCOL.md`.
 
+pub mod bus;
 pub mod codec;
 pub mod codes;
 pub mod frame;

@@ -1,0 +1,224 @@
+//! An in-process bus: several hubs in one process share one
+//! [`MemoryCore`]. It behaves like the Redis bus (atomic sequencing,
+//! capped hot history, idempotency keys, per-room subscriptions), so the
+//! hub's cluster paths are tested without a Redis server, and it can be
+//! switched off and on to play an outage.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use shoal_proto::{bus::BusRecord, ServerFrame, StoredMsg};
+
+use super::{Bus, BusError, Inbound, InboundQueue, Sequenced};
+use crate::store::{Replay, ReplayEntry};
+
+#[derive(Default)]
+struct RoomLog {
+    seq: u64,
+    log: VecDeque<(u64, BusRecord)>,
+    cids: HashMap<String, (u64, u64)>,
+}
+
+#[derive(Default)]
+struct CoreState {
+    rooms: HashMap<String, RoomLog>,
+    /// room -> node -> queue
+    subs: HashMap<String, HashMap<u64, InboundQueue>>,
+    nodes: HashMap<u64, InboundQueue>,
+}
+
+/// State shared by every node's [`MemoryBus`].
+pub struct MemoryCore {
+    state: Mutex<CoreState>,
+    up: AtomicBool,
+    next_node: AtomicU64,
+    max_len: usize,
+}
+
+impl MemoryCore {
+    /// A core whose rooms keep `max_len` messages each.
+    pub fn new(max_len: usize) -> Arc<Self> {
+        Arc::new(MemoryCore {
+            state: Mutex::new(CoreState::default()),
+            up: AtomicBool::new(true),
+            next_node: AtomicU64::new(1),
+            max_len: max_len.max(1),
+        })
+    }
+
+    /// A bus handle for one node, delivering into `inbound`.
+    pub fn node(self: &Arc<Self>, inbound: InboundQueue) -> MemoryBus {
+        let id = self.next_node.fetch_add(1, Ordering::Relaxed);
+        self.state.lock().nodes.insert(id, inbound);
+        MemoryBus {
+            core: self.clone(),
+            id,
+            refs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Play an outage (`false`) or the recovery (`true`, every node is
+    /// told to resync, as after a Redis reconnect).
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if up {
+            for q in self.state.lock().nodes.values() {
+                q.push(Inbound::Resync);
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), BusError> {
+        if self.up.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(BusError::Unavailable("memory bus is down".into()))
+        }
+    }
+}
+
+/// One node's handle on a [`MemoryCore`].
+pub struct MemoryBus {
+    core: Arc<MemoryCore>,
+    id: u64,
+    refs: Mutex<HashMap<String, usize>>,
+}
+
+fn payload(seq: u64, record: &BusRecord) -> Bytes {
+    let mut b = format!("{seq}:").into_bytes();
+    b.extend(shoal_proto::bus::encode_record(record));
+    b.into()
+}
+
+#[async_trait::async_trait]
+impl Bus for MemoryBus {
+    async fn publish(
+        &self,
+        room: &str,
+        record: &BusRecord,
+        cid: Option<(&str, &str)>,
+        floor: u64,
+    ) -> Result<Sequenced, BusError> {
+        self.core.check()?;
+        let mut st = self.core.state.lock();
+        let log = st.rooms.entry(room.to_string()).or_default();
+        let key = cid.map(|(u, c)| format!("{u}\0{c}"));
+        if let Some(&(seq, ts)) = key.as_ref().and_then(|k| log.cids.get(k)) {
+            return Ok(Sequenced {
+                seq,
+                ts,
+                duplicate: true,
+            });
+        }
+        let seq = log.seq.max(floor) + 1;
+        log.seq = seq;
+        log.log.push_back((seq, record.clone()));
+        if log.log.len() > self.core.max_len {
+            log.log.pop_front();
+        }
+        if let Some(k) = key {
+            log.cids.insert(k, (seq, record.ts));
+        }
+        let bytes = payload(seq, record);
+        for q in st.subs.get(room).into_iter().flat_map(|m| m.values()) {
+            q.push(Inbound::Payload {
+                room: room.into(),
+                bytes: bytes.clone(),
+            });
+        }
+        Ok(Sequenced {
+            seq,
+            ts: record.ts,
+            duplicate: false,
+        })
+    }
+
+    async fn event(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError> {
+        self.core.check()?;
+        let bytes: Bytes = shoal_proto::bus::encode_event(frame).into();
+        let st = self.core.state.lock();
+        for q in st.subs.get(room).into_iter().flat_map(|m| m.values()) {
+            q.push(Inbound::Payload {
+                room: room.into(),
+                bytes: bytes.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, room: &str) -> Result<u64, BusError> {
+        self.core.check()?;
+        *self.refs.lock().entry(room.to_string()).or_insert(0) += 1;
+        let mut st = self.core.state.lock();
+        if let Some(q) = st.nodes.get(&self.id).cloned() {
+            st.subs
+                .entry(room.to_string())
+                .or_default()
+                .insert(self.id, q);
+        }
+        Ok(st.rooms.get(room).map_or(0, |r| r.seq))
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        let mut refs = self.refs.lock();
+        let Some(n) = refs.get_mut(room) else { return };
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(room);
+            let mut st = self.core.state.lock();
+            if let Some(m) = st.subs.get_mut(room) {
+                m.remove(&self.id);
+                if m.is_empty() {
+                    st.subs.remove(room);
+                }
+            }
+        }
+    }
+
+    async fn head(&self, room: &str) -> Result<u64, BusError> {
+        self.core.check()?;
+        Ok(self.core.state.lock().rooms.get(room).map_or(0, |r| r.seq))
+    }
+
+    async fn replay(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Replay, BusError> {
+        self.core.check()?;
+        let st = self.core.state.lock();
+        let Some(log) = st.rooms.get(room) else {
+            return Ok(Replay::default());
+        };
+        let floor = log.log.front().map_or(log.seq, |(s, _)| s - 1);
+        let entries = log
+            .log
+            .iter()
+            .filter(|(s, _)| *s > after && *s <= upto)
+            .take(limit)
+            .map(|(seq, r)| ReplayEntry {
+                msg: StoredMsg {
+                    seq: *seq,
+                    from: r.from.clone(),
+                    ts: r.ts,
+                    body: r.body.clone(),
+                },
+                deleted: false,
+            })
+            .collect();
+        Ok(Replay { floor, entries })
+    }
+
+    fn healthy(&self) -> bool {
+        self.core.up.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,204 @@
+//! The cluster bus: how brokers share rooms.
+//!
+//! A single node needs no bus: the hub sequences each room under its lock
+//! and the group-commit writer makes messages durable (see `hub`). With a
+//! bus (`--bus redis`), the bus owns each room's order instead:
+//! [`Bus::publish`] assigns the seq, keeps the message in the room's hot
+//! history and publishes it to every node subscribed to the room, in one
+//! atomic step, and its reply is the sender's ack. Every node, the sender's
+//! included, then delivers from its subscription.
+//!
+//! Delivery is gap-checked per room ([`pump`]): a message that is not the
+//! next seq makes the node read the missing ones from the hot history
+//! first, so a node that lost its subscription for a while (Redis restart,
+//! a full inbound queue) catches up in order, and nothing is delivered
+//! twice. A node subscribes only to rooms it has local members in,
+//! reference-counted (`subscribe`/`unsubscribe` pairs).
+//!
+//! Implementations: [`memory::MemoryBus`] (in-process, several hubs in one
+//! process; used by tests and as the reference behaviour) and
+//! [`redis::RedisBus`].
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
+use bytes::Bytes;
+use shoal_proto::{
+    bus::{BusPayload, BusRecord},
+    ServerFrame,
+};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{hub::Hub, metrics::Metrics, store::Replay};
+
+/// Why a bus operation failed.
+#[derive(Debug, Error)]
+pub enum BusError {
+    /// The bus cannot be reached (refused, timed out, reconnecting). The
+    /// operation may or may not have happened; a publish retried with the
+    /// same `cid` is answered with the original seq if it did.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The bus answered with something this node cannot use.
+    #[error("unexpected reply from the bus: {0}")]
+    Protocol(String),
+}
+
+/// Outcome of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sequenced {
+    /// The message's seq in its room.
+    pub seq: u64,
+    /// Its server timestamp (the original's, for a duplicate).
+    pub ts: u64,
+    /// True if `cid` matched an earlier publish, which was not repeated.
+    pub duplicate: bool,
+}
+
+/// What a bus hands to this node's [`pump`].
+#[derive(Debug)]
+pub enum Inbound {
+    /// A payload received on a room's channel (decoded by the pump).
+    Payload {
+        /// Room name.
+        room: Arc<str>,
+        /// Raw payload.
+        bytes: Bytes,
+    },
+    /// The subscription was (re)established or messages were dropped:
+    /// check every local room against the bus head.
+    Resync,
+}
+
+/// A cluster bus. See the module docs for the guarantees.
+#[async_trait::async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Sequence, keep and publish a message, atomically. With `cid`, a
+    /// repeat within the idempotency window returns the original's seq and
+    /// publishes nothing. `floor` is the highest seq this node has seen in
+    /// the room (0 if none): the bus never assigns a seq at or below it,
+    /// even if it lost its own counter.
+    async fn publish(
+        &self,
+        room: &str,
+        record: &BusRecord,
+        cid: Option<(&str, &str)>,
+        floor: u64,
+    ) -> Result<Sequenced, BusError>;
+
+    /// Send an ephemeral frame to every node with members in the room
+    /// (this one included). Not stored; lost if the bus is down.
+    async fn event(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError>;
+
+    /// Take a reference on the room's subscription, and return the room's
+    /// head seq read after the subscription was active (so every later
+    /// message arrives through the subscription, and earlier ones are in
+    /// the hot history). On error no reference was taken.
+    async fn subscribe(&self, room: &str) -> Result<u64, BusError>;
+
+    /// Drop a reference taken by [`Bus::subscribe`]; the last one
+    /// unsubscribes.
+    fn unsubscribe(&self, room: &str);
+
+    /// The room's last assigned seq.
+    async fn head(&self, room: &str) -> Result<u64, BusError>;
+
+    /// Messages of the hot history with `after < seq <= upto`, oldest
+    /// first, at most `limit`. `floor` is the first seq still kept (an
+    /// `after + 1` below it means a gap).
+    async fn replay(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Replay, BusError>;
+
+    /// True while the bus is reachable and this node's subscriptions are
+    /// in place.
+    fn healthy(&self) -> bool;
+}
+
+/// Bounded queue from a bus to its pump. Overflow policy: the payload is
+/// dropped, counted in `shoal_bus_inbound_dropped_total`, and a resync is
+/// flagged, so the pump reads what was dropped from the hot history.
+pub struct InboundQueue {
+    tx: mpsc::Sender<Inbound>,
+    overflowed: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+impl InboundQueue {
+    /// A queue of `capacity` payloads and its receiving end.
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Self, InboundRx) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        (
+            InboundQueue {
+                tx,
+                overflowed: overflowed.clone(),
+                metrics,
+            },
+            InboundRx { rx, overflowed },
+        )
+    }
+
+    /// Queue without waiting (the caller is a connection's read loop).
+    pub fn push(&self, item: Inbound) {
+        if self.tx.try_send(item).is_err() {
+            self.metrics.bus_inbound_dropped.inc();
+            self.overflowed.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Clone for InboundQueue {
+    fn clone(&self) -> Self {
+        InboundQueue {
+            tx: self.tx.clone(),
+            overflowed: self.overflowed.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Receiving end of an [`InboundQueue`].
+pub struct InboundRx {
+    rx: mpsc::Receiver<Inbound>,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// Deliver what the bus receives to local members, in seq order, filling
+/// gaps from the hot history. Runs until `stop` or the bus goes away.
+pub async fn pump(hub: Arc<Hub>, bus: Arc<dyn Bus>, mut rx: InboundRx, stop: CancellationToken) {
+    loop {
+        let item = tokio::select! {
+            item = rx.rx.recv() => item,
+            _ = stop.cancelled() => return,
+        };
+        let Some(item) = item else { return };
+        match item {
+            Inbound::Payload { room, bytes } => match shoal_proto::bus::decode_payload(&bytes) {
+                Ok(BusPayload::Msg { seq, record }) => {
+                    hub.bus_message(&*bus, &room, seq, record).await;
+                }
+                Ok(BusPayload::Event(frame)) => hub.bus_event(&room, &frame),
+                Err(e) => {
+                    hub.metrics().bus_bad_payloads.inc();
+                    tracing::warn!(room = %room, error = %e, "undecodable bus payload");
+                }
+            },
+            Inbound::Resync => hub.bus_resync(&*bus).await,
+        }
+        if rx.overflowed.swap(false, Ordering::AcqRel) {
+            hub.bus_resync(&*bus).await;
+        }
+    }
+}

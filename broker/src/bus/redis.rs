@@ -1,0 +1,596 @@
+//! The Redis bus (`--bus redis`).
+//!
+//! Keys of a room share the hash tag `{room}`, so a Redis Cluster keeps
+//! them (and the room's sharded channel) on one shard and spreads rooms
+//! over shards:
+//! - `shoal:{room}:seq`: the last assigned seq;
+//! - `shoal:{room}:log`: the hot history, a stream capped near
+//!   `--redis-stream-len` entries, entry id `<seq>-0`, field `r` = record;
+//! - `shoal:{room}:cid:<user>\0<cid>`: `<seq>:<ts>` of a publish with a
+//!   client message id, expiring after the idempotency window;
+//! - channel `shoal:{room}`: sharded pub/sub (SPUBLISH/SSUBSCRIBE).
+//!
+//! One Lua script per publish does the idempotency check, appends to the
+//! stream, advances the counter and publishes, so a message is either
+//! sequenced, kept and published, or none of these. Its first write is the
+//! XADD, so an out-of-memory refusal happens before anything changed.
+//!
+//! Commands go over `--redis-connections` multiplexed connections
+//! (`ConnectionManager`: reconnects itself); concurrent publishes from all
+//! WebSocket connections share them and are written in batches (redis-rs
+//! flushes whatever is queued in one write). Subscriptions use one more
+//! RESP3 connection owned by a supervisor task, which takes reference
+//! counts, reconnects with backoff, re-subscribes every room and then asks
+//! the pump to resync (see `bus`).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use redis::{aio::ConnectionManager, PushKind, Value};
+use shoal_proto::{bus::BusRecord, ServerFrame, StoredMsg};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, BusError, Inbound, InboundQueue, Sequenced};
+use crate::{
+    metrics::Metrics,
+    store::{Replay, ReplayEntry},
+};
+
+/// Settings of the Redis bus (from `Config`).
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL of a single Redis.
+    pub url: String,
+    /// Multiplexed command connections.
+    pub connections: usize,
+    /// Approximate cap of each room's hot history.
+    pub stream_len: usize,
+    /// Idempotency window of client message ids.
+    pub cid_window: Duration,
+    /// Timeout of one command and of connecting.
+    pub timeout: Duration,
+}
+
+const PUBLISH_LUA: &str = r#"
+-- KEYS: 1 seq counter, 2 hot stream, 3 cid key (the counter again if none)
+-- ARGV: 1 record, 2 channel, 3 stream cap, 4 ts, 5 cid window ms (0: none), 6 floor
+local win = tonumber(ARGV[5])
+if win > 0 then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then
+    local sep = string.find(prev, ':', 1, true)
+    return {tonumber(string.sub(prev, 1, sep - 1)), tonumber(string.sub(prev, sep + 1)), 1}
+  end
+end
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[6])
+if seq < floor then seq = floor end
+seq = seq + 1
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'r', ARGV[1])
+redis.call('SET', KEYS[1], seq)
+if win > 0 then redis.call('SET', KEYS[3], seq .. ':' .. ARGV[4], 'PX', win) end
+redis.call('SPUBLISH', ARGV[2], seq .. ':' .. ARGV[1])
+return {seq, tonumber(ARGV[4]), 0}
+"#;
+
+fn seq_key(room: &str) -> String {
+    format!("shoal:{{{room}}}:seq")
+}
+fn log_key(room: &str) -> String {
+    format!("shoal:{{{room}}}:log")
+}
+fn channel(room: &str) -> String {
+    format!("shoal:{{{room}}}")
+}
+/// Room of a channel name, if it is one of ours.
+fn channel_room(ch: &[u8]) -> Option<&str> {
+    std::str::from_utf8(ch)
+        .ok()?
+        .strip_prefix("shoal:{")?
+        .strip_suffix('}')
+}
+
+enum SubCmd {
+    Sub(Arc<str>, oneshot::Sender<Result<(), BusError>>),
+    Unsub(Arc<str>),
+}
+
+/// The Redis bus. See the module docs.
+pub struct RedisBus {
+    cmds: Vec<ConnectionManager>,
+    next: AtomicUsize,
+    inflight: Arc<AtomicUsize>,
+    script: redis::Script,
+    sub: mpsc::UnboundedSender<SubCmd>,
+    sub_up: Arc<AtomicBool>,
+    cmd_ok: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    settings: RedisSettings,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+fn with_resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+impl RedisBus {
+    /// Set up connections (lazily: a Redis that is down at start makes the
+    /// node unhealthy, not fail) and start the supervisor and health
+    /// tasks. Fails only on a bad URL.
+    pub fn start(
+        settings: RedisSettings,
+        metrics: Arc<Metrics>,
+        inbound: InboundQueue,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, BusError> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| BusError::Protocol(format!("redis url: {e}")))?;
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let cmds = (0..settings.connections.max(1))
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), cfg.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BusError::Protocol(format!("redis: {e}")))?;
+        let sub_client = redis::Client::open(with_resp3(&settings.url))
+            .map_err(|e| BusError::Protocol(format!("redis url: {e}")))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bus = Arc::new(RedisBus {
+            cmds,
+            next: AtomicUsize::new(0),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            script: redis::Script::new(PUBLISH_LUA),
+            sub: tx,
+            sub_up: Arc::new(AtomicBool::new(false)),
+            cmd_ok: Arc::new(AtomicBool::new(false)),
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+        });
+        metrics.bus_up.set(0);
+        tokio::spawn(
+            Supervisor {
+                client: sub_client,
+                timeout: settings.timeout,
+                inbound,
+                up: bus.sub_up.clone(),
+                metrics,
+                rooms: HashMap::new(),
+            }
+            .run(rx, stop.clone()),
+        );
+        tokio::spawn(health(bus.clone(), stop));
+        Ok(bus)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.cmds.len();
+        self.cmds[i].clone()
+    }
+
+    /// Run one command, with the metrics every command gets.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BusError> {
+        let depth = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.redis_pipeline_depth.observe(depth as f64);
+        let started = Instant::now();
+        let r = f.await;
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.metrics
+            .redis_command_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.metrics.redis_errors.inc();
+                if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+                    self.cmd_ok.store(false, Ordering::Release);
+                    self.update_up();
+                    Err(unavailable(e))
+                } else {
+                    Err(BusError::Protocol(e.to_string()))
+                }
+            }
+        }
+    }
+
+    fn update_up(&self) {
+        self.metrics.bus_up.set(i64::from(self.healthy()));
+    }
+}
+
+/// Ping the command connections every 500 ms: health is "the last ping
+/// and the subscription connection are fine".
+async fn health(bus: Arc<RedisBus>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let mut ok = true;
+        for c in &bus.cmds {
+            let mut c = c.clone();
+            let r: redis::RedisResult<String> =
+                tokio::time::timeout(bus.settings.timeout, redis::cmd("PING").query_async(&mut c))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "ping timed out",
+                        )))
+                    });
+            ok &= r.is_ok();
+        }
+        bus.cmd_ok.store(ok, Ordering::Release);
+        bus.update_up();
+    }
+}
+
+#[async_trait::async_trait]
+impl Bus for RedisBus {
+    async fn publish(
+        &self,
+        room: &str,
+        record: &BusRecord,
+        cid: Option<(&str, &str)>,
+        floor: u64,
+    ) -> Result<Sequenced, BusError> {
+        let bytes = shoal_proto::bus::encode_record(record);
+        let cid_key = match cid {
+            Some((u, c)) => format!("shoal:{{{room}}}:cid:{u}\0{c}"),
+            None => seq_key(room),
+        };
+        let window = if cid.is_some() {
+            self.settings.cid_window.as_millis().max(1) as u64
+        } else {
+            0
+        };
+        let mut inv = self.script.prepare_invoke();
+        inv.key(seq_key(room))
+            .key(log_key(room))
+            .key(cid_key)
+            .arg(bytes)
+            .arg(channel(room))
+            .arg(self.settings.stream_len)
+            .arg(record.ts)
+            .arg(window)
+            .arg(floor);
+        let mut c = self.conn();
+        let (seq, ts, dup): (u64, u64, u8) = self.run(inv.invoke_async(&mut c)).await?;
+        Ok(Sequenced {
+            seq,
+            ts,
+            duplicate: dup == 1,
+        })
+    }
+
+    async fn event(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError> {
+        let mut c = self.conn();
+        let cmd = redis::cmd("SPUBLISH")
+            .arg(channel(room))
+            .arg(shoal_proto::bus::encode_event(frame))
+            .to_owned();
+        let _: i64 = self.run(cmd.query_async(&mut c)).await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, room: &str) -> Result<u64, BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.sub
+            .send(SubCmd::Sub(room.into(), tx))
+            .map_err(|_| unavailable("shutting down"))?;
+        rx.await.map_err(|_| unavailable("shutting down"))??;
+        match self.head(room).await {
+            Ok(h) => Ok(h),
+            Err(e) => {
+                self.unsubscribe(room);
+                Err(e)
+            }
+        }
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        let _ = self.sub.send(SubCmd::Unsub(room.into()));
+    }
+
+    async fn head(&self, room: &str) -> Result<u64, BusError> {
+        let mut c = self.conn();
+        let cmd = redis::cmd("GET").arg(seq_key(room)).to_owned();
+        let v: Option<u64> = self.run(cmd.query_async(&mut c)).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn replay(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Replay, BusError> {
+        if after >= upto {
+            return Ok(Replay::default());
+        }
+        let key = log_key(room);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("{}-0", after + 1))
+            .arg(format!("{upto}-0"))
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .cmd("GET")
+            .arg(seq_key(room));
+        type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+        let mut c = self.conn();
+        let (first, page, head): (Entries, Entries, Option<u64>) =
+            self.run(pipe.query_async(&mut c)).await?;
+        let id_seq = |id: &str| id.split('-').next().and_then(|s| s.parse::<u64>().ok());
+        let floor = match first.first() {
+            Some((id, _)) => id_seq(id).unwrap_or(1).saturating_sub(1),
+            None => head.unwrap_or(0),
+        };
+        let mut entries = Vec::with_capacity(page.len());
+        for (id, fields) in page {
+            let Some(seq) = id_seq(&id) else { continue };
+            let Some((_, raw)) = fields.iter().find(|(k, _)| k == "r") else {
+                continue;
+            };
+            match shoal_proto::bus::decode_record(raw) {
+                Ok(r) => entries.push(ReplayEntry {
+                    msg: StoredMsg {
+                        seq,
+                        from: r.from,
+                        ts: r.ts,
+                        body: r.body,
+                    },
+                    deleted: false,
+                }),
+                Err(e) => {
+                    self.metrics.bus_bad_payloads.inc();
+                    tracing::warn!(room, seq, error = %e, "undecodable hot-history entry");
+                }
+            }
+        }
+        Ok(Replay { floor, entries })
+    }
+
+    fn healthy(&self) -> bool {
+        self.cmd_ok.load(Ordering::Acquire) && self.sub_up.load(Ordering::Acquire)
+    }
+}
+
+/// Owns the subscription connection and the per-room reference counts.
+struct Supervisor {
+    client: redis::Client,
+    timeout: Duration,
+    inbound: InboundQueue,
+    up: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    rooms: HashMap<Arc<str>, usize>,
+}
+
+impl Supervisor {
+    async fn connect(
+        &self,
+        lost: Arc<Notify>,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let inbound = self.inbound.clone();
+        let sender = move |info: redis::PushInfo| -> Result<(), ()> {
+            match info.kind {
+                PushKind::SMessage => {
+                    if let [Value::BulkString(ch), Value::BulkString(payload)] = &info.data[..] {
+                        if let Some(room) = channel_room(ch) {
+                            inbound.push(Inbound::Payload {
+                                room: room.into(),
+                                bytes: Bytes::copy_from_slice(payload),
+                            });
+                        }
+                    }
+                }
+                PushKind::Disconnection => lost.notify_one(),
+                // Subscription confirmations (copies of command replies).
+                _ => {}
+            }
+            Ok(())
+        };
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_push_sender(sender);
+        self.client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+    }
+
+    async fn ssubscribe(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        room: &str,
+    ) -> redis::RedisResult<()> {
+        redis::cmd("SSUBSCRIBE")
+            .arg(channel(room))
+            .exec_async(conn)
+            .await
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SubCmd>, stop: CancellationToken) {
+        // The connection and the signal of its loss, created together: a
+        // dropped old connection reporting its own end must not take the
+        // new one down.
+        let mut conn: Option<(redis::aio::MultiplexedConnection, Arc<Notify>)> = None;
+        let mut backoff = Duration::from_millis(50);
+        let mut retry_at = Instant::now();
+        let mut first = true;
+        loop {
+            if conn.is_none() && Instant::now() >= retry_at {
+                let lost = Arc::new(Notify::new());
+                match self.establish(lost.clone()).await {
+                    Ok(c) => {
+                        conn = Some((c, lost));
+                        backoff = Duration::from_millis(50);
+                        self.up.store(true, Ordering::Release);
+                        if !first {
+                            self.metrics.redis_reconnects.inc();
+                        }
+                        first = false;
+                        tracing::info!(rooms = self.rooms.len(), "bus subscriptions in place");
+                        self.inbound.push(Inbound::Resync);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "redis subscription connection failed");
+                        retry_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+            let wait = if conn.is_none() {
+                retry_at.saturating_duration_since(Instant::now())
+            } else {
+                Duration::from_secs(3600)
+            };
+            let lost = conn.as_ref().map(|(_, l)| l.clone());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = async { if let Some(l) = &lost { l.notified().await } }, if lost.is_some() => {
+                    tracing::warn!("redis subscription connection lost");
+                    conn = None;
+                    self.up.store(false, Ordering::Release);
+                    self.metrics.bus_up.set(0);
+                }
+                _ = tokio::time::sleep(wait) => {}
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    let mut c = conn.as_ref().map(|(c, _)| c.clone());
+                    if !self.handle(cmd, &mut c).await {
+                        conn = None;
+                        self.up.store(false, Ordering::Release);
+                        self.metrics.bus_up.set(0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connect and subscribe to every referenced room.
+    async fn establish(
+        &self,
+        lost: Arc<Notify>,
+    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let mut c = self.connect(lost).await?;
+        // Pipelined: every SSUBSCRIBE is written before the first reply.
+        let futs = self.rooms.keys().map(|r| {
+            let mut c = c.clone();
+            async move { self.ssubscribe(&mut c, r).await }
+        });
+        for r in futures_util::future::join_all(futs).await {
+            r?;
+        }
+        let _: () = redis::cmd("PING").exec_async(&mut c).await?;
+        Ok(c)
+    }
+
+    /// Apply one command; false if the connection failed doing it.
+    async fn handle(
+        &mut self,
+        cmd: SubCmd,
+        conn: &mut Option<redis::aio::MultiplexedConnection>,
+    ) -> bool {
+        match cmd {
+            SubCmd::Sub(room, reply) => {
+                if let Some(n) = self.rooms.get_mut(&room) {
+                    *n += 1;
+                    let _ = reply.send(Ok(()));
+                    return true;
+                }
+                let Some(c) = conn.as_mut() else {
+                    let _ = reply.send(Err(unavailable("redis subscription connection is down")));
+                    return true;
+                };
+                match self.ssubscribe(c, &room).await {
+                    Ok(()) => {
+                        self.rooms.insert(room, 1);
+                        self.metrics
+                            .redis_subscriptions
+                            .set(self.rooms.len() as i64);
+                        let _ = reply.send(Ok(()));
+                        true
+                    }
+                    Err(e) => {
+                        self.metrics.redis_errors.inc();
+                        let _ = reply.send(Err(unavailable(&e)));
+                        !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+                    }
+                }
+            }
+            SubCmd::Unsub(room) => {
+                let Some(n) = self.rooms.get_mut(&room) else {
+                    return true;
+                };
+                *n -= 1;
+                if *n > 0 {
+                    return true;
+                }
+                self.rooms.remove(&room);
+                self.metrics
+                    .redis_subscriptions
+                    .set(self.rooms.len() as i64);
+                if let Some(c) = conn.as_mut() {
+                    let r = redis::cmd("SUNSUBSCRIBE")
+                        .arg(channel(&room))
+                        .exec_async(c)
+                        .await;
+                    if let Err(e) = r {
+                        self.metrics.redis_errors.inc();
+                        tracing::debug!(error = %e, "sunsubscribe failed");
+                    }
+                }
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_room_hash_tag() {
+        assert_eq!(seq_key("a:b"), "shoal:{a:b}:seq");
+        assert_eq!(log_key("lobby"), "shoal:{lobby}:log");
+        assert_eq!(channel_room(channel("dm:a:b").as_bytes()), Some("dm:a:b"));
+        assert_eq!(channel_room(b"other"), None);
+        assert_eq!(with_resp3("redis://h:1"), "redis://h:1?protocol=resp3");
+        assert_eq!(
+            with_resp3("redis://h:1/?db=2"),
+            "redis://h:1/?db=2&protocol=resp3"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! What brokers tell each other through the cluster bus (Redis).
+//!
+//! Two things travel between nodes on a room's channel:
+//! - a sequenced message: `<seq>:<record>`, where the seq prefix is added
+//!   by the Redis script that assigns it (it cannot build MessagePack) and
+//!   `<record>` is a [`BusRecord`] in MessagePack, the same bytes that the
+//!   script keeps in the room's hot stream;
+//! - an ephemeral event (`typing`, `presence`): `e:<frame>` with a
+//!   [`ServerFrame`] in MessagePack, delivered as is and never stored.
+//!
+//! Bytes from the bus are treated as untrusted like any other input
+//! (another version of Shoal, or anyone with access to Redis, may have
+//! written them): decoding is bounded and returns [`DecodeError`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{codec::DecodeError, Body, Encoding, ServerFrame};
+
+/// The part of a room message that is not its seq.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BusRecord {
+    /// Server timestamp from the publishing node, ms since the Unix epoch.
+    pub ts: u64,
+    /// Sender's user name.
+    pub from: String,
+    /// Message body as the sender gave it.
+    pub body: Body,
+}
+
+/// One payload received on a room's bus channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BusPayload {
+    /// A sequenced room message.
+    Msg {
+        /// Per-room seq assigned by the bus.
+        seq: u64,
+        /// The message.
+        record: BusRecord,
+    },
+    /// An ephemeral frame for the room's local members.
+    Event(ServerFrame),
+}
+
+/// Prefix of an event payload.
+const EVENT_PREFIX: &[u8] = b"e:";
+
+/// Encode a record (the bytes kept in the stream and published after the
+/// seq prefix).
+pub fn encode_record(record: &BusRecord) -> Vec<u8> {
+    // A record holds only strings, integers and a JSON value, which
+    // MessagePack can always represent.
+    rmp_serde::to_vec_named(record).unwrap_or_default()
+}
+
+/// Decode a record read back from the stream.
+pub fn decode_record(bytes: &[u8]) -> Result<BusRecord, DecodeError> {
+    Encoding::MsgPack.decode_any(bytes)
+}
+
+/// Encode an ephemeral event for a room channel.
+pub fn encode_event(frame: &ServerFrame) -> Vec<u8> {
+    let mut out = EVENT_PREFIX.to_vec();
+    out.extend(rmp_serde::to_vec_named(frame).unwrap_or_default());
+    out
+}
+
+/// Decode one channel payload.
+pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
+    if let Some(rest) = bytes.strip_prefix(EVENT_PREFIX) {
+        return Ok(BusPayload::Event(Encoding::MsgPack.decode_any(rest)?));
+    }
+    let colon = bytes
+        .iter()
+        .take(21)
+        .position(|&b| b == b':')
+        .ok_or_else(|| DecodeError::MsgPack("bus payload without seq prefix".into()))?;
+    let seq = std::str::from_utf8(&bytes[..colon])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .ok_or_else(|| DecodeError::MsgPack("bus payload with a bad seq prefix".into()))?;
+    let record = decode_record(&bytes[colon + 1..])?;
+    Ok(BusPayload::Msg { seq, record })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let r = BusRecord {
+            ts: 17,
+            from: "alice".into(),
+            body: serde_json::json!({"text": "hi", "n": [1, 2]}),
+        };
+        let mut wire = b"42:".to_vec();
+        wire.extend(encode_record(&r));
+        assert_eq!(
+            decode_payload(&wire),
+            Ok(BusPayload::Msg {
+                seq: 42,
+                record: r.clone()
+            })
+        );
+        assert_eq!(decode_record(&encode_record(&r)), Ok(r));
+        let f = ServerFrame::Typing {
+            room: "lobby".into(),
+            user: "bob".into(),
+        };
+        assert_eq!(decode_payload(&encode_event(&f)), Ok(BusPayload::Event(f)));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in [
+            &b""[..],
+            b"0:\x80",
+            b"x:\x80",
+            b"12",
+            b"99999999999999999999999:\x80",
+            b"5:\xc1",
+            b"e:",
+            b"e:\x93\x01",
+        ] {
+            assert!(decode_payload(bad).is_err(), "{bad:?}");
+        }
+    }
+}
