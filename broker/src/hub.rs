@@ -889,7 +889,16 @@ impl Hub {
     /// is the room's next seq; after a gap the missing ones are read from
     /// the hot history first; a repeat is ignored.
     pub async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
-        let Some(r) = self.room(room) else { return };
+        let Some(r) = self.room(room) else {
+            tracing::trace!(room, seq, "bus message for a room without local members");
+            return;
+        };
+        tracing::trace!(
+            room,
+            seq,
+            committed = r.state.lock().committed,
+            "bus message"
+        );
         let BusRecord { ts, from, body } = record;
         if let Some(committed) = self.accept_bus(&r, seq, ts, &from, body.clone()) {
             self.fill_gap(bus, &r, committed, seq - 1).await;
@@ -913,15 +922,15 @@ impl Hub {
     }
 
     /// Deliver `(after, upto]` from the hot history. What the history no
-    /// longer has is announced to members as a `gap`.
-    async fn fill_gap(&self, bus: &dyn Bus, room: &Room, mut after: u64, upto: u64) {
+    /// longer has is announced to members as a `gap`. False if the bus
+    /// failed (retried on the next message or resync).
+    async fn fill_gap(&self, bus: &dyn Bus, room: &Room, mut after: u64, upto: u64) -> bool {
         while after < upto {
             let page = match bus.replay(&room.name, after, upto, GAP_FILL_PAGE).await {
                 Ok(p) => p,
                 Err(e) => {
-                    // Retried on the next message or at resync.
                     tracing::warn!(room = %room.name, error = %e, "gap fill failed");
-                    return;
+                    return false;
                 }
             };
             let first = page.entries.first().map_or(upto + 1, |e| e.msg.seq);
@@ -940,6 +949,7 @@ impl Hub {
                 break;
             }
         }
+        true
     }
 
     /// Members cannot get seqs up to `to`: say so and move on.
@@ -959,8 +969,9 @@ impl Hub {
     }
 
     /// Pump side: the subscription was re-established, or inbound payloads
-    /// were dropped: bring every local room up to the bus head.
-    pub async fn bus_resync(&self, bus: &dyn Bus) {
+    /// were dropped: bring every local room up to the bus head. False if
+    /// the bus failed meanwhile (try again later).
+    pub async fn bus_resync(&self, bus: &dyn Bus) -> bool {
         let rooms: Vec<Arc<Room>> = self
             .rooms
             .iter()
@@ -971,14 +982,15 @@ impl Hub {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(error = %e, "resync stopped: bus unavailable");
-                    return;
+                    return false;
                 }
             };
             let committed = r.state.lock().committed;
-            if head > committed {
-                self.fill_gap(bus, &r, committed, head).await;
+            if head > committed && !self.fill_gap(bus, &r, committed, head).await {
+                return false;
             }
         }
+        true
     }
 
     /// Pump side: an ephemeral frame for the room's local members.

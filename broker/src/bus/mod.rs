@@ -178,9 +178,20 @@ pub struct InboundRx {
 /// Deliver what the bus receives to local members, in seq order, filling
 /// gaps from the hot history. Runs until `stop` or the bus goes away.
 pub async fn pump(hub: Arc<Hub>, bus: Arc<dyn Bus>, mut rx: InboundRx, stop: CancellationToken) {
+    // A resync that failed (the bus went away again) is retried on a
+    // timer, so rooms never wait for their next message to catch up.
+    let mut resync_due = false;
     loop {
+        let retry = async {
+            if resync_due {
+                tokio::time::sleep(RESYNC_RETRY).await
+            } else {
+                std::future::pending().await
+            }
+        };
         let item = tokio::select! {
             item = rx.rx.recv() => item,
+            _ = retry => Some(Inbound::Resync),
             _ = stop.cancelled() => return,
         };
         let Some(item) = item else { return };
@@ -195,10 +206,13 @@ pub async fn pump(hub: Arc<Hub>, bus: Arc<dyn Bus>, mut rx: InboundRx, stop: Can
                     tracing::warn!(room = %room, error = %e, "undecodable bus payload");
                 }
             },
-            Inbound::Resync => hub.bus_resync(&*bus).await,
+            Inbound::Resync => resync_due = !hub.bus_resync(&*bus).await,
         }
         if rx.overflowed.swap(false, Ordering::AcqRel) {
-            hub.bus_resync(&*bus).await;
+            resync_due = !hub.bus_resync(&*bus).await;
         }
     }
 }
+
+/// Delay before retrying a failed resync.
+const RESYNC_RETRY: std::time::Duration = std::time::Duration::from_millis(250);

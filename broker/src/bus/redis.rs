@@ -403,6 +403,7 @@ impl Supervisor {
     ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let inbound = self.inbound.clone();
         let sender = move |info: redis::PushInfo| -> Result<(), ()> {
+            tracing::trace!(kind = ?info.kind, "redis push");
             match info.kind {
                 PushKind::SMessage => {
                     if let [Value::BulkString(ch), Value::BulkString(payload)] = &info.data[..] {

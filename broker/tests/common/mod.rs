@@ -488,3 +488,93 @@ impl Endpoint for Proc {
         &self.http
     }
 }
+
+/// A token for `user` signed with the shared test secret (every node of a
+/// test cluster accepts it).
+pub fn token_for(user: &str) -> String {
+    mint(
+        json!({"sub": user, "exp": now() + 3600, "jti": format!("j-{user}")}),
+        jsonwebtoken::Algorithm::HS256,
+        SECRET.as_bytes(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A real redis-server on a free loopback port in a temp dir, with an
+/// append-only file fsynced on every write (so a stop and restart keeps
+/// what it acknowledged). Stopped by PID on drop.
+pub struct Redis {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Redis {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)start on the same port and data dir.
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (make test-deps installs it)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// SIGTERM and wait: Redis flushes its append-only file and exits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Several brokers sharing rooms through a real redis-server (`--bus
+//! redis`), on loopback ports from temp dirs.
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::*;
+use serde_json::json;
+use shoal_proto::{ClientFrame, Encoding, ErrorCode, ServerFrame};
+
+async fn node(redis: &Redis) -> Broker {
+    if let Ok(f) = std::env::var("SHOAL_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(f).try_init();
+    }
+    let url = redis.url();
+    Broker::start_with(move |c| {
+        c.bus = shoal_broker::config::BusKind::Redis;
+        c.redis_url = Some(url);
+        c.redis_timeout_ms = 500;
+        // Tests pipeline hundreds of publishes from one connection.
+        c.rate_limit = 100_000.0;
+        c.rate_burst = 100_000.0;
+    })
+    .await
+}
+
+/// Wait until `/health` answers `status`.
+async fn health_becomes(b: &Broker, status: u16) -> serde_json::Value {
+    for _ in 0..200 {
+        let (s, v) = b.get("/health", None).await;
+        if s == status {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("/health never answered {status}");
+}
+
+/// Read `msg` frames of `room` until `n` distinct seqs; (seq -> (from, body)).
+async fn collect(c: &mut Client, n: usize) -> (Vec<u64>, BTreeMap<u64, (String, String)>) {
+    let mut order = vec![];
+    let mut seen = BTreeMap::new();
+    while seen.len() < n {
+        match c.try_recv(Duration::from_secs(10)).await {
+            Ok(ServerFrame::Msg {
+                seq, from, body, ..
+            }) => {
+                order.push(seq);
+                seen.insert(seq, (from, body.to_string()));
+            }
+            Ok(_) => {}
+            Err(e) => panic!("after {} messages: {e:?}", seen.len()),
+        }
+    }
+    (order, seen)
+}
+
+#[tokio::test]
+async fn nodes_share_rooms_in_one_order() {
+    let redis = Redis::start().await;
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::MsgPack).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
+    let mut carol = a.connect(&token_for("carol"), Encoding::Json).await;
+    let mut pubs = vec![
+        a.connect(&token_for("p1"), Encoding::MsgPack).await,
+        b.connect(&token_for("p2"), Encoding::MsgPack).await,
+    ];
+    for c in [&mut alice, &mut bob, &mut carol] {
+        c.join("lobby").await;
+    }
+    for p in pubs.iter_mut() {
+        p.join("lobby").await;
+    }
+
+    // Two publishers on two nodes, pipelined, at the same time.
+    const EACH: u64 = 150;
+    let senders = pubs.into_iter().enumerate().map(|(i, mut p)| {
+        tokio::spawn(async move {
+            for k in 0..EACH {
+                p.send(&ClientFrame::Pub {
+                    id: Some(k + 1),
+                    room: Some("lobby".into()),
+                    to: None,
+                    cid: None,
+                    body: json!({"p": i, "k": k}),
+                })
+                .await;
+            }
+            let mut acked = vec![];
+            while acked.len() < EACH as usize {
+                match p.recv().await {
+                    ServerFrame::Ack { seq, .. } => acked.push(seq),
+                    ServerFrame::Error { code, message, .. } => panic!("{code}: {message}"),
+                    _ => {}
+                }
+            }
+            acked
+        })
+    });
+    let mut acked: Vec<u64> = vec![];
+    for s in senders {
+        acked.extend(s.await.expect("sender"));
+    }
+    acked.sort_unstable();
+    let total = 2 * EACH;
+    assert_eq!(
+        acked,
+        (1..=total).collect::<Vec<_>>(),
+        "acks cover 1..=N once"
+    );
+
+    let (oa, ma) = collect(&mut alice, total as usize).await;
+    let (ob, mb) = collect(&mut bob, total as usize).await;
+    let (oc, mc) = collect(&mut carol, total as usize).await;
+    let want: Vec<u64> = (1..=total).collect();
+    assert_eq!(oa, want, "node A delivers in seq order, no dup");
+    assert_eq!(ob, want, "node B delivers in seq order, no dup");
+    assert_eq!(oc, want);
+    assert_eq!(ma, mb, "same message at each seq on both nodes");
+    assert_eq!(ma, mc);
+    // Each publisher's own messages keep their order.
+    for p in 0..2 {
+        let ks: Vec<String> = ma
+            .values()
+            .filter(|(_, body)| body.contains(&format!("\"p\":{p}")))
+            .map(|(_, body)| body.clone())
+            .collect();
+        let expect: Vec<String> = (0..EACH)
+            .map(|k| json!({"p": p, "k": k}).to_string())
+            .collect();
+        assert_eq!(ks, expect);
+    }
+
+    // Typing crosses nodes and is not echoed to the typist.
+    bob.send(&ClientFrame::Typing {
+        id: None,
+        room: "lobby".into(),
+    })
+    .await;
+    match alice
+        .recv_until(|f| matches!(f, ServerFrame::Typing { .. }))
+        .await
+    {
+        ServerFrame::Typing { user, .. } => assert_eq!(user, "bob"),
+        _ => unreachable!(),
+    }
+
+    // A client joining on the other node with `since` gets the rest from
+    // the hot history, then live messages.
+    let mut dave = b.connect(&token_for("dave"), Encoding::Json).await;
+    let (replayed, head) = dave.join_since("lobby", Some(total - 10)).await;
+    let seqs: Vec<u64> = replayed.iter().filter_map(msg_seq).collect();
+    assert_eq!(head, total);
+    assert_eq!(seqs, ((total - 9)..=total).collect::<Vec<_>>());
+
+    // A retried cid on the other node gets the original seq.
+    let first = alice.publish_cid("lobby", Some("once"), json!("x")).await;
+    let again = dave.publish_cid("lobby", Some("once"), json!("x")).await;
+    assert!(matches!(first, ServerFrame::Ack { seq, .. } if seq == total + 1));
+    assert!(
+        matches!(again, ServerFrame::Ack { seq, .. } if seq == total + 2),
+        "cids are per user: dave's `once` is a new message: {again:?}"
+    );
+    let alice_again = alice.publish_cid("lobby", Some("once"), json!("x")).await;
+    assert!(matches!(alice_again, ServerFrame::Ack { seq, .. } if seq == total + 1));
+
+    assert!(a.metric("shoal_redis_subscriptions{").await >= 1.0);
+    assert!(a.metric("shoal_redis_command_seconds_count{").await > 0.0);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn redis_restart_gives_503_then_recovers_without_loss() {
+    let mut redis = Redis::start().await;
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
+    alice.join("r").await;
+    bob.join("r").await;
+    let mut acked = vec![];
+    for i in 0..20 {
+        match alice.publish("r", json!(i)).await {
+            ServerFrame::Ack { seq, .. } => acked.push(seq),
+            f => panic!("{f:?}"),
+        }
+    }
+    let (before, _) = collect(&mut bob, 20).await;
+
+    redis.stop();
+    let v = health_becomes(&a, 503).await;
+    assert_eq!(v["bus"], "down");
+    health_becomes(&b, 503).await;
+    // Publishes during the outage are refused, never silently dropped.
+    match alice.publish("r", json!("lost?")).await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::Unavailable as u16),
+        f => panic!("expected error 503, got {f:?}"),
+    }
+    // Connections stay up meanwhile.
+    bob.send(&ClientFrame::Ping { id: Some(77) }).await;
+    assert!(matches!(
+        bob.recv_until(|f| matches!(f, ServerFrame::Pong { .. }))
+            .await,
+        ServerFrame::Pong { id: Some(77) }
+    ));
+
+    redis.restart().await;
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    for i in 20..40 {
+        match alice.publish("r", json!(i)).await {
+            ServerFrame::Ack { seq, .. } => acked.push(seq),
+            f => panic!("{f:?}"),
+        }
+    }
+    assert_eq!(
+        acked,
+        (1..=40).collect::<Vec<_>>(),
+        "seqs continue after the restart"
+    );
+    let (after, _) = collect(&mut bob, 20).await;
+    let order: Vec<u64> = before.into_iter().chain(after).collect();
+    assert_eq!(
+        order,
+        (1..=40).collect::<Vec<_>>(),
+        "bob has every acked message once"
+    );
+    assert!(b.metric("shoal_redis_reconnects_total{").await >= 1.0);
+    assert!(a.metric("shoal_errors_total{code=\"unavailable\"").await >= 1.0);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn lost_subscriptions_are_recovered_from_the_hot_history() {
+    let redis = Redis::start().await;
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::MsgPack).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
+    alice.join("r").await;
+    bob.join("r").await;
+    const N: u64 = 400;
+    let sender = tokio::spawn(async move {
+        for k in 0..N {
+            alice
+                .send(&ClientFrame::Pub {
+                    id: Some(k + 1),
+                    room: Some("r".into()),
+                    to: None,
+                    cid: None,
+                    body: json!(k),
+                })
+                .await;
+            if k % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let mut acked = 0;
+        while acked < N {
+            match alice.recv().await {
+                ServerFrame::Ack { .. } => acked += 1,
+                ServerFrame::Error { code, message, .. } => panic!("{code}: {message}"),
+                _ => {}
+            }
+        }
+    });
+    // Cut every subscription connection a few times while messages flow:
+    // what a node misses meanwhile must come from the stream, in order.
+    let mut admin = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis admin");
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await
+            .expect("client kill");
+        assert!(killed >= 1, "subscription connections were cut");
+    }
+    sender.await.expect("sender");
+    let (order, _) = collect(&mut bob, N as usize).await;
+    assert_eq!(order, (1..=N).collect::<Vec<_>>());
+    assert!(b.metric("shoal_redis_reconnects_total{").await >= 1.0);
+    let filled = b.metric("shoal_bus_gap_filled_total{").await;
+    assert!(
+        filled >= 1.0,
+        "some messages came from the hot history ({filled})"
+    );
+    a.stop().await;
+    b.stop().await;
+}
