@@ -25,7 +25,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Prometheus as a child process, killed by PID on drop.
+/// A server process (Prometheus, redis-server), killed by PID on drop.
 struct Prometheus(Child);
 
 impl Drop for Prometheus {
@@ -80,8 +80,33 @@ fn prometheus_config_is_valid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_query_returns_data() {
+    // Two brokers: one single node (store panels), one on the Redis bus
+    // (Redis panels); both under load.
+    let redis_port = free_port();
+    let redis_dir = tempfile::tempdir().expect("tempdir");
+    let _redis = Prometheus(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(redis_dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by `make test-deps`)"),
+    );
+    let clustered = common::broker(|c| {
+        c.bus = shoal_broker::config::BusKind::Redis;
+        c.redis_url = Some(format!("redis://127.0.0.1:{redis_port}"));
+    })
+    .await;
     let b = common::broker(|_| {}).await;
-    let (broker, dir) = (b.addr, &b.dir);
+    let (broker, broker2, dir) = (b.addr, clustered.addr, &b.dir);
     let lg_port = free_port();
     let prom_port = free_port();
     let conf = dir.path().join("prometheus.yml");
@@ -89,7 +114,7 @@ async fn every_panel_query_returns_data() {
         &conf,
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: shoal\n    static_configs:\n      - targets: ['{broker}']\n\
+             scrape_configs:\n  - job_name: shoal\n    static_configs:\n      - targets: ['{broker}', '{broker2}']\n\
              \x20 - job_name: loadgen\n    static_configs:\n      - targets: ['127.0.0.1:{lg_port}']\n"
         ),
     )
@@ -126,7 +151,12 @@ async fn every_panel_query_returns_data() {
         connect_concurrency: 16,
         namespace: None,
     };
+    let opts2 = fanout::FanoutOpts {
+        common: common::common(&clustered.url),
+        ..opts.clone()
+    };
     let run = tokio::spawn(async move { fanout::run(&opts).await });
+    let run2 = tokio::spawn(async move { fanout::run(&opts2).await });
 
     // Query while the run is under way, after several scrapes of both.
     let http = reqwest::Client::new();
@@ -174,6 +204,10 @@ async fn every_panel_query_returns_data() {
     );
     let report = run.await.expect("join").expect("fanout");
     assert_eq!(report.lost, 0);
-    b.stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), b.task).await;
+    let report = run2.await.expect("join").expect("fanout over the bus");
+    assert_eq!(report.lost, 0);
+    for b in [b, clustered] {
+        b.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), b.task).await;
+    }
 }
