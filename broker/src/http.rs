@@ -51,6 +51,9 @@ impl ApiError {
     fn unauthorized(m: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
     }
+    fn unavailable(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+    }
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "internal error");
         Self::new(
@@ -336,6 +339,17 @@ async fn logout(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
     }
     state.store.revoke(&claims.jti, claims.exp).await?;
     state.auth.revoke(&claims.jti);
+    if let Some(bus) = state.hub.bus() {
+        // Other nodes close the token's connections and refuse it.
+        bus.revoke(&claims.sub, &claims.jti, claims.exp)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "revocation not announced to the cluster");
+                ApiError::unavailable(
+                    "cluster bus unavailable; the token is revoked on this node only, retry",
+                )
+            })?;
+    }
     let closed = state.hub.close_token(
         &claims.sub,
         &claims.jti,

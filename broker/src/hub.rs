@@ -917,7 +917,10 @@ impl Hub {
         }
         st.committed = seq;
         st.seq = st.seq.max(seq);
-        self.deliver_locked(room, &st, seq, ts, from, body);
+        // Direct messages reach the parties through their user channels.
+        if room.dm.is_none() {
+            self.deliver_locked(room, &st, seq, ts, from, body);
+        }
         None
     }
 
@@ -1038,24 +1041,61 @@ impl Hub {
         self.rooms[self.shard(name)].lock().map.get(name).cloned()
     }
 
-    /// Add a live connection to the user registry.
+    /// Add a live connection to the user registry. In a cluster, the
+    /// user's first connection on this node subscribes to the user's
+    /// channel (under the shard lock, so subscribe and unsubscribe reach
+    /// the bus in order).
     pub fn register(&self, conn: &ConnHandle) {
-        self.users[self.shard(&*conn.user)]
-            .lock()
-            .entry(conn.user.clone())
-            .or_default()
-            .push(conn.clone());
+        let mut shard = self.users[self.shard(&*conn.user)].lock();
+        let v = shard.entry(conn.user.clone()).or_default();
+        v.push(conn.clone());
+        if v.len() == 1 {
+            if let Some(bus) = self.bus.get() {
+                bus.subscribe_user(&conn.user);
+            }
+        }
     }
 
     /// Remove a connection from the user registry.
     pub fn unregister(&self, conn: &ConnHandle) {
         let mut shard = self.users[self.shard(&*conn.user)].lock();
         if let Some(v) = shard.get_mut(&conn.user) {
+            let before = v.len();
             v.retain(|c| c.id != conn.id);
             if v.is_empty() {
                 shard.remove(&conn.user);
+                if before > 0 {
+                    if let Some(bus) = self.bus.get() {
+                        bus.unsubscribe_user(&conn.user);
+                    }
+                }
             }
         }
+    }
+
+    /// Pump side: a direct message for `user`, from the user's channel:
+    /// to every local connection of that user (the other party's
+    /// connections get it from their own channel).
+    pub fn bus_direct(&self, user: &str, room: &str, seq: u64, record: BusRecord) {
+        let f = ServerFrame::Msg {
+            room: room.to_string(),
+            seq,
+            from: record.from,
+            ts: record.ts,
+            body: record.body,
+        };
+        let mut shared = SharedFrame::new(&f);
+        let users = self.users[self.shard(user)].lock();
+        let mut n = 0;
+        for c in users.get(user).into_iter().flatten() {
+            if let Some(bytes) = shared.get(c.encoding) {
+                c.push(bytes, false);
+                n += 1;
+            }
+        }
+        drop(users);
+        self.metrics.frames_out("msg", n);
+        self.metrics.deliveries.inc_by(n);
     }
 
     /// True if the user has at least one live connection on this node.
@@ -1305,6 +1345,7 @@ mod tests {
             f.hub.clone(),
             bus.clone(),
             rx,
+            Arc::new(|_: &str, _: &str| {}),
             f.stop.clone(),
         ));
         (f, bus)

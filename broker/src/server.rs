@@ -42,7 +42,7 @@ pub async fn build_state(
         SqliteStore::open(&cfg.data, cfg.store_sync == "full").context("opening embedded store")?;
     tokio::spawn(checkpointer(sqlite.clone(), shutdown.clone()));
     let store: Arc<dyn Store> = Arc::new(sqlite);
-    let auth = Auth::from_config(&cfg)?;
+    let auth = Arc::new(Auth::from_config(&cfg)?);
     auth.load_revoked(
         store
             .revoked(crate::auth::now_secs())
@@ -75,7 +75,18 @@ pub async fn build_state(
         )
         .context("starting the Redis bus")?;
         hub.set_bus(bus.clone());
-        tokio::spawn(crate::bus::pump(hub.clone(), bus, rx, shutdown.clone()));
+        let (a, h) = (auth.clone(), hub.clone());
+        let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti| {
+            a.revoke(jti);
+            h.close_token(user, jti, shoal_proto::CloseCode::TokenRevoked);
+        });
+        tokio::spawn(crate::bus::pump(
+            hub.clone(),
+            bus,
+            rx,
+            on_revoke,
+            shutdown.clone(),
+        ));
     }
     let writer_stop = CancellationToken::new();
     tokio::spawn(

@@ -16,7 +16,7 @@ pub struct AppState {
     /// Rooms and users.
     pub hub: Arc<Hub>,
     /// Tokens and passwords.
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     /// Durable state.
     pub store: Arc<dyn Store>,
     /// Metrics registry.

@@ -305,3 +305,67 @@ async fn lost_subscriptions_are_recovered_from_the_hot_history() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn direct_messages_and_revocations_cross_nodes() {
+    let redis = Redis::start().await;
+    let a = node(&redis).await;
+    let b = node(&redis).await;
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
+    let mut bob2 = a.connect(&token_for("bob"), Encoding::Json).await;
+    // The user-channel subscription is asynchronous to the handshake.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        alice.send_dm("bob", json!({ "text": i })).await;
+    }
+    for c in [&mut bob, &mut bob2, &mut alice] {
+        let (order, msgs) = collect(c, 5).await;
+        assert_eq!(
+            order,
+            vec![1, 2, 3, 4, 5],
+            "every party connection, in order"
+        );
+        assert!(msgs.values().all(|(from, _)| from == "alice"));
+    }
+    // While carol is offline her DMs wait in the room's hot history.
+    let mut dave = b.connect(&token_for("dave"), Encoding::Json).await;
+    dave.send_dm("carol", json!("are you there?")).await;
+    let carol_token = token_for("carol");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut carol = a.connect(&carol_token, Encoding::Json).await;
+    let (replayed, head) = carol.join_since("dm:carol:dave", Some(0)).await;
+    assert_eq!(head, 1);
+    assert_eq!(
+        replayed.iter().filter_map(msg_seq).collect::<Vec<_>>(),
+        vec![1]
+    );
+
+    // Logging out on node B closes carol's connection on node A, and
+    // node A refuses the token from then on.
+    let (s, v) = b.post("/api/logout", json!({}), Some(&carol_token)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        carol.closed().await,
+        End::Closed(Some(shoal_proto::CloseCode::TokenRevoked as u16))
+    );
+    let refused = a.try_connect(&carol_token, Encoding::Json).await.err();
+    assert_eq!(refused.map(|e| e.0), Some(401));
+    // A node that starts later learns the revocation from Redis.
+    let c = node(&redis).await;
+    health_becomes(&c, 200).await;
+    let mut refused = None;
+    for _ in 0..50 {
+        refused = c.try_connect(&carol_token, Encoding::Json).await.err();
+        if refused.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused.map(|e| e.0), Some(401));
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+}

@@ -8,6 +8,14 @@
 //! - an ephemeral event (`typing`, `presence`): `e:<frame>` with a
 //!   [`ServerFrame`] in MessagePack, delivered as is and never stored.
 //!
+//! On a user's channel (nodes where the user has connections):
+//! - a direct message: `d:<room> <seq>:<record>`, built by the same script
+//!   that sequenced it, so a user's channel carries each DM room in seq
+//!   order.
+//!
+//! On the cluster-wide channel:
+//! - a token revocation: `r:<user> <jti>`.
+//!
 //! Bytes from the bus are treated as untrusted like any other input
 //! (another version of Shoal, or anyone with access to Redis, may have
 //! written them): decoding is bounded and returns [`DecodeError`].
@@ -39,6 +47,49 @@ pub enum BusPayload {
     },
     /// An ephemeral frame for the room's local members.
     Event(ServerFrame),
+    /// A direct message, on a party's user channel.
+    Direct {
+        /// The DM room.
+        room: String,
+        /// Its seq in the DM room.
+        seq: u64,
+        /// The message.
+        record: BusRecord,
+    },
+    /// A revoked token: close the user's connections that use it.
+    Revoke {
+        /// User name.
+        user: String,
+        /// Token id.
+        jti: String,
+    },
+}
+
+/// Prefix of a direct-message payload (followed by `<room> `).
+pub const DIRECT_PREFIX: &str = "d:";
+const REVOKE_PREFIX: &[u8] = b"r:";
+
+/// Encode a revocation for the cluster-wide channel.
+pub fn encode_revoke(user: &str, jti: &str) -> Vec<u8> {
+    format!("r:{user} {jti}").into_bytes()
+}
+
+fn bad(what: &str) -> DecodeError {
+    DecodeError::MsgPack(format!("bus payload: {what}"))
+}
+
+/// Split `<word> <rest>` at the first space (a word is at most 256 bytes).
+fn word(bytes: &[u8]) -> Result<(&str, &[u8]), DecodeError> {
+    let sp = bytes
+        .iter()
+        .take(257)
+        .position(|&b| b == b' ')
+        .ok_or_else(|| bad("missing separator"))?;
+    let w = std::str::from_utf8(&bytes[..sp]).map_err(|_| bad("not UTF-8"))?;
+    if w.is_empty() {
+        return Err(bad("empty name"));
+    }
+    Ok((w, &bytes[sp + 1..]))
 }
 
 /// Prefix of an event payload.
@@ -69,6 +120,29 @@ pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
     if let Some(rest) = bytes.strip_prefix(EVENT_PREFIX) {
         return Ok(BusPayload::Event(Encoding::MsgPack.decode_any(rest)?));
     }
+    if let Some(rest) = bytes.strip_prefix(DIRECT_PREFIX.as_bytes()) {
+        let (room, rest) = word(rest)?;
+        let (seq, record) = decode_msg(rest)?;
+        return Ok(BusPayload::Direct {
+            room: room.to_string(),
+            seq,
+            record,
+        });
+    }
+    if let Some(rest) = bytes.strip_prefix(REVOKE_PREFIX) {
+        let (user, jti) = word(rest)?;
+        let jti = std::str::from_utf8(jti).map_err(|_| bad("not UTF-8"))?;
+        return Ok(BusPayload::Revoke {
+            user: user.to_string(),
+            jti: jti.to_string(),
+        });
+    }
+    let (seq, record) = decode_msg(bytes)?;
+    Ok(BusPayload::Msg { seq, record })
+}
+
+/// `<seq>:<record>`.
+fn decode_msg(bytes: &[u8]) -> Result<(u64, BusRecord), DecodeError> {
     let colon = bytes
         .iter()
         .take(21)
@@ -79,8 +153,7 @@ pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
         .and_then(|s| s.parse::<u64>().ok())
         .filter(|&s| s > 0)
         .ok_or_else(|| DecodeError::MsgPack("bus payload with a bad seq prefix".into()))?;
-    let record = decode_record(&bytes[colon + 1..])?;
-    Ok(BusPayload::Msg { seq, record })
+    Ok((seq, decode_record(&bytes[colon + 1..])?))
 }
 
 #[cfg(test)]
@@ -122,7 +195,21 @@ mod tests {
             b"5:\xc1",
             b"e:",
             b"e:\x93\x01",
+            b"d:",
+            b"d:room",
+            b"d: 1:\x80",
+            b"d:room e:\x80",
+            b"d:d:x 1:\x80",
+            b"r:",
+            b"r:bob",
+            b"r:\xff\xfe j",
         ] {
+            assert!(decode_payload(bad).is_err(), "{bad:?}");
+        }
+        // Nested prefixes do not recurse.
+        let deep = b"d:x ".repeat(100_000);
+        assert!(decode_payload(&deep).is_err());
+        for bad in [&b""[..]] {
             assert!(decode_payload(bad).is_err(), "{bad:?}");
         }
     }

@@ -28,6 +28,7 @@ struct RoomLog {
 
 #[derive(Default)]
 struct CoreState {
+    revoked: Vec<(String, String, u64)>,
     rooms: HashMap<String, RoomLog>,
     /// room -> node -> queue
     subs: HashMap<String, HashMap<u64, InboundQueue>>,
@@ -133,6 +134,20 @@ impl Bus for MemoryBus {
                 bytes: bytes.clone(),
             });
         }
+        if let Some((a, b)) = shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
+            let mut direct = format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX).into_bytes();
+            direct.extend_from_slice(&bytes);
+            let direct = Bytes::from(direct);
+            for u in [a, b] {
+                let ch = super::user_channel(u);
+                for q in st.subs.get(&ch).into_iter().flat_map(|m| m.values()) {
+                    q.push(Inbound::Payload {
+                        room: ch.as_str().into(),
+                        bytes: direct.clone(),
+                    });
+                }
+            }
+        }
         Ok(Sequenced {
             seq,
             ts: record.ts,
@@ -180,6 +195,45 @@ impl Bus for MemoryBus {
                 }
             }
         }
+    }
+
+    fn subscribe_user(&self, user: &str) {
+        let ch = super::user_channel(user);
+        *self.refs.lock().entry(ch.clone()).or_insert(0) += 1;
+        let mut st = self.core.state.lock();
+        if let Some(q) = st.nodes.get(&self.id).cloned() {
+            st.subs.entry(ch).or_default().insert(self.id, q);
+        }
+    }
+
+    fn unsubscribe_user(&self, user: &str) {
+        self.unsubscribe(&super::user_channel(user));
+    }
+
+    async fn revoke(&self, user: &str, jti: &str, exp: u64) -> Result<(), BusError> {
+        self.core.check()?;
+        let mut st = self.core.state.lock();
+        st.revoked.push((user.into(), jti.into(), exp));
+        let bytes = Bytes::from(shoal_proto::bus::encode_revoke(user, jti));
+        for q in st.nodes.values() {
+            q.push(Inbound::Payload {
+                room: super::GLOBAL_CHANNEL.into(),
+                bytes: bytes.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn revoked(&self) -> Result<Vec<(String, String)>, BusError> {
+        self.core.check()?;
+        let now = crate::auth::now_secs();
+        let st = self.core.state.lock();
+        Ok(st
+            .revoked
+            .iter()
+            .filter(|r| r.2 > now)
+            .map(|r| (r.0.clone(), r.1.clone()))
+            .collect())
     }
 
     async fn head(&self, room: &str) -> Result<u64, BusError> {

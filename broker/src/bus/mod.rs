@@ -110,6 +110,21 @@ pub trait Bus: Send + Sync + 'static {
     /// The room's last assigned seq.
     async fn head(&self, room: &str) -> Result<u64, BusError>;
 
+    /// Take a reference on a user's channel (direct messages to the user
+    /// arrive on it). Called when the user's first connection on this node
+    /// opens; never waits.
+    fn subscribe_user(&self, user: &str);
+
+    /// Drop a reference taken by [`Bus::subscribe_user`].
+    fn unsubscribe_user(&self, user: &str);
+
+    /// Revoke a token on every node: it is kept until `exp` (seconds since
+    /// the epoch) and announced, so nodes close connections that use it.
+    async fn revoke(&self, user: &str, jti: &str, exp: u64) -> Result<(), BusError>;
+
+    /// Tokens revoked cluster-wide and not yet expired: (user, jti).
+    async fn revoked(&self) -> Result<Vec<(String, String)>, BusError>;
+
     /// Messages of the hot history with `after < seq <= upto`, oldest
     /// first, at most `limit`. `floor` is the first seq still kept (an
     /// `after + 1` below it means a gap).
@@ -175,9 +190,27 @@ pub struct InboundRx {
     overflowed: Arc<AtomicBool>,
 }
 
+/// Channel name (as [`Inbound::Payload::room`]) of the cluster-wide channel.
+pub const GLOBAL_CHANNEL: &str = "@";
+
+/// Channel name of a user's channel.
+pub fn user_channel(user: &str) -> String {
+    format!("@{user}")
+}
+
+/// Called for each revoked token (user, jti): forget it in auth and close
+/// the connections that use it.
+pub type RevokeHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// Deliver what the bus receives to local members, in seq order, filling
 /// gaps from the hot history. Runs until `stop` or the bus goes away.
-pub async fn pump(hub: Arc<Hub>, bus: Arc<dyn Bus>, mut rx: InboundRx, stop: CancellationToken) {
+pub async fn pump(
+    hub: Arc<Hub>,
+    bus: Arc<dyn Bus>,
+    mut rx: InboundRx,
+    on_revoke: RevokeHook,
+    stop: CancellationToken,
+) {
     // A resync that failed (the bus went away again) is retried on a
     // timer, so rooms never wait for their next message to catch up.
     let mut resync_due = false;
@@ -201,12 +234,33 @@ pub async fn pump(hub: Arc<Hub>, bus: Arc<dyn Bus>, mut rx: InboundRx, stop: Can
                     hub.bus_message(&*bus, &room, seq, record).await;
                 }
                 Ok(BusPayload::Event(frame)) => hub.bus_event(&room, &frame),
+                Ok(BusPayload::Direct {
+                    room: dm,
+                    seq,
+                    record,
+                }) => {
+                    if let Some(user) = room.strip_prefix('@') {
+                        hub.bus_direct(user, &dm, seq, record);
+                    }
+                }
+                Ok(BusPayload::Revoke { user, jti }) => {
+                    if &*room == GLOBAL_CHANNEL {
+                        on_revoke(&user, &jti);
+                    }
+                }
                 Err(e) => {
                     hub.metrics().bus_bad_payloads.inc();
                     tracing::warn!(room = %room, error = %e, "undecodable bus payload");
                 }
             },
-            Inbound::Resync => resync_due = !hub.bus_resync(&*bus).await,
+            Inbound::Resync => {
+                // Revocations announced while this node was cut off.
+                match bus.revoked().await {
+                    Ok(list) => list.iter().for_each(|(u, j)| on_revoke(u, j)),
+                    Err(e) => tracing::warn!(error = %e, "loading revocations failed"),
+                }
+                resync_due = !hub.bus_resync(&*bus).await;
+            }
         }
         if rx.overflowed.swap(false, Ordering::AcqRel) {
             resync_due = !hub.bus_resync(&*bus).await;

@@ -8,7 +8,11 @@
 //!   `--redis-stream-len` entries, entry id `<seq>-0`, field `r` = record;
 //! - `shoal:{room}:cid:<user>\0<cid>`: `<seq>:<ts>` of a publish with a
 //!   client message id, expiring after the idempotency window;
-//! - channel `shoal:{room}`: sharded pub/sub (SPUBLISH/SSUBSCRIBE).
+//! - channel `shoal:{room}`: sharded pub/sub (SPUBLISH/SSUBSCRIBE);
+//! - channel `shoal:{@user}`: direct messages to a user (`@` cannot occur
+//!   in room names), published by the same script in DM rooms;
+//! - channel `shoal:{@}` and hash `shoal:{@}:revoked` (jti -> `exp user`):
+//!   cluster-wide token revocations.
 //!
 //! One Lua script per publish does the idempotency check, appends to the
 //! stream, advances the counter and publishes, so a message is either
@@ -61,7 +65,8 @@ pub struct RedisSettings {
 
 const PUBLISH_LUA: &str = r#"
 -- KEYS: 1 seq counter, 2 hot stream, 3 cid key (the counter again if none)
--- ARGV: 1 record, 2 channel, 3 stream cap, 4 ts, 5 cid window ms (0: none), 6 floor
+-- ARGV: 1 record, 2 channel, 3 stream cap, 4 ts, 5 cid window ms (0: none), 6 floor,
+--       7 direct-message prefix ('' for a room), 8.. the parties' user channels
 local win = tonumber(ARGV[5])
 if win > 0 then
   local prev = redis.call('GET', KEYS[3])
@@ -77,9 +82,14 @@ seq = seq + 1
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'r', ARGV[1])
 redis.call('SET', KEYS[1], seq)
 if win > 0 then redis.call('SET', KEYS[3], seq .. ':' .. ARGV[4], 'PX', win) end
-redis.call('SPUBLISH', ARGV[2], seq .. ':' .. ARGV[1])
+local msg = seq .. ':' .. ARGV[1]
+redis.call('SPUBLISH', ARGV[2], msg)
+for i = 8, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[7] .. msg) end
 return {seq, tonumber(ARGV[4]), 0}
 "#;
+
+/// Cluster-wide revocations (same slot as the global channel).
+const REVOKED_KEY: &str = "shoal:{@}:revoked";
 
 fn seq_key(room: &str) -> String {
     format!("shoal:{{{room}}}:seq")
@@ -173,7 +183,8 @@ impl RedisBus {
                 inbound,
                 up: bus.sub_up.clone(),
                 metrics,
-                rooms: HashMap::new(),
+                // Every node hears cluster-wide announcements.
+                rooms: HashMap::from([(Arc::from(super::GLOBAL_CHANNEL), 1)]),
             }
             .run(rx, stop.clone()),
         );
@@ -276,6 +287,13 @@ impl Bus for RedisBus {
             .arg(record.ts)
             .arg(window)
             .arg(floor);
+        if let Some((a, b)) = shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
+            inv.arg(format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX))
+                .arg(channel(&super::user_channel(a)))
+                .arg(channel(&super::user_channel(b)));
+        } else {
+            inv.arg("");
+        }
         let mut c = self.conn();
         let (seq, ts, dup): (u64, u64, u8) = self.run(inv.invoke_async(&mut c)).await?;
         Ok(Sequenced {
@@ -312,6 +330,57 @@ impl Bus for RedisBus {
 
     fn unsubscribe(&self, room: &str) {
         let _ = self.sub.send(SubCmd::Unsub(room.into()));
+    }
+
+    fn subscribe_user(&self, user: &str) {
+        // The reply is not awaited: a DM that arrives before the
+        // subscription is in place is fetched by the client (room list).
+        let (tx, _) = oneshot::channel();
+        let _ = self
+            .sub
+            .send(SubCmd::Sub(super::user_channel(user).into(), tx));
+    }
+
+    fn unsubscribe_user(&self, user: &str) {
+        self.unsubscribe(&super::user_channel(user));
+    }
+
+    async fn revoke(&self, user: &str, jti: &str, exp: u64) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(REVOKED_KEY)
+            .arg(jti)
+            .arg(format!("{exp} {user}"))
+            .ignore()
+            .cmd("SPUBLISH")
+            .arg(channel(super::GLOBAL_CHANNEL))
+            .arg(shoal_proto::bus::encode_revoke(user, jti))
+            .ignore();
+        let mut c = self.conn();
+        let () = self.run(pipe.query_async(&mut c)).await?;
+        Ok(())
+    }
+
+    async fn revoked(&self) -> Result<Vec<(String, String)>, BusError> {
+        let mut c = self.conn();
+        let cmd = redis::cmd("HGETALL").arg(REVOKED_KEY).to_owned();
+        let all: HashMap<String, String> = self.run(cmd.query_async(&mut c)).await?;
+        let now = crate::auth::now_secs();
+        let mut out = vec![];
+        let mut expired = vec![];
+        for (jti, v) in all {
+            let (exp, user) = v.split_once(' ').unwrap_or(("0", ""));
+            if exp.parse::<u64>().unwrap_or(0) > now {
+                out.push((user.to_string(), jti));
+            } else {
+                expired.push(jti);
+            }
+        }
+        if !expired.is_empty() {
+            let cmd = redis::cmd("HDEL").arg(REVOKED_KEY).arg(&expired).to_owned();
+            let _: Result<i64, _> = self.run(cmd.query_async(&mut c)).await;
+        }
+        Ok(out)
     }
 
     async fn head(&self, room: &str) -> Result<u64, BusError> {

@@ -1,6 +1,7 @@
 //! Fuzz the frame decoders with arbitrary bytes in both encodings: they must
 //! return `Ok` or a typed error, never panic, and whatever decodes must
-//! survive an encode/decode round trip unchanged.
+//! survive an encode/decode round trip unchanged. The cluster-bus payload
+//! decoder (bytes read from Redis) gets the same input.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,5 +16,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(enc.decode_client(&bytes).ok(), Some(frame));
         }
         let _ = enc.decode_server(data);
+    }
+    if let Ok(shoal_proto::bus::BusPayload::Msg { record, .. }) =
+        shoal_proto::bus::decode_payload(data)
+    {
+        let bytes = shoal_proto::bus::encode_record(&record);
+        assert_eq!(shoal_proto::bus::decode_record(&bytes).ok(), Some(record));
     }
 });
