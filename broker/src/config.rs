@@ -245,6 +245,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
     pub redis_timeout_ms: u64,
 
+    /// Presence lease of a node, in milliseconds: a node that stops
+    /// refreshing it (crashed) has its users leave the rooms' presence
+    /// within about this long. Refreshed every third of it.
+    #[arg(long, env = "SHOAL_PRESENCE_LEASE_MS", default_value_t = 10_000)]
+    pub presence_lease_ms: u64,
+
     /// Bus payloads waiting for delivery on this node. Overflow policy:
     /// the payload is dropped and counted, and the node reads what it
     /// missed from the hot history (no message is lost, it comes later).
@@ -293,6 +299,9 @@ impl Config {
             }
             if self.redis_connections == 0 || self.redis_timeout_ms == 0 {
                 return Err("--redis-connections and --redis-timeout-ms must be positive".into());
+            }
+            if self.presence_lease_ms < 300 {
+                return Err("--presence-lease-ms must be at least 300".into());
             }
             if self.redis_stream_len < 100 || self.bus_inbound_queue == 0 {
                 return Err("--redis-stream-len must be >= 100 and --bus-inbound-queue > 0".into());

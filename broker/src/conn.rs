@@ -505,7 +505,20 @@ impl Session {
                 let Some(r) = self.joined_room(id, &room) else {
                     return;
                 };
-                let users = hub.members(&r);
+                let users = match hub.bus() {
+                    Some(bus) => match bus.members(&room).await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster presence unavailable");
+                            return self.reply_err(
+                                id,
+                                ErrorCode::Unavailable,
+                                "cluster bus unavailable; retry later",
+                            );
+                        }
+                    },
+                    None => hub.members(&r),
+                };
                 let receipts = if r.opts.persist {
                     match self.state.store.receipts(&room).await {
                         Ok(v) => v,

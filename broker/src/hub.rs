@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     auth::now_ms,
-    bus::Bus,
+    bus::{presence::PresenceOp, Bus},
     config::{NamespaceOpts, NamespaceTable, PublishPolicy},
     metrics::Metrics,
     outbound::{ConnHandle, SharedFrame},
@@ -486,7 +486,15 @@ impl Hub {
         self.metrics.room_members.inc();
         let count = st.users.entry(conn.user.clone()).or_insert(0);
         *count += 1;
-        if *count == 1 && room.opts.presence {
+        if *count == 1 && room.opts.presence && self.bus.get().is_some() {
+            // Under the room lock, so joins and leaves reach the bus in order.
+            if let Some(bus) = self.bus.get() {
+                bus.presence(PresenceOp::Join {
+                    room: room.name.clone(),
+                    user: conn.user.clone(),
+                });
+            }
+        } else if *count == 1 && room.opts.presence {
             let f = ServerFrame::Presence {
                 room: room.name.to_string(),
                 user: conn.user.to_string(),
@@ -514,7 +522,14 @@ impl Hub {
                 true
             }
         };
-        if last && room.opts.presence {
+        if last && room.opts.presence && self.bus.get().is_some() {
+            if let Some(bus) = self.bus.get() {
+                bus.presence(PresenceOp::Leave {
+                    room: room.name.clone(),
+                    user: conn.user.clone(),
+                });
+            }
+        } else if last && room.opts.presence {
             let f = ServerFrame::Presence {
                 room: room.name.to_string(),
                 user: conn.user.to_string(),
@@ -1001,7 +1016,8 @@ impl Hub {
         let Some(r) = self.room(room) else { return };
         let st = r.state.lock();
         match f {
-            ServerFrame::Typing { user, .. } => {
+            // As on a single node: nobody hears their own typing or presence.
+            ServerFrame::Typing { user, .. } | ServerFrame::Presence { user, .. } => {
                 broadcast(&st, f, |m| *m.user != **user, &self.metrics)
             }
             _ => broadcast(&st, f, |_| true, &self.metrics),

@@ -66,6 +66,8 @@ pub async fn build_state(
             stream_len: cfg.redis_stream_len,
             cid_window: cfg.idempotency_window(),
             timeout: Duration::from_millis(cfg.redis_timeout_ms),
+            node: node.clone(),
+            presence_lease: Duration::from_millis(cfg.presence_lease_ms),
         };
         let bus: Arc<dyn crate::bus::Bus> = crate::bus::redis::RedisBus::start(
             settings,

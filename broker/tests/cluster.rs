@@ -18,6 +18,7 @@ async fn node(redis: &Redis) -> Broker {
         c.bus = shoal_broker::config::BusKind::Redis;
         c.redis_url = Some(url);
         c.redis_timeout_ms = 500;
+        c.presence_lease_ms = 1000;
         // Tests pipeline hundreds of publishes from one connection.
         c.rate_limit = 100_000.0;
         c.rate_burst = 100_000.0;
@@ -368,4 +369,93 @@ async fn direct_messages_and_revocations_cross_nodes() {
     for n in [a, b, c] {
         n.stop().await;
     }
+}
+
+#[tokio::test]
+async fn presence_is_cluster_wide_and_a_killed_node_leaves_within_its_lease() {
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = redis.url();
+    let mut a = Proc::start(
+        dir.path(),
+        &[
+            "--bus",
+            "redis",
+            "--redis-url",
+            &url,
+            "--presence-lease-ms",
+            "1000",
+        ],
+    )
+    .await;
+    let b = node(&redis).await;
+    health_becomes(&b, 200).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut alice_b = b.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
+    bob.join("room").await;
+    alice.join("room").await;
+    let online = |f: &ServerFrame| matches!(f, ServerFrame::Presence { user, online: true, .. } if user == "alice");
+    assert!(online(
+        &bob.recv_until(|f| matches!(f, ServerFrame::Presence { .. }))
+            .await
+    ));
+    // Alice on a second node is still one presence: no second event, and
+    // when she leaves there, she is still online (node A holds her).
+    alice_b.join("room").await;
+    alice_b
+        .send(&ClientFrame::Leave {
+            id: Some(9),
+            room: "room".into(),
+        })
+        .await;
+    alice_b
+        .recv_until(|f| matches!(f, ServerFrame::Left { .. }))
+        .await;
+    bob.send(&ClientFrame::Members {
+        id: Some(5),
+        room: "room".into(),
+    })
+    .await;
+    match bob
+        .recv_until(|f| {
+            matches!(
+                f,
+                ServerFrame::Members { .. } | ServerFrame::Presence { .. }
+            )
+        })
+        .await
+    {
+        ServerFrame::Members { users, .. } => assert_eq!(users, vec!["alice", "bob"]),
+        f => panic!("no presence change expected yet: {f:?}"),
+    }
+
+    // kill -9 node A: no leave is sent; its lease runs out and node B
+    // tells bob that alice left.
+    a.kill9();
+    let started = std::time::Instant::now();
+    match bob.try_recv(Duration::from_secs(5)).await {
+        Ok(ServerFrame::Presence { user, online, .. }) => {
+            assert_eq!((user.as_str(), online), ("alice", false));
+        }
+        other => panic!("expected alice offline, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    bob.send(&ClientFrame::Members {
+        id: Some(6),
+        room: "room".into(),
+    })
+    .await;
+    match bob
+        .recv_until(|f| matches!(f, ServerFrame::Members { .. }))
+        .await
+    {
+        ServerFrame::Members { users, .. } => assert_eq!(users, vec!["bob"]),
+        _ => unreachable!(),
+    }
+    b.stop().await;
 }

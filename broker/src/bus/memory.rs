@@ -29,6 +29,8 @@ struct RoomLog {
 #[derive(Default)]
 struct CoreState {
     revoked: Vec<(String, String, u64)>,
+    /// room -> user -> nodes
+    presence: HashMap<String, HashMap<String, std::collections::HashSet<u64>>>,
     rooms: HashMap<String, RoomLog>,
     /// room -> node -> queue
     subs: HashMap<String, HashMap<u64, InboundQueue>>,
@@ -234,6 +236,51 @@ impl Bus for MemoryBus {
             .filter(|r| r.2 > now)
             .map(|r| (r.0.clone(), r.1.clone()))
             .collect())
+    }
+
+    fn presence(&self, op: super::presence::PresenceOp) {
+        use super::presence::PresenceOp;
+        let (room, user, join) = match &op {
+            PresenceOp::Join { room, user } => (room, user, true),
+            PresenceOp::Leave { room, user } => (room, user, false),
+        };
+        let mut st = self.core.state.lock();
+        let users = st.presence.entry(room.to_string()).or_default();
+        let nodes = users.entry(user.to_string()).or_default();
+        let changed = if join {
+            nodes.insert(self.id) && nodes.len() == 1
+        } else {
+            nodes.remove(&self.id) && nodes.is_empty()
+        };
+        if nodes.is_empty() {
+            users.remove(&**user);
+        }
+        if changed {
+            let f = ServerFrame::Presence {
+                room: room.to_string(),
+                user: user.to_string(),
+                online: join,
+            };
+            let bytes = Bytes::from(shoal_proto::bus::encode_event(&f));
+            for q in st.subs.get(&**room).into_iter().flat_map(|m| m.values()) {
+                q.push(Inbound::Payload {
+                    room: room.clone(),
+                    bytes: bytes.clone(),
+                });
+            }
+        }
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<String>, BusError> {
+        self.core.check()?;
+        let st = self.core.state.lock();
+        let mut v: Vec<String> = st
+            .presence
+            .get(room)
+            .map(|u| u.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        Ok(v)
     }
 
     async fn head(&self, room: &str) -> Result<u64, BusError> {

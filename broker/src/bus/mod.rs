@@ -20,6 +20,7 @@
 //! [`redis::RedisBus`].
 
 pub mod memory;
+pub mod presence;
 pub mod redis;
 
 use std::sync::{
@@ -124,6 +125,13 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Tokens revoked cluster-wide and not yet expired: (user, jti).
     async fn revoked(&self) -> Result<Vec<(String, String)>, BusError>;
+
+    /// Record a presence change of this node (applied in order, in the
+    /// background; the `presence` events come back on the room channel).
+    fn presence(&self, op: presence::PresenceOp);
+
+    /// Users present in a room on any node, sorted.
+    async fn members(&self, room: &str) -> Result<Vec<String>, BusError>;
 
     /// Messages of the hot history with `after < seq <= upto`, oldest
     /// first, at most `limit`. `floor` is the first seq still kept (an

@@ -61,6 +61,10 @@ pub struct RedisSettings {
     pub cid_window: Duration,
     /// Timeout of one command and of connecting.
     pub timeout: Duration,
+    /// This node's id (presence leases).
+    pub node: String,
+    /// Presence lease of a node.
+    pub presence_lease: Duration,
 }
 
 const PUBLISH_LUA: &str = r#"
@@ -120,6 +124,7 @@ pub struct RedisBus {
     inflight: Arc<AtomicUsize>,
     script: redis::Script,
     sub: mpsc::UnboundedSender<SubCmd>,
+    presence: mpsc::UnboundedSender<super::presence::PresenceOp>,
     sub_up: Arc<AtomicBool>,
     cmd_ok: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -164,7 +169,18 @@ impl RedisBus {
         let sub_client = redis::Client::open(with_resp3(&settings.url))
             .map_err(|e| BusError::Protocol(format!("redis url: {e}")))?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (ptx, prx) = mpsc::unbounded_channel();
+        tokio::spawn(
+            super::presence::Worker {
+                conn: cmds[0].clone(),
+                node: settings.node.clone(),
+                lease: settings.presence_lease,
+                metrics: metrics.clone(),
+            }
+            .run(prx, stop.clone()),
+        );
         let bus = Arc::new(RedisBus {
+            presence: ptx,
             cmds,
             next: AtomicUsize::new(0),
             inflight: Arc::new(AtomicUsize::new(0)),
@@ -381,6 +397,15 @@ impl Bus for RedisBus {
             let _: Result<i64, _> = self.run(cmd.query_async(&mut c)).await;
         }
         Ok(out)
+    }
+
+    fn presence(&self, op: super::presence::PresenceOp) {
+        let _ = self.presence.send(op);
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<String>, BusError> {
+        let mut c = self.conn();
+        self.run(super::presence::members(&mut c, room)).await
     }
 
     async fn head(&self, room: &str) -> Result<u64, BusError> {
