@@ -9,7 +9,8 @@ FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 15
 
-.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test clean
+.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test cluster cluster-down clean
+NODES ?= 3
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
 run:
@@ -19,12 +20,23 @@ run:
 build:
 	$(CARGO) build --release --workspace
 
+## A local cluster: Redis, NODES brokers on the Redis bus, nginx with TLS
+## in front (installs redis-server and nginx when missing); prints the URLs.
+cluster: build
+	./scripts/install-test-deps.sh >/dev/null
+	./scripts/cluster.sh up $(NODES)
+
+## Stop exactly the processes `make cluster` started.
+cluster-down:
+	./scripts/cluster.sh down
+
 ## Everything CI checks: install test dependencies, lint, all tests, then
 ## the latency smoke gate (p99 < 50 ms, zero loss) on the debug binaries.
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets $(FEATURES)
 	SKIP_BUILD=1 ./scripts/web-tests.sh
 	SKIP_BUILD=1 ./scripts/smoke.sh
+	./scripts/cluster-check.sh
 	./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
 
 ## The web client in headless Chromium (two users, DMs, restart, XSS).

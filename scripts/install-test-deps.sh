@@ -8,7 +8,7 @@ set -euo pipefail
 # libFuzzer (cargo-fuzz), prometheus (with promtool) for the dashboard
 # check, chromium + nodejs/npm for the web client's browser tests. Extended
 # as features land. redis-server and nginx run the cluster tests.
-APT_PACKAGES=(curl python3 procps g++ prometheus chromium redis-server nginx ${SHOAL_APT_PACKAGES:-})
+APT_PACKAGES=(curl python3 procps g++ openssl prometheus chromium redis-server nginx ${SHOAL_APT_PACKAGES:-})
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make test` check of `make cluster` / `make cluster-down`: bring up a
+# 2-node cluster on free ports with the debug binary, check /health through
+# nginx (TLS) and on each node, then check that `down` stopped every PID.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+export SHOAL_CLUSTER_DIR="$(mktemp -d)"
+export SHOAL_BIN="$root/target/debug/shoal"
+export SHOAL_CLUSTER_NGINX_PORT="$(free)" SHOAL_CLUSTER_REDIS_PORT="$(free)"
+# Two consecutive free ports for the brokers.
+for _ in $(seq 20); do
+    p="$(free)"
+    if python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1',$p+1))" 2>/dev/null; then
+        export SHOAL_CLUSTER_BASE_PORT="$p"
+        break
+    fi
+done
+trap '"$root/scripts/cluster.sh" down >/dev/null; rm -rf "$SHOAL_CLUSTER_DIR"' EXIT
+"$root/scripts/cluster.sh" up 2 >/dev/null
+curl -sf --cacert "$SHOAL_CLUSTER_DIR/cert.pem" "https://localhost:$SHOAL_CLUSTER_NGINX_PORT/health" | grep -q '"bus":"up"'
+for i in 0 1; do
+    curl -sf "http://127.0.0.1:$((SHOAL_CLUSTER_BASE_PORT + i))/health" | grep -q "\"node\":\"node$i\""
+done
+pids="$(awk '{print $2}' "$SHOAL_CLUSTER_DIR/pids")"
+"$root/scripts/cluster.sh" down >/dev/null
+for pid in $pids; do
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "cluster-down left pid $pid running" >&2
+        exit 1
+    fi
+done
+echo "cluster check passed: up, healthy through nginx, down stopped $(echo $pids | wc -w) processes"
