@@ -10,7 +10,8 @@ start_broker() {
     shift 2
     port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
     url="http://127.0.0.1:$port"
-    secret="run-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    # Reused when already set, so several brokers accept the same tokens.
+    secret="${secret:-run-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
     SHOAL_JWT_SECRET="$secret" "$bin" --listen "127.0.0.1:$port" --data "$data" --log warn "$@" &
     pid=$!
     for _ in $(seq 100); do

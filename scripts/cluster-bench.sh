@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Two brokers on one Redis vs one broker, same scenario, same machine.
+# Usage: scripts/cluster-bench.sh [fanout|capacity] [loadgen args...]
+# Runs the scenario against (1) one broker without storage (`live`
+# namespace, the like-for-like baseline: a cluster keeps history in Redis
+# streams) and (2) two brokers on a Redis bus with clients split over both,
+# and prints Redis CPU per 100k deliveries/s for the cluster run. Results go
+# to results/ (cluster-single-*.json, cluster-two-*.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scenario="${1:-fanout}"; shift || true
+cargo build --release -p shoal-broker -p shoal-loadgen
+tmp="$(mktemp -d)"
+. scripts/broker.sh
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+redis_pid="" pids=()
+cleanup() {
+    stop_broker
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+flags=(--rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --namespace live:persist=off)
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+
+echo "== single node"
+start_broker ./target/release/shoal "$tmp/single" "${flags[@]}"
+SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "$url" --namespace live \
+    --out "results/cluster-single-$scenario-$stamp.json" --quiet "$@"
+stop_broker; pid=""
+
+echo "== two nodes on a Redis bus"
+rport="$(free)"
+redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
+redis_pid=$!
+sleep 0.3
+urls=()
+for i in 0 1; do
+    start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --bus redis \
+        --redis-url "redis://127.0.0.1:$rport" --node-id "bench$i"
+    pids+=("$pid"); urls+=(--url "$url"); pid=""
+done
+before="$(cpu_ticks "$redis_pid")"
+start_s="$(date +%s.%N)"
+SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" "${urls[@]}" --namespace live \
+    --out "results/cluster-two-$scenario-$stamp.json" --quiet "$@"
+after="$(cpu_ticks "$redis_pid")"
+end_s="$(date +%s.%N)"
+python3 - "$before" "$after" "$start_s" "$end_s" "results/cluster-two-$scenario-$stamp.json" <<'PY'
+import json, os, sys
+b, a, t0, t1, path = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+hz = os.sysconf("SC_CLK_TCK")
+cores = (a - b) / hz / (t1 - t0)
+r = json.load(open(path))
+d = r.get("deliveries_per_sec") or r.get("summary", {}).get("deliveries_per_sec")
+print(f"redis-server: {cores*100:.1f}% of a core over the run (incl. set-up)", end="")
+if d:
+    print(f"; {cores*100/(d/1e5):.1f}% of a core per 100k deliveries/s ({d:,.0f} deliveries/s)")
+else:
+    print()
+PY
