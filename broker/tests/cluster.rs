@@ -172,6 +172,8 @@ async fn nodes_share_rooms_in_one_order() {
 
     assert!(a.metric("shoal_redis_subscriptions{").await >= 1.0);
     assert!(a.metric("shoal_redis_command_seconds_count{").await > 0.0);
+    assert!(a.metric("shoal_redis_pipeline_depth_count{").await > 0.0);
+    assert_eq!(a.metric("shoal_bus_up{").await, 1.0);
     a.stop().await;
     b.stop().await;
 }
@@ -199,6 +201,7 @@ async fn redis_restart_gives_503_then_recovers_without_loss() {
     redis.stop();
     let v = health_becomes(&a, 503).await;
     assert_eq!(v["bus"], "down");
+    assert_eq!(a.metric("shoal_bus_up{").await, 0.0);
     health_becomes(&b, 503).await;
     // Publishes during the outage are refused, never silently dropped.
     match alice.publish("r", json!("lost?")).await {
@@ -236,6 +239,7 @@ async fn redis_restart_gives_503_then_recovers_without_loss() {
     );
     assert!(b.metric("shoal_redis_reconnects_total{").await >= 1.0);
     assert!(a.metric("shoal_errors_total{code=\"unavailable\"").await >= 1.0);
+    assert!(a.metric("shoal_redis_errors_total{").await >= 1.0);
     a.stop().await;
     b.stop().await;
 }
