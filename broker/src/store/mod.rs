@@ -3,6 +3,9 @@
 //!
 //! The embedded implementation is [`sqlite::SqliteStore`].
 
+#[doc(hidden)]
+pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -1,0 +1,567 @@
+//! PostgreSQL [`Store`]: the shared database of a cluster
+//! (`--store postgres --postgres-url ...`). Same behaviour as the embedded
+//! SQLite store (the same conformance checks run against both), with
+//! full-text search on a `tsvector` column and a GIN index.
+//!
+//! Search uses the `simple` text configuration (no stemming, no stop
+//! words), so every language is searched alike, as in the embedded store.
+//!
+//! Message inserts are idempotent on `(room, seq)`, so the nodes of a
+//! cluster can archive the same message twice (a retry after a lost reply,
+//! a catch-up sweep) without duplicating history. Migrations run at start
+//! in one transaction each, recorded in `shoal_schema`, under an advisory
+//! lock so nodes starting together do not race.
+
+use async_trait::async_trait;
+use deadpool_postgres::{Pool, Runtime};
+use shoal_proto::{codec::body_from_storage, MarkState, Receipt, StoredMsg};
+use tokio_postgres::{types::ToSql, NoTls, Row};
+
+use super::{
+    CidEntry, FileRecord, OpOutcome, Replay, ReplayEntry, RetentionPolicy, RoomHead, RoomSummary,
+    Store, StoreError, UserRecord, WriteOp,
+};
+
+const MIGRATIONS: &[&str] = &["CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        created_ms BIGINT NOT NULL
+    );
+    CREATE TABLE revoked_tokens (
+        jti TEXT PRIMARY KEY,
+        exp BIGINT NOT NULL
+    );
+    CREATE TABLE rooms (
+        name TEXT PRIMARY KEY,
+        last_seq BIGINT NOT NULL,
+        floor BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE messages (
+        room TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        sender TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        cid TEXT,
+        deleted BOOLEAN NOT NULL DEFAULT false,
+        search TSVECTOR,
+        PRIMARY KEY (room, seq)
+    );
+    CREATE INDEX messages_search ON messages USING GIN (search);
+    CREATE TABLE members (
+        usr TEXT NOT NULL,
+        room TEXT NOT NULL,
+        delivered BIGINT NOT NULL DEFAULT 0,
+        read BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (usr, room)
+    );
+    CREATE INDEX members_by_room ON members (room, usr);
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        room TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        data BYTEA NOT NULL,
+        created_ms BIGINT NOT NULL
+    );"];
+
+
+/// PostgreSQL-backed [`Store`].
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn i(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn stored(r: &Row) -> StoredMsg {
+    StoredMsg {
+        seq: r.get::<_, i64>(0) as u64,
+        from: r.get(1),
+        ts: r.get::<_, i64>(2) as u64,
+        body: body_from_storage(&r.get::<_, String>(3)),
+    }
+}
+
+impl PgStore {
+    /// Connect (a pool of `max_connections`) and run migrations.
+    pub async fn connect(url: &str, max_connections: usize) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let mut cfg = deadpool_postgres::Config::new();
+        cfg.url = Some(url.to_string());
+        cfg.pool = Some(deadpool_postgres::PoolConfig::new(max_connections.max(1)));
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1), NoTls)
+            .context("postgres pool")?;
+        let store = PgStore { pool };
+        store.migrate().await.context("postgres migrations")?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        // One node migrates at a time; the lock ends with the transaction.
+        tx.execute("SELECT pg_advisory_xact_lock(7262012)", &[])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS shoal_schema (version INT NOT NULL)")
+            .await?;
+        let version: i64 = tx
+            .query_one("SELECT count(*) FROM shoal_schema", &[])
+            .await?
+            .get(0);
+        for (n, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.batch_execute(m).await?;
+            tx.execute("INSERT INTO shoal_schema VALUES ($1)", &[&(n as i32 + 1)])
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let c = self.client().await?;
+        let st = c.prepare_cached(sql).await.map_err(unavailable)?;
+        c.query(&st, params).await.map_err(unavailable)
+    }
+}
+
+async fn apply_op(
+    tx: &deadpool_postgres::Transaction<'_>,
+    op: &WriteOp,
+) -> Result<OpOutcome, tokio_postgres::Error> {
+    let changed = |n: u64| {
+        if n > 0 {
+            OpOutcome::Done
+        } else {
+            OpOutcome::Unchanged
+        }
+    };
+    match op {
+        WriteOp::Msg(m) => {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO messages (room, seq, sender, ts, body, cid, search)
+                     VALUES ($1, $2, $3, $4, $5, $6, to_tsvector('simple', $7))
+                     ON CONFLICT (room, seq) DO NOTHING",
+                )
+                .await?;
+            tx.execute(
+                &st,
+                &[
+                    &&*m.room,
+                    &i(m.seq),
+                    &&*m.from,
+                    &i(m.ts),
+                    &m.body,
+                    &m.cid,
+                    &m.text.as_deref().unwrap_or(""),
+                ],
+            )
+            .await?;
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO rooms (name, last_seq) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(rooms.last_seq, excluded.last_seq)",
+                )
+                .await?;
+            tx.execute(&st, &[&&*m.room, &i(m.seq)]).await?;
+            if let Some((a, b)) = &m.parties {
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO members (usr, room) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    )
+                    .await?;
+                for u in [a, b] {
+                    tx.execute(&st, &[&&**u, &&*m.room]).await?;
+                }
+            }
+            Ok(OpOutcome::Done)
+        }
+        WriteOp::Join { room, user } => {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO members (usr, room) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            Ok(changed(tx.execute(&st, &[&&**user, &&**room]).await?))
+        }
+        WriteOp::Leave { room, user } => {
+            let st = tx
+                .prepare_cached("DELETE FROM members WHERE usr = $1 AND room = $2")
+                .await?;
+            Ok(changed(tx.execute(&st, &[&&**user, &&**room]).await?))
+        }
+        WriteOp::Mark {
+            room,
+            user,
+            seq,
+            state,
+        } => {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO members (usr, room) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            tx.execute(&st, &[&&**user, &&**room]).await?;
+            let sql = match state {
+                MarkState::Delivered => {
+                    "UPDATE members SET delivered = $3
+                     WHERE usr = $1 AND room = $2 AND delivered < $3"
+                }
+                MarkState::Read => {
+                    "UPDATE members SET read = $3, delivered = GREATEST(delivered, $3)
+                     WHERE usr = $1 AND room = $2 AND read < $3"
+                }
+            };
+            let st = tx.prepare_cached(sql).await?;
+            Ok(changed(
+                tx.execute(&st, &[&&**user, &&**room, &i(*seq)]).await?,
+            ))
+        }
+        WriteOp::Delete { room, seq, user } => {
+            let st = tx
+                .prepare_cached(
+                    "SELECT deleted FROM messages WHERE room = $1 AND seq = $2 AND sender = $3
+                     FOR UPDATE",
+                )
+                .await?;
+            match tx.query_opt(&st, &[&&**room, &i(*seq), &&**user]).await? {
+                None => Ok(OpOutcome::NotFound),
+                Some(r) if r.get::<_, bool>(0) => Ok(OpOutcome::Unchanged),
+                Some(_) => {
+                    let st = tx
+                        .prepare_cached(
+                            "UPDATE messages SET deleted = true, search = NULL
+                             WHERE room = $1 AND seq = $2",
+                        )
+                        .await?;
+                    tx.execute(&st, &[&&**room, &i(*seq)]).await?;
+                    Ok(OpOutcome::Done)
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_user(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                &[&name, &password_hash, &i(crate::auth::now_ms())],
+            )
+            .await
+            .map_err(unavailable)?;
+        if n == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let rows = self
+            .query("SELECT password_hash FROM users WHERE name = $1", &[&name])
+            .await?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
+        let rows = self
+            .query("SELECT name, created_ms FROM users ORDER BY name", &[])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| UserRecord {
+                name: r.get(0),
+                created_ms: r.get::<_, i64>(1) as u64,
+            })
+            .collect())
+    }
+
+    async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError> {
+        self.query(
+            "INSERT INTO revoked_tokens (jti, exp) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&jti, &i(exp)],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn revoked(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        self.query("DELETE FROM revoked_tokens WHERE exp < $1", &[&i(now)])
+            .await?;
+        let rows = self.query("SELECT jti FROM revoked_tokens", &[]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn room_head(&self, room: &str, cid_since_ms: u64) -> Result<RoomHead, StoreError> {
+        let last = self
+            .query("SELECT last_seq FROM rooms WHERE name = $1", &[&room])
+            .await?;
+        let cids = self
+            .query(
+                "SELECT sender, cid, seq, ts FROM messages
+                 WHERE room = $1 AND cid IS NOT NULL AND ts >= $2
+                 ORDER BY seq DESC LIMIT 4096",
+                &[&room, &i(cid_since_ms)],
+            )
+            .await?;
+        Ok(RoomHead {
+            last_seq: last.first().map_or(0, |r| r.get::<_, i64>(0) as u64),
+            cids: cids
+                .iter()
+                .map(|r| CidEntry {
+                    user: r.get(0),
+                    cid: r.get(1),
+                    seq: r.get::<_, i64>(2) as u64,
+                    ts: r.get::<_, i64>(3) as u64,
+                })
+                .collect(),
+        })
+    }
+
+    async fn write_batch(&self, ops: Vec<WriteOp>) -> Result<Vec<OpOutcome>, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in &ops {
+            out.push(apply_op(&tx, op).await.map_err(unavailable)?);
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(out)
+    }
+
+    async fn replay(
+        &self,
+        room: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Replay, StoreError> {
+        let floor = self
+            .query("SELECT floor FROM rooms WHERE name = $1", &[&room])
+            .await?;
+        let rows = self
+            .query(
+                "SELECT seq, sender, ts, body, deleted FROM messages
+                 WHERE room = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+                &[&room, &i(after), &i(upto), &(limit as i64)],
+            )
+            .await?;
+        Ok(Replay {
+            floor: floor.first().map_or(0, |r| r.get::<_, i64>(0) as u64),
+            entries: rows
+                .iter()
+                .map(|r| {
+                    let deleted: bool = r.get(4);
+                    let mut msg = stored(r);
+                    if deleted {
+                        msg.body = shoal_proto::Body::Null;
+                    }
+                    ReplayEntry { msg, deleted }
+                })
+                .collect(),
+        })
+    }
+
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+        let rows = self
+            .query(
+                "SELECT seq, sender, ts, body FROM messages
+                 WHERE room = $1 AND seq < $2 AND NOT deleted
+                 ORDER BY seq DESC LIMIT $3",
+                &[&room, &i(before.unwrap_or(u64::MAX)), &(limit as i64 + 1)],
+            )
+            .await?;
+        let mut page: Vec<StoredMsg> = rows.iter().map(stored).collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
+    }
+
+    async fn search(
+        &self,
+        room: &str,
+        query: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<StoredMsg>, StoreError> {
+        // plainto_tsquery reads words only: operators in the input are text.
+        let words: Vec<&str> = query.split_whitespace().take(16).collect();
+        if words.is_empty() {
+            return Ok(vec![]);
+        }
+        let q = words.join(" ");
+        let rows = self
+            .query(
+                "SELECT seq, sender, ts, body FROM messages,
+                        plainto_tsquery('simple', $1) q
+                 WHERE room = $2 AND search @@ q AND NOT deleted
+                 ORDER BY ts_rank(search, q) DESC, seq DESC LIMIT $3 OFFSET $4",
+                &[&q, &room, &(limit as i64), &(offset as i64)],
+            )
+            .await?;
+        Ok(rows.iter().map(stored).collect())
+    }
+
+    async fn receipts(&self, room: &str) -> Result<Vec<Receipt>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT usr, delivered, read FROM members
+                 WHERE room = $1 AND (delivered > 0 OR read > 0) ORDER BY usr",
+                &[&room],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Receipt {
+                user: r.get(0),
+                delivered: r.get::<_, i64>(1) as u64,
+                read: r.get::<_, i64>(2) as u64,
+            })
+            .collect())
+    }
+
+    async fn user_rooms(&self, user: &str) -> Result<Vec<RoomSummary>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT m.room, coalesce(r.last_seq, 0), m.delivered, m.read,
+                    (SELECT count(*) FROM messages x WHERE x.room = m.room
+                      AND x.seq > m.read AND NOT x.deleted AND x.sender <> m.usr)
+                 FROM members m LEFT JOIN rooms r ON r.name = m.room
+                 WHERE m.usr = $1 ORDER BY m.room",
+                &[&user],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| RoomSummary {
+                room: r.get(0),
+                last_seq: r.get::<_, i64>(1) as u64,
+                delivered: r.get::<_, i64>(2) as u64,
+                read: r.get::<_, i64>(3) as u64,
+                unread: r.get::<_, i64>(4) as u64,
+            })
+            .collect())
+    }
+
+    async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                "SELECT 1 FROM members WHERE usr = $1 AND room = $2",
+                &[&user, &room],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn put_file(&self, f: FileRecord) -> Result<(), StoreError> {
+        self.query(
+            "INSERT INTO files (id, room, owner, name, content_type, data, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &f.id,
+                &f.room,
+                &f.owner,
+                &f.name,
+                &f.content_type,
+                &f.data,
+                &i(f.created_ms),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn get_file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT id, room, owner, name, content_type, data, created_ms
+                 FROM files WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(rows.first().map(|r| FileRecord {
+            id: r.get(0),
+            room: r.get(1),
+            owner: r.get(2),
+            name: r.get(3),
+            content_type: r.get(4),
+            data: r.get(5),
+            created_ms: r.get::<_, i64>(6) as u64,
+        }))
+    }
+
+    async fn apply_retention(&self, policy: RetentionPolicy) -> Result<u64, StoreError> {
+        let rooms = self
+            .query("SELECT name, last_seq, floor FROM rooms", &[])
+            .await?;
+        let mut removed = 0u64;
+        for r in rooms {
+            let (room, last, floor): (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            let Some(rule) = policy(&room) else { continue };
+            let mut upto = floor;
+            if let Some(n) = rule.max_messages {
+                upto = upto.max(last - i(n).min(last));
+            }
+            if let Some(min_ts) = rule.min_ts {
+                let old = self
+                    .query(
+                        "SELECT max(seq) FROM messages WHERE room = $1 AND ts < $2",
+                        &[&room, &i(min_ts)],
+                    )
+                    .await?;
+                upto = upto.max(
+                    old.first()
+                        .and_then(|r| r.get::<_, Option<i64>>(0))
+                        .unwrap_or(0),
+                );
+            }
+            if upto <= floor {
+                continue;
+            }
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(unavailable)?;
+            removed += tx
+                .execute(
+                    "DELETE FROM messages WHERE room = $1 AND seq <= $2",
+                    &[&room, &upto],
+                )
+                .await
+                .map_err(unavailable)?;
+            tx.execute(
+                "UPDATE rooms SET floor = $2 WHERE name = $1 AND floor < $2",
+                &[&room, &upto],
+            )
+            .await
+            .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+        }
+        Ok(removed)
+    }
+}
