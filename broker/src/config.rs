@@ -216,6 +216,27 @@ pub struct Config {
     #[arg(long, env = "SHOAL_WEBHOOK_BACKOFF_MS", default_value_t = 500)]
     pub webhook_backoff_ms: u64,
 
+    /// Where users, memberships, receipts, files and (in a cluster) the
+    /// archived history live: `sqlite` (embedded, in `--data`) or
+    /// `postgres` (shared by the nodes of a cluster, `--postgres-url`).
+    #[arg(long, env = "SHOAL_STORE", value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+
+    /// PostgreSQL for `--store postgres`:
+    /// `postgres://user:pass@host:port/db`. Migrations run at start.
+    #[arg(long, env = "SHOAL_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
+
+    /// PostgreSQL connections in this node's pool.
+    #[arg(long, env = "SHOAL_POSTGRES_POOL", default_value_t = 16)]
+    pub postgres_pool: usize,
+
+    /// Milliseconds between sweeps of the archiver that copies messages
+    /// from the Redis hot streams to PostgreSQL (`--bus redis --store
+    /// postgres`; one node sweeps at a time).
+    #[arg(long, env = "SHOAL_ARCHIVE_INTERVAL_MS", default_value_t = 100)]
+    pub archive_interval_ms: u64,
+
     /// Cluster bus: `local` (a single node; rooms are sequenced in
     /// process) or `redis` (several nodes share rooms through
     /// `--redis-url`; Redis assigns each room's seqs and keeps its hot
@@ -291,6 +312,15 @@ impl Config {
         }
         if self.retention_interval_secs == 0 {
             return Err("--retention-interval must be positive".into());
+        }
+        if self.store == StoreKind::Postgres {
+            match &self.postgres_url {
+                Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {}
+                _ => return Err("--store postgres needs --postgres-url postgres://...".into()),
+            }
+            if self.postgres_pool == 0 || self.archive_interval_ms == 0 {
+                return Err("--postgres-pool and --archive-interval-ms must be positive".into());
+            }
         }
         if self.bus == BusKind::Redis {
             match &self.redis_url {
@@ -374,6 +404,15 @@ impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
     }
+}
+
+/// Which store a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// Embedded SQLite in `--data`.
+    Sqlite,
+    /// Shared PostgreSQL.
+    Postgres,
 }
 
 /// Which cluster bus a node uses.

@@ -167,6 +167,10 @@ pub struct Metrics {
     /// 1 while the cluster bus is reachable and subscribed (always 1
     /// without a bus).
     pub bus_up: Gauge,
+    /// Messages copied from the hot streams to the shared store.
+    pub archived: Counter,
+    /// Messages that left a hot stream before the archiver copied them.
+    pub archive_missed: Counter,
     /// Redis command round trips (publish script, replay, head).
     pub redis_command_seconds: Histogram,
     /// Commands in flight on this node's Redis command connections when
@@ -409,6 +413,18 @@ impl Metrics {
             "1 while the cluster bus is reachable and subscribed (always 1 on a single node)",
             bus_up.clone(),
         );
+        let archived = Counter::default();
+        registry.register(
+            "archived",
+            "Messages copied from the Redis hot streams to the shared store",
+            archived.clone(),
+        );
+        let archive_missed = Counter::default();
+        registry.register(
+            "archive_missed",
+            "Messages that left a hot stream before the archiver copied them",
+            archive_missed.clone(),
+        );
         let redis_command_seconds = Histogram::new(exponential_buckets(1e-5, 2.0, 20));
         registry.register(
             "redis_command_seconds",
@@ -504,6 +520,8 @@ impl Metrics {
             bus_bad_payloads,
             bus_gap_filled,
             bus_up,
+            archived,
+            archive_missed,
             redis_command_seconds,
             redis_pipeline_depth,
             redis_errors,

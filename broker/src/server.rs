@@ -38,10 +38,22 @@ pub async fn build_state(
         format!("{}-{}", host.trim(), listen_port)
     });
     let metrics = Arc::new(Metrics::new(&node));
-    let sqlite =
-        SqliteStore::open(&cfg.data, cfg.store_sync == "full").context("opening embedded store")?;
-    tokio::spawn(checkpointer(sqlite.clone(), shutdown.clone()));
-    let store: Arc<dyn Store> = Arc::new(sqlite);
+    let store: Arc<dyn Store> = match cfg.store {
+        crate::config::StoreKind::Sqlite => {
+            let sqlite = SqliteStore::open(&cfg.data, cfg.store_sync == "full")
+                .context("opening embedded store")?;
+            tokio::spawn(checkpointer(sqlite.clone(), shutdown.clone()));
+            Arc::new(sqlite)
+        }
+        crate::config::StoreKind::Postgres => Arc::new(
+            crate::store::postgres::PgStore::connect(
+                cfg.postgres_url.as_deref().unwrap_or_default(),
+                cfg.postgres_pool,
+            )
+            .await
+            .context("connecting to PostgreSQL")?,
+        ),
+    };
     let auth = Arc::new(Auth::from_config(&cfg)?);
     auth.load_revoked(
         store
@@ -68,14 +80,37 @@ pub async fn build_state(
             timeout: Duration::from_millis(cfg.redis_timeout_ms),
             node: node.clone(),
             presence_lease: Duration::from_millis(cfg.presence_lease_ms),
+            // With a shared store, messages of stored namespaces are
+            // archived from the hot streams to it.
+            archive: (cfg.store == crate::config::StoreKind::Postgres).then(|| {
+                let ns = cfg.namespace_table();
+                Arc::new(move |room: &str| {
+                    shoal_proto::RoomName::parse(room).is_ok_and(|n| ns.get(n.namespace).persist)
+                }) as crate::bus::redis::ArchivePredicate
+            }),
         };
-        let bus: Arc<dyn crate::bus::Bus> = crate::bus::redis::RedisBus::start(
+        let archive = settings.archive.is_some();
+        let redis_bus = crate::bus::redis::RedisBus::start(
             settings,
             metrics.clone(),
             inbound,
             shutdown.clone(),
         )
         .context("starting the Redis bus")?;
+        let bus: Arc<dyn crate::bus::Bus> = redis_bus.clone();
+        if archive {
+            tokio::spawn(
+                crate::bus::archive::Archiver {
+                    conn: redis_bus.command_connection(),
+                    bus: bus.clone(),
+                    store: store.clone(),
+                    node: node.clone(),
+                    interval: Duration::from_millis(cfg.archive_interval_ms),
+                    metrics: metrics.clone(),
+                }
+                .run(shutdown.clone()),
+            );
+        }
         hub.set_bus(bus.clone());
         let (a, h) = (auth.clone(), hub.clone());
         let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti| {

@@ -4,10 +4,12 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use common::*;
+use serde_json::json;
 use shoal_broker::store::{conformance, postgres::PgStore, Store};
+use shoal_proto::{Encoding, ServerFrame};
 
 async fn fresh(pg: &Postgres, db: &str) -> PgStore {
     let (c, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
@@ -31,7 +33,9 @@ async fn postgres_store_behaves_like_the_embedded_one() {
     // Archiving the same message twice (two nodes, a retry) stores it once.
     let s = fresh(&pg, "idem").await;
     let op = conformance::msg("r", 1, "alice", "hello");
-    s.write_batch(vec![op.clone(), op.clone()]).await.expect("batch");
+    s.write_batch(vec![op.clone(), op.clone()])
+        .await
+        .expect("batch");
     s.write_batch(vec![op]).await.expect("again");
     let r = s.replay("r", 0, 10, 10).await.expect("replay");
     assert_eq!(r.entries.len(), 1);
@@ -48,4 +52,134 @@ async fn postgres_store_behaves_like_the_embedded_one() {
         let s = s.await.expect("join").expect("connect and migrate");
         s.list_users().await.expect("schema in place");
     }
+}
+
+/// A cluster node on Redis and the shared PostgreSQL, as a process.
+async fn pg_node(
+    redis: &Redis,
+    pg: &Postgres,
+    dir: &std::path::Path,
+    id: &str,
+    archive_ms: &str,
+) -> Proc {
+    let (r, p) = (redis.url(), pg.url());
+    Proc::start(
+        dir,
+        &[
+            "--archive-interval-ms",
+            archive_ms,
+            "--bus",
+            "redis",
+            "--redis-url",
+            &r,
+            "--store",
+            "postgres",
+            "--postgres-url",
+            &p,
+            "--node-id",
+            id,
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn cluster_nodes_share_users_and_history_and_a_crash_loses_no_archived_message() {
+    let redis = Redis::start().await;
+    let pg = Postgres::start().await;
+    let (da, db) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    // Node A's archiver would first sweep after 10 s: it dies before, so
+    // everything it published is archived by node B.
+    let mut a = pg_node(&redis, &pg, da.path(), "a", "10000").await;
+    let b = pg_node(&redis, &pg, db.path(), "b", "100").await;
+
+    // Register on A, log in on B: one user table.
+    let (s, _) = a
+        .post(
+            "/api/register",
+            json!({"username": "alice", "password": "password123"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, v) = b
+        .post(
+            "/api/login",
+            json!({"username": "alice", "password": "password123"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let alice_token = v["token"].as_str().expect("token").to_string();
+
+    // Publish through A, then kill A at once: the archiver on B copies
+    // what A's node never got to (every acked message ends up in
+    // PostgreSQL exactly once).
+    let mut alice = a.connect(&alice_token, Encoding::MsgPack).await;
+    alice.join("lobby").await;
+    let mut acked = vec![];
+    for k in 0..200 {
+        let text = if k == 150 {
+            "the quick brown fox".to_string()
+        } else {
+            format!("m{k}")
+        };
+        match alice.publish("lobby", json!({ "text": text })).await {
+            ServerFrame::Ack { seq, .. } => acked.push(seq),
+            f => panic!("{f:?}"),
+        }
+    }
+    alice.send_dm("bob", json!({"text": "psst"})).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.kill9();
+    assert_eq!(acked, (1..=200).collect::<Vec<_>>());
+
+    let bob_token = b.user("bob").await;
+    let mut history = vec![];
+    for _ in 0..100 {
+        let (s, v) = b
+            .get("/api/rooms/lobby/messages?limit=200", Some(&alice_token))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        history = v["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["seq"].as_u64().expect("seq"))
+            .collect();
+        if history.len() == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut want: Vec<u64> = (1..=200).collect();
+    want.reverse();
+    assert_eq!(
+        history, want,
+        "every acked message archived once, newest first"
+    );
+    let (s, v) = b
+        .get("/api/rooms/lobby/search?q=brown%20fox", Some(&alice_token))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["messages"][0]["seq"], 151);
+    // The DM sent through A shows up in bob's room list on B.
+    let mut rooms = serde_json::Value::Null;
+    for _ in 0..50 {
+        let (_, v) = b.get("/api/rooms", Some(&bob_token)).await;
+        rooms = v;
+        if rooms.to_string().contains("dm:alice:bob") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rooms.to_string().contains("dm:alice:bob"), "{rooms}");
+    assert!(b.metric("shoal_archived_total{").await >= 201.0);
 }

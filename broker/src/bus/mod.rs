@@ -19,6 +19,7 @@
 //! process; used by tests and as the reference behaviour) and
 //! [`redis::RedisBus`].
 
+pub mod archive;
 pub mod memory;
 pub mod presence;
 pub mod redis;

@@ -49,7 +49,7 @@ use crate::{
 };
 
 /// Settings of the Redis bus (from `Config`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisSettings {
     /// `redis://` or `rediss://` URL of a single Redis.
     pub url: String,
@@ -65,12 +65,20 @@ pub struct RedisSettings {
     pub node: String,
     /// Presence lease of a node.
     pub presence_lease: Duration,
+    /// Rooms whose messages go to the shared store (`archive`); None: no
+    /// shared store.
+    pub archive: Option<ArchivePredicate>,
 }
 
+/// Whether a room's messages are archived to the shared store.
+pub type ArchivePredicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 const PUBLISH_LUA: &str = r#"
--- KEYS: 1 seq counter, 2 hot stream, 3 cid key (the counter again if none)
+-- KEYS: 1 seq counter, 2 hot stream, 3 cid key (the counter again if none),
+--       4 rooms waiting for the archiver
 -- ARGV: 1 record, 2 channel, 3 stream cap, 4 ts, 5 cid window ms (0: none), 6 floor,
---       7 direct-message prefix ('' for a room), 8.. the parties' user channels
+--       7 archive ('1': note the room for the archiver), 8 direct-message
+--       prefix ('' for a room), 9.. the parties' user channels
 local win = tonumber(ARGV[5])
 if win > 0 then
   local prev = redis.call('GET', KEYS[3])
@@ -86,19 +94,20 @@ seq = seq + 1
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'r', ARGV[1])
 redis.call('SET', KEYS[1], seq)
 if win > 0 then redis.call('SET', KEYS[3], seq .. ':' .. ARGV[4], 'PX', win) end
+if ARGV[7] == '1' then redis.call('ZADD', KEYS[4], seq, KEYS[2]) end
 local msg = seq .. ':' .. ARGV[1]
 redis.call('SPUBLISH', ARGV[2], msg)
-for i = 8, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[7] .. msg) end
+for i = 9, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[8] .. msg) end
 return {seq, tonumber(ARGV[4]), 0}
 "#;
 
 /// Cluster-wide revocations (same slot as the global channel).
 const REVOKED_KEY: &str = "shoal:{@}:revoked";
 
-fn seq_key(room: &str) -> String {
+pub(super) fn seq_key(room: &str) -> String {
     format!("shoal:{{{room}}}:seq")
 }
-fn log_key(room: &str) -> String {
+pub(super) fn log_key(room: &str) -> String {
     format!("shoal:{{{room}}}:log")
 }
 fn channel(room: &str) -> String {
@@ -208,6 +217,11 @@ impl RedisBus {
         Ok(bus)
     }
 
+    /// A command connection (shared, pipelined) for other cluster tasks.
+    pub fn command_connection(&self) -> ConnectionManager {
+        self.conn()
+    }
+
     fn conn(&self) -> ConnectionManager {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.cmds.len();
         self.cmds[i].clone()
@@ -294,15 +308,18 @@ impl Bus for RedisBus {
             0
         };
         let mut inv = self.script.prepare_invoke();
+        let archive = self.settings.archive.as_ref().is_some_and(|a| a(room));
         inv.key(seq_key(room))
             .key(log_key(room))
             .key(cid_key)
+            .key(super::archive::DIRTY_KEY)
             .arg(bytes)
             .arg(channel(room))
             .arg(self.settings.stream_len)
             .arg(record.ts)
             .arg(window)
-            .arg(floor);
+            .arg(floor)
+            .arg(if archive { "1" } else { "0" });
         if let Some((a, b)) = shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
             inv.arg(format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX))
                 .arg(channel(&super::user_channel(a)))

@@ -66,7 +66,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
         created_ms BIGINT NOT NULL
     );"];
 
-
 /// PostgreSQL-backed [`Store`].
 #[derive(Clone)]
 pub struct PgStore {

@@ -725,7 +725,11 @@ fn pg_bin(name: &str) -> std::path::PathBuf {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     versions.sort();
-    versions.last().expect("a postgresql version").join("bin").join(name)
+    versions
+        .last()
+        .expect("a postgresql version")
+        .join("bin")
+        .join(name)
 }
 
 /// Run `cmd` as the `postgres` user when we are root.
@@ -759,11 +763,24 @@ impl Postgres {
             .status();
         let data = dir.path().join("data");
         let out = as_pg_user(pg_bin("initdb"))
-            .args(["-A", "trust", "-U", "shoal", "-E", "UTF8", "--no-sync", "-D"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "shoal",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
             .arg(&data)
             .output()
             .expect("initdb");
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = free_port();
         let child = as_pg_user(pg_bin("postgres"))
             .arg("-D")
