@@ -209,8 +209,5 @@ mod tests {
         // Nested prefixes do not recurse.
         let deep = b"d:x ".repeat(100_000);
         assert!(decode_payload(&deep).is_err());
-        for bad in [&b""[..]] {
-            assert!(decode_payload(bad).is_err(), "{bad:?}");
-        }
     }
 }
