@@ -18,7 +18,7 @@ run:
 
 ## Release build of every binary (shoal, loadgen).
 build:
-	$(CARGO) build --release --workspace
+	$(CARGO) build --release --locked --workspace
 
 ## A local cluster: Redis, NODES brokers on the Redis bus, nginx with TLS
 ## in front (installs redis-server and nginx when missing); prints the URLs.
@@ -37,6 +37,7 @@ test: test-deps lint
 	SKIP_BUILD=1 ./scripts/web-tests.sh
 	SKIP_BUILD=1 ./scripts/smoke.sh
 	./scripts/cluster-check.sh
+	./scripts/deploy-check.sh
 	./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
 
 ## The web client in headless Chromium (two users, DMs, restart, XSS).

@@ -7,8 +7,9 @@ set -euo pipefail
 # smoke and bench scripts, procps (kill) for the TLS reload test, g++ for
 # libFuzzer (cargo-fuzz), prometheus (with promtool) for the dashboard
 # check, chromium + nodejs/npm for the web client's browser tests. Extended
-# as features land. redis-server, nginx and postgresql run the cluster tests.
-APT_PACKAGES=(curl python3 procps g++ openssl prometheus chromium redis-server nginx postgresql ${SHOAL_APT_PACKAGES:-})
+# as features land. redis-server, nginx and postgresql run the cluster tests;
+# docker-compose (the client only: no engine runs) validates deploy/compose.yaml.
+APT_PACKAGES=(curl python3 procps g++ openssl prometheus chromium redis-server nginx postgresql docker-compose ${SHOAL_APT_PACKAGES:-})
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
