@@ -7,7 +7,7 @@ ARGS ?=
 # is heavy); CI builds, lints and tests it.
 FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
-FUZZ_TEST_SECONDS ?= 15
+FUZZ_TEST_SECONDS ?= 10
 
 .PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test cluster cluster-down clean
 NODES ?= 3
@@ -38,7 +38,7 @@ test: test-deps lint
 	SKIP_BUILD=1 ./scripts/smoke.sh
 	./scripts/cluster-check.sh
 	./scripts/deploy-check.sh
-	./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
+	FUZZ_DEV=1 ./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
 
 ## The web client in headless Chromium (two users, DMs, restart, XSS).
 web-test:

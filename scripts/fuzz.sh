@@ -7,8 +7,15 @@
 set -euo pipefail
 secs="${1:-60}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
-command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+# A debug build of the tool itself: it only drives cargo, and builds in
+# half the time.
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --debug
 sanitizer="${FUZZ_SANITIZER:-none}"
+# FUZZ_DEV=1 (make test) builds the targets unoptimised: they compile in
+# about half the time, and a short bounded run needs coverage of the
+# decoders, not peak executions per second.
+profile=()
+[ "${FUZZ_DEV:-0}" = 1 ] && profile=(--dev)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 for dir in proto/fuzz broker/fuzz; do
@@ -16,7 +23,7 @@ for dir in proto/fuzz broker/fuzz; do
     for t in $(cargo fuzz list); do
         mkdir -p "$work/$t" "corpus/$t"
         echo "== fuzz $dir $t for ${secs}s"
-        if ! cargo fuzz run --sanitizer "$sanitizer" "$t" "$work/$t" "corpus/$t" -- \
+        if ! cargo fuzz run "${profile[@]}" --sanitizer "$sanitizer" "$t" "$work/$t" "corpus/$t" -- \
             -max_total_time="$secs" -max_len=8192 -print_final_stats=1 >"$work/$t.log" 2>&1; then
             tail -40 "$work/$t.log"
             echo "fuzz target $t failed (reproducer in $dir/artifacts/$t/)"

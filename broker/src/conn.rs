@@ -704,11 +704,32 @@ impl Session {
     ) -> Result<(), crate::store::StoreError> {
         while *cursor < target {
             let page = match self.state.hub.bus() {
-                // In a cluster the hot history is the bus's.
-                Some(bus) => bus
-                    .replay(&room.name, *cursor, target, REPLAY_PAGE)
-                    .await
-                    .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?,
+                // In a cluster the hot history is the bus's; what it no
+                // longer holds comes from the shared database, if any.
+                Some(bus) => {
+                    let hot = bus
+                        .replay(&room.name, *cursor, target, REPLAY_PAGE)
+                        .await
+                        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?;
+                    let shared = self.state.cfg.store == crate::config::StoreKind::Postgres;
+                    if hot.floor > *cursor && shared {
+                        let old = self
+                            .state
+                            .store
+                            .replay(&room.name, *cursor, hot.floor.min(target), REPLAY_PAGE)
+                            .await?;
+                        if old.entries.is_empty() {
+                            // Neither holds (cursor, floor]: announce it,
+                            // even after earlier pages.
+                            *gap_checked = false;
+                            hot
+                        } else {
+                            old
+                        }
+                    } else {
+                        hot
+                    }
+                }
                 None => {
                     self.state
                         .store

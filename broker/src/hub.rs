@@ -250,6 +250,8 @@ pub struct Hub {
     cid_window: Duration,
     /// The cluster bus, when there is one (set once at start).
     bus: std::sync::OnceLock<Arc<dyn Bus>>,
+    /// This node's id on the bus.
+    node: std::sync::OnceLock<Arc<str>>,
 }
 
 /// Hot-history entries read per gap-fill query.
@@ -326,13 +328,20 @@ impl Hub {
             jobs,
             cid_window,
             bus: std::sync::OnceLock::new(),
+            node: std::sync::OnceLock::new(),
         }
     }
 
     /// Route room traffic through a cluster bus from now on. Call once,
     /// before serving.
-    pub fn set_bus(&self, bus: Arc<dyn Bus>) {
+    pub fn set_bus(&self, bus: Arc<dyn Bus>, node: &str) {
         let _ = self.bus.set(bus);
+        let _ = self.node.set(node.into());
+    }
+
+    /// This node's id on the bus ("" without one).
+    pub fn node(&self) -> &str {
+        self.node.get().map_or("", |n| n)
     }
 
     /// The cluster bus, if this node is part of a cluster.
@@ -788,9 +797,33 @@ impl Hub {
 
     /// Send an event frame (mark, deleted) to the room's audience,
     /// optionally sparing one connection.
+    /// In a cluster the other nodes get it through the bus.
     pub fn event(&self, room: &Room, f: &ServerFrame, except: Option<u64>) -> usize {
+        if let Some(bus) = self.bus.get().cloned() {
+            let (name, frame, node) = (room.name.clone(), f.clone(), self.node().to_string());
+            tokio::spawn(async move {
+                if let Err(e) = bus.node_event(&name, &frame, &node).await {
+                    tracing::debug!(error = %e, "event not forwarded to other nodes");
+                }
+            });
+        }
         let st = room.state.lock();
         self.send_to_room(room, &st, f, |c| Some(c.id) != except)
+    }
+
+    /// Pump side: a frame for one user's local connections.
+    pub fn bus_user_event(&self, user: &str, f: &ServerFrame) {
+        let mut shared = SharedFrame::new(f);
+        let users = self.users[self.shard(user)].lock();
+        let mut n = 0;
+        for c in users.get(user).into_iter().flatten() {
+            if let Some(bytes) = shared.get(c.encoding) {
+                c.push(bytes, f.is_ephemeral());
+                n += 1;
+            }
+        }
+        drop(users);
+        self.metrics.frames_out(f.kind(), n);
     }
 
     /// Direct-message room between two users (validated), loaded.
@@ -1356,7 +1389,7 @@ mod tests {
         let f = fixture(NamespaceTable::default());
         let (inbound, rx) = crate::bus::InboundQueue::new(queue, f.m.clone());
         let bus: Arc<dyn Bus> = Arc::new(core.node(inbound));
-        f.hub.set_bus(bus.clone());
+        f.hub.set_bus(bus.clone(), "test-node");
         tokio::spawn(crate::bus::pump(
             f.hub.clone(),
             bus.clone(),

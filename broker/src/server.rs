@@ -111,7 +111,7 @@ pub async fn build_state(
                 .run(shutdown.clone()),
             );
         }
-        hub.set_bus(bus.clone());
+        hub.set_bus(bus.clone(), &node);
         let (a, h) = (auth.clone(), hub.clone());
         let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti| {
             a.revoke(jti);

@@ -151,6 +151,23 @@ async fn nodes_share_rooms_in_one_order() {
         _ => unreachable!(),
     }
 
+    // Receipts cross nodes: alice (node A) reads up to 5, bob (node B) sees it.
+    alice
+        .send(&ClientFrame::Mark {
+            id: Some(70),
+            room: "lobby".into(),
+            seq: 5,
+            state: shoal_proto::MarkState::Read,
+        })
+        .await;
+    match bob
+        .recv_until(|f| matches!(f, ServerFrame::Mark { .. }))
+        .await
+    {
+        ServerFrame::Mark { user, seq, .. } => assert_eq!((user.as_str(), seq), ("alice", 5)),
+        _ => unreachable!(),
+    }
+
     // A client joining on the other node with `since` gets the rest from
     // the hot history, then live messages.
     let mut dave = b.connect(&token_for("dave"), Encoding::Json).await;

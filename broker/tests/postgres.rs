@@ -183,3 +183,85 @@ async fn cluster_nodes_share_users_and_history_and_a_crash_loses_no_archived_mes
     assert!(rooms.to_string().contains("dm:alice:bob"), "{rooms}");
     assert!(b.metric("shoal_archived_total{").await >= 201.0);
 }
+
+#[tokio::test]
+async fn since_older_than_the_hot_history_is_replayed_from_postgres() {
+    let redis = Redis::start().await;
+    let pg = Postgres::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (r, p) = (redis.url(), pg.url());
+    let node = Proc::start(
+        dir.path(),
+        &[
+            "--bus",
+            "redis",
+            "--redis-url",
+            &r,
+            "--store",
+            "postgres",
+            "--postgres-url",
+            &p,
+            "--redis-stream-len",
+            "100",
+            "--archive-interval-ms",
+            "50",
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
+        ],
+    )
+    .await;
+    let token = token_for("alice");
+    let mut alice = node.connect(&token, Encoding::MsgPack).await;
+    alice.join("long").await;
+    for k in 0..400 {
+        let f = alice
+            .publish("long", json!({ "text": format!("m{k}") }))
+            .await;
+        assert!(matches!(f, ServerFrame::Ack { .. }), "{f:?}");
+    }
+    // The stream kept only the newest messages (trimmed near 100).
+    let mut c = redis::Client::open(r.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+    let first: Entries = redis::cmd("XRANGE")
+        .arg("shoal:{long}:log")
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .expect("xrange");
+    let oldest_hot: u64 = first[0]
+        .0
+        .split('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("id");
+    assert!(oldest_hot > 100, "trimmed: oldest kept is {oldest_hot}");
+    // Wait for the archiver, then rejoin from the start on a new connection.
+    for _ in 0..100 {
+        if node.metric("shoal_archived_total{").await >= 400.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut late = node.connect(&token, Encoding::Json).await;
+    let (replayed, head) = late.join_since("long", Some(0)).await;
+    assert_eq!(head, 400);
+    assert!(
+        !replayed
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Gap { .. })),
+        "no gap: the database had what the stream dropped"
+    );
+    assert_eq!(
+        replayed.iter().filter_map(msg_seq).collect::<Vec<_>>(),
+        (1..=400).collect::<Vec<_>>()
+    );
+}

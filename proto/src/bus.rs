@@ -47,6 +47,15 @@ pub enum BusPayload {
     },
     /// An ephemeral frame for the room's local members.
     Event(ServerFrame),
+    /// A frame one node already delivered to its own members (a receipt,
+    /// a deletion): the other nodes deliver it, the origin skips it. On a
+    /// user channel it is for that user's connections.
+    NodeEvent {
+        /// Id of the node that sent it.
+        origin: String,
+        /// The frame.
+        frame: ServerFrame,
+    },
     /// A direct message, on a party's user channel.
     Direct {
         /// The DM room.
@@ -108,6 +117,15 @@ pub fn decode_record(bytes: &[u8]) -> Result<BusRecord, DecodeError> {
     Encoding::MsgPack.decode_any(bytes)
 }
 
+const NODE_EVENT_PREFIX: &[u8] = b"o:";
+
+/// Encode a frame that node `origin` has already delivered locally.
+pub fn encode_node_event(origin: &str, frame: &ServerFrame) -> Vec<u8> {
+    let mut out = format!("o:{origin} ").into_bytes();
+    out.extend(rmp_serde::to_vec_named(frame).unwrap_or_default());
+    out
+}
+
 /// Encode an ephemeral event for a room channel.
 pub fn encode_event(frame: &ServerFrame) -> Vec<u8> {
     let mut out = EVENT_PREFIX.to_vec();
@@ -119,6 +137,13 @@ pub fn encode_event(frame: &ServerFrame) -> Vec<u8> {
 pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
     if let Some(rest) = bytes.strip_prefix(EVENT_PREFIX) {
         return Ok(BusPayload::Event(Encoding::MsgPack.decode_any(rest)?));
+    }
+    if let Some(rest) = bytes.strip_prefix(NODE_EVENT_PREFIX) {
+        let (origin, rest) = word(rest)?;
+        return Ok(BusPayload::NodeEvent {
+            origin: origin.to_string(),
+            frame: Encoding::MsgPack.decode_any(rest)?,
+        });
     }
     if let Some(rest) = bytes.strip_prefix(DIRECT_PREFIX.as_bytes()) {
         let (room, rest) = word(rest)?;
@@ -181,7 +206,17 @@ mod tests {
             room: "lobby".into(),
             user: "bob".into(),
         };
-        assert_eq!(decode_payload(&encode_event(&f)), Ok(BusPayload::Event(f)));
+        assert_eq!(
+            decode_payload(&encode_event(&f)),
+            Ok(BusPayload::Event(f.clone()))
+        );
+        assert_eq!(
+            decode_payload(&encode_node_event("n1", &f)),
+            Ok(BusPayload::NodeEvent {
+                origin: "n1".into(),
+                frame: f
+            })
+        );
     }
 
     #[test]
@@ -203,6 +238,9 @@ mod tests {
             b"r:",
             b"r:bob",
             b"r:\xff\xfe j",
+            b"o:",
+            b"o:n1 ",
+            b"o:n1 \x80",
         ] {
             assert!(decode_payload(bad).is_err(), "{bad:?}");
         }

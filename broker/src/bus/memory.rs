@@ -170,6 +170,30 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn node_event(
+        &self,
+        room: &str,
+        frame: &ServerFrame,
+        origin: &str,
+    ) -> Result<(), BusError> {
+        self.core.check()?;
+        let bytes: Bytes = shoal_proto::bus::encode_node_event(origin, frame).into();
+        let channels = match shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
+            Some((a, b)) => vec![super::user_channel(a), super::user_channel(b)],
+            None => vec![room.to_string()],
+        };
+        let st = self.core.state.lock();
+        for ch in channels {
+            for q in st.subs.get(&ch).into_iter().flat_map(|m| m.values()) {
+                q.push(Inbound::Payload {
+                    room: ch.as_str().into(),
+                    bytes: bytes.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     async fn subscribe(&self, room: &str) -> Result<u64, BusError> {
         self.core.check()?;
         *self.refs.lock().entry(room.to_string()).or_insert(0) += 1;

@@ -99,6 +99,16 @@ pub trait Bus: Send + Sync + 'static {
     /// (this one included). Not stored; lost if the bus is down.
     async fn event(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError>;
 
+    /// Send a frame that node `origin` already delivered to its own
+    /// audience to the other nodes: the room's members, or for a DM room
+    /// the parties' connections (through their user channels).
+    async fn node_event(
+        &self,
+        room: &str,
+        frame: &ServerFrame,
+        origin: &str,
+    ) -> Result<(), BusError>;
+
     /// Take a reference on the room's subscription, and return the room's
     /// head seq read after the subscription was active (so every later
     /// message arrives through the subscription, and earlier ones are in
@@ -243,6 +253,14 @@ pub async fn pump(
                     hub.bus_message(&*bus, &room, seq, record).await;
                 }
                 Ok(BusPayload::Event(frame)) => hub.bus_event(&room, &frame),
+                Ok(BusPayload::NodeEvent { origin, frame }) => {
+                    if origin != hub.node() {
+                        match room.strip_prefix('@') {
+                            Some(user) => hub.bus_user_event(user, &frame),
+                            None => hub.bus_event(&room, &frame),
+                        }
+                    }
+                }
                 Ok(BusPayload::Direct {
                     room: dm,
                     seq,

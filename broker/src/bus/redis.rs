@@ -346,6 +346,32 @@ impl Bus for RedisBus {
         Ok(())
     }
 
+    async fn node_event(
+        &self,
+        room: &str,
+        frame: &ServerFrame,
+        origin: &str,
+    ) -> Result<(), BusError> {
+        let bytes = shoal_proto::bus::encode_node_event(origin, frame);
+        let mut pipe = redis::pipe();
+        match shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
+            Some((a, b)) => {
+                for u in [a, b] {
+                    pipe.cmd("SPUBLISH")
+                        .arg(channel(&super::user_channel(u)))
+                        .arg(&bytes)
+                        .ignore();
+                }
+            }
+            None => {
+                pipe.cmd("SPUBLISH").arg(channel(room)).arg(&bytes).ignore();
+            }
+        }
+        let mut c = self.conn();
+        let () = self.run(pipe.query_async(&mut c)).await?;
+        Ok(())
+    }
+
     async fn subscribe(&self, room: &str) -> Result<u64, BusError> {
         let (tx, rx) = oneshot::channel();
         self.sub
