@@ -138,7 +138,10 @@ async fn reconnection_storm_is_admitted_and_recovers_with_since() {
                 .expect("seq")
         }
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    // Generous: this checks that the storm settles without loss, not how
+    // fast (loadgen measures that); a cold `make test` on 2 cores with the
+    // disk busy flushing build output has taken over 2 minutes here.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     let mut last_seq = vec![0u64; ROOMS];
     let mut round = 0;
     while b.metric("shoal_room_members").await < CLIENTS as f64 {
