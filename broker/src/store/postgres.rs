@@ -6,7 +6,8 @@
 //! Search uses the `simple` text configuration (no stemming, no stop
 //! words), so every language is searched alike, as in the embedded store.
 //!
-//! Message inserts are idempotent on `(room, seq)`, so the nodes of a
+//! A run of messages in a batch is one multi-row insert (arrays unnested
+//! by the server). Message inserts are idempotent on `(room, seq)`, so the nodes of a
 //! cluster can archive the same message twice (a retry after a lost reply,
 //! a catch-up sweep) without duplicating history. Migrations run at start
 //! in one transaction each, recorded in `shoal_schema`, under an advisory
@@ -258,6 +259,70 @@ async fn apply_op(
     }
 }
 
+/// Insert messages (all `WriteOp::Msg`) with one statement per table:
+/// arrays unnested server-side, idempotent on `(room, seq)`.
+async fn insert_messages(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ops: &[WriteOp],
+) -> Result<(), tokio_postgres::Error> {
+    let msgs: Vec<&super::NewMsg> = ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Msg(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let rooms: Vec<&str> = msgs.iter().map(|m| &*m.room).collect();
+    let seqs: Vec<i64> = msgs.iter().map(|m| i(m.seq)).collect();
+    let senders: Vec<&str> = msgs.iter().map(|m| &*m.from).collect();
+    let ts: Vec<i64> = msgs.iter().map(|m| i(m.ts)).collect();
+    let bodies: Vec<&str> = msgs.iter().map(|m| m.body.as_str()).collect();
+    let cids: Vec<Option<&str>> = msgs.iter().map(|m| m.cid.as_deref()).collect();
+    let texts: Vec<&str> = msgs
+        .iter()
+        .map(|m| m.text.as_deref().unwrap_or(""))
+        .collect();
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO messages (room, seq, sender, ts, body, cid, search)
+             SELECT r, s, f, t, b, c, to_tsvector('simple', x)
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[],
+                         $6::text[], $7::text[]) AS u(r, s, f, t, b, c, x)
+             ON CONFLICT (room, seq) DO NOTHING",
+        )
+        .await?;
+    tx.execute(&st, &[&rooms, &seqs, &senders, &ts, &bodies, &cids, &texts])
+        .await?;
+    let st = tx
+        .prepare_cached(
+            "INSERT INTO rooms (name, last_seq)
+             SELECT r, max(s) FROM UNNEST($1::text[], $2::bigint[]) AS u(r, s) GROUP BY r
+             ON CONFLICT (name) DO UPDATE SET last_seq = GREATEST(rooms.last_seq, excluded.last_seq)",
+        )
+        .await?;
+    tx.execute(&st, &[&rooms, &seqs]).await?;
+    let (mut users, mut user_rooms): (Vec<&str>, Vec<&str>) = (vec![], vec![]);
+    for m in &msgs {
+        if let Some((a, b)) = &m.parties {
+            for u in [a, b] {
+                users.push(u);
+                user_rooms.push(&m.room);
+            }
+        }
+    }
+    if !users.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO members (usr, room)
+                 SELECT DISTINCT u, r FROM UNNEST($1::text[], $2::text[]) AS x(u, r)
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        tx.execute(&st, &[&users, &user_rooms]).await?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn create_user(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
@@ -343,8 +408,25 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(unavailable)?;
         let mut out = Vec::with_capacity(ops.len());
-        for op in &ops {
-            out.push(apply_op(&tx, op).await.map_err(unavailable)?);
+        let mut i = 0;
+        while i < ops.len() {
+            // A run of messages (the archiver's batches are all messages)
+            // goes in as one multi-row insert; other ops one by one, in
+            // order.
+            let run = ops[i..]
+                .iter()
+                .take_while(|op| matches!(op, WriteOp::Msg(_)))
+                .count();
+            if run > 1 {
+                insert_messages(&tx, &ops[i..i + run])
+                    .await
+                    .map_err(unavailable)?;
+                out.extend(std::iter::repeat_n(OpOutcome::Done, run));
+                i += run;
+            } else {
+                out.push(apply_op(&tx, &ops[i]).await.map_err(unavailable)?);
+                i += 1;
+            }
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(out)
