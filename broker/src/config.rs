@@ -266,6 +266,13 @@ pub struct Config {
     #[arg(long, env = "SHOAL_REDIS_TIMEOUT_MS", default_value_t = 2_000)]
     pub redis_timeout_ms: u64,
 
+    /// Publishes per second one user may make across the whole cluster
+    /// (`--bus redis`; counted in Redis by the publish script). Over it a
+    /// publish gets `error 429`. 0: no cluster-wide limit (the
+    /// per-connection `--rate-limit` still applies).
+    #[arg(long, env = "SHOAL_USER_PUBLISH_RATE", default_value_t = 0)]
+    pub user_publish_rate: u64,
+
     /// Presence lease of a node, in milliseconds: a node that stops
     /// refreshing it (crashed) has its users leave the rooms' presence
     /// within about this long. Refreshed every third of it.

@@ -929,6 +929,13 @@ impl Hub {
                     recipients: 0,
                 });
             }
+            Err(crate::bus::BusError::RateLimited) => {
+                self.metrics.rate_limited("user");
+                reply.fail((
+                    ErrorCode::RateLimited,
+                    "too many messages from this user; slow down".into(),
+                ));
+            }
             Err(e) => reply.fail(bus_unavailable(e)),
         }
     }

@@ -282,7 +282,7 @@ impl Metrics {
             "Requests refused by a rate or count limit, by kind",
             rate_limited.clone(),
         );
-        for k in ["frame", "typing", "rooms", "login", "handshake"] {
+        for k in ["frame", "typing", "rooms", "login", "handshake", "user"] {
             let _ = rate_limited.get_or_create(&[("kind", k)]);
         }
         let ephemeral_dropped = Counter::default();

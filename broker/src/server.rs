@@ -80,6 +80,7 @@ pub async fn build_state(
             timeout: Duration::from_millis(cfg.redis_timeout_ms),
             node: node.clone(),
             presence_lease: Duration::from_millis(cfg.presence_lease_ms),
+            user_rate: cfg.user_publish_rate,
             // With a shared store, messages of stored namespaces are
             // archived from the hot streams to it.
             archive: (cfg.store == crate::config::StoreKind::Postgres).then(|| {

@@ -480,3 +480,50 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_within_its_lease() {
     }
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_user_publish_rate_holds_across_nodes() {
+    let redis = Redis::start().await;
+    let url = redis.url();
+    let start = || {
+        let url = url.clone();
+        Broker::start_with(move |c| {
+            c.bus = shoal_broker::config::BusKind::Redis;
+            c.redis_url = Some(url);
+            c.user_publish_rate = 5;
+        })
+    };
+    let (a, b) = (start().await, start().await);
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    let token = token_for("chatty");
+    let mut on_a = a.connect(&token, Encoding::Json).await;
+    let mut on_b = b.connect(&token, Encoding::Json).await;
+    on_a.join("r").await;
+    on_b.join("r").await;
+    let (mut acked, mut limited) = (0, 0);
+    for k in 0..12 {
+        let c = if k % 2 == 0 { &mut on_a } else { &mut on_b };
+        match c.publish("r", json!(k)).await {
+            ServerFrame::Ack { .. } => acked += 1,
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::RateLimited as u16);
+                limited += 1;
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    // 12 publishes fall in at most two one-second windows of 5, so a
+    // shared count refuses at least 2; separate per-node counts (6 each)
+    // could refuse none within one window.
+    assert!(
+        limited >= 2,
+        "the limit is shared by both nodes: {acked} acked"
+    );
+    assert!((5..=10).contains(&acked), "{acked} acked");
+    let counted = a.metric("shoal_rate_limited_total{kind=\"user\"").await
+        + b.metric("shoal_rate_limited_total{kind=\"user\"").await;
+    assert_eq!(counted, limited as f64);
+    a.stop().await;
+    b.stop().await;
+}

@@ -51,6 +51,10 @@ pub enum BusError {
     /// The bus answered with something this node cannot use.
     #[error("unexpected reply from the bus: {0}")]
     Protocol(String),
+    /// The sender is over its cluster-wide publish rate; nothing was
+    /// published.
+    #[error("publish rate limit reached")]
+    RateLimited,
 }
 
 /// Outcome of a publish.

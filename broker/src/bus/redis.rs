@@ -65,6 +65,8 @@ pub struct RedisSettings {
     pub node: String,
     /// Presence lease of a node.
     pub presence_lease: Duration,
+    /// Publishes per second per user across the cluster (0: no limit).
+    pub user_rate: u64,
     /// Rooms whose messages go to the shared store (`archive`); None: no
     /// shared store.
     pub archive: Option<ArchivePredicate>,
@@ -75,10 +77,12 @@ pub type ArchivePredicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 const PUBLISH_LUA: &str = r#"
 -- KEYS: 1 seq counter, 2 hot stream, 3 cid key (the counter again if none),
---       4 rooms waiting for the archiver
+--       4 rooms waiting for the archiver, 5 the sender's rate counter for
+--       this second
+-- ARGV 10: publishes per second per user (0: no limit)
 -- ARGV: 1 record, 2 channel, 3 stream cap, 4 ts, 5 cid window ms (0: none), 6 floor,
 --       7 archive ('1': note the room for the archiver), 8 direct-message
---       prefix ('' for a room), 9.. the parties' user channels
+--       prefix ('' for a room), 9 unused, 11.. the parties' user channels
 local win = tonumber(ARGV[5])
 if win > 0 then
   local prev = redis.call('GET', KEYS[3])
@@ -86,6 +90,12 @@ if win > 0 then
     local sep = string.find(prev, ':', 1, true)
     return {tonumber(string.sub(prev, 1, sep - 1)), tonumber(string.sub(prev, sep + 1)), 1}
   end
+end
+local limit = tonumber(ARGV[10])
+if limit > 0 then
+  local n = redis.call('INCR', KEYS[5])
+  if n == 1 then redis.call('EXPIRE', KEYS[5], 2) end
+  if n > limit then return {0, 0, 2} end
 end
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 local floor = tonumber(ARGV[6])
@@ -97,7 +107,7 @@ if win > 0 then redis.call('SET', KEYS[3], seq .. ':' .. ARGV[4], 'PX', win) end
 if ARGV[7] == '1' then redis.call('ZADD', KEYS[4], seq, KEYS[2]) end
 local msg = seq .. ':' .. ARGV[1]
 redis.call('SPUBLISH', ARGV[2], msg)
-for i = 9, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[8] .. msg) end
+for i = 11, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[8] .. msg) end
 return {seq, tonumber(ARGV[4]), 0}
 "#;
 
@@ -313,6 +323,11 @@ impl Bus for RedisBus {
             .key(log_key(room))
             .key(cid_key)
             .key(super::archive::DIRTY_KEY)
+            .key(format!(
+                "shoal:rate:{}:{}",
+                record.from,
+                crate::auth::now_secs()
+            ))
             .arg(bytes)
             .arg(channel(room))
             .arg(self.settings.stream_len)
@@ -320,15 +335,20 @@ impl Bus for RedisBus {
             .arg(window)
             .arg(floor)
             .arg(if archive { "1" } else { "0" });
-        if let Some((a, b)) = shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
-            inv.arg(format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX))
-                .arg(channel(&super::user_channel(a)))
+        let dm = shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm);
+        let prefix = dm.map_or(String::new(), |_| {
+            format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX)
+        });
+        inv.arg(prefix).arg("").arg(self.settings.user_rate);
+        if let Some((a, b)) = dm {
+            inv.arg(channel(&super::user_channel(a)))
                 .arg(channel(&super::user_channel(b)));
-        } else {
-            inv.arg("");
         }
         let mut c = self.conn();
         let (seq, ts, dup): (u64, u64, u8) = self.run(inv.invoke_async(&mut c)).await?;
+        if dup == 2 {
+            return Err(BusError::RateLimited);
+        }
         Ok(Sequenced {
             seq,
             ts,
