@@ -495,21 +495,22 @@ impl Hub {
         self.metrics.room_members.inc();
         let count = st.users.entry(conn.user.clone()).or_insert(0);
         *count += 1;
-        if *count == 1 && room.opts.presence && self.bus.get().is_some() {
+        if *count == 1 && room.opts.presence {
             // Under the room lock, so joins and leaves reach the bus in order.
-            if let Some(bus) = self.bus.get() {
-                bus.presence(PresenceOp::Join {
+            match self.bus.get() {
+                Some(bus) => bus.presence(PresenceOp::Join {
                     room: room.name.clone(),
                     user: conn.user.clone(),
-                });
+                }),
+                None => {
+                    let f = ServerFrame::Presence {
+                        room: room.name.to_string(),
+                        user: conn.user.to_string(),
+                        online: true,
+                    };
+                    broadcast(&st, &f, |m| m.id != conn.id, &self.metrics);
+                }
             }
-        } else if *count == 1 && room.opts.presence {
-            let f = ServerFrame::Presence {
-                room: room.name.to_string(),
-                user: conn.user.to_string(),
-                online: true,
-            };
-            broadcast(&st, &f, |m| m.id != conn.id, &self.metrics);
         }
         joined(st.committed)
     }
@@ -531,20 +532,21 @@ impl Hub {
                 true
             }
         };
-        if last && room.opts.presence && self.bus.get().is_some() {
-            if let Some(bus) = self.bus.get() {
-                bus.presence(PresenceOp::Leave {
+        if last && room.opts.presence {
+            match self.bus.get() {
+                Some(bus) => bus.presence(PresenceOp::Leave {
                     room: room.name.clone(),
                     user: conn.user.clone(),
-                });
+                }),
+                None => {
+                    let f = ServerFrame::Presence {
+                        room: room.name.to_string(),
+                        user: conn.user.to_string(),
+                        online: false,
+                    };
+                    broadcast(&st, &f, |_| true, &self.metrics);
+                }
             }
-        } else if last && room.opts.presence {
-            let f = ServerFrame::Presence {
-                room: room.name.to_string(),
-                user: conn.user.to_string(),
-                online: false,
-            };
-            broadcast(&st, &f, |_| true, &self.metrics);
         }
         drop(st);
         self.maybe_evict(room);
@@ -738,19 +740,31 @@ impl Hub {
         let Some((a, b)) = &room.dm else {
             return broadcast(st, f, filter, &self.metrics);
         };
-        let ephemeral = f.is_ephemeral();
         let mut shared = SharedFrame::new(f);
+        let n =
+            self.push_to_user(a, &mut shared, &filter) + self.push_to_user(b, &mut shared, &filter);
+        self.metrics.frames_out(f.kind(), n as u64);
+        n
+    }
+
+    /// Queue a frame (encoded at most once per encoding, across calls with
+    /// the same `shared`) to every live connection of `user` on this node
+    /// that passes `filter`.
+    fn push_to_user(
+        &self,
+        user: &str,
+        shared: &mut SharedFrame<'_>,
+        filter: impl Fn(&ConnHandle) -> bool,
+    ) -> usize {
+        let ephemeral = shared.frame().is_ephemeral();
+        let users = self.users[self.shard(user)].lock();
         let mut n = 0;
-        for u in [a, b] {
-            let users = self.users[self.shard(&**u)].lock();
-            for c in users.get(u).into_iter().flatten().filter(|c| filter(c)) {
-                if let Some(bytes) = shared.get(c.encoding) {
-                    c.push(bytes, ephemeral);
-                    n += 1;
-                }
+        for c in users.get(user).into_iter().flatten().filter(|c| filter(c)) {
+            if let Some(bytes) = shared.get(c.encoding) {
+                c.push(bytes, ephemeral);
+                n += 1;
             }
         }
-        self.metrics.frames_out(f.kind(), n as u64);
         n
     }
 
@@ -812,18 +826,10 @@ impl Hub {
     }
 
     /// Pump side: a frame for one user's local connections.
-    pub fn bus_user_event(&self, user: &str, f: &ServerFrame) {
-        let mut shared = SharedFrame::new(f);
-        let users = self.users[self.shard(user)].lock();
-        let mut n = 0;
-        for c in users.get(user).into_iter().flatten() {
-            if let Some(bytes) = shared.get(c.encoding) {
-                c.push(bytes, f.is_ephemeral());
-                n += 1;
-            }
-        }
-        drop(users);
-        self.metrics.frames_out(f.kind(), n);
+    pub fn bus_user_event(&self, user: &str, f: &ServerFrame) -> usize {
+        let n = self.push_to_user(user, &mut SharedFrame::new(f), |_| true);
+        self.metrics.frames_out(f.kind(), n as u64);
+        n
     }
 
     /// Direct-message room between two users (validated), loaded.
@@ -944,31 +950,30 @@ impl Hub {
     /// is the room's next seq; after a gap the missing ones are read from
     /// the hot history first; a repeat is ignored.
     pub async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
-        let Some(r) = self.room(room) else {
-            tracing::trace!(room, seq, "bus message for a room without local members");
-            return;
-        };
-        tracing::trace!(
-            room,
-            seq,
-            committed = r.state.lock().committed,
-            "bus message"
-        );
+        let Some(r) = self.room(room) else { return };
         let BusRecord { ts, from, body } = record;
-        if let Some(committed) = self.accept_bus(&r, seq, ts, &from, body.clone()) {
+        if let Some((committed, body)) = self.accept_bus(&r, seq, ts, &from, body) {
             self.fill_gap(bus, &r, committed, seq - 1).await;
             self.accept_bus(&r, seq, ts, &from, body);
         }
     }
 
-    /// Deliver `seq` if it is next. Returns the committed seq on a gap.
-    fn accept_bus(&self, room: &Room, seq: u64, ts: u64, from: &str, body: Body) -> Option<u64> {
+    /// Deliver `seq` if it is next. On a gap, returns the committed seq and
+    /// hands the body back (so the common case never copies it).
+    fn accept_bus(
+        &self,
+        room: &Room,
+        seq: u64,
+        ts: u64,
+        from: &str,
+        body: Body,
+    ) -> Option<(u64, Body)> {
         let mut st = room.state.lock();
         if st.evicted || seq <= st.committed {
             return None;
         }
         if seq > st.committed + 1 {
-            return Some(st.committed);
+            return Some((st.committed, body));
         }
         st.committed = seq;
         st.seq = st.seq.max(seq);
@@ -1140,18 +1145,8 @@ impl Hub {
             ts: record.ts,
             body: record.body,
         };
-        let mut shared = SharedFrame::new(&f);
-        let users = self.users[self.shard(user)].lock();
-        let mut n = 0;
-        for c in users.get(user).into_iter().flatten() {
-            if let Some(bytes) = shared.get(c.encoding) {
-                c.push(bytes, false);
-                n += 1;
-            }
-        }
-        drop(users);
-        self.metrics.frames_out("msg", n);
-        self.metrics.deliveries.inc_by(n);
+        let n = self.bus_user_event(user, &f);
+        self.metrics.deliveries.inc_by(n as u64);
     }
 
     /// True if the user has at least one live connection on this node.

@@ -88,6 +88,11 @@ impl<'a> SharedFrame<'a> {
         }
     }
 
+    /// The frame itself.
+    pub fn frame(&self) -> &ServerFrame {
+        self.frame
+    }
+
     /// The frame's bytes in `enc`.
     pub fn get(&mut self, enc: Encoding) -> Option<Bytes> {
         let slot = &mut self.cache[enc.index()];

@@ -100,6 +100,18 @@ fn payload(seq: u64, record: &BusRecord) -> Bytes {
     b.into()
 }
 
+impl CoreState {
+    /// Hand `bytes` to every node subscribed to channel `ch`.
+    fn fan(&self, ch: &str, bytes: &Bytes) {
+        for q in self.subs.get(ch).into_iter().flat_map(|m| m.values()) {
+            q.push(Inbound::Payload {
+                room: ch.into(),
+                bytes: bytes.clone(),
+            });
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Bus for MemoryBus {
     async fn publish(
@@ -130,24 +142,13 @@ impl Bus for MemoryBus {
             log.cids.insert(k, (seq, record.ts));
         }
         let bytes = payload(seq, record);
-        for q in st.subs.get(room).into_iter().flat_map(|m| m.values()) {
-            q.push(Inbound::Payload {
-                room: room.into(),
-                bytes: bytes.clone(),
-            });
-        }
-        if let Some((a, b)) = shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
+        st.fan(room, &bytes);
+        if let Some(parties) = super::dm_channels(room) {
             let mut direct = format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX).into_bytes();
             direct.extend_from_slice(&bytes);
             let direct = Bytes::from(direct);
-            for u in [a, b] {
-                let ch = super::user_channel(u);
-                for q in st.subs.get(&ch).into_iter().flat_map(|m| m.values()) {
-                    q.push(Inbound::Payload {
-                        room: ch.as_str().into(),
-                        bytes: direct.clone(),
-                    });
-                }
+            for ch in parties {
+                st.fan(&ch, &direct);
             }
         }
         Ok(Sequenced {
@@ -160,13 +161,7 @@ impl Bus for MemoryBus {
     async fn event(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError> {
         self.core.check()?;
         let bytes: Bytes = shoal_proto::bus::encode_event(frame).into();
-        let st = self.core.state.lock();
-        for q in st.subs.get(room).into_iter().flat_map(|m| m.values()) {
-            q.push(Inbound::Payload {
-                room: room.into(),
-                bytes: bytes.clone(),
-            });
-        }
+        self.core.state.lock().fan(room, &bytes);
         Ok(())
     }
 
@@ -178,18 +173,10 @@ impl Bus for MemoryBus {
     ) -> Result<(), BusError> {
         self.core.check()?;
         let bytes: Bytes = shoal_proto::bus::encode_node_event(origin, frame).into();
-        let channels = match shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
-            Some((a, b)) => vec![super::user_channel(a), super::user_channel(b)],
-            None => vec![room.to_string()],
-        };
         let st = self.core.state.lock();
-        for ch in channels {
-            for q in st.subs.get(&ch).into_iter().flat_map(|m| m.values()) {
-                q.push(Inbound::Payload {
-                    room: ch.as_str().into(),
-                    bytes: bytes.clone(),
-                });
-            }
+        match super::dm_channels(room) {
+            Some(parties) => parties.iter().for_each(|ch| st.fan(ch, &bytes)),
+            None => st.fan(room, &bytes),
         }
         Ok(())
     }
@@ -285,13 +272,7 @@ impl Bus for MemoryBus {
                 user: user.to_string(),
                 online: join,
             };
-            let bytes = Bytes::from(shoal_proto::bus::encode_event(&f));
-            for q in st.subs.get(&**room).into_iter().flat_map(|m| m.values()) {
-                q.push(Inbound::Payload {
-                    room: room.clone(),
-                    bytes: bytes.clone(),
-                });
-            }
+            st.fan(room, &Bytes::from(shoal_proto::bus::encode_event(&f)));
         }
     }
 

@@ -221,6 +221,13 @@ pub fn user_channel(user: &str) -> String {
     format!("@{user}")
 }
 
+/// The user channels of a direct-message room's two parties; None for
+/// any other room.
+pub fn dm_channels(room: &str) -> Option<[String; 2]> {
+    let (a, b) = shoal_proto::RoomName::parse(room).ok()?.dm?;
+    Some([user_channel(a), user_channel(b)])
+}
+
 /// Called for each revoked token (user, jti): forget it in auth and close
 /// the connections that use it.
 pub type RevokeHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
@@ -260,7 +267,9 @@ pub async fn pump(
                 Ok(BusPayload::NodeEvent { origin, frame }) => {
                     if origin != hub.node() {
                         match room.strip_prefix('@') {
-                            Some(user) => hub.bus_user_event(user, &frame),
+                            Some(user) => {
+                                hub.bus_user_event(user, &frame);
+                            }
                             None => hub.bus_event(&room, &frame),
                         }
                     }

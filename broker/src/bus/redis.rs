@@ -335,14 +335,13 @@ impl Bus for RedisBus {
             .arg(window)
             .arg(floor)
             .arg(if archive { "1" } else { "0" });
-        let dm = shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm);
-        let prefix = dm.map_or(String::new(), |_| {
+        let parties = super::dm_channels(room);
+        let prefix = parties.as_ref().map_or(String::new(), |_| {
             format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX)
         });
         inv.arg(prefix).arg("").arg(self.settings.user_rate);
-        if let Some((a, b)) = dm {
-            inv.arg(channel(&super::user_channel(a)))
-                .arg(channel(&super::user_channel(b)));
+        for ch in parties.iter().flatten() {
+            inv.arg(channel(ch));
         }
         let mut c = self.conn();
         let (seq, ts, dup): (u64, u64, u8) = self.run(inv.invoke_async(&mut c)).await?;
@@ -374,18 +373,9 @@ impl Bus for RedisBus {
     ) -> Result<(), BusError> {
         let bytes = shoal_proto::bus::encode_node_event(origin, frame);
         let mut pipe = redis::pipe();
-        match shoal_proto::RoomName::parse(room).ok().and_then(|n| n.dm) {
-            Some((a, b)) => {
-                for u in [a, b] {
-                    pipe.cmd("SPUBLISH")
-                        .arg(channel(&super::user_channel(u)))
-                        .arg(&bytes)
-                        .ignore();
-                }
-            }
-            None => {
-                pipe.cmd("SPUBLISH").arg(channel(room)).arg(&bytes).ignore();
-            }
+        let targets = super::dm_channels(room).map_or_else(|| vec![room.to_string()], Vec::from);
+        for t in &targets {
+            pipe.cmd("SPUBLISH").arg(channel(t)).arg(&bytes).ignore();
         }
         let mut c = self.conn();
         let () = self.run(pipe.query_async(&mut c)).await?;
@@ -560,7 +550,6 @@ impl Supervisor {
     ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let inbound = self.inbound.clone();
         let sender = move |info: redis::PushInfo| -> Result<(), ()> {
-            tracing::trace!(kind = ?info.kind, "redis push");
             match info.kind {
                 PushKind::SMessage => {
                     if let [Value::BulkString(ch), Value::BulkString(payload)] = &info.data[..] {
