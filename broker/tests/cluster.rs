@@ -26,6 +26,14 @@ async fn node(redis: &Redis) -> Broker {
     .await
 }
 
+/// Two nodes on `redis`, both healthy.
+async fn two_nodes(redis: &Redis) -> (Broker, Broker) {
+    let (a, b) = (node(redis).await, node(redis).await);
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    (a, b)
+}
+
 /// Wait until `/health` answers `status`.
 async fn health_becomes(b: &Broker, status: u16) -> serde_json::Value {
     for _ in 0..200 {
@@ -60,10 +68,7 @@ async fn collect(c: &mut Client, n: usize) -> (Vec<u64>, BTreeMap<u64, (String, 
 #[tokio::test]
 async fn nodes_share_rooms_in_one_order() {
     let redis = Redis::start().await;
-    let a = node(&redis).await;
-    let b = node(&redis).await;
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    let (a, b) = two_nodes(&redis).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::MsgPack).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
     let mut carol = a.connect(&token_for("carol"), Encoding::Json).await;
@@ -264,10 +269,7 @@ async fn redis_restart_gives_503_then_recovers_without_loss() {
 #[tokio::test]
 async fn lost_subscriptions_are_recovered_from_the_hot_history() {
     let redis = Redis::start().await;
-    let a = node(&redis).await;
-    let b = node(&redis).await;
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    let (a, b) = two_nodes(&redis).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::MsgPack).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
     alice.join("r").await;
@@ -331,10 +333,7 @@ async fn lost_subscriptions_are_recovered_from_the_hot_history() {
 #[tokio::test]
 async fn direct_messages_and_revocations_cross_nodes() {
     let redis = Redis::start().await;
-    let a = node(&redis).await;
-    let b = node(&redis).await;
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    let (a, b) = two_nodes(&redis).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
     let mut bob2 = a.connect(&token_for("bob"), Encoding::Json).await;
@@ -396,19 +395,9 @@ async fn direct_messages_and_revocations_cross_nodes() {
 async fn presence_is_cluster_wide_and_a_killed_node_leaves_within_its_lease() {
     let redis = Redis::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = redis.url();
-    let mut a = Proc::start(
-        dir.path(),
-        &[
-            "--bus",
-            "redis",
-            "--redis-url",
-            &url,
-            "--presence-lease-ms",
-            "1000",
-        ],
-    )
-    .await;
+    let mut a = redis
+        .node_proc(dir.path(), &["--presence-lease-ms", "1000"])
+        .await;
     let b = node(&redis).await;
     health_becomes(&b, 200).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;

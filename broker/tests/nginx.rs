@@ -14,24 +14,9 @@ const ROOM: &str = "ops";
 const N: u64 = 300;
 
 async fn node(redis: &Redis, dir: &std::path::Path, id: &str) -> Proc {
-    Proc::start(
-        dir,
-        &[
-            "--bus",
-            "redis",
-            "--redis-url",
-            &redis.url(),
-            "--presence-lease-ms",
-            "1000",
-            "--node-id",
-            id,
-            "--rate-limit",
-            "100000",
-            "--rate-burst",
-            "100000",
-        ],
-    )
-    .await
+    redis
+        .node_proc(dir, &["--presence-lease-ms", "1000", "--node-id", id])
+        .await
 }
 
 /// A subscriber that follows the room through failovers: on a lost

@@ -55,36 +55,11 @@ async fn postgres_store_behaves_like_the_embedded_one() {
 }
 
 /// A cluster node on Redis and the shared PostgreSQL, as a process.
-async fn pg_node(
-    redis: &Redis,
-    pg: &Postgres,
-    dir: &std::path::Path,
-    id: &str,
-    archive_ms: &str,
-) -> Proc {
-    let (r, p) = (redis.url(), pg.url());
-    Proc::start(
-        dir,
-        &[
-            "--archive-interval-ms",
-            archive_ms,
-            "--bus",
-            "redis",
-            "--redis-url",
-            &r,
-            "--store",
-            "postgres",
-            "--postgres-url",
-            &p,
-            "--node-id",
-            id,
-            "--rate-limit",
-            "100000",
-            "--rate-burst",
-            "100000",
-        ],
-    )
-    .await
+async fn pg_node(redis: &Redis, pg: &Postgres, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let p = pg.url();
+    let mut args = vec!["--store", "postgres", "--postgres-url", &p];
+    args.extend_from_slice(extra);
+    redis.node_proc(dir, &args).await
 }
 
 #[tokio::test]
@@ -97,8 +72,20 @@ async fn cluster_nodes_share_users_and_history_and_a_crash_loses_no_archived_mes
     );
     // Node A's archiver would first sweep after 10 s: it dies before, so
     // everything it published is archived by node B.
-    let mut a = pg_node(&redis, &pg, da.path(), "a", "10000").await;
-    let b = pg_node(&redis, &pg, db.path(), "b", "100").await;
+    let mut a = pg_node(
+        &redis,
+        &pg,
+        da.path(),
+        &["--node-id", "a", "--archive-interval-ms", "10000"],
+    )
+    .await;
+    let b = pg_node(
+        &redis,
+        &pg,
+        db.path(),
+        &["--node-id", "b", "--archive-interval-ms", "100"],
+    )
+    .await;
 
     // Register on A, log in on B: one user table.
     let (s, _) = a
@@ -189,27 +176,12 @@ async fn since_older_than_the_hot_history_is_replayed_from_postgres() {
     let redis = Redis::start().await;
     let pg = Postgres::start().await;
     let dir = tempfile::tempdir().expect("dir");
-    let (r, p) = (redis.url(), pg.url());
-    let node = Proc::start(
+    let r = redis.url();
+    let node = pg_node(
+        &redis,
+        &pg,
         dir.path(),
-        &[
-            "--bus",
-            "redis",
-            "--redis-url",
-            &r,
-            "--store",
-            "postgres",
-            "--postgres-url",
-            &p,
-            "--redis-stream-len",
-            "100",
-            "--archive-interval-ms",
-            "50",
-            "--rate-limit",
-            "100000",
-            "--rate-burst",
-            "100000",
-        ],
+        &["--redis-stream-len", "100", "--archive-interval-ms", "50"],
     )
     .await;
     let token = token_for("alice");

@@ -532,6 +532,24 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// A broker process on this Redis as its bus (rate limits off, tests
+    /// pipeline hundreds of publishes), with `extra` flags.
+    pub async fn node_proc(&self, data: &std::path::Path, extra: &[&str]) -> Proc {
+        let url = self.url();
+        let mut args = vec![
+            "--bus",
+            "redis",
+            "--redis-url",
+            &url,
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(data, &args).await
+    }
+
     /// (Re)start on the same port and data dir.
     pub async fn restart(&mut self) {
         let child = std::process::Command::new("redis-server")
