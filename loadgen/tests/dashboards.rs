@@ -26,9 +26,9 @@ fn free_port() -> u16 {
 }
 
 /// A server process (Prometheus, redis-server), killed by PID on drop.
-struct Prometheus(Child);
+struct ServerProc(Child);
 
-impl Drop for Prometheus {
+impl Drop for ServerProc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -84,7 +84,7 @@ async fn every_panel_query_returns_data() {
     // (Redis panels); both under load.
     let redis_port = free_port();
     let redis_dir = tempfile::tempdir().expect("tempdir");
-    let _redis = Prometheus(
+    let _redis = ServerProc(
         std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -119,7 +119,7 @@ async fn every_panel_query_returns_data() {
         ),
     )
     .expect("write config");
-    let _prom = Prometheus(
+    let _prom = ServerProc(
         std::process::Command::new("prometheus")
             .arg(format!("--config.file={}", conf.display()))
             .arg(format!(

@@ -167,6 +167,7 @@ pub trait Bus: Send + Sync + 'static {
 /// Bounded queue from a bus to its pump. Overflow policy: the payload is
 /// dropped, counted in `shoal_bus_inbound_dropped_total`, and a resync is
 /// flagged, so the pump reads what was dropped from the hot history.
+#[derive(Clone)]
 pub struct InboundQueue {
     tx: mpsc::Sender<Inbound>,
     overflowed: Arc<AtomicBool>,
@@ -193,16 +194,6 @@ impl InboundQueue {
         if self.tx.try_send(item).is_err() {
             self.metrics.bus_inbound_dropped.inc();
             self.overflowed.store(true, Ordering::Release);
-        }
-    }
-}
-
-impl Clone for InboundQueue {
-    fn clone(&self) -> Self {
-        InboundQueue {
-            tx: self.tx.clone(),
-            overflowed: self.overflowed.clone(),
-            metrics: self.metrics.clone(),
         }
     }
 }
