@@ -16,6 +16,9 @@ sanitizer="${FUZZ_SANITIZER:-none}"
 # decoders, not peak executions per second.
 profile=()
 [ "${FUZZ_DEV:-0}" = 1 ] && profile=(--dev)
+# Both fuzz crates share one target dir under the workspace's (so `cargo
+# clean` removes it): proto and its dependencies are built once.
+target_dir="$root/target/fuzz"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 for dir in proto/fuzz broker/fuzz; do
@@ -23,7 +26,7 @@ for dir in proto/fuzz broker/fuzz; do
     for t in $(cargo fuzz list); do
         mkdir -p "$work/$t" "corpus/$t"
         echo "== fuzz $dir $t for ${secs}s"
-        if ! cargo fuzz run "${profile[@]}" --sanitizer "$sanitizer" "$t" "$work/$t" "corpus/$t" -- \
+        if ! cargo fuzz run "${profile[@]}" --target-dir "$target_dir" --sanitizer "$sanitizer" "$t" "$work/$t" "corpus/$t" -- \
             -max_total_time="$secs" -max_len=8192 -print_final_stats=1 >"$work/$t.log" 2>&1; then
             tail -40 "$work/$t.log"
             echo "fuzz target $t failed (reproducer in $dir/artifacts/$t/)"
