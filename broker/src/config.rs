@@ -285,6 +285,14 @@ pub struct Config {
     #[arg(long, env = "SHOAL_BUS_INBOUND_QUEUE", default_value_t = 65_536)]
     pub bus_inbound_queue: usize,
 
+    /// How long a node keeps its clients while it cannot reach the bus
+    /// (Redis), in milliseconds. A blip shorter than this is ridden out
+    /// (publishes get `error 503`, connections stay); past it every
+    /// client is closed with 4006 so it reconnects to a node that can
+    /// still deliver. While the bus is down, WebSocket handshakes get 503.
+    #[arg(long, env = "SHOAL_BUS_DOWN_GRACE_MS", default_value_t = 5_000)]
+    pub bus_down_grace_ms: u64,
+
     /// Number of room registry shards (rounded up to a power of two).
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 64)]
     pub shards: usize,

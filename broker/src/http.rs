@@ -695,6 +695,16 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
             }
         }
     }
+    // A node cut off from the bus cannot deliver; a 503 sends the client
+    // (or nginx's `proxy_next_upstream http_503`) to another node.
+    if state.hub.bus().is_some_and(|b| !b.healthy()) {
+        m.handshake("bus_down");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this node cannot reach the cluster bus; connect to another node",
+        ));
+    }
     let claims = authenticate(state, &req).inspect_err(|_| m.handshake("unauthorized"))?;
     let proto_header = req
         .headers()

@@ -1169,6 +1169,18 @@ impl Hub {
         }
         n
     }
+
+    /// Close every connection of this node with `code`; returns how many.
+    pub fn close_all(&self, code: shoal_proto::CloseCode) -> usize {
+        let mut n = 0;
+        for shard in self.users.iter() {
+            for c in shard.lock().values().flatten() {
+                c.close(code);
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 /// Queue `f` to every member passing `filter`, encoding at most once per

@@ -216,6 +216,7 @@ impl Metrics {
             "unauthorized",
             "forbidden_origin",
             "over_capacity",
+            "bus_down",
             "rate_limited",
             "tls_failed",
             "bad_request",
@@ -628,6 +629,7 @@ pub fn close_label(c: CloseCode) -> &'static str {
         CloseCode::SlowConsumer => "slow_consumer",
         CloseCode::IdleTimeout => "idle_timeout",
         CloseCode::TryAgainLater => "try_again_later",
+        CloseCode::ClusterLost => "cluster_lost",
     }
 }
 

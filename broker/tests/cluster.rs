@@ -7,18 +7,23 @@ use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
 use serde_json::json;
-use shoal_proto::{ClientFrame, Encoding, ErrorCode, ServerFrame};
+use shoal_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 
 async fn node(redis: &Redis) -> Broker {
+    node_at(redis.url()).await
+}
+
+/// A node whose bus is the Redis at `url`.
+async fn node_at(url: String) -> Broker {
     if let Ok(f) = std::env::var("SHOAL_TEST_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(f).try_init();
     }
-    let url = redis.url();
     Broker::start_with(move |c| {
         c.bus = shoal_broker::config::BusKind::Redis;
         c.redis_url = Some(url);
         c.redis_timeout_ms = 500;
         c.presence_lease_ms = 1000;
+        c.bus_down_grace_ms = 1000;
         // Tests pipeline hundreds of publishes from one connection.
         c.rate_limit = 100_000.0;
         c.rate_burst = 100_000.0;
@@ -513,6 +518,83 @@ async fn a_user_publish_rate_holds_across_nodes() {
     let counted = a.metric("shoal_rate_limited_total{kind=\"user\"").await
         + b.metric("shoal_rate_limited_total{kind=\"user\"").await;
     assert_eq!(counted, limited as f64);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_redis_sends_its_clients_to_another_node() {
+    let redis = Redis::start().await;
+    let link = Partition::start(([127, 0, 0, 1], redis.port).into()).await;
+    let a = node_at(format!("redis://{}", link.addr)).await;
+    let b = node(&redis).await;
+    health_becomes(&a, 200).await;
+    health_becomes(&b, 200).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
+    alice.join("r").await;
+    bob.join("r").await;
+    for i in 0..10 {
+        assert!(matches!(
+            bob.publish("r", json!(i)).await,
+            ServerFrame::Ack { .. }
+        ));
+    }
+    let (seen, _) = collect(&mut alice, 10).await;
+    assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+
+    // Partition node A from Redis: packets dropped, nothing refused.
+    link.set_cut(true);
+    let cut_at = std::time::Instant::now();
+    assert_eq!(health_becomes(&a, 503).await["bus"], "down");
+    // A's clients are told (4006) once the 1 s grace period is over...
+    match alice.closed().await {
+        End::Closed(Some(c)) => assert_eq!(c, CloseCode::ClusterLost.as_u16()),
+        e => panic!("expected close 4006, got {e:?}"),
+    }
+    let told = cut_at.elapsed();
+    assert!(
+        told >= Duration::from_millis(900) && told < Duration::from_secs(6),
+        "told after {told:?}"
+    );
+    // ...and A turns new connections away, so a load balancer moves them.
+    match a.try_connect(&token_for("alice"), Encoding::Json).await {
+        Err((503, body)) => assert!(body.contains("unavailable"), "{body}"),
+        Err(e) => panic!("expected 503, got {e:?}"),
+        Ok(_) => panic!("a partitioned node accepted a connection"),
+    }
+    // The rest of the cluster carries on meanwhile.
+    for i in 10..30 {
+        assert!(matches!(
+            bob.publish("r", json!(i)).await,
+            ServerFrame::Ack { .. }
+        ));
+    }
+
+    // Alice reconnects to B and recovers what she missed, once each.
+    let mut alice = b.connect(&token_for("alice"), Encoding::Json).await;
+    let (replay, _) = alice.join_since("r", Some(10)).await;
+    let got: Vec<u64> = replay.iter().filter_map(msg_seq).collect();
+    assert_eq!(got, (11..=30).collect::<Vec<_>>());
+
+    // Healed, A serves again, in the same order as everyone else.
+    link.set_cut(false);
+    health_becomes(&a, 200).await;
+    let mut carol = a.connect(&token_for("carol"), Encoding::Json).await;
+    carol.join("r").await;
+    assert!(matches!(
+        bob.publish("r", json!("after")).await,
+        ServerFrame::Ack { seq: 31, .. }
+    ));
+    let (c, _) = collect(&mut carol, 1).await;
+    assert_eq!(c, vec![31]);
+    let (al, _) = collect(&mut alice, 1).await;
+    assert_eq!(al, vec![31]);
+    assert_eq!(
+        a.metric("shoal_closes_total{reason=\"cluster_lost\"").await,
+        1.0
+    );
+    assert!(a.metric("shoal_handshakes_total{result=\"bus_down\"").await >= 1.0);
     a.stop().await;
     b.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Fault tests against a real broker on loopback: a reconnection storm of
 //! 5,000 clients admitted through the handshake rate limit (4005 tells the
-//! excess to back off) and recovering every message with `since`.
+//! excess to back off) and recovering every message with `since`; a disk
+//! that really fills up (a small tmpfs) under a broker process.
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::{
 use common::*;
 use rand::Rng;
 use serde_json::json;
-use shoal_proto::{CloseCode, Encoding, ServerFrame};
+use shoal_proto::{CloseCode, Encoding, ErrorCode, ServerFrame};
 use tokio::sync::watch;
 
 const CLIENTS: usize = 5000;
@@ -190,4 +191,148 @@ async fn reconnection_storm_is_admitted_and_recovers_with_since() {
         "throttled handshakes are counted"
     );
     eprintln!("storm: {CLIENTS} clients, {t} handshakes told to back off (4005), all recovered");
+}
+
+/// A tmpfs of `mb` MiB mounted on a fresh temp dir (a disk that can
+/// really fill up); unmounted when dropped. Needs root, as CI runs.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mb: u32) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mb}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a {mb} MiB tmpfs failed: this test needs root");
+        SmallDisk { dir }
+    }
+
+    /// Write zeros to `name` until the disk is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.path().join(name)).expect("create filler");
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).and_then(|()| f.sync_data()).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Every stored seq of `room`, oldest first, read through the REST API.
+async fn stored_seqs(p: &Proc, token: &str, room: &str) -> Vec<u64> {
+    let mut seqs = vec![];
+    let mut before: Option<u64> = None;
+    loop {
+        let q = before.map(|b| format!("&before={b}")).unwrap_or_default();
+        let (s, v) = p
+            .get(
+                &format!("/api/rooms/{room}/messages?limit=200{q}"),
+                Some(token),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let page = v["messages"].as_array().expect("messages").clone();
+        seqs.extend(page.iter().filter_map(|m| m["seq"].as_u64()));
+        if !v["more"].as_bool().expect("more") {
+            break;
+        }
+        before = page.last().and_then(|m| m["seq"].as_u64());
+    }
+    seqs.sort_unstable();
+    seqs
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_publishes_with_503_loses_nothing_acked_and_recovers() {
+    let disk = SmallDisk::mount(32);
+    let data = disk.dir.path().join("data");
+    let mut p = Proc::start(&data, &[]).await;
+    let token = p.user("alice").await;
+    let bystander_token = p.user("bob").await;
+    let mut alice = p.connect(&token, Encoding::MsgPack).await;
+    let mut bob = p.connect(&bystander_token, Encoding::MsgPack).await;
+    alice.join("disk").await;
+    bob.join("disk").await;
+    let body = "x".repeat(1000);
+    let mut acked = vec![];
+    for _ in 0..50 {
+        match alice.publish("disk", json!(body)).await {
+            ServerFrame::Ack { seq, .. } => acked.push(seq),
+            f => panic!("{f:?}"),
+        }
+    }
+
+    disk.fill("filler");
+    // Publishes go on until the database needs a page the disk cannot
+    // give (the WAL reuses what it already has); from then on, 503s.
+    let mut refused = 0;
+    for _ in 0..20_000 {
+        match alice.publish("disk", json!(body)).await {
+            ServerFrame::Ack { seq, .. } => acked.push(seq),
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::Unavailable as u16);
+                refused += 1;
+                if refused == 5 {
+                    break;
+                }
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    assert_eq!(refused, 5, "the full disk never refused a publish");
+    let (s, v) = p.get("/health", None).await;
+    assert_eq!((s, v["store"].as_str()), (503, Some("down")), "{v}");
+    assert!(p.metric("shoal_errors_total{code=\"unavailable\"").await >= 5.0);
+    // The bystander is still served, and saw exactly the acked messages.
+    let mut seen = vec![];
+    while seen.len() < acked.len() {
+        if let Some(s) = msg_seq(&bob.recv().await) {
+            seen.push(s);
+        }
+    }
+    assert_eq!(seen, acked);
+
+    // Space comes back: publishing resumes with the next seq, no gap.
+    std::fs::remove_file(disk.dir.path().join("filler")).expect("remove filler");
+    let next = loop {
+        match alice.publish("disk", json!("after")).await {
+            ServerFrame::Ack { seq, .. } => break seq,
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::Unavailable as u16);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            f => panic!("{f:?}"),
+        }
+    };
+    assert_eq!(
+        next,
+        acked.len() as u64 + 1,
+        "refused publishes left no seq behind"
+    );
+    acked.push(next);
+    let (s, _) = p.get("/health", None).await;
+    assert_eq!(s, 200);
+
+    // Everything acked is on disk, even after kill -9.
+    p.kill9();
+    drop((alice, bob));
+    let p = Proc::start(&data, &[]).await;
+    assert_eq!(stored_seqs(&p, &token, "disk").await, acked);
 }

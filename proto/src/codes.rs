@@ -79,6 +79,10 @@ pub enum CloseCode {
     IdleTimeout = 4004,
     /// The broker is overloaded; reconnect after a randomized backoff.
     TryAgainLater = 4005,
+    /// This node lost its cluster bus (Redis) for longer than its grace
+    /// period; reconnect (through the load balancer, to another node) and
+    /// recover with `since`.
+    ClusterLost = 4006,
 }
 
 impl CloseCode {
@@ -102,11 +106,12 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow consumer",
             CloseCode::IdleTimeout => "idle timeout",
             CloseCode::TryAgainLater => "try again later",
+            CloseCode::ClusterLost => "cluster link lost",
         }
     }
 
     /// Every close code, for documentation tests and metrics pre-registration.
-    pub const ALL: [CloseCode; 12] = [
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::Protocol,
@@ -119,5 +124,6 @@ impl CloseCode {
         CloseCode::SlowConsumer,
         CloseCode::IdleTimeout,
         CloseCode::TryAgainLater,
+        CloseCode::ClusterLost,
     ];
 }
