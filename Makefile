@@ -9,7 +9,7 @@ FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 10
 
-.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test cluster cluster-down clean
+.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test cluster cluster-down compare clean
 NODES ?= 3
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
@@ -36,6 +36,7 @@ test: test-deps lint
 	$(CARGO) test --workspace --all-targets $(FEATURES)
 	SKIP_BUILD=1 ./scripts/web-tests.sh
 	SKIP_BUILD=1 ./scripts/smoke.sh
+	COMPARE_CHECK=1 SKIP_BUILD=1 ./scripts/compare.sh
 	./scripts/cluster-check.sh
 	./scripts/deploy-check.sh
 	FUZZ_DEV=1 ./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
@@ -48,6 +49,14 @@ web-test:
 ## or unbounded RSS growth (SOAK_SECONDS=600 for the short version).
 soak:
 	./scripts/soak.sh
+
+## Shoal against Socket.IO (one node; NODES=2: the Redis adapter against
+## Shoal's Redis bus), same scenario
+## on both; writes results/compare-socketio-<time>.json and
+## a chart. Other shapes: make compare ARGS="--rate 5000 --members 50"
+compare:
+	./scripts/install-test-deps.sh >/dev/null
+	NODES=$(if $(filter command line,$(origin NODES)),$(NODES),1) ./scripts/compare.sh $(ARGS)
 
 ## ~10 s fanout over a few hundred connections, gated on absolute bounds.
 smoke:

@@ -31,27 +31,26 @@ where
 }
 
 /// Why a connection attempt failed; the label is used in reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
     /// TCP connect failed (refused, unreachable, out of ports/files).
+    #[error("tcp: {0}")]
     Tcp(String),
     /// The server answered the upgrade with an HTTP status.
+    #[error("http {0}")]
     Status(u16),
     /// Handshake or first frame failed otherwise.
+    #[error("handshake: {0}")]
     Handshake(String),
     /// No answer in time.
+    #[error("timeout")]
     Timeout,
 }
 
 impl ConnectError {
     /// Short label for grouping failures.
     pub fn label(&self) -> String {
-        match self {
-            ConnectError::Tcp(e) => format!("tcp: {e}"),
-            ConnectError::Status(s) => format!("http {s}"),
-            ConnectError::Handshake(e) => format!("handshake: {e}"),
-            ConnectError::Timeout => "timeout".into(),
-        }
+        self.to_string()
     }
 }
 
@@ -92,6 +91,29 @@ pub async fn connect(
     enc: Encoding,
     source: Option<IpAddr>,
 ) -> Result<Ws, ConnectError> {
+    let auth = format!("Bearer {token}");
+    let headers = [
+        ("Sec-WebSocket-Protocol", enc.subprotocol()),
+        ("Authorization", auth.as_str()),
+    ];
+    let mut ws = open(url, "/ws", &headers, source).await?;
+    match read_frame(&mut ws, enc).await {
+        Ok(Some(ServerFrame::Hello { .. })) => Ok(ws),
+        Ok(other) => Err(ConnectError::Handshake(format!(
+            "expected hello, got {other:?}"
+        ))),
+        Err(e) => Err(ConnectError::Handshake(e)),
+    }
+}
+
+/// Open a WebSocket to `path` on `url`'s host with extra request headers,
+/// from `source` when given.
+pub async fn open(
+    url: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    source: Option<IpAddr>,
+) -> Result<Ws, ConnectError> {
     let hp = host_port(url);
     let addr: SocketAddr = tokio::net::lookup_host(&hp)
         .await
@@ -113,16 +135,20 @@ pub async fn connect(
         .await
         .map_err(|e| ConnectError::Tcp(e.kind().to_string()))?;
     let _ = stream.set_nodelay(true);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method("GET")
-        .uri(format!("http://{hp}/ws"))
+        // Origin-form request target: servers that route on the raw
+        // request line (Node's engine.io) do not parse absolute-form.
+        .uri(path)
         .header(header::HOST, hp.as_str())
         .header(header::UPGRADE, "websocket")
         .header(header::CONNECTION, "upgrade")
         .header("Sec-WebSocket-Key", handshake::generate_key())
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Protocol", enc.subprotocol())
-        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header("Sec-WebSocket-Version", "13");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let (mut ws, _) = handshake::client(&SpawnExecutor, req, stream)
@@ -133,13 +159,7 @@ pub async fn connect(
         })?;
     ws.set_auto_pong(true);
     ws.set_max_message_size(64 << 20);
-    match read_frame(&mut ws, enc).await {
-        Ok(Some(ServerFrame::Hello { .. })) => Ok(ws),
-        Ok(other) => Err(ConnectError::Handshake(format!(
-            "expected hello, got {other:?}"
-        ))),
-        Err(e) => Err(ConnectError::Handshake(e)),
-    }
+    Ok(ws)
 }
 
 /// Read the next data frame and decode it; `Ok(None)` when the server closed.

@@ -24,7 +24,9 @@ use tokio::time::Instant;
 use crate::{
     client,
     stats::{self, Percentiles},
-    sys, CommonOpts,
+    sys,
+    wire::Incoming,
+    CommonOpts,
 };
 
 /// Options of the connect scenario.
@@ -109,10 +111,10 @@ pub async fn run(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
         return run_children(opts).await;
     }
     let c = &opts.common;
-    let secret = c.secret()?;
+    let wire = Arc::new(c.wire()?);
     let prefix = c.prefix();
     let http = reqwest::Client::new();
-    let baseline = sys::scrape(&http, &c.urls).await;
+    let baseline = sys::scrape(&http, &c.urls, &c.pids).await;
     let base_rss: f64 = baseline.iter().map(|b| b.rss_bytes).sum();
     let base_conns: f64 = baseline.iter().map(|b| b.connections).sum();
     let established = Arc::new(AtomicU64::new(0));
@@ -129,10 +131,10 @@ pub async fn run(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
         let gi = i + opts.offset;
         tokio::time::sleep_until(start + interval * i as u32).await;
         let url = c.urls[gi % c.urls.len()].clone();
-        let token = client::mint_token(&secret, &format!("{prefix}-c{gi}"), 3600)?;
+        let user = format!("{prefix}-c{gi}");
         let src = client::source_ip(gi, c.source_ips);
-        let (enc, est, fails, hist, mut stop) = (
-            c.encoding,
+        let (wire, est, fails, hist, mut stop) = (
+            wire.clone(),
             established.clone(),
             failures.clone(),
             step_hist.clone(),
@@ -140,20 +142,27 @@ pub async fn run(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
         );
         handles.push(tokio::spawn(async move {
             let t = Instant::now();
-            let res = tokio::time::timeout(
-                Duration::from_secs(15),
-                client::connect(&url, &token, enc, src),
-            )
-            .await;
+            let res =
+                tokio::time::timeout(Duration::from_secs(15), wire.connect(&url, &user, src)).await;
             match res {
-                Ok(Ok(mut ws)) => {
+                Ok(Ok((mut ws, _))) => {
                     stats::record_ns(&mut hist.lock(), t.elapsed().as_nanos() as u64);
                     est.fetch_add(1, Ordering::Relaxed);
                     // Hold: read (answering pings) until told to stop.
                     loop {
-                        tokio::select! {
+                        let f = tokio::select! {
                             _ = stop.wait_for(|v| *v) => break,
-                            f = ws.read_frame() => if f.is_err() { break },
+                            f = ws.read_frame() => match f {
+                                Ok(f) => f,
+                                Err(_) => break,
+                            },
+                        };
+                        if let Incoming::Reply(b) = wire.decode(&f.payload) {
+                            let pong =
+                                fastwebsockets::Frame::text(fastwebsockets::Payload::Owned(b));
+                            if ws.write_frame(pong).await.is_err() {
+                                break;
+                            }
                         }
                     }
                 }
@@ -172,9 +181,15 @@ pub async fn run(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
             }
             let h = std::mem::replace(&mut *step_hist.lock(), stats::histogram());
             let _ = total_hist.add(&h);
-            let now = sys::scrape(&http, &c.urls).await;
+            let now = sys::scrape(&http, &c.urls, &c.pids).await;
             let rss: f64 = now.iter().map(|b| b.rss_bytes).sum();
-            let conns: f64 = now.iter().map(|b| b.connections).sum();
+            // A server read through /proc (--pid) does not say how many
+            // connections it holds: count ours.
+            let conns: f64 = if c.pids.is_empty() {
+                now.iter().map(|b| b.connections).sum()
+            } else {
+                established.load(Ordering::Relaxed) as f64
+            };
             let step = ConnectStep {
                 connections: conns,
                 broker_rss_bytes: rss,

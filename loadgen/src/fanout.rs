@@ -22,13 +22,14 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::json;
-use shoal_proto::{ClientFrame, Encoding, ServerFrame};
 use tokio::{sync::Semaphore, time::Instant};
 
 use crate::{
     client::{self, now_ns, Ws},
     stats::{self, Percentiles},
-    sys, CommonOpts,
+    sys,
+    wire::{Incoming, Wire},
+    CommonOpts,
 };
 
 /// Options of the fanout scenario.
@@ -223,8 +224,13 @@ impl FanoutReport {
 type FanoutMap = Mutex<HashMap<u64, (u32, u64, bool)>>;
 
 struct Shared {
-    enc: Encoding,
-    members: u32,
+    wire: Arc<Wire>,
+    /// Connections that receive each message (members, or members - 1
+    /// where the publisher is not sent its own messages).
+    receivers: u32,
+    /// Accepted publishes per publisher (protocols without room seqs
+    /// count loss per publisher).
+    pub_acked: Vec<AtomicU64>,
     window: (u64, u64),
     acked: Vec<AtomicU64>,
     max_acked_seq: Vec<AtomicU64>,
@@ -304,6 +310,10 @@ impl Tracker {
 
 struct ConnResult {
     room: usize,
+    /// This connection's index (publishers are 0..P).
+    me: usize,
+    /// Per-publisher trackers, for protocols without room seqs.
+    per_pub: HashMap<u64, Tracker>,
     hist: Histogram<u64>,
     /// Publish-to-ack latencies of this connection's own publishes.
     acks: Histogram<u64>,
@@ -325,17 +335,17 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         "--rate and --duration must be positive"
     );
     let c = &opts.common;
-    let secret = c.secret()?;
+    let wire = Arc::new(c.wire()?);
     let prefix = c.prefix();
     let n = opts.rooms * opts.members;
-    let enc = c.encoding;
 
     // Set-up: connect and join, bounded concurrency.
     let sem = Arc::new(Semaphore::new(opts.connect_concurrency.max(1)));
     let mut joins = Vec::with_capacity(n);
     for i in 0..n {
         let url = c.urls[i % c.urls.len()].clone();
-        let token = client::mint_token(&secret, &format!("{prefix}-u{i}"), 3600)?;
+        let user = format!("{prefix}-u{i}");
+        let wire = wire.clone();
         let room = match &opts.namespace {
             Some(ns) => format!("{ns}:{prefix}-r{}", i % opts.rooms),
             None => format!("{prefix}-r{}", i % opts.rooms),
@@ -344,35 +354,12 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         let sem = sem.clone();
         joins.push(tokio::spawn(async move {
             let _p = sem.acquire_owned().await;
-            let mut ws = client::connect(&url, &token, enc, src)
+            let (mut ws, session) = wire
+                .connect(&url, &user, src)
                 .await
                 .map_err(|e| anyhow::anyhow!("connect {url}: {}", e.label()))?;
-            client::send(
-                &mut ws,
-                enc,
-                &ClientFrame::Join {
-                    id: Some(1),
-                    room: room.clone(),
-                    since: None,
-                },
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-            loop {
-                match client::read_frame(&mut ws, enc)
-                    .await
-                    .map_err(anyhow::Error::msg)?
-                {
-                    Some(ServerFrame::Joined { seq, .. }) => {
-                        return Ok::<_, anyhow::Error>((ws, room, seq))
-                    }
-                    Some(ServerFrame::Error { code, message, .. }) => {
-                        anyhow::bail!("join {room}: {code} {message}")
-                    }
-                    Some(_) => continue,
-                    None => anyhow::bail!("closed during join"),
-                }
-            }
+            let seq = wire.join(&mut ws, &session, &room).await?;
+            Ok::<_, anyhow::Error>((ws, room, seq))
         }));
     }
     let mut conns = Vec::with_capacity(n);
@@ -389,9 +376,15 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     let warm_ns = (opts.warmup * 1e9) as u64;
     let dur_ns = (opts.duration * 1e9) as u64;
     let window = (t0 + warm_ns, t0 + warm_ns + dur_ns);
+    let receivers = if wire.echoes_sender() {
+        opts.members
+    } else {
+        opts.members - 1
+    } as u32;
     let shared = Arc::new(Shared {
-        enc,
-        members: opts.members as u32,
+        wire: wire.clone(),
+        receivers,
+        pub_acked: (0..opts.publishers).map(|_| AtomicU64::new(0)).collect(),
         window,
         acked: (0..opts.rooms).map(|_| AtomicU64::new(0)).collect(),
         max_acked_seq: conns
@@ -426,7 +419,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     for (i, (ws, room, seq)) in conns.into_iter().enumerate() {
         let room_idx = i % opts.rooms;
         let (rd, wr) = ws.split(tokio::io::split);
-        let (pong_tx, pong_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let (pong_tx, pong_rx) = tokio::sync::mpsc::channel::<Frame<'static>>(16);
         let sh = shared.clone();
         let publisher = i < opts.publishers;
         let interval_ns = (1e9 / per_pub_rate) as u64;
@@ -437,6 +430,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             pong_tx,
             sh.clone(),
             room_idx,
+            i,
             seq,
             ack_clock,
         )));
@@ -450,6 +444,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             Schedule {
                 pub_id: i as u64,
                 room,
+                room_idx,
                 interval_ns,
                 // Stagger publishers evenly inside one interval.
                 offset_ns,
@@ -471,7 +466,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         .name("loadgen-pacer".into())
         .spawn(move || pacer(paces, pace_start, total_ns))
         .map_err(|e| anyhow::anyhow!("starting the pacer thread: {e}"))?;
-    let before = sys::scrape(&http, &c.urls).await;
+    let before = sys::scrape(&http, &c.urls, &c.pids).await;
     let cpu0 = sys::own_cpu_seconds();
     let wall0 = Instant::now();
     let timeline = Arc::new(Mutex::new(Vec::new()));
@@ -499,7 +494,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     }
     let wall = wall0.elapsed().as_secs_f64();
     let cpu1 = sys::own_cpu_seconds();
-    let after = sys::scrape(&http, &c.urls).await;
+    let after = sys::scrape(&http, &c.urls, &c.pids).await;
 
     // Drain: wait until every acked message reached every member, or 5 s.
     let expected = |sh: &Shared| -> u64 {
@@ -507,7 +502,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             .iter()
             .map(|a| a.load(Ordering::Relaxed))
             .sum::<u64>()
-            * sh.members as u64
+            * sh.receivers as u64
     };
     let drain_deadline = Instant::now() + Duration::from_secs(5);
     while shared.deliveries.load(Ordering::Relaxed) < expected(&shared)
@@ -530,11 +525,30 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         let r = t.await?;
         let _ = hist.add(&r.hist);
         let _ = ack_hist.add(&r.acks);
-        let max_acked = shared.max_acked_seq[r.room].load(Ordering::Relaxed);
-        lost += r.tracker.missing(max_acked);
-        dup += r.tracker.duplicated;
-        reo += r.tracker.reordered;
-        received += r.tracker.received;
+        if wire.has_room_seq() {
+            let max_acked = shared.max_acked_seq[r.room].load(Ordering::Relaxed);
+            lost += r.tracker.missing(max_acked);
+        } else {
+            // Every publisher of this room (but itself, where the protocol
+            // does not echo) should have reached this receiver.
+            for j in (r.room..opts.publishers).step_by(opts.rooms) {
+                if j == r.me && !wire.echoes_sender() {
+                    continue;
+                }
+                let count = shared.pub_acked[j].load(Ordering::Relaxed);
+                if count > 0 {
+                    lost += r
+                        .per_pub
+                        .get(&(j as u64))
+                        .map_or(count, |t| t.missing(count - 1));
+                }
+            }
+        }
+        for t in std::iter::once(&r.tracker).chain(r.per_pub.values()) {
+            dup += t.duplicated;
+            reo += t.reordered;
+            received += t.received;
+        }
     }
     let fan = shared.fanout_hist.lock().clone();
     let points = timeline.lock().clone();
@@ -602,6 +616,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
 struct Schedule {
     pub_id: u64,
     room: String,
+    room_idx: usize,
     interval_ns: u64,
     offset_ns: u64,
     t0: u64,
@@ -653,7 +668,7 @@ type Wr = fastwebsockets::WebSocketWrite<
 
 async fn writer(
     mut wr: Wr,
-    mut pongs: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    mut pongs: tokio::sync::mpsc::Receiver<Frame<'static>>,
     sh: Arc<Shared>,
     sched: Option<Schedule>,
 ) -> Histogram<u64> {
@@ -668,31 +683,26 @@ async fn writer(
                     biased;
                     t = ticks.recv() => break t,
                     Some(p) = pongs.recv() => {
-                        let _ = wr.write_frame(Frame::pong(Payload::Owned(p))).await;
+                        let _ = wr.write_frame(p).await;
                     }
                 }
             };
             let Some(k) = k else { break };
             let intended = s.t0 + s.offset_ns + k * s.interval_ns;
             let body = json!({"s": intended, "p": s.pub_id, "n": k, "x": s.pad});
-            let f = ClientFrame::Pub {
-                id: Some(k),
-                room: Some(s.room.clone()),
-                to: None,
-                cid: None,
-                body,
-            };
-            let Ok(bytes) = sh.enc.encode_client(&f) else {
+            let Ok(frame) = sh.wire.publish(&s.room, k, body) else {
                 break;
             };
-            if wr
-                .write_frame(client::data_frame(sh.enc, bytes))
-                .await
-                .is_err()
-            {
+            if wr.write_frame(frame).await.is_err() {
                 break;
             }
             sh.sent.fetch_add(1, Ordering::Relaxed);
+            if !sh.wire.has_acks() {
+                // Nothing will confirm it: sent counts as accepted.
+                sh.acked[s.room_idx].fetch_add(1, Ordering::Relaxed);
+                sh.acked_total.fetch_add(1, Ordering::Relaxed);
+                sh.pub_acked[s.pub_id as usize].fetch_add(1, Ordering::Relaxed);
+            }
             let now = now_ns();
             if intended >= sh.window.0 {
                 stats::record_ns(&mut lag, now.saturating_sub(intended));
@@ -707,7 +717,7 @@ async fn writer(
         tokio::select! {
             _ = sh.stop.wait() => return lag,
             p = pongs.recv() => match p {
-                Some(p) => { let _ = wr.write_frame(Frame::pong(Payload::Owned(p))).await; }
+                Some(p) => { let _ = wr.write_frame(p).await; }
                 None => return lag,
             },
         }
@@ -716,9 +726,10 @@ async fn writer(
 
 async fn reader(
     mut rd: Rd,
-    pongs: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pongs: tokio::sync::mpsc::Sender<Frame<'static>>,
     sh: Arc<Shared>,
     room: usize,
+    me: usize,
     joined_seq: u64,
     ack_clock: Option<(u64, u64)>,
 ) -> ConnResult {
@@ -728,10 +739,11 @@ async fn reader(
         next: joined_seq + 1,
         ..Default::default()
     };
+    let mut per_pub: HashMap<u64, Tracker> = HashMap::new();
     let mut batch: Vec<u64> = Vec::with_capacity(64);
     let mut send_fn = |f: Frame<'_>| {
         if f.opcode == OpCode::Pong {
-            let _ = pongs.try_send(f.payload.to_vec());
+            let _ = pongs.try_send(Frame::pong(Payload::Owned(f.payload.to_vec())));
         }
         std::future::ready(Ok::<(), std::convert::Infallible>(()))
     };
@@ -750,12 +762,28 @@ async fn reader(
             continue;
         }
         let now = now_ns();
-        match sh.enc.decode_server(&frame.payload) {
-            Ok(ServerFrame::Msg { seq, body, .. }) => {
-                if seq > tracker.next {
-                    sh.gaps.fetch_add(seq - tracker.next, Ordering::Relaxed);
-                }
-                tracker.see(seq);
+        match sh.wire.decode(&frame.payload) {
+            Incoming::Msg { seq, body } => {
+                // Completion is tracked per room seq, or per (publisher, n).
+                let key = match seq {
+                    Some(seq) => {
+                        if seq > tracker.next {
+                            sh.gaps.fetch_add(seq - tracker.next, Ordering::Relaxed);
+                        }
+                        tracker.see(seq);
+                        seq
+                    }
+                    None => {
+                        let p = body.get("p").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
+                        let k = body.get("n").and_then(|v| v.as_u64()).unwrap_or(0);
+                        let t = per_pub.entry(p).or_default();
+                        if k > t.next {
+                            sh.gaps.fetch_add(k - t.next, Ordering::Relaxed);
+                        }
+                        t.see(k);
+                        (p << 32) | (k & 0xffff_ffff)
+                    }
+                };
                 sh.deliveries.fetch_add(1, Ordering::Relaxed);
                 let stamp = body.get("s").and_then(|v| v.as_u64()).unwrap_or(now);
                 let lat = now.saturating_sub(stamp);
@@ -772,11 +800,11 @@ async fn reader(
                 }
                 let done = {
                     let mut m = sh.fanout[room].lock();
-                    let e = m.entry(seq).or_insert((sh.members, 0, measured));
+                    let e = m.entry(key).or_insert((sh.receivers, 0, measured));
                     e.0 -= 1;
                     e.1 = e.1.max(lat);
                     if e.0 == 0 {
-                        m.remove(&seq)
+                        m.remove(&key)
                     } else {
                         None
                     }
@@ -785,28 +813,38 @@ async fn reader(
                     stats::record_ns(&mut sh.fanout_hist.lock(), worst);
                 }
             }
-            Ok(ServerFrame::Ack { seq, id, .. }) => {
-                if let (Some((base, step)), Some(k)) = (ack_clock, id) {
-                    let intended = base + k * step;
+            Incoming::Ack { id, seq } => {
+                if let Some((base, step)) = ack_clock {
+                    let intended = base + id * step;
                     if intended >= sh.window.0 && intended < sh.window.1 {
                         stats::record_ns(&mut acks, now.saturating_sub(intended));
                     }
                 }
                 sh.acked[room].fetch_add(1, Ordering::Relaxed);
                 sh.acked_total.fetch_add(1, Ordering::Relaxed);
-                sh.max_acked_seq[room].fetch_max(seq, Ordering::Relaxed);
+                if let Some(seq) = seq {
+                    sh.max_acked_seq[room].fetch_max(seq, Ordering::Relaxed);
+                }
+                if let Some(c) = sh.pub_acked.get(me) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            Ok(ServerFrame::Error { code, .. }) => {
+            Incoming::Error(code) => {
                 *sh.errors.lock().entry(code).or_insert(0) += 1;
             }
-            Ok(_) => {}
-            Err(_) => {
+            Incoming::Reply(bytes) => {
+                let _ = pongs.try_send(Frame::text(Payload::Owned(bytes)));
+            }
+            Incoming::Other => {}
+            Incoming::Undecodable => {
                 *sh.errors.lock().entry(0).or_insert(0) += 1;
             }
         }
     }
     ConnResult {
         room,
+        me,
+        per_pub,
         hist,
         acks,
         tracker,

@@ -18,6 +18,7 @@ pub mod report;
 pub mod rest;
 pub mod stats;
 pub mod sys;
+pub mod wire;
 
 use clap::Args;
 use serde::Serialize;
@@ -44,6 +45,27 @@ pub struct CommonOpts {
     #[arg(long, default_value = "msgpack", value_parser = parse_encoding)]
     #[serde(serialize_with = "ser_encoding")]
     pub encoding: shoal_proto::Encoding,
+
+    /// Server protocol: shoal, socketio (a Socket.IO v4 server with events
+    /// join/pub/msg, see scripts/compare/) or pusher (a Pusher protocol 7
+    /// server such as sockudo; needs --pusher-key and --pusher-secret).
+    #[arg(long, value_enum, default_value = "shoal")]
+    pub protocol: crate::wire::Protocol,
+
+    /// Pusher application key (--protocol pusher).
+    #[arg(long, default_value = "shoal-key")]
+    pub pusher_key: String,
+
+    /// Pusher application secret, signs private channel subscriptions
+    /// (--protocol pusher).
+    #[arg(long, default_value = "shoal-secret")]
+    #[serde(skip)]
+    pub pusher_secret: String,
+
+    /// Read each server's CPU and memory from /proc/PID instead of its
+    /// /metrics (servers other than Shoal); repeat in --url order.
+    #[arg(long = "pid")]
+    pub pids: Vec<u32>,
 
     /// Number of local source addresses (127.0.0.1, .2, ...) to spread client
     /// sockets over; each allows ~28k connections to one broker port.
@@ -93,6 +115,19 @@ impl CommonOpts {
                 )
             }),
         }
+    }
+
+    /// The protocol to speak, with its credentials.
+    pub fn wire(&self) -> anyhow::Result<crate::wire::Wire> {
+        use crate::wire::{Protocol, PusherApp, Wire};
+        Ok(match self.protocol {
+            Protocol::Shoal => Wire::shoal(self.encoding, self.secret()?),
+            Protocol::Socketio => Wire::socketio(),
+            Protocol::Pusher => Wire::pusher(PusherApp {
+                key: self.pusher_key.clone(),
+                secret: self.pusher_secret.clone(),
+            }),
+        })
     }
 
     /// Run-unique name prefix.

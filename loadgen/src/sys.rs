@@ -4,7 +4,12 @@
 
 /// CPU seconds (user + system) used by this process so far.
 pub fn own_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_seconds_of("self")
+}
+
+/// CPU seconds used by process `pid` ("self" for this one), 0 if unknown.
+fn cpu_seconds_of(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
     let Some((_, rest)) = stat.rsplit_once(')') else {
@@ -40,8 +45,32 @@ pub struct BrokerSample {
     pub connections: f64,
 }
 
-/// Scrape every broker; missing values read as 0.
-pub async fn scrape(http: &reqwest::Client, urls: &[String]) -> Vec<BrokerSample> {
+/// Resident memory of process `pid` in bytes, 0 if unknown.
+fn rss_bytes_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb * 1024.0)
+}
+
+/// Sample every server: from /proc when `pids` are given (servers without
+/// Shoal's /metrics; connections then read as 0), else from each URL's
+/// `/metrics`. Missing values read as 0.
+pub async fn scrape(http: &reqwest::Client, urls: &[String], pids: &[u32]) -> Vec<BrokerSample> {
+    if !pids.is_empty() {
+        return pids
+            .iter()
+            .map(|&p| BrokerSample {
+                cpu_seconds: cpu_seconds_of(&p.to_string()),
+                rss_bytes: rss_bytes_of(p),
+                connections: 0.0,
+            })
+            .collect();
+    }
     let mut out = Vec::with_capacity(urls.len());
     for u in urls {
         let text = match http
@@ -72,5 +101,13 @@ mod tests {
             Some(1.5)
         );
         assert_eq!(super::metric_value(t, "nope"), None);
+    }
+
+    #[test]
+    fn reads_a_process_from_proc() {
+        let me = std::process::id();
+        assert!(super::rss_bytes_of(me) > 1e6);
+        assert!(super::cpu_seconds_of(&me.to_string()) >= 0.0);
+        assert_eq!(super::rss_bytes_of(u32::MAX), 0.0);
     }
 }

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Shoal against the Socket.IO + Redis adapter deployment it replaces: the
+# same fanout scenario, rates and topology on both, one side-by-side result.
+#
+#   scripts/compare.sh [loadgen fanout args...]     (make compare)
+#
+# Installs socket.io and @socket.io/redis-adapter (versions pinned in
+# scripts/compare/package-lock.json) from npm into a temp dir, starts
+# NODES (1 or 2) Socket.IO servers and NODES Shoal brokers on loopback
+# (with 2: both on one redis-server, the Redis adapter against Shoal's
+# Redis bus), runs `loadgen fanout` on each with clients spread over the
+# nodes, and writes results/compare-socketio-<time>.json (both runs, each
+# with its server's CPU read from /proc) and a percentile chart beside it.
+# Shoal runs without storage (`persist=off`) and with JSON frames: Socket.IO
+# keeps no history and speaks JSON text, so the work is the same.
+#
+# COMPARE_CHECK=1 (make test): debug binaries, a short run, results in the
+# temp dir; fails unless both sides deliver everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nodes="${NODES:-1}"
+check="${COMPARE_CHECK:-0}"
+if [ "$check" = 1 ]; then
+    bin=target/debug
+    [ -n "${SKIP_BUILD:-}" ] || cargo build -p shoal-broker -p shoal-loadgen
+    defaults=(--rooms 10 --members 10 --publishers 10 --rate 200 --duration 3 --warmup 1)
+else
+    bin=target/release
+    cargo build --release -p shoal-broker -p shoal-loadgen
+    defaults=(--rooms 100 --members 10 --publishers 100 --rate 2000 --duration 20 --warmup 3)
+fi
+command -v node >/dev/null || { echo "node missing: make test-deps installs it" >&2; exit 1; }
+tmp="$(mktemp -d)"
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+children=()
+cleanup() {
+    for p in "${children[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+wait_http() {
+    for _ in $(seq 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done
+    echo "nothing answered $1" >&2; return 1
+}
+
+cp scripts/compare/package.json scripts/compare/package-lock.json scripts/compare/socketio-server.js "$tmp/"
+npm ci --prefix "$tmp" --no-audit --no-fund --loglevel=error >/dev/null
+
+redis_url=""
+if [ "$nodes" -gt 1 ]; then
+    rport="$(free)"
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
+    children+=($!)
+    redis_url="redis://127.0.0.1:$rport"
+    for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+
+secret="cmp-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+shoal_urls=() sio_urls=() sio_pids=()
+for i in $(seq "$nodes"); do
+    port="$(free)"
+    flags=(--listen "127.0.0.1:$port" --data "$tmp/shoal$i" --log warn --namespace live:persist=off
+        --rate-limit 1000000 --rate-burst 1000000)
+    [ -n "$redis_url" ] && flags+=(--bus redis --redis-url "$redis_url" --node-id "cmp$i")
+    SHOAL_JWT_SECRET="$secret" "$bin/shoal" "${flags[@]}" &
+    children+=($!)
+    wait_http "http://127.0.0.1:$port/health"
+    shoal_urls+=(--url "http://127.0.0.1:$port")
+
+    port="$(free)"
+    PORT="$port" REDIS_URL="$redis_url" node "$tmp/socketio-server.js" &
+    children+=($!); sio_pids+=(--pid "$!")
+    wait_http "http://127.0.0.1:$port/health"
+    sio_urls+=(--url "http://127.0.0.1:$port")
+done
+
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+outdir=results
+[ "$check" = 1 ] && outdir="$tmp"
+echo "== shoal ($nodes node(s))"
+SHOAL_JWT_SECRET="$secret" "$bin/loadgen" fanout "${shoal_urls[@]}" --namespace live --encoding json \
+    --quiet "${defaults[@]}" "$@" --out "$tmp/shoal.json" || true
+echo "== socket.io ($nodes node(s))"
+"$bin/loadgen" fanout --protocol socketio "${sio_urls[@]}" "${sio_pids[@]}" \
+    --quiet "${defaults[@]}" "$@" --out "$tmp/socketio.json" || true
+
+out="$outdir/compare-socketio-$stamp"
+python3 - "$tmp/shoal.json" "$tmp/socketio.json" "$out.json" "$nodes" "$check" <<'PY'
+import json, sys
+shoal, sio, out, nodes, check = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+runs = {}
+for name, path in (("shoal", shoal), ("socketio", sio)):
+    try:
+        runs[name] = json.load(open(path))
+    except (OSError, ValueError) as e:
+        sys.exit(f"compare: no result from {name}: {e}")
+json.dump({"scenario": "compare-socketio", "nodes": nodes, "runs": runs}, open(out, "w"), indent=1)
+cols = ["achieved_rate", "deliveries_per_sec", "lost"]
+print(f"{'':10} {'msg/s':>8} {'deliv/s':>9} {'lost':>5} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8} {'server cpu %':>13}")
+for name, r in runs.items():
+    l = r["latency"]
+    cpu = "+".join(f"{c:.0f}" for c in r["broker_cpu_percent"])
+    print(f"{name:10} {r['achieved_rate']:8.0f} {r['deliveries_per_sec']:9.0f} {r['lost']:5d} "
+          f"{l['p50']:8.3f} {l['p99']:8.3f} {l['p999']:9.3f} {l['max']:8.3f} {cpu:>13}")
+print(f"written {out}")
+bad = [f"{n}: {'; '.join(r['failures'])}" for n, r in runs.items() if r["failures"]]
+if check and bad:
+    sys.exit("compare check failed: " + " | ".join(bad))
+PY
+"$bin/loadgen" report "$tmp/shoal.json" "$tmp/socketio.json" --out "$out-charts" >/dev/null
+[ "$check" = 1 ] && echo "compare check passed (shoal and socket.io: every message delivered)"
+exit 0
