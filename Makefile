@@ -9,7 +9,7 @@ FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 10
 
-.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test cluster cluster-down compare clean
+.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
 NODES ?= 3
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
@@ -57,6 +57,13 @@ soak:
 compare:
 	./scripts/install-test-deps.sh >/dev/null
 	NODES=$(if $(filter command line,$(origin NODES)),$(NODES),1) ./scripts/compare.sh $(ARGS)
+
+## Shoal against sockudo 5.2.0 (Pusher protocol, Rust), built once with
+## cargo install into ~/.cache/shoal; NODES=2: its Redis adapter against
+## Shoal's Redis bus. Writes results/compare-sockudo-<time>.json.
+compare-sockudo:
+	./scripts/install-test-deps.sh >/dev/null
+	TARGET=sockudo NODES=$(if $(filter command line,$(origin NODES)),$(NODES),1) ./scripts/compare.sh $(ARGS)
 
 ## ~10 s fanout over a few hundred connections, gated on absolute bounds.
 smoke:

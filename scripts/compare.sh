@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Shoal against the Socket.IO + Redis adapter deployment it replaces: the
-# same fanout scenario, rates and topology on both, one side-by-side result.
+# Shoal against the servers users compare it with: the same fanout
+# scenario, rates and topology on both, one side-by-side result.
 #
-#   scripts/compare.sh [loadgen fanout args...]     (make compare)
+#   scripts/compare.sh [loadgen fanout args...]           (make compare)
+#   TARGET=sockudo scripts/compare.sh [args...]          (make compare-sockudo)
 #
+# TARGET=socketio (default):
 # Installs socket.io and @socket.io/redis-adapter (versions pinned in
 # scripts/compare/package-lock.json) from npm into a temp dir, starts
 # NODES (1 or 2) Socket.IO servers and NODES Shoal brokers on loopback
@@ -11,8 +13,15 @@
 # Redis bus), runs `loadgen fanout` on each with clients spread over the
 # nodes, and writes results/compare-socketio-<time>.json (both runs, each
 # with its server's CPU read from /proc) and a percentile chart beside it.
-# Shoal runs without storage (`persist=off`) and with JSON frames: Socket.IO
-# keeps no history and speaks JSON text, so the work is the same.
+#
+# TARGET=sockudo: sockudo 5.2.0, the nearest Rust peer (Pusher protocol),
+# built once with `cargo install --locked` into ~/.cache/shoal/sockudo
+# (needs protoc: Debian's protobuf-compiler, installed when missing), with
+# a loopback-only config (one app, client events on, limits off; with 2
+# nodes its Redis adapter); loadgen speaks --protocol pusher to it.
+#
+# Shoal runs without storage (`persist=off`) and with JSON frames: neither
+# peer keeps history and both speak JSON text, so the work is the same.
 #
 # COMPARE_CHECK=1 (make test): debug binaries, a short run, results in the
 # temp dir; fails unless both sides deliver everything.
@@ -20,6 +29,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes="${NODES:-1}"
 check="${COMPARE_CHECK:-0}"
+target="${TARGET:-socketio}"
+case "$target" in socketio|sockudo) ;; *) echo "TARGET must be socketio or sockudo" >&2; exit 2;; esac
 if [ "$check" = 1 ]; then
     bin=target/debug
     [ -n "${SKIP_BUILD:-}" ] || cargo build -p shoal-broker -p shoal-loadgen
@@ -29,7 +40,6 @@ else
     cargo build --release -p shoal-broker -p shoal-loadgen
     defaults=(--rooms 100 --members 10 --publishers 100 --rate 2000 --duration 20 --warmup 3)
 fi
-command -v node >/dev/null || { echo "node missing: make test-deps installs it" >&2; exit 1; }
 tmp="$(mktemp -d)"
 free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 children=()
@@ -43,9 +53,25 @@ wait_http() {
     for _ in $(seq 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done
     echo "nothing answered $1" >&2; return 1
 }
+wait_port() {
+    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+    echo "nothing listening on port $1" >&2; return 1
+}
 
-cp scripts/compare/package.json scripts/compare/package-lock.json scripts/compare/socketio-server.js "$tmp/"
-npm ci --prefix "$tmp" --no-audit --no-fund --loglevel=error >/dev/null
+sockudo_version=5.2.0
+sockudo="${SHOAL_CACHE:-$HOME/.cache/shoal}/sockudo-$sockudo_version"
+if [ "$target" = socketio ]; then
+    command -v node >/dev/null || { echo "node missing: make test-deps installs it" >&2; exit 1; }
+    cp scripts/compare/package.json scripts/compare/package-lock.json scripts/compare/socketio-server.js "$tmp/"
+    npm ci --prefix "$tmp" --no-audit --no-fund --loglevel=error >/dev/null
+elif [ ! -x "$sockudo/bin/sockudo" ]; then
+    command -v protoc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler >/dev/null; }
+    echo "building sockudo $sockudo_version into $sockudo (once; several minutes)"
+    # Its own temp target dir, removed afterwards: only the binary is kept.
+    CARGO_TARGET_DIR="$tmp/sockudo-target" cargo install sockudo --version "$sockudo_version" --locked \
+        --no-default-features --features local,redis --root "$sockudo"
+    rm -rf "$tmp/sockudo-target"
+fi
 
 redis_url=""
 if [ "$nodes" -gt 1 ]; then
@@ -57,7 +83,8 @@ if [ "$nodes" -gt 1 ]; then
 fi
 
 secret="cmp-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-shoal_urls=() sio_urls=() sio_pids=()
+app_key="cmp-key" app_secret="cmp-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+shoal_urls=() peer_urls=() peer_pids=()
 for i in $(seq "$nodes"); do
     port="$(free)"
     flags=(--listen "127.0.0.1:$port" --data "$tmp/shoal$i" --log warn --namespace live:persist=off
@@ -69,10 +96,36 @@ for i in $(seq "$nodes"); do
     shoal_urls+=(--url "http://127.0.0.1:$port")
 
     port="$(free)"
-    PORT="$port" REDIS_URL="$redis_url" node "$tmp/socketio-server.js" &
-    children+=($!); sio_pids+=(--pid "$!")
-    wait_http "http://127.0.0.1:$port/health"
-    sio_urls+=(--url "http://127.0.0.1:$port")
+    if [ "$target" = socketio ]; then
+        PORT="$port" REDIS_URL="$redis_url" node "$tmp/socketio-server.js" &
+        children+=($!); peer_pids+=(--pid "$!")
+        wait_http "http://127.0.0.1:$port/health"
+    else
+        python3 - "$tmp/sockudo$i.json" "$port" "$(free)" "$app_key" "$app_secret" "$redis_url" "cmp$i" <<'PY'
+import json, sys
+path, port, metrics_port, key, secret, redis_url, node = sys.argv[1:8]
+adapter = {"driver": "local"}
+if redis_url:
+    adapter = {"driver": "redis", "redis": {"prefix": "cmp:",
+               "redis_pub_options": {"url": redis_url}, "redis_sub_options": {"url": redis_url}}}
+json.dump({
+    "host": "127.0.0.1", "port": int(port), "debug": False, "mode": "production",
+    "adapter": adapter,
+    "app_manager": {"driver": "memory", "array": {"apps": [{
+        "id": "cmp", "key": key, "secret": secret, "enabled": True,
+        "enable_client_messages": True, "max_connections": 1000000,
+        "max_client_events_per_second": 1000000000}]}},
+    "cache": {"driver": "memory"}, "queue": {"driver": "none"},
+    "rate_limiter": {"enabled": False},
+    "metrics": {"enabled": False, "host": "127.0.0.1", "port": int(metrics_port)},
+    "instance": {"process_id": node},
+}, open(path, "w"), indent=1)
+PY
+        (cd "$tmp" && exec "$sockudo/bin/sockudo" --config "$tmp/sockudo$i.json" >"$tmp/sockudo$i.log" 2>&1) &
+        children+=($!); peer_pids+=(--pid "$!")
+        wait_port "$port" || { tail -20 "$tmp/sockudo$i.log" >&2; exit 1; }
+    fi
+    peer_urls+=(--url "http://127.0.0.1:$port")
 done
 
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -81,21 +134,23 @@ outdir=results
 echo "== shoal ($nodes node(s))"
 SHOAL_JWT_SECRET="$secret" "$bin/loadgen" fanout "${shoal_urls[@]}" --namespace live --encoding json \
     --quiet "${defaults[@]}" "$@" --out "$tmp/shoal.json" || true
-echo "== socket.io ($nodes node(s))"
-"$bin/loadgen" fanout --protocol socketio "${sio_urls[@]}" "${sio_pids[@]}" \
-    --quiet "${defaults[@]}" "$@" --out "$tmp/socketio.json" || true
+echo "== $target ($nodes node(s))"
+peer_flags=(--protocol socketio)
+[ "$target" = sockudo ] && peer_flags=(--protocol pusher --pusher-key "$app_key" --pusher-secret "$app_secret")
+"$bin/loadgen" fanout "${peer_flags[@]}" "${peer_urls[@]}" "${peer_pids[@]}" \
+    --quiet "${defaults[@]}" "$@" --out "$tmp/$target.json" || true
 
-out="$outdir/compare-socketio-$stamp"
-python3 - "$tmp/shoal.json" "$tmp/socketio.json" "$out.json" "$nodes" "$check" <<'PY'
+out="$outdir/compare-$target-$stamp"
+python3 - "$tmp/shoal.json" "$tmp/$target.json" "$out.json" "$nodes" "$check" "$target" <<'PY'
 import json, sys
-shoal, sio, out, nodes, check = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+shoal, peer, out, nodes, check, target = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
 runs = {}
-for name, path in (("shoal", shoal), ("socketio", sio)):
+for name, path in (("shoal", shoal), (target, peer)):
     try:
         runs[name] = json.load(open(path))
     except (OSError, ValueError) as e:
         sys.exit(f"compare: no result from {name}: {e}")
-json.dump({"scenario": "compare-socketio", "nodes": nodes, "runs": runs}, open(out, "w"), indent=1)
+json.dump({"scenario": f"compare-{target}", "nodes": nodes, "runs": runs}, open(out, "w"), indent=1)
 cols = ["achieved_rate", "deliveries_per_sec", "lost"]
 print(f"{'':10} {'msg/s':>8} {'deliv/s':>9} {'lost':>5} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8} {'server cpu %':>13}")
 for name, r in runs.items():
@@ -108,6 +163,6 @@ bad = [f"{n}: {'; '.join(r['failures'])}" for n, r in runs.items() if r["failure
 if check and bad:
     sys.exit("compare check failed: " + " | ".join(bad))
 PY
-"$bin/loadgen" report "$tmp/shoal.json" "$tmp/socketio.json" --out "$out-charts" >/dev/null
-[ "$check" = 1 ] && echo "compare check passed (shoal and socket.io: every message delivered)"
+"$bin/loadgen" report "$tmp/shoal.json" "$tmp/$target.json" --out "$out-charts" >/dev/null
+[ "$check" = 1 ] && echo "compare check passed (shoal and $target: every message delivered)"
 exit 0
