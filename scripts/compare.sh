@@ -40,6 +40,13 @@ else
     cargo build --release -p shoal-broker -p shoal-loadgen
     defaults=(--rooms 100 --members 10 --publishers 100 --rate 2000 --duration 20 --warmup 3)
 fi
+# Flags given on the command line replace the defaults of the same name.
+given=" $* "
+kept=()
+for ((i = 0; i < ${#defaults[@]}; i += 2)); do
+    [[ "$given" == *" ${defaults[i]} "* ]] || kept+=("${defaults[i]}" "${defaults[i + 1]}")
+done
+defaults=("${kept[@]}")
 tmp="$(mktemp -d)"
 free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 children=()
