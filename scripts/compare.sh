@@ -111,10 +111,15 @@ for i in $(seq "$nodes"); do
         python3 - "$tmp/sockudo$i.json" "$port" "$(free)" "$app_key" "$app_secret" "$redis_url" "cmp$i" <<'PY'
 import json, sys
 path, port, metrics_port, key, secret, redis_url, node = sys.argv[1:8]
-adapter = {"driver": "local"}
+adapter, cache, database = {"driver": "local"}, {"driver": "memory"}, {}
 if redis_url:
+    # Clustered, sockudo also wants its cache in Redis (it refuses to
+    # start with a node-local one).
     adapter = {"driver": "redis", "redis": {"prefix": "cmp:",
                "redis_pub_options": {"url": redis_url}, "redis_sub_options": {"url": redis_url}}}
+    cache = {"driver": "redis", "redis": {"prefix": "cmp_cache:", "url_override": redis_url}}
+    host, port_ = redis_url.rsplit("/", 1)[-1].split(":")
+    database = {"redis": {"host": host, "port": int(port_)}}
 json.dump({
     "host": "127.0.0.1", "port": int(port), "debug": False, "mode": "production",
     "adapter": adapter,
@@ -122,7 +127,7 @@ json.dump({
         "id": "cmp", "key": key, "secret": secret, "enabled": True,
         "enable_client_messages": True, "max_connections": 1000000,
         "max_client_events_per_second": 1000000000}]}},
-    "cache": {"driver": "memory"}, "queue": {"driver": "none"},
+    "cache": cache, "database": database, "queue": {"driver": "none"},
     "rate_limiter": {"enabled": False},
     "metrics": {"enabled": False, "host": "127.0.0.1", "port": int(metrics_port)},
     "instance": {"process_id": node},
