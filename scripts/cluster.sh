@@ -89,7 +89,12 @@ up() {
         echo "node$i $!" >>"$dir/pids"
         upstreams+=("127.0.0.1:$port")
     done
-    for i in $(seq 0 $((nodes - 1))); do wait_port $((base + i)); done
+    # Ready means healthy: a node refuses WebSocket handshakes until its
+    # Redis bus is up.
+    for i in $(seq 0 $((nodes - 1))); do
+        wait_port $((base + i))
+        for _ in $(seq 100); do curl -sf "http://127.0.0.1:$((base + i))/health" >/dev/null && break; sleep 0.1; done
+    done
 
     openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost \
         -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -days 30 \

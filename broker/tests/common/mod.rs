@@ -547,7 +547,15 @@ impl Redis {
             "100000",
         ];
         args.extend_from_slice(extra);
-        Proc::start(data, &args).await
+        let p = Proc::start(data, &args).await;
+        // A node refuses WebSocket handshakes (503) until its bus is up.
+        for _ in 0..200 {
+            if p.get("/health", None).await.0 == 200 {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("node never became healthy on its Redis bus");
     }
 
     /// (Re)start on the same port and data dir.

@@ -32,6 +32,15 @@ pub async fn broker(tune: impl FnOnce(&mut shoal_broker::Config)) -> TestBroker 
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
     let task = tokio::spawn(shoal_broker::server::run(listener, cfg, stop.clone()));
+    // Ready when /health says so (a node on a Redis bus refuses WebSocket
+    // handshakes until its bus is up).
+    let health = format!("http://{addr}/health");
+    for _ in 0..200 {
+        if reqwest::get(&health).await.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     TestBroker {
         addr,
         url: format!("http://{addr}"),
