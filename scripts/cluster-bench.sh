@@ -12,7 +12,6 @@ scenario="${1:-fanout}"; shift || true
 cargo build --release -p shoal-broker -p shoal-loadgen
 tmp="$(mktemp -d)"
 . scripts/broker.sh
-free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 redis_pid="" pids=()
 cleanup() {
@@ -33,7 +32,7 @@ SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "$url" --n
 stop_broker; pid=""
 
 echo "== two nodes on a Redis bus"
-rport="$(free)"
+rport="$(free_port)"
 redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
 redis_pid=$!
 sleep 0.3

@@ -5,13 +5,13 @@
 # other (shared PostgreSQL), then check that `down` stopped every PID.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$root/scripts/broker.sh" # free_port
 export SHOAL_CLUSTER_DIR="$(mktemp -d)"
 export SHOAL_BIN="$root/target/debug/shoal"
-export SHOAL_CLUSTER_NGINX_PORT="$(free)" SHOAL_CLUSTER_REDIS_PORT="$(free)" SHOAL_CLUSTER_PG_PORT="$(free)"
+export SHOAL_CLUSTER_NGINX_PORT="$(free_port)" SHOAL_CLUSTER_REDIS_PORT="$(free_port)" SHOAL_CLUSTER_PG_PORT="$(free_port)"
 # Two consecutive free ports for the brokers.
 for _ in $(seq 20); do
-    p="$(free)"
+    p="$(free_port)"
     if python3 -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1',$p+1))" 2>/dev/null; then
         export SHOAL_CLUSTER_BASE_PORT="$p"
         break

@@ -48,7 +48,7 @@ for ((i = 0; i < ${#defaults[@]}; i += 2)); do
 done
 defaults=("${kept[@]}")
 tmp="$(mktemp -d)"
-free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/broker.sh
 children=()
 cleanup() {
     for p in "${children[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -56,15 +56,6 @@ cleanup() {
     rm -rf "$tmp"
 }
 trap cleanup EXIT
-wait_http() {
-    for _ in $(seq 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done
-    echo "nothing answered $1" >&2; return 1
-}
-wait_port() {
-    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-    echo "nothing listening on port $1" >&2; return 1
-}
-
 sockudo_version=5.2.0
 sockudo="${SHOAL_CACHE:-$HOME/.cache/shoal}/sockudo-$sockudo_version"
 if [ "$target" = socketio ]; then
@@ -82,7 +73,7 @@ fi
 
 redis_url=""
 if [ "$nodes" -gt 1 ]; then
-    rport="$(free)"
+    rport="$(free_port)"
     redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
     children+=($!)
     redis_url="redis://127.0.0.1:$rport"
@@ -93,22 +84,19 @@ secret="cmp-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 app_key="cmp-key" app_secret="cmp-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 shoal_urls=() peer_urls=() peer_pids=()
 for i in $(seq "$nodes"); do
-    port="$(free)"
-    flags=(--listen "127.0.0.1:$port" --data "$tmp/shoal$i" --log warn --namespace live:persist=off
-        --rate-limit 1000000 --rate-burst 1000000)
+    flags=(--namespace live:persist=off --rate-limit 1000000 --rate-burst 1000000)
     [ -n "$redis_url" ] && flags+=(--bus redis --redis-url "$redis_url" --node-id "cmp$i")
-    SHOAL_JWT_SECRET="$secret" "$bin/shoal" "${flags[@]}" &
-    children+=($!)
-    wait_http "http://127.0.0.1:$port/health"
-    shoal_urls+=(--url "http://127.0.0.1:$port")
+    start_broker "$bin/shoal" "$tmp/shoal$i" "${flags[@]}"
+    children+=("$pid"); pid=""
+    shoal_urls+=(--url "$url")
 
-    port="$(free)"
+    port="$(free_port)"
     if [ "$target" = socketio ]; then
         PORT="$port" REDIS_URL="$redis_url" node "$tmp/socketio-server.js" &
         children+=($!); peer_pids+=(--pid "$!")
         wait_http "http://127.0.0.1:$port/health"
     else
-        python3 - "$tmp/sockudo$i.json" "$port" "$(free)" "$app_key" "$app_secret" "$redis_url" "cmp$i" <<'PY'
+        python3 - "$tmp/sockudo$i.json" "$port" "$(free_port)" "$app_key" "$app_secret" "$redis_url" "cmp$i" <<'PY'
 import json, sys
 path, port, metrics_port, key, secret, redis_url, node = sys.argv[1:8]
 adapter, cache, database = {"driver": "local"}, {"driver": "memory"}, {}

@@ -34,21 +34,9 @@ async fn node_at(url: String) -> Broker {
 /// Two nodes on `redis`, both healthy.
 async fn two_nodes(redis: &Redis) -> (Broker, Broker) {
     let (a, b) = (node(redis).await, node(redis).await);
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    a.health_becomes(200).await;
+    b.health_becomes(200).await;
     (a, b)
-}
-
-/// Wait until `/health` answers `status`.
-async fn health_becomes(b: &Broker, status: u16) -> serde_json::Value {
-    for _ in 0..200 {
-        let (s, v) = b.get("/health", None).await;
-        if s == status {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("/health never answered {status}");
 }
 
 /// Read `msg` frames of `room` until `n` distinct seqs; (seq -> (from, body)).
@@ -208,10 +196,7 @@ async fn nodes_share_rooms_in_one_order() {
 #[tokio::test]
 async fn redis_restart_gives_503_then_recovers_without_loss() {
     let mut redis = Redis::start().await;
-    let a = node(&redis).await;
-    let b = node(&redis).await;
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    let (a, b) = two_nodes(&redis).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
     alice.join("r").await;
@@ -226,10 +211,10 @@ async fn redis_restart_gives_503_then_recovers_without_loss() {
     let (before, _) = collect(&mut bob, 20).await;
 
     redis.stop();
-    let v = health_becomes(&a, 503).await;
+    let v = a.health_becomes(503).await;
     assert_eq!(v["bus"], "down");
     assert_eq!(a.metric("shoal_bus_up{").await, 0.0);
-    health_becomes(&b, 503).await;
+    b.health_becomes(503).await;
     // Publishes during the outage are refused, never silently dropped.
     match alice.publish("r", json!("lost?")).await {
         ServerFrame::Error { code, .. } => assert_eq!(code, ErrorCode::Unavailable as u16),
@@ -244,8 +229,8 @@ async fn redis_restart_gives_503_then_recovers_without_loss() {
     ));
 
     redis.restart().await;
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    a.health_becomes(200).await;
+    b.health_becomes(200).await;
     for i in 20..40 {
         match alice.publish("r", json!(i)).await {
             ServerFrame::Ack { seq, .. } => acked.push(seq),
@@ -381,7 +366,7 @@ async fn direct_messages_and_revocations_cross_nodes() {
     assert_eq!(refused.map(|e| e.0), Some(401));
     // A node that starts later learns the revocation from Redis.
     let c = node(&redis).await;
-    health_becomes(&c, 200).await;
+    c.health_becomes(200).await;
     let mut refused = None;
     for _ in 0..50 {
         refused = c.try_connect(&carol_token, Encoding::Json).await.err();
@@ -404,7 +389,7 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_within_its_lease() {
         .node_proc(dir.path(), &["--presence-lease-ms", "1000"])
         .await;
     let b = node(&redis).await;
-    health_becomes(&b, 200).await;
+    b.health_becomes(200).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
     let mut alice_b = b.connect(&token_for("alice"), Encoding::Json).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
@@ -488,8 +473,8 @@ async fn a_user_publish_rate_holds_across_nodes() {
         })
     };
     let (a, b) = (start().await, start().await);
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    a.health_becomes(200).await;
+    b.health_becomes(200).await;
     let token = token_for("chatty");
     let mut on_a = a.connect(&token, Encoding::Json).await;
     let mut on_b = b.connect(&token, Encoding::Json).await;
@@ -528,8 +513,8 @@ async fn a_node_cut_off_from_redis_sends_its_clients_to_another_node() {
     let link = Partition::start(([127, 0, 0, 1], redis.port).into()).await;
     let a = node_at(format!("redis://{}", link.addr)).await;
     let b = node(&redis).await;
-    health_becomes(&a, 200).await;
-    health_becomes(&b, 200).await;
+    a.health_becomes(200).await;
+    b.health_becomes(200).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
     alice.join("r").await;
@@ -546,7 +531,7 @@ async fn a_node_cut_off_from_redis_sends_its_clients_to_another_node() {
     // Partition node A from Redis: packets dropped, nothing refused.
     link.set_cut(true);
     let cut_at = std::time::Instant::now();
-    assert_eq!(health_becomes(&a, 503).await["bus"], "down");
+    assert_eq!(a.health_becomes(503).await["bus"], "down");
     // A's clients are told (4006) once the 1 s grace period is over...
     match alice.closed().await {
         End::Closed(Some(c)) => assert_eq!(c, CloseCode::ClusterLost.as_u16()),
@@ -579,7 +564,7 @@ async fn a_node_cut_off_from_redis_sends_its_clients_to_another_node() {
 
     // Healed, A serves again, in the same order as everyone else.
     link.set_cut(false);
-    health_becomes(&a, 200).await;
+    a.health_becomes(200).await;
     let mut carol = a.connect(&token_for("carol"), Encoding::Json).await;
     carol.join("r").await;
     assert!(matches!(

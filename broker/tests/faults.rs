@@ -235,30 +235,6 @@ impl Drop for SmallDisk {
     }
 }
 
-/// Every stored seq of `room`, oldest first, read through the REST API.
-async fn stored_seqs(p: &Proc, token: &str, room: &str) -> Vec<u64> {
-    let mut seqs = vec![];
-    let mut before: Option<u64> = None;
-    loop {
-        let q = before.map(|b| format!("&before={b}")).unwrap_or_default();
-        let (s, v) = p
-            .get(
-                &format!("/api/rooms/{room}/messages?limit=200{q}"),
-                Some(token),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        let page = v["messages"].as_array().expect("messages").clone();
-        seqs.extend(page.iter().filter_map(|m| m["seq"].as_u64()));
-        if !v["more"].as_bool().expect("more") {
-            break;
-        }
-        before = page.last().and_then(|m| m["seq"].as_u64());
-    }
-    seqs.sort_unstable();
-    seqs
-}
-
 #[tokio::test]
 async fn a_full_disk_refuses_publishes_with_503_loses_nothing_acked_and_recovers() {
     let disk = SmallDisk::mount(32);
@@ -334,5 +310,5 @@ async fn a_full_disk_refuses_publishes_with_503_loses_nothing_acked_and_recovers
     p.kill9();
     drop((alice, bob));
     let p = Proc::start(&data, &[]).await;
-    assert_eq!(stored_seqs(&p, &token, "disk").await, acked);
+    assert_eq!(p.stored_seqs(&token, "disk").await, acked);
 }

@@ -47,24 +47,7 @@ async fn acked_messages_survive_kill_9() {
 
     let p = Proc::start(dir.path(), &[]).await;
     let token = p.user("alice").await;
-    let mut stored = BTreeSet::new();
-    let mut before: Option<u64> = None;
-    loop {
-        let path = match before {
-            Some(b) => format!("/api/rooms/journal/messages?limit=200&before={b}"),
-            None => "/api/rooms/journal/messages?limit=200".into(),
-        };
-        let (s, v) = p.get(&path, Some(&token)).await;
-        assert_eq!(s, 200, "{v}");
-        let page = v["messages"].as_array().expect("messages").clone();
-        for m in &page {
-            stored.insert(m["seq"].as_u64().expect("seq"));
-        }
-        if !v["more"].as_bool().expect("more") {
-            break;
-        }
-        before = page.last().and_then(|m| m["seq"].as_u64());
-    }
+    let stored: BTreeSet<u64> = p.stored_seqs(&token, "journal").await.into_iter().collect();
     let missing: Vec<_> = acked.difference(&stored).collect();
     assert!(
         missing.is_empty(),

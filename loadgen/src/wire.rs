@@ -166,17 +166,18 @@ impl Wire {
                 let mut ws =
                     client::open(url, "/socket.io/?EIO=4&transport=websocket", &[], source).await?;
                 // Engine.IO open packet, then the Socket.IO namespace connect.
-                expect_text(&mut ws, |t| t.starts_with('0')).await?;
+                self.expect_text(&mut ws, |t| t.starts_with('0')).await?;
                 write_text(&mut ws, b"40".to_vec()).await?;
-                expect_text(&mut ws, |t| t.starts_with("40")).await?;
+                self.expect_text(&mut ws, |t| t.starts_with("40")).await?;
                 Ok((ws, Session::default()))
             }
             Protocol::Pusher => {
                 let key = self.pusher.as_ref().map_or("", |p| p.key.as_str());
                 let path = format!("/app/{key}?protocol=7&client=shoal-loadgen&version=0.1");
                 let mut ws = client::open(url, &path, &[], source).await?;
-                let t =
-                    expect_text(&mut ws, |t| t.contains("pusher:connection_established")).await?;
+                let t = self
+                    .expect_text(&mut ws, |t| t.contains("pusher:connection_established"))
+                    .await?;
                 let v: Value =
                     serde_json::from_str(&t).map_err(|e| ConnectError::Handshake(e.to_string()))?;
                 // `data` is a JSON document inside a string.
@@ -231,7 +232,7 @@ impl Wire {
             Protocol::Socketio => {
                 let pkt = format!("420{}", json!(["join", room]));
                 write_text(ws, pkt.into_bytes()).await?;
-                expect_text(ws, |t| t.starts_with("430")).await?;
+                self.expect_text(ws, |t| t.starts_with("430")).await?;
                 Ok(0)
             }
             Protocol::Pusher => {
@@ -244,10 +245,11 @@ impl Wire {
                 let auth = pusher_auth(app, socket_id, &channel);
                 let pkt = json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}});
                 write_text(ws, pkt.to_string().into_bytes()).await?;
-                let t = expect_text(ws, |t| {
-                    t.contains("subscription_succeeded") || t.contains("pusher:error")
-                })
-                .await?;
+                let t = self
+                    .expect_text(ws, |t| {
+                        t.contains("subscription_succeeded") || t.contains("pusher:error")
+                    })
+                    .await?;
                 anyhow::ensure!(!t.contains("pusher:error"), "subscribe {channel}: {t}");
                 Ok(0)
             }
@@ -379,26 +381,32 @@ async fn write_text(ws: &mut Ws, bytes: Vec<u8>) -> Result<(), ConnectError> {
         .map_err(|e| ConnectError::Handshake(e.to_string()))
 }
 
-/// Read text frames until one passes `want` (answering Engine.IO and
-/// Pusher pings on the way); returns it.
-async fn expect_text(ws: &mut Ws, want: impl Fn(&str) -> bool) -> Result<String, ConnectError> {
-    loop {
-        let f = ws
-            .read_frame()
-            .await
-            .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-        match f.opcode {
-            OpCode::Text => {
-                let t = String::from_utf8_lossy(&f.payload).into_owned();
-                if want(&t) {
-                    return Ok(t);
+impl Wire {
+    /// Read text frames until one passes `want` (answering the protocol's
+    /// pings on the way); returns it.
+    async fn expect_text(
+        &self,
+        ws: &mut Ws,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<String, ConnectError> {
+        loop {
+            let f = ws
+                .read_frame()
+                .await
+                .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+            match f.opcode {
+                OpCode::Text => {
+                    let t = String::from_utf8_lossy(&f.payload).into_owned();
+                    if want(&t) {
+                        return Ok(t);
+                    }
+                    if let Incoming::Reply(pong) = self.decode(t.as_bytes()) {
+                        write_text(ws, pong).await?;
+                    }
                 }
-                if t == "2" {
-                    write_text(ws, b"3".to_vec()).await?;
-                }
+                OpCode::Close => return Err(ConnectError::Handshake("closed".into())),
+                _ => {}
             }
-            OpCode::Close => return Err(ConnectError::Handshake("closed".into())),
-            _ => {}
         }
     }
 }

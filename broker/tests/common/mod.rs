@@ -399,8 +399,45 @@ pub trait Endpoint {
             .expect("text")
     }
 
-    /// Value of one sample line, e.g. `shoal_closes_total{reason="slow_consumer"`.
-    /// Value of one sample of `/metrics` (see [`sample`]).
+    /// Wait until `/health` answers `status`; its body.
+    async fn health_becomes(&self, status: u16) -> Value {
+        for _ in 0..200 {
+            let (s, v) = self.get("/health", None).await;
+            if s == status {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("/health never answered {status}");
+    }
+
+    /// Every stored seq of `room`, oldest first, paged through the REST
+    /// history API.
+    async fn stored_seqs(&self, token: &str, room: &str) -> Vec<u64> {
+        let mut seqs = vec![];
+        let mut before: Option<u64> = None;
+        loop {
+            let q = before.map(|b| format!("&before={b}")).unwrap_or_default();
+            let (s, v) = self
+                .get(
+                    &format!("/api/rooms/{room}/messages?limit=200{q}"),
+                    Some(token),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let page = v["messages"].as_array().expect("messages").clone();
+            seqs.extend(page.iter().filter_map(|m| m["seq"].as_u64()));
+            if !v["more"].as_bool().expect("more") {
+                break;
+            }
+            before = page.last().and_then(|m| m["seq"].as_u64());
+        }
+        seqs.sort_unstable();
+        seqs
+    }
+
+    /// Value of one sample of `/metrics` (see [`sample`]), e.g.
+    /// `shoal_closes_total{reason="slow_consumer"`.
     async fn metric(&self, key: &str) -> f64 {
         sample(&self.metrics().await, key)
     }
@@ -549,13 +586,8 @@ impl Redis {
         args.extend_from_slice(extra);
         let p = Proc::start(data, &args).await;
         // A node refuses WebSocket handshakes (503) until its bus is up.
-        for _ in 0..200 {
-            if p.get("/health", None).await.0 == 200 {
-                return p;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("node never became healthy on its Redis bus");
+        p.health_becomes(200).await;
+        p
     }
 
     /// (Re)start on the same port and data dir.
