@@ -244,8 +244,11 @@ pub struct Config {
     #[arg(long, env = "SHOAL_BUS", value_enum, default_value_t = BusKind::Local)]
     pub bus: BusKind,
 
-    /// Redis for `--bus redis`: `redis://[user:pass@]host:port[/db]` or
-    /// `rediss://` for TLS.
+    /// Redis for `--bus redis`: `redis://[user:pass@]host:port[/db]`
+    /// (`rediss://` for TLS) for one Redis, or
+    /// `redis+cluster://[user:pass@]host:port,host:port,...` (`rediss+cluster://`)
+    /// for a Redis Cluster given by seed nodes; rooms spread over its
+    /// shards by hash tag.
     #[arg(long, env = "SHOAL_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
@@ -339,8 +342,8 @@ impl Config {
         }
         if self.bus == BusKind::Redis {
             match &self.redis_url {
-                Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {}
-                _ => return Err("--bus redis needs --redis-url redis://host:port".into()),
+                Some(u) => crate::bus::redis_conn::Target::parse(u).map(|_| ())?,
+                None => return Err("--bus redis needs --redis-url redis://host:port".into()),
             }
             if self.redis_connections == 0 || self.redis_timeout_ms == 0 {
                 return Err("--redis-connections and --redis-timeout-ms must be positive".into());

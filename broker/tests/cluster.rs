@@ -583,3 +583,114 @@ async fn a_node_cut_off_from_redis_sends_its_clients_to_another_node() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_redis_cluster_of_three_masters_spreads_rooms_over_its_shards() {
+    let cluster = RedisCluster::start(3).await;
+    let pg = Postgres::start().await;
+    let start = || {
+        let (url, pg) = (cluster.url(), pg.url());
+        Broker::start_with(move |c| {
+            c.bus = shoal_broker::config::BusKind::Redis;
+            c.redis_url = Some(url);
+            c.redis_timeout_ms = 1000;
+            c.store = shoal_broker::config::StoreKind::Postgres;
+            c.postgres_url = Some(pg);
+            c.archive_interval_ms = 100;
+            c.user_publish_rate = 40;
+            c.rate_limit = 100_000.0;
+            c.rate_burst = 100_000.0;
+        })
+    };
+    let (a, b) = (start().await, start().await);
+    a.health_becomes(200).await;
+    b.health_becomes(200).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
+    const ROOMS: usize = 12;
+    let rooms: Vec<String> = (0..ROOMS).map(|i| format!("room-{i}")).collect();
+    for r in &rooms {
+        alice.join(r).await;
+        bob.join(r).await;
+    }
+    for k in 0..3 {
+        for r in &rooms {
+            match alice.publish(r, json!({ "k": k })).await {
+                ServerFrame::Ack { seq, .. } => assert_eq!(seq, k + 1, "{r}"),
+                f => panic!("{r}: {f:?}"),
+            }
+        }
+    }
+    // Node B hears every room (its SSUBSCRIBEs went to the owning shards),
+    // each in seq order.
+    let mut got: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    while got.values().map(Vec::len).sum::<usize>() < 3 * ROOMS {
+        match bob.try_recv(Duration::from_secs(10)).await {
+            Ok(ServerFrame::Msg { room, seq, .. }) => got.entry(room).or_default().push(seq),
+            Ok(_) => {}
+            Err(e) => panic!("after {got:?}: {e:?}"),
+        }
+    }
+    assert!(got.values().all(|s| s == &vec![1, 2, 3]), "{got:?}");
+
+    // The rooms' hot histories are spread over all three shards.
+    for &p in &cluster.ports {
+        let keys = cluster.cli(p, &["--scan", "--pattern", "shoal:{room-*}:log"]);
+        assert!(
+            keys.lines().count() >= 1,
+            "shard {p} holds no room of {ROOMS}"
+        );
+    }
+
+    // A DM crosses slots (the parties' user channels live elsewhere) and
+    // nodes: bob on B gets it without joining.
+    alice.send_dm("bob", json!("hi")).await;
+    match bob
+        .recv_until(|f| matches!(f, ServerFrame::Msg { room, .. } if room == "dm:alice:bob"))
+        .await
+    {
+        ServerFrame::Msg { seq, from, .. } => assert_eq!((seq, from.as_str()), (1, "alice")),
+        _ => unreachable!(),
+    }
+
+    // The archiver (its note is a separate ZADD on a cluster) copies every
+    // message to PostgreSQL.
+    let token = token_for("alice");
+    for r in &rooms {
+        let mut seqs = vec![];
+        for _ in 0..100 {
+            seqs = b.stored_seqs(&token, r).await;
+            if seqs.len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(seqs, vec![1, 2, 3], "{r}");
+    }
+
+    // The per-user rate is counted in its own slot, shared by both nodes:
+    // 150 publishes span at most three one-second windows of 40.
+    let chatty = token_for("chatty");
+    let mut on_a = a.connect(&chatty, Encoding::Json).await;
+    let mut on_b = b.connect(&chatty, Encoding::Json).await;
+    on_a.join("r").await;
+    on_b.join("r").await;
+    let (mut acked, mut limited) = (0, 0);
+    for k in 0..150 {
+        let c = if k % 2 == 0 { &mut on_a } else { &mut on_b };
+        match c.publish("r", json!(k)).await {
+            ServerFrame::Ack { .. } => acked += 1,
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::RateLimited as u16);
+                limited += 1;
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    assert!(
+        (40..=120).contains(&acked),
+        "{acked} acked, {limited} limited"
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -14,7 +14,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use redis::aio::ConnectionManager;
+use super::redis_conn::Conn;
 use shoal_proto::codec::{body_text, body_to_storage};
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +42,7 @@ return 0
 /// One archiver per node.
 pub struct Archiver {
     /// Redis command connection.
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     /// The bus (hot-history reads).
     pub bus: Arc<dyn Bus>,
     /// The shared store.

@@ -23,6 +23,7 @@ pub mod archive;
 pub mod memory;
 pub mod presence;
 pub mod redis;
+pub mod redis_conn;
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},

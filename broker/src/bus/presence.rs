@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use redis::aio::ConnectionManager;
+use super::redis_conn::Conn;
 use shoal_proto::ServerFrame;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -106,7 +106,7 @@ fn event(room: &str, user: &str, online: bool) -> Vec<u8> {
 }
 
 /// Users present in a room, cluster-wide, sorted.
-pub async fn members(conn: &mut ConnectionManager, room: &str) -> redis::RedisResult<Vec<String>> {
+pub async fn members(conn: &mut Conn, room: &str) -> redis::RedisResult<Vec<String>> {
     let mut users: Vec<String> = redis::cmd("HKEYS")
         .arg(presence_key(room))
         .query_async(conn)
@@ -118,7 +118,7 @@ pub async fn members(conn: &mut ConnectionManager, room: &str) -> redis::RedisRe
 /// The per-node presence worker.
 pub struct Worker {
     /// Command connection.
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     /// This node's id.
     pub node: String,
     /// Lease length.
@@ -232,7 +232,7 @@ impl Worker {
     async fn reassert(
         &self,
         join: &redis::Script,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         local: &HashMap<Arc<str>, HashSet<Arc<str>>>,
     ) -> redis::RedisResult<()> {
         for (room, users) in local {
@@ -253,7 +253,7 @@ impl Worker {
     async fn reap(
         &self,
         leave: &redis::Script,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         room: &str,
     ) -> redis::RedisResult<()> {
         let all: HashMap<String, String> = redis::cmd("HGETALL")

@@ -19,13 +19,24 @@
 //! sequenced, kept and published, or none of these. Its first write is the
 //! XADD, so an out-of-memory refusal happens before anything changed.
 //!
+//! On a Redis Cluster (`redis+cluster://`, see `redis_conn`) a script may
+//! only touch the slot of its room, so three steps that live in other
+//! slots leave it: the per-user rate counter is taken first (its own
+//! slot; nothing is sequenced when it refuses), and the archive note
+//! (`ZADD GT`) and the DM notifications to the parties' user channels go
+//! out after the script, before the sender's ack. A node crash between the
+//! script and those steps loses no message: the sender had no ack and
+//! retries with its `cid` (a duplicate still writes the archive note), and
+//! a DM party that missed the notification sees the room in its room list.
+//!
 //! Commands go over `--redis-connections` multiplexed connections
-//! (`ConnectionManager`: reconnects itself); concurrent publishes from all
-//! WebSocket connections share them and are written in batches (redis-rs
-//! flushes whatever is queued in one write). Subscriptions use one more
-//! RESP3 connection owned by a supervisor task, which takes reference
-//! counts, reconnects with backoff, re-subscribes every room and then asks
-//! the pump to resync (see `bus`).
+//! (`ConnectionManager`: reconnects itself; one cluster connection, which
+//! holds one per shard); concurrent publishes from all WebSocket
+//! connections share them and are written in batches (redis-rs flushes
+//! whatever is queued in one write). Subscriptions use one more RESP3
+//! connection owned by a supervisor task, which takes reference counts,
+//! reconnects with backoff, re-subscribes every room and then asks the
+//! pump to resync (see `bus`).
 
 use std::{
     collections::HashMap,
@@ -37,12 +48,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use redis::{aio::ConnectionManager, PushKind, Value};
+use redis::{PushKind, Value};
 use shoal_proto::{bus::BusRecord, ServerFrame, StoredMsg};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, Inbound, InboundQueue, Sequenced};
+use super::{
+    redis_conn::{Conn, SubConn, Target},
+    Bus, BusError, Inbound, InboundQueue, Sequenced,
+};
 use crate::{
     metrics::Metrics,
     store::{Replay, ReplayEntry},
@@ -51,7 +65,8 @@ use crate::{
 /// Settings of the Redis bus (from `Config`).
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://` URL of a single Redis.
+    /// `redis://` / `rediss://` URL of a single Redis or
+    /// `redis+cluster://` / `rediss+cluster://` seed nodes of a cluster.
     pub url: String,
     /// Multiplexed command connections.
     pub connections: usize,
@@ -138,7 +153,8 @@ enum SubCmd {
 
 /// The Redis bus. See the module docs.
 pub struct RedisBus {
-    cmds: Vec<ConnectionManager>,
+    cmds: Vec<Conn>,
+    cluster: bool,
     next: AtomicUsize,
     inflight: Arc<AtomicUsize>,
     script: redis::Script,
@@ -154,16 +170,6 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
-fn with_resp3(url: &str) -> String {
-    if url.contains("protocol=") {
-        url.to_string()
-    } else if url.contains('?') {
-        format!("{url}&protocol=resp3")
-    } else {
-        format!("{url}?protocol=resp3")
-    }
-}
-
 impl RedisBus {
     /// Set up connections (lazily: a Redis that is down at start makes the
     /// node unhealthy, not fail) and start the supervisor and health
@@ -174,19 +180,9 @@ impl RedisBus {
         inbound: InboundQueue,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, BusError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| BusError::Protocol(format!("redis url: {e}")))?;
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let cmds = (0..settings.connections.max(1))
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), cfg.clone()))
-            .collect::<Result<Vec<_>, _>>()
+        let target = Target::parse(&settings.url).map_err(BusError::Protocol)?;
+        let cmds = super::redis_conn::commands(&target, settings.connections, settings.timeout)
             .map_err(|e| BusError::Protocol(format!("redis: {e}")))?;
-        let sub_client = redis::Client::open(with_resp3(&settings.url))
-            .map_err(|e| BusError::Protocol(format!("redis url: {e}")))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ptx, prx) = mpsc::unbounded_channel();
         tokio::spawn(
@@ -201,6 +197,7 @@ impl RedisBus {
         let bus = Arc::new(RedisBus {
             presence: ptx,
             cmds,
+            cluster: matches!(target, Target::Cluster(_)),
             next: AtomicUsize::new(0),
             inflight: Arc::new(AtomicUsize::new(0)),
             script: redis::Script::new(PUBLISH_LUA),
@@ -213,7 +210,7 @@ impl RedisBus {
         metrics.bus_up.set(0);
         tokio::spawn(
             Supervisor {
-                client: sub_client,
+                target,
                 timeout: settings.timeout,
                 inbound,
                 up: bus.sub_up.clone(),
@@ -228,11 +225,11 @@ impl RedisBus {
     }
 
     /// A command connection (shared, pipelined) for other cluster tasks.
-    pub fn command_connection(&self) -> ConnectionManager {
+    pub fn command_connection(&self) -> Conn {
         self.conn()
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.cmds.len();
         self.cmds[i].clone()
     }
@@ -263,6 +260,36 @@ impl RedisBus {
                 }
             }
         }
+    }
+
+    /// Count a publish against the sender's cluster-wide rate (a cluster's
+    /// separate step; on one Redis the publish script does it).
+    async fn take_rate(&self, key: &str) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR")
+            .arg(key)
+            .cmd("EXPIRE")
+            .arg(key)
+            .arg(2)
+            .arg("NX")
+            .ignore();
+        let mut c = self.conn();
+        let (n,): (u64,) = self.run(pipe.query_async(&mut c)).await?;
+        if n > self.settings.user_rate {
+            return Err(BusError::RateLimited);
+        }
+        Ok(())
+    }
+
+    /// Run independent commands concurrently (pipelined on the shared
+    /// connections, routed per slot on a cluster); the first error wins.
+    async fn each(&self, cmds: Vec<redis::Cmd>) -> Result<(), BusError> {
+        let runs = cmds.into_iter().map(|cmd| async move {
+            let mut c = self.conn();
+            let _: Value = self.run(cmd.query_async(&mut c)).await?;
+            Ok::<_, BusError>(())
+        });
+        futures_util::future::try_join_all(runs).await.map(|_| ())
     }
 
     fn update_up(&self) {
@@ -317,36 +344,75 @@ impl Bus for RedisBus {
         } else {
             0
         };
-        let mut inv = self.script.prepare_invoke();
         let archive = self.settings.archive.as_ref().is_some_and(|a| a(room));
+        let rate_key = format!("shoal:rate:{}:{}", record.from, crate::auth::now_secs());
+        let parties = super::dm_channels(room);
+        let prefix = parties.as_ref().map_or(String::new(), |_| {
+            format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX)
+        });
+        // On a cluster the steps outside the room's slot are separate
+        // commands (module docs); the script gets the seq key in their
+        // place and is told not to do them.
+        if self.cluster && self.settings.user_rate > 0 {
+            self.take_rate(&rate_key).await?;
+        }
+        let mut inv = self.script.prepare_invoke();
         inv.key(seq_key(room))
             .key(log_key(room))
             .key(cid_key)
-            .key(super::archive::DIRTY_KEY)
-            .key(format!(
-                "shoal:rate:{}:{}",
-                record.from,
-                crate::auth::now_secs()
-            ))
-            .arg(bytes)
+            .key(if self.cluster {
+                seq_key(room)
+            } else {
+                super::archive::DIRTY_KEY.to_string()
+            })
+            .key(if self.cluster {
+                seq_key(room)
+            } else {
+                rate_key
+            })
+            .arg(&bytes)
             .arg(channel(room))
             .arg(self.settings.stream_len)
             .arg(record.ts)
             .arg(window)
             .arg(floor)
-            .arg(if archive { "1" } else { "0" });
-        let parties = super::dm_channels(room);
-        let prefix = parties.as_ref().map_or(String::new(), |_| {
-            format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX)
-        });
-        inv.arg(prefix).arg("").arg(self.settings.user_rate);
-        for ch in parties.iter().flatten() {
-            inv.arg(channel(ch));
+            .arg(if archive && !self.cluster { "1" } else { "0" })
+            .arg(&prefix)
+            .arg("")
+            .arg(if self.cluster {
+                0
+            } else {
+                self.settings.user_rate
+            });
+        if !self.cluster {
+            for ch in parties.iter().flatten() {
+                inv.arg(channel(ch));
+            }
         }
         let mut c = self.conn();
         let (seq, ts, dup): (u64, u64, u8) = self.run(inv.invoke_async(&mut c)).await?;
         if dup == 2 {
             return Err(BusError::RateLimited);
+        }
+        if self.cluster {
+            let mut steps = vec![];
+            if archive {
+                steps.push(
+                    redis::cmd("ZADD")
+                        .arg(super::archive::DIRTY_KEY)
+                        .arg("GT")
+                        .arg(seq)
+                        .arg(log_key(room))
+                        .to_owned(),
+                );
+            }
+            if dup == 0 {
+                let msg = [prefix.as_bytes(), format!("{seq}:").as_bytes(), &bytes].concat();
+                for ch in parties.iter().flatten() {
+                    steps.push(redis::cmd("SPUBLISH").arg(channel(ch)).arg(&msg).to_owned());
+                }
+            }
+            self.each(steps).await?;
         }
         Ok(Sequenced {
             seq,
@@ -372,14 +438,20 @@ impl Bus for RedisBus {
         origin: &str,
     ) -> Result<(), BusError> {
         let bytes = shoal_proto::bus::encode_node_event(origin, frame);
-        let mut pipe = redis::pipe();
         let targets = super::dm_channels(room).map_or_else(|| vec![room.to_string()], Vec::from);
-        for t in &targets {
-            pipe.cmd("SPUBLISH").arg(channel(t)).arg(&bytes).ignore();
-        }
-        let mut c = self.conn();
-        let () = self.run(pipe.query_async(&mut c)).await?;
-        Ok(())
+        // One command per channel: on a cluster they live in different slots.
+        self.each(
+            targets
+                .iter()
+                .map(|t| {
+                    redis::cmd("SPUBLISH")
+                        .arg(channel(t))
+                        .arg(&bytes)
+                        .to_owned()
+                })
+                .collect(),
+        )
+        .await
     }
 
     async fn subscribe(&self, room: &str) -> Result<u64, BusError> {
@@ -535,7 +607,7 @@ impl Bus for RedisBus {
 
 /// Owns the subscription connection and the per-room reference counts.
 struct Supervisor {
-    client: redis::Client,
+    target: Target,
     timeout: Duration,
     inbound: InboundQueue,
     up: Arc<AtomicBool>,
@@ -544,10 +616,7 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    async fn connect(
-        &self,
-        lost: Arc<Notify>,
-    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    async fn connect(&self, lost: Arc<Notify>) -> redis::RedisResult<SubConn> {
         let inbound = self.inbound.clone();
         let sender = move |info: redis::PushInfo| -> Result<(), ()> {
             match info.kind {
@@ -567,31 +636,14 @@ impl Supervisor {
             }
             Ok(())
         };
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_push_sender(sender);
-        self.client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-    }
-
-    async fn ssubscribe(
-        &self,
-        conn: &mut redis::aio::MultiplexedConnection,
-        room: &str,
-    ) -> redis::RedisResult<()> {
-        redis::cmd("SSUBSCRIBE")
-            .arg(channel(room))
-            .exec_async(conn)
-            .await
+        SubConn::connect(&self.target, self.timeout, sender).await
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<SubCmd>, stop: CancellationToken) {
         // The connection and the signal of its loss, created together: a
         // dropped old connection reporting its own end must not take the
         // new one down.
-        let mut conn: Option<(redis::aio::MultiplexedConnection, Arc<Notify>)> = None;
+        let mut conn: Option<(SubConn, Arc<Notify>)> = None;
         let mut backoff = Duration::from_millis(50);
         let mut retry_at = Instant::now();
         let mut first = true;
@@ -646,29 +698,22 @@ impl Supervisor {
     }
 
     /// Connect and subscribe to every referenced room.
-    async fn establish(
-        &self,
-        lost: Arc<Notify>,
-    ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    async fn establish(&self, lost: Arc<Notify>) -> redis::RedisResult<SubConn> {
         let mut c = self.connect(lost).await?;
         // Pipelined: every SSUBSCRIBE is written before the first reply.
         let futs = self.rooms.keys().map(|r| {
             let mut c = c.clone();
-            async move { self.ssubscribe(&mut c, r).await }
+            async move { c.ssubscribe(&channel(r)).await }
         });
         for r in futures_util::future::join_all(futs).await {
             r?;
         }
-        let _: () = redis::cmd("PING").exec_async(&mut c).await?;
+        c.ping().await?;
         Ok(c)
     }
 
     /// Apply one command; false if the connection failed doing it.
-    async fn handle(
-        &mut self,
-        cmd: SubCmd,
-        conn: &mut Option<redis::aio::MultiplexedConnection>,
-    ) -> bool {
+    async fn handle(&mut self, cmd: SubCmd, conn: &mut Option<SubConn>) -> bool {
         match cmd {
             SubCmd::Sub(room, reply) => {
                 if let Some(n) = self.rooms.get_mut(&room) {
@@ -680,7 +725,7 @@ impl Supervisor {
                     let _ = reply.send(Err(unavailable("redis subscription connection is down")));
                     return true;
                 };
-                match self.ssubscribe(c, &room).await {
+                match c.ssubscribe(&channel(&room)).await {
                     Ok(()) => {
                         self.rooms.insert(room, 1);
                         self.metrics
@@ -709,11 +754,7 @@ impl Supervisor {
                     .redis_subscriptions
                     .set(self.rooms.len() as i64);
                 if let Some(c) = conn.as_mut() {
-                    let r = redis::cmd("SUNSUBSCRIBE")
-                        .arg(channel(&room))
-                        .exec_async(c)
-                        .await;
-                    if let Err(e) = r {
+                    if let Err(e) = c.sunsubscribe(&channel(&room)).await {
                         self.metrics.redis_errors.inc();
                         tracing::debug!(error = %e, "sunsubscribe failed");
                     }
@@ -734,10 +775,5 @@ mod tests {
         assert_eq!(log_key("lobby"), "shoal:{lobby}:log");
         assert_eq!(channel_room(channel("dm:a:b").as_bytes()), Some("dm:a:b"));
         assert_eq!(channel_room(b"other"), None);
-        assert_eq!(with_resp3("redis://h:1"), "redis://h:1?protocol=resp3");
-        assert_eq!(
-            with_resp3("redis://h:1/?db=2"),
-            "redis://h:1/?db=2&protocol=resp3"
-        );
     }
 }

@@ -608,13 +608,7 @@ impl Redis {
             .spawn()
             .expect("redis-server must be installed (make test-deps installs it)");
         self.child = Some(child);
-        for _ in 0..200 {
-            if TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("redis-server did not start on port {}", self.port);
+        wait_listening(self.port).await;
     }
 
     /// SIGTERM and wait: Redis flushes its append-only file and exits.
@@ -635,6 +629,115 @@ impl Drop for Redis {
             let _ = c.wait();
         }
     }
+}
+
+/// A Redis Cluster of `n` masters (no replicas): redis-server in cluster
+/// mode on free loopback ports (client and cluster-bus ports) in one temp
+/// dir, joined with `redis-cli --cluster create`. Stopped by PID on drop.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+    children: Vec<std::process::Child>,
+}
+
+impl RedisCluster {
+    pub async fn start(n: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = RedisCluster {
+            ports: vec![],
+            _dir: dir,
+            children: vec![],
+        };
+        for i in 0..n {
+            let (port, bus) = (free_port(), free_port());
+            let d = c._dir.path().join(i.to_string());
+            std::fs::create_dir(&d).expect("node dir");
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--cluster-config-file", "nodes.conf", "--save", ""])
+                .arg("--dir")
+                .arg(&d)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (make test-deps installs it)");
+            c.children.push(child);
+            c.ports.push(port);
+        }
+        for &p in &c.ports {
+            wait_listening(p).await;
+        }
+        let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Every node must see every slot covered before clients use it.
+        for &p in &c.ports {
+            let mut ok = false;
+            for _ in 0..200 {
+                if c.cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(ok, "node {p} never reached cluster_state:ok");
+        }
+        c
+    }
+
+    /// `redis+cluster://` URL with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Run `redis-cli -p port args...` and return its output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on port {port}");
 }
 
 impl Client {

@@ -1,0 +1,250 @@
+//! Connections to one Redis or to a Redis Cluster, behind one type.
+//!
+//! `--redis-url redis://host:port` is a single Redis (or a proxy in front
+//! of one); `redis+cluster://host1:port1,host2:port2` (or
+//! `rediss+cluster://` for TLS) is a Redis Cluster given by seed nodes,
+//! whose slot map redis-rs discovers and follows (MOVED/ASK, failover).
+//! Every key and sharded channel of a room shares the room's hash tag, so
+//! a room lives on one shard and rooms spread over the shards.
+//!
+//! [`Conn`] is a command connection: a `ConnectionManager` (multiplexed,
+//! reconnects itself) for a single Redis, a cluster connection (one
+//! multiplexed connection per shard, routed by slot) for a cluster. Both
+//! pipeline concurrent commands. [`SubConn`] is the RESP3 connection that
+//! holds the node's SSUBSCRIBEs; on a cluster each SSUBSCRIBE goes to the
+//! shard that owns the channel.
+
+use std::time::Duration;
+
+use redis::{
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    cluster::ClusterClientBuilder,
+    cluster_async::ClusterConnection,
+    Cmd, Pipeline, RedisFuture, RedisResult, Value,
+};
+
+/// Where the bus's Redis is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One Redis: its URL.
+    Single(String),
+    /// A Redis Cluster: one `redis://` URL per seed node.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// Parse `--redis-url`. Errors say what is wrong, for the config check.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let (scheme, rest) = if let Some(r) = url.strip_prefix("redis+cluster://") {
+            ("redis", r)
+        } else if let Some(r) = url.strip_prefix("rediss+cluster://") {
+            ("rediss", r)
+        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return Ok(Target::Single(url.to_string()));
+        } else {
+            return Err(
+                "--redis-url must be redis://, rediss://, redis+cluster:// or rediss+cluster://"
+                    .into(),
+            );
+        };
+        // `[user:pass@]h1:p1,h2:p2[/db][?query]`: the user info and the
+        // suffix apply to every seed node.
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, suffix) = rest.split_at(end);
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(i) => (&authority[..=i], &authority[i + 1..]),
+            None => ("", authority),
+        };
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{userinfo}{h}{suffix}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err("a redis+cluster:// URL needs at least one host:port".into());
+        }
+        Ok(Target::Cluster(nodes))
+    }
+}
+
+/// A command connection (see the module docs). Cheap to clone; clones
+/// share the underlying connections.
+#[derive(Clone)]
+pub enum Conn {
+    /// One Redis.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Open `n` command connections lazily: a Redis that is down at start
+/// makes the node unhealthy instead of failing it. A cluster gets one
+/// connection (it already holds one per shard and routes by slot).
+pub fn commands(target: &Target, n: usize, timeout: Duration) -> RedisResult<Vec<Conn>> {
+    match target {
+        Target::Single(url) => {
+            let client = redis::Client::open(url.as_str())?;
+            let cfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            (0..n.max(1))
+                .map(|_| {
+                    ConnectionManager::new_lazy_with_config(client.clone(), cfg.clone())
+                        .map(Conn::Single)
+                })
+                .collect()
+        }
+        Target::Cluster(nodes) => {
+            let client = ClusterClientBuilder::new(nodes.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(2)
+                .max_retry_wait(500)
+                .build()?;
+            let cfg = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(timeout)
+                .set_response_timeout(timeout);
+            Ok(vec![Conn::Cluster(
+                client.get_pending_async_connection_with_config(cfg),
+            )])
+        }
+    }
+}
+
+/// The subscription connection (see the module docs).
+#[derive(Clone)]
+pub enum SubConn {
+    /// One Redis.
+    Single(MultiplexedConnection),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl SubConn {
+    /// Connect with RESP3, handing every push (messages, subscription
+    /// confirmations, `Disconnection` of any shard) to `sender`.
+    pub async fn connect(
+        target: &Target,
+        timeout: Duration,
+        sender: impl redis::aio::AsyncPushSender,
+    ) -> RedisResult<SubConn> {
+        match target {
+            Target::Single(url) => {
+                let client = redis::Client::open(with_resp3(url))?;
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_push_sender(sender);
+                let c = client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await?;
+                Ok(SubConn::Single(c))
+            }
+            Target::Cluster(nodes) => {
+                let client = ClusterClientBuilder::new(nodes.clone())
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .push_sender(sender)
+                    .build()?;
+                Ok(SubConn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    /// SSUBSCRIBE one channel (on a cluster, at the shard owning it).
+    pub async fn ssubscribe(&mut self, channel: &str) -> RedisResult<()> {
+        match self {
+            SubConn::Single(c) => redis::cmd("SSUBSCRIBE").arg(channel).exec_async(c).await,
+            SubConn::Cluster(c) => c.ssubscribe(channel).await,
+        }
+    }
+
+    /// SUNSUBSCRIBE one channel.
+    pub async fn sunsubscribe(&mut self, channel: &str) -> RedisResult<()> {
+        match self {
+            SubConn::Single(c) => redis::cmd("SUNSUBSCRIBE").arg(channel).exec_async(c).await,
+            SubConn::Cluster(c) => c.sunsubscribe(channel).await,
+        }
+    }
+
+    /// PING (on a cluster, every shard), after the subscriptions: their
+    /// replies came first, so they are all in place.
+    pub async fn ping(&mut self) -> RedisResult<()> {
+        match self {
+            SubConn::Single(c) => redis::cmd("PING").exec_async(c).await,
+            SubConn::Cluster(c) => redis::cmd("PING").exec_async(c).await,
+        }
+    }
+}
+
+fn with_resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_one_redis_or_the_seed_nodes_of_a_cluster() {
+        assert_eq!(
+            Target::parse("redis://h:1/2"),
+            Ok(Target::Single("redis://h:1/2".into()))
+        );
+        assert_eq!(
+            Target::parse("redis+cluster://u:p@a:1,b:2/?x=1"),
+            Ok(Target::Cluster(vec![
+                "redis://u:p@a:1/?x=1".into(),
+                "redis://u:p@b:2/?x=1".into()
+            ]))
+        );
+        assert_eq!(
+            Target::parse("rediss+cluster://a:1"),
+            Ok(Target::Cluster(vec!["rediss://a:1".into()]))
+        );
+        assert!(Target::parse("redis+cluster://").is_err());
+        assert!(Target::parse("http://h:1").is_err());
+        assert_eq!(with_resp3("redis://h:1"), "redis://h:1?protocol=resp3");
+        assert_eq!(
+            with_resp3("redis://h:1/?db=2"),
+            "redis://h:1/?db=2&protocol=resp3"
+        );
+    }
+}
