@@ -6,6 +6,9 @@
 # streams) and (2) two brokers on a Redis bus with clients split over both,
 # and prints Redis CPU per 100k deliveries/s for the cluster run. Results go
 # to results/ (cluster-single-*.json, cluster-two-*.json).
+# Each cluster node runs CLUSTER_THREADS runtime threads (default 1), so the
+# two nodes together have as many as the single node (one per core): on a
+# shared machine, more threads than cores only adds context switches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario="${1:-fanout}"; shift || true
@@ -38,7 +41,7 @@ redis_pid=$!
 sleep 0.3
 urls=()
 for i in 0 1; do
-    start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --bus redis \
+    start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --threads "${CLUSTER_THREADS:-1}" --bus redis \
         --redis-url "redis://127.0.0.1:$rport" --node-id "bench$i"
     pids+=("$pid"); urls+=(--url "$url"); pid=""
 done

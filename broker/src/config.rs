@@ -300,6 +300,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_SHARDS", default_value_t = 64)]
     pub shards: usize,
 
+    /// Runtime worker threads; 0: one per CPU core. Set it to the CPU
+    /// limit of a container, or to split one machine between several
+    /// nodes (more threads than cores only adds context switches).
+    #[arg(long, env = "SHOAL_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// Log filter (tracing `EnvFilter` syntax).
     #[arg(long, env = "SHOAL_LOG", default_value = "info")]
     pub log: String,

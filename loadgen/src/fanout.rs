@@ -774,8 +774,8 @@ async fn reader(
                         seq
                     }
                     None => {
-                        let p = body.get("p").and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
-                        let k = body.get("n").and_then(|v| v.as_u64()).unwrap_or(0);
+                        let p = body.p.unwrap_or(u64::MAX);
+                        let k = body.n.unwrap_or(0);
                         let t = per_pub.entry(p).or_default();
                         if k > t.next {
                             sh.gaps.fetch_add(k - t.next, Ordering::Relaxed);
@@ -785,7 +785,7 @@ async fn reader(
                     }
                 };
                 sh.deliveries.fetch_add(1, Ordering::Relaxed);
-                let stamp = body.get("s").and_then(|v| v.as_u64()).unwrap_or(now);
+                let stamp = body.s.unwrap_or(now);
                 let lat = now.saturating_sub(stamp);
                 let measured = stamp >= sh.window.0 && stamp < sh.window.1;
                 if measured {

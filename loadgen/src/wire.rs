@@ -52,15 +52,39 @@ pub struct Session {
     pub socket_id: Option<String>,
 }
 
+/// The stamps loadgen's publishers put in every body (`{"s", "p", "n",
+/// "x"}`); the padding `x` is skipped, not decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Stamp {
+    /// Intended send time, ns since the Unix epoch.
+    pub s: Option<u64>,
+    /// Publisher id.
+    pub p: Option<u64>,
+    /// The publisher's message number.
+    pub n: Option<u64>,
+}
+
+impl Stamp {
+    /// The stamps of a body decoded some other way.
+    pub fn of(v: &Value) -> Stamp {
+        Stamp {
+            s: v.get("s").and_then(Value::as_u64),
+            p: v.get("p").and_then(Value::as_u64),
+            n: v.get("n").and_then(Value::as_u64),
+        }
+    }
+}
+
 /// What a received frame means to a scenario.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
-    /// A room message: its room seq where the protocol has one, and body.
+    /// A room message: its room seq where the protocol has one, and the
+    /// publisher's stamps from its body.
     Msg {
         /// Room sequence number (Shoal only).
         seq: Option<u64>,
-        /// The body the publisher sent.
-        body: Value,
+        /// The stamps of the body the publisher sent.
+        body: Stamp,
     },
     /// The server accepted publish `id` (Shoal, Socket.IO).
     Ack {
@@ -282,21 +306,32 @@ impl Wire {
     /// Interpret a received data frame.
     pub fn decode(&self, payload: &[u8]) -> Incoming {
         match self.protocol {
-            Protocol::Shoal => match self.enc.decode_server(payload) {
-                Ok(ServerFrame::Msg { seq, body, .. }) => Incoming::Msg {
+            Protocol::Shoal => match self.enc.decode_msg_as::<Stamp>(payload) {
+                // Deliveries are most frames: read only their seq and stamps.
+                Ok(Some((seq, body))) => Incoming::Msg {
                     seq: Some(seq),
                     body,
                 },
-                Ok(ServerFrame::Ack { id, seq, .. }) => Incoming::Ack {
-                    id: id.unwrap_or(0),
-                    seq: Some(seq),
-                },
-                Ok(ServerFrame::Error { code, .. }) => Incoming::Error(code),
-                Ok(_) => Incoming::Other,
-                Err(_) => Incoming::Undecodable,
+                _ => self.decode_shoal(payload),
             },
             Protocol::Socketio => decode_socketio(payload),
             Protocol::Pusher => decode_pusher(payload),
+        }
+    }
+
+    fn decode_shoal(&self, payload: &[u8]) -> Incoming {
+        match self.enc.decode_server(payload) {
+            Ok(ServerFrame::Msg { seq, body, .. }) => Incoming::Msg {
+                seq: Some(seq),
+                body: Stamp::of(&body),
+            },
+            Ok(ServerFrame::Ack { id, seq, .. }) => Incoming::Ack {
+                id: id.unwrap_or(0),
+                seq: Some(seq),
+            },
+            Ok(ServerFrame::Error { code, .. }) => Incoming::Error(code),
+            Ok(_) => Incoming::Other,
+            Err(_) => Incoming::Undecodable,
         }
     }
 }
@@ -309,13 +344,13 @@ fn decode_socketio(payload: &[u8]) -> Incoming {
         return Incoming::Reply(b"3".to_vec()); // Engine.IO ping -> pong
     }
     if let Some(rest) = t.strip_prefix("42") {
-        let Ok(Value::Array(mut a)) = serde_json::from_str::<Value>(rest) else {
+        let Ok(Value::Array(a)) = serde_json::from_str::<Value>(rest) else {
             return Incoming::Undecodable;
         };
         if a.first().and_then(Value::as_str) == Some("msg") && a.len() == 3 {
             return Incoming::Msg {
                 seq: None,
-                body: a.swap_remove(2),
+                body: Stamp::of(&a[2]),
             };
         }
         return Incoming::Other;
@@ -345,7 +380,10 @@ fn decode_pusher(payload: &[u8]) -> Incoming {
                 Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
                 d => d,
             };
-            Incoming::Msg { seq: None, body }
+            Incoming::Msg {
+                seq: None,
+                body: Stamp::of(&body),
+            }
         }
         Some("pusher:ping") => Incoming::Reply(br#"{"event":"pusher:pong","data":{}}"#.to_vec()),
         Some("pusher:error") => {
@@ -425,7 +463,10 @@ mod tests {
             w.decode(br#"42["msg","r",{"n":1}]"#),
             Incoming::Msg {
                 seq: None,
-                body: json!({"n": 1})
+                body: Stamp {
+                    n: Some(1),
+                    ..Stamp::default()
+                }
             }
         );
         assert_eq!(w.decode(b"4312[]"), Incoming::Ack { id: 12, seq: None });
@@ -448,7 +489,10 @@ mod tests {
             w.decode(br#"{"event":"client-msg","channel":"private-r","data":"{\"n\":2}"}"#),
             Incoming::Msg {
                 seq: None,
-                body: json!({"n": 2})
+                body: Stamp {
+                    n: Some(2),
+                    ..Stamp::default()
+                }
             }
         );
         assert_eq!(

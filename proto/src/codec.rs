@@ -94,6 +94,44 @@ impl Encoding {
         self.decode(bytes, DEFAULT_MAX_DEPTH)
     }
 
+    /// Decode only the seq and body of a `msg` frame, the body straight
+    /// into `B` (fields `B` does not name are skipped, not built). For
+    /// receivers that count and time deliveries at high rates: the full
+    /// [`ServerFrame`] decode buffers the frame to find its tag first.
+    /// `Ok(None)`: a valid frame of another kind (decode it with
+    /// [`Encoding::decode_server`]). Same bounds and errors as the full
+    /// decode.
+    pub fn decode_msg_as<B: DeserializeOwned>(
+        self,
+        bytes: &[u8],
+    ) -> Result<Option<(u64, B)>, DecodeError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Kind {
+            Msg,
+            #[serde(other)]
+            Other,
+        }
+        #[derive(serde::Deserialize)]
+        struct Head<B> {
+            t: Kind,
+            seq: Option<u64>,
+            body: Option<B>,
+        }
+        let h: Head<B> = self.decode(bytes, DEFAULT_MAX_DEPTH)?;
+        match (h.t, h.seq, h.body) {
+            (Kind::Msg, Some(seq), Some(body)) => Ok(Some((seq, body))),
+            (Kind::Msg, ..) => {
+                let why = "msg frame without seq or body".to_string();
+                Err(match self {
+                    Encoding::MsgPack => DecodeError::MsgPack(why),
+                    Encoding::Json => DecodeError::Json(why),
+                })
+            }
+            (Kind::Other, ..) => Ok(None),
+        }
+    }
+
     /// Decode any protocol type (bus records, events) with the same bounds.
     pub(crate) fn decode_any<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, DecodeError> {
         self.decode(bytes, DEFAULT_MAX_DEPTH)
@@ -455,5 +493,37 @@ mod tests {
             Some(Encoding::Json)
         );
         assert_eq!(Encoding::negotiate(Some("foo")), None);
+    }
+
+    #[test]
+    fn msg_fast_path_reads_seq_and_body_and_passes_over_other_frames() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Stamp {
+            s: u64,
+        }
+        let msg = S::Msg {
+            room: "lobby".into(),
+            seq: 7,
+            from: "alice".into(),
+            ts: 1,
+            body: json!({"s": 42, "x": "padding", "deep": [1, {"a": 2}]}),
+        };
+        let ack = S::Ack {
+            id: Some(3),
+            room: "lobby".into(),
+            seq: 7,
+            ts: 1,
+        };
+        for enc in [Encoding::MsgPack, Encoding::Json] {
+            let m = enc.encode_server(&msg).expect("encode");
+            assert_eq!(
+                enc.decode_msg_as::<Stamp>(&m).expect("msg"),
+                Some((7, Stamp { s: 42 }))
+            );
+            let a = enc.encode_server(&ack).expect("encode");
+            assert_eq!(enc.decode_msg_as::<Stamp>(&a).expect("ack"), None);
+            assert!(enc.decode_msg_as::<Stamp>(&m[..m.len() - 1]).is_err());
+            assert!(enc.decode_msg_as::<Stamp>(b"").is_err());
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! Fuzz the frame decoders with arbitrary bytes in both encodings: they must
 //! return `Ok` or a typed error, never panic, and whatever decodes must
 //! survive an encode/decode round trip unchanged. The cluster-bus payload
-//! decoder (bytes read from Redis) gets the same input.
+//! decoder (bytes read from Redis) and the receivers' `msg` fast path get
+//! the same input; the fast path must agree with the full decode on the
+//! seq of every frame both accept.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,7 +17,12 @@ fuzz_target!(|data: &[u8]| {
                 .expect("a decoded frame re-encodes");
             assert_eq!(enc.decode_client(&bytes).ok(), Some(frame));
         }
-        let _ = enc.decode_server(data);
+        let full = enc.decode_server(data);
+        if let Ok(Some((seq, _))) = enc.decode_msg_as::<serde_json::Value>(data) {
+            if let Ok(shoal_proto::ServerFrame::Msg { seq: s, .. }) = full {
+                assert_eq!(seq, s);
+            }
+        }
     }
     if let Ok(shoal_proto::bus::BusPayload::Msg { record, .. }) =
         shoal_proto::bus::decode_payload(data)
