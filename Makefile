@@ -9,7 +9,7 @@ FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 10
 
-.PHONY: run build test test-deps lint fmt fuzz bench smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
+.PHONY: run build test test-deps lint fmt fuzz bench profile smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
 NODES ?= 3
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
@@ -96,6 +96,14 @@ bench:
 	./scripts/bench.sh $(SCENARIO) $(BENCH_ARGS)
 	@if [ "$(SCENARIO)" = capacity ] && [ -f results/bench-capacity.json ]; then \
 		./target/release/loadgen report results/bench-capacity.json --out results/bench-charts; fi
+
+## Profile the broker under a fanout scenario with perf: a flamegraph and
+## a top-symbols list in results/profile-$(NAME).{svg,txt}. Needs perf
+## (apt linux-perf) and inferno (cargo install inferno).
+NAME ?= rooms1000-100k
+PROFILE_ARGS ?= --rooms 2 --members 1000 --publishers 4 --rate 100 --payload 64
+profile:
+	./scripts/profile.sh $(NAME) $(PROFILE_ARGS)
 
 ## Run every fuzz target for FUZZ_SECONDS each (stable toolchain; `make test`
 ## runs each for FUZZ_TEST_SECONDS).

@@ -58,6 +58,29 @@ async fn collect(c: &mut Client, n: usize) -> (Vec<u64>, BTreeMap<u64, (String, 
     (order, seen)
 }
 
+/// `user` connects to both nodes, joins `r` on both, and publishes `n`
+/// messages alternating between them; (acked, refused by the rate limit).
+async fn publish_on_both(a: &Broker, b: &Broker, user: &str, n: u64) -> (u64, u64) {
+    let token = token_for(user);
+    let mut on_a = a.connect(&token, Encoding::Json).await;
+    let mut on_b = b.connect(&token, Encoding::Json).await;
+    on_a.join("r").await;
+    on_b.join("r").await;
+    let (mut acked, mut limited) = (0, 0);
+    for k in 0..n {
+        let c = if k % 2 == 0 { &mut on_a } else { &mut on_b };
+        match c.publish("r", json!(k)).await {
+            ServerFrame::Ack { .. } => acked += 1,
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::RateLimited as u16);
+                limited += 1;
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    (acked, limited)
+}
+
 #[tokio::test]
 async fn nodes_share_rooms_in_one_order() {
     let redis = Redis::start().await;
@@ -475,23 +498,7 @@ async fn a_user_publish_rate_holds_across_nodes() {
     let (a, b) = (start().await, start().await);
     a.health_becomes(200).await;
     b.health_becomes(200).await;
-    let token = token_for("chatty");
-    let mut on_a = a.connect(&token, Encoding::Json).await;
-    let mut on_b = b.connect(&token, Encoding::Json).await;
-    on_a.join("r").await;
-    on_b.join("r").await;
-    let (mut acked, mut limited) = (0, 0);
-    for k in 0..12 {
-        let c = if k % 2 == 0 { &mut on_a } else { &mut on_b };
-        match c.publish("r", json!(k)).await {
-            ServerFrame::Ack { .. } => acked += 1,
-            ServerFrame::Error { code, .. } => {
-                assert_eq!(code, ErrorCode::RateLimited as u16);
-                limited += 1;
-            }
-            f => panic!("{f:?}"),
-        }
-    }
+    let (acked, limited) = publish_on_both(&a, &b, "chatty", 12).await;
     // 12 publishes fall in at most two one-second windows of 5, so a
     // shared count refuses at least 2; separate per-node counts (6 each)
     // could refuse none within one window.
@@ -670,23 +677,7 @@ async fn a_redis_cluster_of_three_masters_spreads_rooms_over_its_shards() {
 
     // The per-user rate is counted in its own slot, shared by both nodes:
     // 150 publishes span at most three one-second windows of 40.
-    let chatty = token_for("chatty");
-    let mut on_a = a.connect(&chatty, Encoding::Json).await;
-    let mut on_b = b.connect(&chatty, Encoding::Json).await;
-    on_a.join("r").await;
-    on_b.join("r").await;
-    let (mut acked, mut limited) = (0, 0);
-    for k in 0..150 {
-        let c = if k % 2 == 0 { &mut on_a } else { &mut on_b };
-        match c.publish("r", json!(k)).await {
-            ServerFrame::Ack { .. } => acked += 1,
-            ServerFrame::Error { code, .. } => {
-                assert_eq!(code, ErrorCode::RateLimited as u16);
-                limited += 1;
-            }
-            f => panic!("{f:?}"),
-        }
-    }
+    let (acked, limited) = publish_on_both(&a, &b, "chatty", 150).await;
     assert!(
         (40..=120).contains(&acked),
         "{acked} acked, {limited} limited"
