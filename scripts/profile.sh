@@ -7,6 +7,8 @@
 # Usage: scripts/profile.sh NAME [loadgen fanout args...]
 #   BROKER_FLAGS  extra shoal flags (default: a `live` namespace, no limits)
 #   SECONDS_REC   seconds of samples (default 6, taken after 3 s of load)
+#   NODES=2       two nodes on a Redis bus (one runtime thread each), clients
+#                 split over both; both nodes are sampled
 # Needs perf (linux-perf) and inferno (`cargo install inferno`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,29 +18,48 @@ command -v inferno-flamegraph >/dev/null || { echo "cargo install inferno" >&2; 
 cargo build --release -p shoal-broker -p shoal-loadgen
 tmp="$(mktemp -d)"
 . scripts/broker.sh
-lg=""
+lg="" redis_pid="" pids=()
 cleanup() {
     [ -n "$lg" ] && kill "$lg" 2>/dev/null || true
-    stop_broker
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
+    wait 2>/dev/null || true
     rm -rf "$tmp"
 }
 trap cleanup EXIT
-# shellcheck disable=SC2086
-start_broker ./target/release/shoal "$tmp/data" --rate-limit 1000000 --rate-burst 1000000 \
-    --max-rooms-per-connection 4096 --namespace live:persist=off ${BROKER_FLAGS:-}
+flags=(--rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --namespace live:persist=off)
+urls=()
+if [ "${NODES:-1}" = 2 ]; then
+    rport="$(free_port)"
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
+    redis_pid=$!
+    wait_port "$rport"
+    for i in 0 1; do
+        # shellcheck disable=SC2086
+        start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --threads 1 --bus redis \
+            --redis-url "redis://127.0.0.1:$rport" --node-id "prof$i" ${BROKER_FLAGS:-}
+        pids+=("$pid"); urls+=(--url "$url")
+    done
+else
+    # shellcheck disable=SC2086
+    start_broker ./target/release/shoal "$tmp/data" "${flags[@]}" ${BROKER_FLAGS:-}
+    pids+=("$pid"); urls+=(--url "$url")
+fi
+pid=""
 rec="${SECONDS_REC:-6}"
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen fanout --url "$url" --namespace live \
+SHOAL_JWT_SECRET="$secret" ./target/release/loadgen fanout "${urls[@]}" --namespace live \
     --duration "$((rec + 6))" --warmup 1 --quiet --out "$tmp/result.json" "$@" &
 lg=$!
 sleep 3
-perf record -q -F 499 --call-graph dwarf,32768 -p "$pid" -o "$tmp/perf.data" -- sleep "$rec" 2>/dev/null
+perf record -q -F 499 --call-graph dwarf,32768 -p "$(IFS=,; echo "${pids[*]}")" \
+    -o "$tmp/perf.data" -- sleep "$rec" 2>/dev/null
 wait "$lg" || true; lg=""
 perf script -i "$tmp/perf.data" 2>/dev/null | inferno-collapse-perf > "$tmp/folded"
 inferno-flamegraph --title "shoal: $name" < "$tmp/folded" > "results/profile-$name.svg"
 {
-    echo "# perf report --no-children (self time by symbol), broker pid under: loadgen fanout $*"
+    echo "# perf report --no-children (self time by symbol), ${NODES:-1} broker node(s) under: loadgen fanout $*"
     perf report -i "$tmp/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
-        | grep -E '^ +[0-9.]+%' | head -40
+        | grep -E '^ +[0-9.]+%' | head -40 || true  # head closes the pipe early
 } > "results/profile-$name.txt"
 python3 - "$tmp/result.json" <<'PY' | tee -a "results/profile-$name.txt"
 import json, sys
