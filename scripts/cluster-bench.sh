@@ -9,6 +9,8 @@
 # Each cluster node runs CLUSTER_THREADS runtime threads (default 1), so the
 # two nodes together have as many as the single node (one per core): on a
 # shared machine, more threads than cores only adds context switches.
+# CLUSTER_PIN=1 pins node i to CPU i (taskset), the closest this machine
+# comes to giving each node its own core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario="${1:-fanout}"; shift || true
@@ -43,6 +45,7 @@ urls=()
 for i in 0 1; do
     start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --threads "${CLUSTER_THREADS:-1}" --bus redis \
         --redis-url "redis://127.0.0.1:$rport" --node-id "bench$i"
+    if [ "${CLUSTER_PIN:-0}" = 1 ]; then taskset -apc "$i" "$pid" >/dev/null; fi
     pids+=("$pid"); urls+=(--url "$url"); pid=""
 done
 before="$(cpu_ticks "$redis_pid")"
