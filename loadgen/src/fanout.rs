@@ -85,6 +85,13 @@ pub struct FanoutOpts {
     /// `persist=off`, to measure delivery without storage).
     #[arg(long)]
     pub namespace: Option<String>,
+
+    /// The pacer busy-waits this many microseconds before each send time
+    /// instead of sleeping through them (a sleep overshoots by ~60 µs,
+    /// which would count as latency). Costs up to this much CPU per send
+    /// on the pacer thread; 0: sleep only.
+    #[arg(long, default_value_t = 100)]
+    pub spin_us: u64,
 }
 
 /// One second of a run.
@@ -464,7 +471,10 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     let total_ns = window.1 - t0;
     std::thread::Builder::new()
         .name("loadgen-pacer".into())
-        .spawn(move || pacer(paces, pace_start, total_ns))
+        .spawn({
+            let spin = Duration::from_micros(opts.spin_us);
+            move || pacer(paces, pace_start, total_ns, spin)
+        })
         .map_err(|e| anyhow::anyhow!("starting the pacer thread: {e}"))?;
     let before = sys::scrape(&http, &c.urls, &c.pids).await;
     let cpu0 = sys::own_cpu_seconds();
@@ -632,11 +642,12 @@ struct Pace {
     tx: tokio::sync::mpsc::UnboundedSender<u64>,
 }
 
-/// The pacer: one OS thread that sleeps until the next intended send time
-/// of any publisher (nanosleep, ~60 µs slack) and wakes that publisher.
+/// The pacer: one OS thread that sleeps until `spin` before the next
+/// intended send time of any publisher (nanosleep, ~60 µs slack), spins
+/// the rest, and wakes that publisher.
 /// tokio's timer rounds every sleep up to a whole millisecond, which would
 /// put up to 1 ms of the load generator's own delay into every latency.
-fn pacer(paces: Vec<Pace>, start: std::time::Instant, dur_ns: u64) {
+fn pacer(paces: Vec<Pace>, start: std::time::Instant, dur_ns: u64, spin: Duration) {
     use std::{cmp::Reverse, collections::BinaryHeap};
     let mut heap: BinaryHeap<Reverse<(u64, usize, u64)>> = paces
         .iter()
@@ -649,8 +660,11 @@ fn pacer(paces: Vec<Pace>, start: std::time::Instant, dur_ns: u64) {
         }
         let at = start + Duration::from_nanos(due);
         let now = std::time::Instant::now();
-        if at > now {
-            std::thread::sleep(at - now);
+        if at > now + spin {
+            std::thread::sleep(at - now - spin);
+        }
+        while std::time::Instant::now() < at {
+            std::hint::spin_loop();
         }
         if paces[i].tx.send(k).is_err() {
             continue; // that publisher is gone

@@ -150,6 +150,7 @@ async fn every_panel_query_returns_data() {
         max_loss: 0,
         connect_concurrency: 16,
         namespace: None,
+        spin_us: 100,
     };
     let opts2 = fanout::FanoutOpts {
         common: common::common(&clustered.url),

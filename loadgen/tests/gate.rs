@@ -44,6 +44,7 @@ async fn fanout_gate_no_loss_full_rate_bounded_latency() {
             max_loss: 0,
             connect_concurrency: 32,
             namespace: None,
+            spin_us: 100,
         };
         let r = fanout::run(&opts).await.expect("fanout run");
         assert!(r.passed(), "{enc:?}: {}", r.table());
@@ -98,6 +99,7 @@ async fn gate_fails_when_the_rate_cannot_be_met() {
         max_loss: 0,
         connect_concurrency: 4,
         namespace: None,
+        spin_us: 100,
     };
     let r = fanout::run(&opts).await.expect("run");
     assert!(!r.passed());
