@@ -7,6 +7,11 @@
 #   free_port            prints a free loopback port
 #   wait_http URL        until URL answers 2xx (10 s)
 #   wait_port PORT       until something listens on 127.0.0.1:PORT (30 s)
+#   start_redis DIR      a throwaway redis-server (no persistence) in DIR on a
+#                        free port; sets rport, redis_pid
+#   stop_all             stop the brokers in "${pids[@]}" and $redis_pid
+#   BENCH_FLAGS          broker flags of benchmark runs: no rate limits, rooms
+#                        in the `live` namespace (no storage)
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -37,3 +42,18 @@ stop_broker() {
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
+
+start_redis() {
+    rport="$(free_port)"
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$1" >/dev/null &
+    redis_pid=$!
+    wait_port "$rport"
+}
+
+stop_all() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -n "${redis_pid:-}" ] && kill "$redis_pid" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+
+BENCH_FLAGS=(--rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --namespace live:persist=off)

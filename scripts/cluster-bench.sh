@@ -21,13 +21,11 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 redis_pid="" pids=()
 cleanup() {
     stop_broker
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
-    wait 2>/dev/null || true
+    stop_all
     rm -rf "$tmp"
 }
 trap cleanup EXIT
-flags=(--rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --namespace live:persist=off)
+flags=("${BENCH_FLAGS[@]}")
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 
 echo "== single node"
@@ -37,10 +35,7 @@ SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "$url" --n
 stop_broker; pid=""
 
 echo "== two nodes on a Redis bus"
-rport="$(free_port)"
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
-redis_pid=$!
-sleep 0.3
+start_redis "$tmp"
 urls=()
 for i in 0 1; do
     start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --threads "${CLUSTER_THREADS:-1}" --bus redis \

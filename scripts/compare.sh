@@ -73,18 +73,16 @@ fi
 
 redis_url=""
 if [ "$nodes" -gt 1 ]; then
-    rport="$(free_port)"
-    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
-    children+=($!)
+    start_redis "$tmp"
+    children+=("$redis_pid"); redis_pid=""
     redis_url="redis://127.0.0.1:$rport"
-    for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
 secret="cmp-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 app_key="cmp-key" app_secret="cmp-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 shoal_urls=() peer_urls=() peer_pids=()
 for i in $(seq "$nodes"); do
-    flags=(--namespace live:persist=off --rate-limit 1000000 --rate-burst 1000000)
+    flags=("${BENCH_FLAGS[@]}")
     [ -n "$redis_url" ] && flags+=(--bus redis --redis-url "$redis_url" --node-id "cmp$i")
     start_broker "$bin/shoal" "$tmp/shoal$i" "${flags[@]}"
     children+=("$pid"); pid=""

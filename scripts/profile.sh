@@ -21,19 +21,14 @@ tmp="$(mktemp -d)"
 lg="" redis_pid="" pids=()
 cleanup() {
     [ -n "$lg" ] && kill "$lg" 2>/dev/null || true
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
-    wait 2>/dev/null || true
+    stop_all
     rm -rf "$tmp"
 }
 trap cleanup EXIT
-flags=(--rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 --namespace live:persist=off)
+flags=("${BENCH_FLAGS[@]}")
 urls=()
 if [ "${NODES:-1}" = 2 ]; then
-    rport="$(free_port)"
-    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
-    redis_pid=$!
-    wait_port "$rport"
+    start_redis "$tmp"
     for i in 0 1; do
         # shellcheck disable=SC2086
         start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --threads 1 --bus redis \
