@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
 use serde_json::json;
+use shoal_broker::Config;
 use shoal_proto::{ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
 
 async fn node(redis: &Redis) -> Broker {
@@ -15,6 +16,12 @@ async fn node(redis: &Redis) -> Broker {
 
 /// A node whose bus is the Redis at `url`.
 async fn node_at(url: String) -> Broker {
+    node_with(url, |_| {}).await
+}
+
+/// A node whose bus is the Redis (or Redis Cluster) at `url`, with the
+/// tests' settings and then `f`'s.
+async fn node_with(url: String, f: impl FnOnce(&mut Config)) -> Broker {
     if let Ok(f) = std::env::var("SHOAL_TEST_LOG") {
         let _ = tracing_subscriber::fmt().with_env_filter(f).try_init();
     }
@@ -27,13 +34,19 @@ async fn node_at(url: String) -> Broker {
         // Tests pipeline hundreds of publishes from one connection.
         c.rate_limit = 100_000.0;
         c.rate_burst = 100_000.0;
+        f(c);
     })
     .await
 }
 
 /// Two nodes on `redis`, both healthy.
 async fn two_nodes(redis: &Redis) -> (Broker, Broker) {
-    let (a, b) = (node(redis).await, node(redis).await);
+    two_nodes_with(redis.url(), |_| {}).await
+}
+
+/// Two nodes on the Redis at `url` with `f`'s settings, both healthy.
+async fn two_nodes_with(url: String, f: impl Fn(&mut Config) + Copy) -> (Broker, Broker) {
+    let (a, b) = (node_with(url.clone(), f).await, node_with(url, f).await);
     a.health_becomes(200).await;
     b.health_becomes(200).await;
     (a, b)
@@ -487,17 +500,7 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_within_its_lease() {
 async fn a_user_publish_rate_holds_across_nodes() {
     let redis = Redis::start().await;
     let url = redis.url();
-    let start = || {
-        let url = url.clone();
-        Broker::start_with(move |c| {
-            c.bus = shoal_broker::config::BusKind::Redis;
-            c.redis_url = Some(url);
-            c.user_publish_rate = 5;
-        })
-    };
-    let (a, b) = (start().await, start().await);
-    a.health_becomes(200).await;
-    b.health_becomes(200).await;
+    let (a, b) = two_nodes_with(url, |c| c.user_publish_rate = 5).await;
     let (acked, limited) = publish_on_both(&a, &b, "chatty", 12).await;
     // 12 publishes fall in at most two one-second windows of 5, so a
     // shared count refuses at least 2; separate per-node counts (6 each)
@@ -595,23 +598,15 @@ async fn a_node_cut_off_from_redis_sends_its_clients_to_another_node() {
 async fn a_redis_cluster_of_three_masters_spreads_rooms_over_its_shards() {
     let cluster = RedisCluster::start(3).await;
     let pg = Postgres::start().await;
-    let start = || {
-        let (url, pg) = (cluster.url(), pg.url());
-        Broker::start_with(move |c| {
-            c.bus = shoal_broker::config::BusKind::Redis;
-            c.redis_url = Some(url);
-            c.redis_timeout_ms = 1000;
-            c.store = shoal_broker::config::StoreKind::Postgres;
-            c.postgres_url = Some(pg);
-            c.archive_interval_ms = 100;
-            c.user_publish_rate = 40;
-            c.rate_limit = 100_000.0;
-            c.rate_burst = 100_000.0;
-        })
-    };
-    let (a, b) = (start().await, start().await);
-    a.health_becomes(200).await;
-    b.health_becomes(200).await;
+    let pg_url = pg.url();
+    let (a, b) = two_nodes_with(cluster.url(), |c| {
+        c.redis_timeout_ms = 1000;
+        c.store = shoal_broker::config::StoreKind::Postgres;
+        c.postgres_url = Some(pg_url.clone());
+        c.archive_interval_ms = 100;
+        c.user_publish_rate = 40;
+    })
+    .await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
     const ROOMS: usize = 12;

@@ -350,41 +350,31 @@ impl Bus for RedisBus {
         let prefix = parties.as_ref().map_or(String::new(), |_| {
             format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX)
         });
-        // On a cluster the steps outside the room's slot are separate
-        // commands (module docs); the script gets the seq key in their
-        // place and is told not to do them.
-        if self.cluster && self.settings.user_rate > 0 {
+        // On one Redis the script does every step. On a cluster it may
+        // touch only the room's slot: the steps in other slots run around
+        // it (module docs), and it gets the seq key in place of theirs.
+        let whole = !self.cluster;
+        let own_slot = |key: String| if whole { key } else { seq_key(room) };
+        if !whole && self.settings.user_rate > 0 {
             self.take_rate(&rate_key).await?;
         }
         let mut inv = self.script.prepare_invoke();
         inv.key(seq_key(room))
             .key(log_key(room))
             .key(cid_key)
-            .key(if self.cluster {
-                seq_key(room)
-            } else {
-                super::archive::DIRTY_KEY.to_string()
-            })
-            .key(if self.cluster {
-                seq_key(room)
-            } else {
-                rate_key
-            })
+            .key(own_slot(super::archive::DIRTY_KEY.to_string()))
+            .key(own_slot(rate_key))
             .arg(&bytes)
             .arg(channel(room))
             .arg(self.settings.stream_len)
             .arg(record.ts)
             .arg(window)
             .arg(floor)
-            .arg(if archive && !self.cluster { "1" } else { "0" })
+            .arg(if archive && whole { "1" } else { "0" })
             .arg(&prefix)
             .arg("")
-            .arg(if self.cluster {
-                0
-            } else {
-                self.settings.user_rate
-            });
-        if !self.cluster {
+            .arg(if whole { self.settings.user_rate } else { 0 });
+        if whole {
             for ch in parties.iter().flatten() {
                 inv.arg(channel(ch));
             }
@@ -394,7 +384,7 @@ impl Bus for RedisBus {
         if dup == 2 {
             return Err(BusError::RateLimited);
         }
-        if self.cluster {
+        if !whole {
             let mut steps = vec![];
             if archive {
                 steps.push(
