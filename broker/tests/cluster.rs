@@ -334,6 +334,21 @@ async fn lost_subscriptions_are_recovered_from_the_hot_history() {
         .expect("redis admin");
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(40)).await;
+        // Both nodes must have reconnected from the last cut (their backoff
+        // starts at 50 ms, longer on a loaded machine) before the next one.
+        for _ in 0..200 {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut admin)
+                .await
+                .expect("client list");
+            if list.lines().count() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let killed: i64 = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("TYPE")
