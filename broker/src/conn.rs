@@ -751,11 +751,34 @@ impl Session {
                 }
             }
             let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
+                if *cursor < target && page.floor < target {
+                    // Nothing stored in (cursor, target] although the room
+                    // sequenced it: unreadable entries at the end.
+                    self.handle.send(&ServerFrame::Gap {
+                        room: room.name.to_string(),
+                        from: *cursor + 1,
+                        to: target,
+                    });
+                }
                 *cursor = target;
                 break;
             };
             let n = page.entries.len() as u64;
             for e in page.entries {
+                // Every seq up to the room's head exists; one the page
+                // skips (an entry that could not be read back) is
+                // announced, never passed over in silence.
+                if e.msg.seq > *cursor + 1 {
+                    let gap = ServerFrame::Gap {
+                        room: room.name.to_string(),
+                        from: *cursor + 1,
+                        to: e.msg.seq - 1,
+                    };
+                    if !self.handle.send_wait(&gap).await {
+                        return Ok(());
+                    }
+                }
+                *cursor = e.msg.seq;
                 let f = if e.deleted {
                     ServerFrame::Deleted {
                         id: None,

@@ -248,6 +248,8 @@ pub struct Hub {
     store: Arc<dyn Store>,
     jobs: JobSender,
     cid_window: Duration,
+    /// Largest body, in bytes, in either encoding (`--max-message-size`).
+    max_body: usize,
     /// The cluster bus, when there is one (set once at start).
     bus: std::sync::OnceLock<Arc<dyn Bus>>,
     /// This node's id on the bus.
@@ -265,8 +267,17 @@ fn bus_unavailable(e: crate::bus::BusError) -> HubError {
     )
 }
 
-/// Checks every publish passes before it is sequenced.
-fn check_publish(opts: &NamespaceOpts, cid: Option<&str>, via_api: bool) -> Result<(), HubError> {
+/// Checks every publish passes before it is sequenced, whatever its
+/// ingress: the namespace's publish policy, the cid, and the body policy
+/// of `shoal_proto::body` (nesting depth, size in every encoding), so a
+/// sequenced message is always deliverable by every node to every client.
+fn check_publish(
+    opts: &NamespaceOpts,
+    cid: Option<&str>,
+    via_api: bool,
+    body: &Body,
+    max_body: usize,
+) -> Result<(), HubError> {
     if !via_api && opts.publish == PublishPolicy::Api {
         return Err((
             ErrorCode::Forbidden,
@@ -279,7 +290,13 @@ fn check_publish(opts: &NamespaceOpts, cid: Option<&str>, via_api: bool) -> Resu
             format!("cid must be 1 to {MAX_CID_LEN} bytes"),
         ));
     }
-    Ok(())
+    shoal_proto::check_body(body, max_body).map_err(|e| {
+        let code = match e {
+            shoal_proto::BodyError::TooDeep { .. } => ErrorCode::BadRequest,
+            shoal_proto::BodyError::TooLarge { .. } => ErrorCode::TooLarge,
+        };
+        (code, e.to_string())
+    })
 }
 
 /// What a publish produced.
@@ -315,6 +332,7 @@ impl Hub {
         store: Arc<dyn Store>,
         jobs: JobSender,
         cid_window: Duration,
+        max_body: usize,
     ) -> Self {
         let n = shards.max(1).next_power_of_two();
         Hub {
@@ -327,6 +345,7 @@ impl Hub {
             store,
             jobs,
             cid_window,
+            max_body,
             bus: std::sync::OnceLock::new(),
             node: std::sync::OnceLock::new(),
         }
@@ -626,7 +645,7 @@ impl Hub {
         reply: Reply,
         permit: Option<JobPermit>,
     ) -> Result<(), Reply> {
-        if let Err(e) = check_publish(&room.opts, cid.as_deref(), via_api) {
+        if let Err(e) = check_publish(&room.opts, cid.as_deref(), via_api, &body, self.max_body) {
             reply.fail(e);
             return Ok(());
         }
@@ -909,7 +928,7 @@ impl Hub {
         reply: Reply,
     ) {
         let opts = self.namespaces.get(name.namespace);
-        if let Err(e) = check_publish(&opts, cid.as_deref(), via_api) {
+        if let Err(e) = check_publish(&opts, cid.as_deref(), via_api, &body, self.max_body) {
             return reply.fail(e);
         }
         let started = Instant::now();
@@ -984,6 +1003,46 @@ impl Hub {
         None
     }
 
+    /// Pump side: a sequenced message whose record does not decode. Its
+    /// seq exists, so members are told it is missing (`gap`), in order
+    /// after everything before it, and the failure is logged as the bug it
+    /// is; it is never skipped in silence.
+    pub async fn bus_undeliverable(
+        &self,
+        bus: &dyn Bus,
+        room: &str,
+        seq: u64,
+        error: &shoal_proto::DecodeError,
+    ) {
+        self.metrics.bus_undeliverable.inc();
+        tracing::error!(room, seq, %error, "sequenced bus message does not decode; members get a gap");
+        let Some(r) = self.room(room) else { return };
+        let committed = r.state.lock().committed;
+        if seq > committed + 1 {
+            self.fill_gap(bus, &r, committed, seq - 1).await;
+        }
+        self.skip_gap(&r, seq);
+    }
+
+    /// Pump side: the direct-message counterpart of
+    /// [`Hub::bus_undeliverable`], for the user's connections here.
+    pub fn bus_direct_undeliverable(
+        &self,
+        user: &str,
+        room: &str,
+        seq: u64,
+        error: &shoal_proto::DecodeError,
+    ) {
+        self.metrics.bus_undeliverable.inc();
+        tracing::error!(room, seq, %error, "direct message on the bus does not decode; the parties get a gap");
+        let f = ServerFrame::Gap {
+            room: room.to_string(),
+            from: seq,
+            to: seq,
+        };
+        self.bus_user_event(user, &f);
+    }
+
     /// Deliver `(after, upto]` from the hot history. What the history no
     /// longer has is announced to members as a `gap`. False if the bus
     /// failed (retried on the next message or resync).
@@ -1004,6 +1063,11 @@ impl Hub {
             }
             let n = page.entries.len() as u64;
             for e in page.entries {
+                // A seq the history skips (an entry it could not decode)
+                // is announced, never passed over in silence.
+                if e.msg.seq > after + 1 {
+                    self.skip_gap(room, e.msg.seq - 1);
+                }
                 after = after.max(e.msg.seq);
                 self.accept_bus(room, e.msg.seq, e.msg.ts, &e.msg.from, e.msg.body);
             }
@@ -1267,6 +1331,7 @@ mod tests {
             store.clone(),
             tx,
             Duration::from_secs(60),
+            64 * 1024,
         ));
         let stop = CancellationToken::new();
         tokio::spawn(

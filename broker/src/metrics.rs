@@ -162,6 +162,10 @@ pub struct Metrics {
     pub bus_inbound_dropped: Counter,
     /// Bus payloads that did not decode.
     pub bus_bad_payloads: Counter,
+    /// Sequenced messages (live or from the hot history) whose record did
+    /// not decode: announced to members as a `gap`. Nonzero is a bug or a
+    /// foreign writer on the bus: alert on it.
+    pub bus_undeliverable: Counter,
     /// Messages read from the hot history to fill a delivery gap.
     pub bus_gap_filled: Counter,
     /// 1 while the cluster bus is reachable and subscribed (always 1
@@ -401,6 +405,12 @@ impl Metrics {
             "Bus payloads that could not be decoded",
             bus_bad_payloads.clone(),
         );
+        let bus_undeliverable = Counter::default();
+        registry.register(
+            "bus_undeliverable",
+            "Sequenced messages whose bus record did not decode, announced to members as a gap (a bug or a foreign writer: alert on any)",
+            bus_undeliverable.clone(),
+        );
         let bus_gap_filled = Counter::default();
         registry.register(
             "bus_gap_filled",
@@ -519,6 +529,7 @@ impl Metrics {
             bytes_out,
             bus_inbound_dropped,
             bus_bad_payloads,
+            bus_undeliverable,
             bus_gap_filled,
             bus_up,
             archived,

@@ -394,6 +394,7 @@ mod tests {
             store.clone(),
             tx,
             std::time::Duration::from_secs(60),
+            64 * 1024,
         ));
         let stop = CancellationToken::new();
         tokio::spawn(

@@ -69,6 +69,7 @@ pub async fn build_state(
         store.clone(),
         jobs_tx,
         cfg.idempotency_window(),
+        cfg.max_message_size,
     ));
     if cfg.bus == crate::config::BusKind::Redis {
         let (inbound, rx) = crate::bus::InboundQueue::new(cfg.bus_inbound_queue, metrics.clone());

@@ -695,3 +695,109 @@ async fn a_redis_cluster_of_three_masters_spreads_rooms_over_its_shards() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `depth` levels of alternating arrays and maps around a number.
+fn nested(depth: usize) -> serde_json::Value {
+    let mut v = json!(1);
+    for i in 0..depth {
+        v = if i % 2 == 0 { json!([v]) } else { json!({ "k": v }) };
+    }
+    v
+}
+
+/// Issue 15.1: a message is acked only if every node and every client
+/// encoding can deliver it, and a sequenced message the bus cannot decode
+/// is announced as a gap, live and on replay, never skipped in silence.
+#[tokio::test]
+async fn only_deliverable_bodies_are_acked_and_an_undecodable_record_is_a_gap() {
+    let redis = Redis::start().await;
+    let (a, b) = two_nodes(&redis).await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut packer = a.connect(&token_for("packer"), Encoding::MsgPack).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
+    let mut carol = b.connect(&token_for("carol"), Encoding::Json).await;
+    for c in [&mut alice, &mut packer, &mut bob, &mut carol] {
+        c.join("r").await;
+    }
+    let code = |f: ServerFrame| match f {
+        ServerFrame::Error { code, .. } => code,
+        ServerFrame::Ack { seq, .. } => 1000 + seq as u16,
+        f => panic!("{f:?}"),
+    };
+    assert_eq!(code(alice.publish("r", json!("one")).await), 1001);
+    // JSON decodes ~128 levels, the bus's MessagePack 32: one policy for
+    // both, refused before a seq is taken.
+    for depth in [40, shoal_proto::MAX_BODY_DEPTH + 1] {
+        assert_eq!(code(alice.publish("r", nested(depth)).await), 400, "{depth}");
+    }
+    let deepest = nested(shoal_proto::MAX_BODY_DEPTH);
+    assert_eq!(code(alice.publish("r", deepest.clone()).await), 1002);
+    // 65,000 `false`: under the limit as MessagePack, 390 KB as JSON.
+    let falses = serde_json::Value::Array(vec![json!(false); 65_000]);
+    assert_eq!(code(packer.publish("r", falses).await), 413);
+
+    // A foreign writer sequences seq 3 with a record nobody can decode.
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut r = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: i64 = redis::cmd("INCR")
+        .arg("shoal:{r}:seq")
+        .query_async(&mut r)
+        .await
+        .expect("incr");
+    let _: String = redis::cmd("XADD")
+        .arg("shoal:{r}:log")
+        .arg("3-0")
+        .arg("r")
+        .arg(&b"\xc1"[..])
+        .query_async(&mut r)
+        .await
+        .expect("xadd");
+    let _: i64 = redis::cmd("SPUBLISH")
+        .arg("shoal:{r}")
+        .arg(&b"3:\xc1"[..])
+        .query_async(&mut r)
+        .await
+        .expect("spublish");
+    assert_eq!(code(alice.publish("r", json!("four")).await), 1004);
+
+    let expected = |frames: &[ServerFrame]| {
+        let got: Vec<String> = frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Msg { seq, body, .. } => Some(format!("msg {seq} {body}")),
+                ServerFrame::Gap { from, to, .. } => Some(format!("gap {from}-{to}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "msg 1 \"one\"".to_string(),
+                format!("msg 2 {deepest}"),
+                "gap 3-3".into(),
+                "msg 4 \"four\"".into()
+            ]
+        );
+    };
+    // Live, on the other node, in both encodings (the publishers' helper
+    // skipped deliveries while it waited for its acks).
+    for c in [&mut bob, &mut carol] {
+        let mut frames = vec![];
+        while !matches!(frames.last(), Some(ServerFrame::Msg { seq: 4, .. })) {
+            frames.push(c.recv().await);
+        }
+        expected(&frames);
+    }
+    // Replayed from the hot history.
+    for node in [&a, &b] {
+        let mut late = node.connect(&token_for("dave"), Encoding::MsgPack).await;
+        let (frames, seq) = late.join_since("r", Some(0)).await;
+        assert_eq!(seq, 4);
+        expected(&frames);
+    }
+    assert!(a.metric("shoal_bus_undeliverable_total").await >= 1.0);
+    assert!(b.metric("shoal_bus_undeliverable_total").await >= 1.0);
+}

@@ -65,6 +65,19 @@ pub enum BusPayload {
         /// The message.
         record: BusRecord,
     },
+    /// A sequenced message (room or direct) whose seq prefix is valid but
+    /// whose record does not decode. The seq exists and cannot be
+    /// delivered: the receiver announces it as a `gap` and reports it
+    /// loudly, never skips it in silence. (The publish-side body policy
+    /// makes this a bug or a foreign writer, never a client's doing.)
+    Undeliverable {
+        /// For a direct message, its DM room; `None` on a room channel.
+        direct: Option<String>,
+        /// The seq that cannot be delivered.
+        seq: u64,
+        /// Why the record did not decode.
+        error: DecodeError,
+    },
     /// A revoked token: close the user's connections that use it.
     Revoke {
         /// User name.
@@ -148,10 +161,17 @@ pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
     if let Some(rest) = bytes.strip_prefix(DIRECT_PREFIX.as_bytes()) {
         let (room, rest) = word(rest)?;
         let (seq, record) = decode_msg(rest)?;
-        return Ok(BusPayload::Direct {
-            room: room.to_string(),
-            seq,
-            record,
+        return Ok(match record {
+            Ok(record) => BusPayload::Direct {
+                room: room.to_string(),
+                seq,
+                record,
+            },
+            Err(error) => BusPayload::Undeliverable {
+                direct: Some(room.to_string()),
+                seq,
+                error,
+            },
         });
     }
     if let Some(rest) = bytes.strip_prefix(REVOKE_PREFIX) {
@@ -163,11 +183,20 @@ pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
         });
     }
     let (seq, record) = decode_msg(bytes)?;
-    Ok(BusPayload::Msg { seq, record })
+    Ok(match record {
+        Ok(record) => BusPayload::Msg { seq, record },
+        Err(error) => BusPayload::Undeliverable {
+            direct: None,
+            seq,
+            error,
+        },
+    })
 }
 
-/// `<seq>:<record>`.
-fn decode_msg(bytes: &[u8]) -> Result<(u64, BusRecord), DecodeError> {
+/// `<seq>:<record>`: an error if the seq prefix is bad; the record's own
+/// decode result otherwise.
+#[allow(clippy::type_complexity)]
+fn decode_msg(bytes: &[u8]) -> Result<(u64, Result<BusRecord, DecodeError>), DecodeError> {
     let colon = bytes
         .iter()
         .take(21)
@@ -178,7 +207,7 @@ fn decode_msg(bytes: &[u8]) -> Result<(u64, BusRecord), DecodeError> {
         .and_then(|s| s.parse::<u64>().ok())
         .filter(|&s| s > 0)
         .ok_or_else(|| DecodeError::MsgPack("bus payload with a bad seq prefix".into()))?;
-    Ok((seq, decode_record(&bytes[colon + 1..])?))
+    Ok((seq, decode_record(&bytes[colon + 1..])))
 }
 
 #[cfg(test)]
@@ -227,14 +256,12 @@ mod tests {
             b"x:\x80",
             b"12",
             b"99999999999999999999999:\x80",
-            b"5:\xc1",
             b"e:",
             b"e:\x93\x01",
             b"d:",
             b"d:room",
             b"d: 1:\x80",
             b"d:room e:\x80",
-            b"d:d:x 1:\x80",
             b"r:",
             b"r:bob",
             b"r:\xff\xfe j",
@@ -244,6 +271,20 @@ mod tests {
         ] {
             assert!(decode_payload(bad).is_err(), "{bad:?}");
         }
+        // A valid seq with a record that does not decode is reported with
+        // its seq, so the receiver can announce it rather than skip it.
+        assert!(matches!(
+            decode_payload(b"5:\xc1"),
+            Ok(BusPayload::Undeliverable {
+                direct: None,
+                seq: 5,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode_payload(b"d:d:x 1:\x80"),
+            Ok(BusPayload::Undeliverable { direct: Some(ref r), seq: 1, .. }) if r == "d:x"
+        ));
         // Nested prefixes do not recurse.
         let deep = b"d:x ".repeat(100_000);
         assert!(decode_payload(&deep).is_err());

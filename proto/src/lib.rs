@@ -6,12 +6,14 @@
 //! [`DecodeError`]; it never panics. The full specification for client
 //! authors is `proto/PROTOCOL.md`.
 
+pub mod body;
 pub mod bus;
 pub mod codec;
 pub mod codes;
 pub mod frame;
 pub mod names;
 
+pub use body::{check_body, BodyError, MAX_BODY_DEPTH};
 pub use codec::{DecodeError, EncodeError, Encoding, DEFAULT_MAX_DEPTH};
 pub use codes::{CloseCode, ErrorCode};
 pub use frame::{Body, ClientFrame, MarkState, Receipt, ServerFrame, StoredMsg};

@@ -275,6 +275,16 @@ pub async fn pump(
                         hub.bus_direct(user, &dm, seq, record);
                     }
                 }
+                Ok(BusPayload::Undeliverable { direct, seq, error }) => {
+                    match (direct, room.strip_prefix('@')) {
+                        (Some(dm), Some(user)) => hub.bus_direct_undeliverable(user, &dm, seq, &error),
+                        (None, None) => hub.bus_undeliverable(&*bus, &room, seq, &error).await,
+                        _ => {
+                            hub.metrics().bus_bad_payloads.inc();
+                            tracing::error!(room = %room, seq, error = %error, "undecodable sequenced bus payload on the wrong channel");
+                        }
+                    }
+                }
                 Ok(BusPayload::Revoke { user, jti }) => {
                     if &*room == GLOBAL_CHANNEL {
                         on_revoke(&user, &jti);

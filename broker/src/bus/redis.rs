@@ -582,8 +582,10 @@ impl Bus for RedisBus {
                     deleted: false,
                 }),
                 Err(e) => {
-                    self.metrics.bus_bad_payloads.inc();
-                    tracing::warn!(room, seq, error = %e, "undecodable hot-history entry");
+                    // Left out of the page: readers announce the hole as
+                    // a gap (they never skip a seq in silence).
+                    self.metrics.bus_undeliverable.inc();
+                    tracing::error!(room, seq, error = %e, "undecodable hot-history entry; readers get a gap");
                 }
             }
         }
