@@ -139,6 +139,43 @@ pub struct Config {
     )]
     pub handshake_timeout_secs: u64,
 
+    /// Longest wait, in seconds, for the next part of an HTTP request
+    /// body; also the grace before `--http-body-min-rate` applies. Over
+    /// it: 408 and the connection closes.
+    #[arg(
+        long = "http-body-timeout",
+        env = "SHOAL_HTTP_BODY_TIMEOUT",
+        default_value_t = 10
+    )]
+    pub http_body_timeout_secs: u64,
+
+    /// Slowest accepted average rate of an HTTP request body, in bytes per
+    /// second, once the body timeout's grace has passed (0: no minimum).
+    /// Slower: 408 and the connection closes.
+    #[arg(long, env = "SHOAL_HTTP_BODY_MIN_RATE", default_value_t = 16 * 1024)]
+    pub http_body_min_rate: u64,
+
+    /// Seconds an HTTP response write may make no progress (a client that
+    /// does not read) before the connection is dropped.
+    #[arg(
+        long = "http-write-timeout",
+        env = "SHOAL_HTTP_WRITE_TIMEOUT",
+        default_value_t = 30
+    )]
+    pub http_write_timeout_secs: u64,
+
+    /// Maximum open HTTP connections (requests, keep-alive, handshakes in
+    /// progress; not upgraded WebSockets, which `--max-connections`
+    /// counts). More get 503 and are closed.
+    #[arg(long, env = "SHOAL_MAX_HTTP_CONNECTIONS", default_value_t = 4096)]
+    pub max_http_connections: usize,
+
+    /// Maximum open HTTP connections from one client address (0: no
+    /// limit). Behind a proxy every connection comes from the proxy's
+    /// address: raise it or set 0 there.
+    #[arg(long, env = "SHOAL_MAX_HTTP_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_http_connections_per_ip: usize,
+
     /// Seconds graceful shutdown waits for connections to drain after
     /// sending close 1001, before exiting anyway.
     #[arg(
@@ -203,6 +240,12 @@ pub struct Config {
     /// gets 413.
     #[arg(long, env = "SHOAL_MAX_FILE_SIZE", default_value_t = 5 * 1024 * 1024)]
     pub max_file_size: usize,
+
+    /// Bytes of uploads the node reads at once, all connections together
+    /// (each upload holds its Content-Length while it is read). More get
+    /// 503 with Retry-After. At least `--max-file-size`.
+    #[arg(long, env = "SHOAL_MAX_UPLOAD_MEMORY", default_value_t = 64 * 1024 * 1024)]
+    pub max_upload_memory: usize,
 
     /// URL that gets `POST {user, room, seq, from, preview}` (JSON) when a
     /// direct message commits and its recipient has no live connection, for
@@ -334,6 +377,21 @@ impl Config {
                 return Err("--offline-webhook must be an http:// URL".into());
             }
         }
+        if self.http_body_timeout_secs == 0
+            || self.http_write_timeout_secs == 0
+            || self.max_http_connections == 0
+        {
+            return Err(
+                "--http-body-timeout, --http-write-timeout and --max-http-connections must be positive"
+                    .into(),
+            );
+        }
+        if self.max_upload_memory < self.max_file_size || self.max_upload_memory > u32::MAX as usize
+        {
+            return Err(
+                "--max-upload-memory must be at least --max-file-size and under 4 GiB".into(),
+            );
+        }
         if self.retention_interval_secs == 0 {
             return Err("--retention-interval must be positive".into());
         }
@@ -407,6 +465,18 @@ impl Config {
     /// See `--idle-timeout`.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
+    }
+    /// How HTTP request bodies of at most `max` bytes are read.
+    pub fn body_limits(&self, max: usize) -> crate::httpconn::BodyLimits {
+        crate::httpconn::BodyLimits {
+            max,
+            timeout: Duration::from_secs(self.http_body_timeout_secs),
+            min_rate: self.http_body_min_rate,
+        }
+    }
+    /// Longest an HTTP response write may make no progress.
+    pub fn http_write_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_write_timeout_secs)
     }
     /// See `--handshake-timeout`.
     pub fn handshake_timeout(&self) -> Duration {

@@ -8,7 +8,7 @@
 use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{
     body::Incoming,
     header::{self, HeaderValue},
@@ -32,6 +32,8 @@ pub struct ApiError {
     status: StatusCode,
     error: &'static str,
     message: String,
+    /// Seconds for a `Retry-After` header (429 and 503 that will pass).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -40,7 +42,12 @@ impl ApiError {
             status,
             error,
             message: message.into(),
+            retry_after: None,
         }
+    }
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
     }
     fn bad_request(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
@@ -63,10 +70,15 @@ impl ApiError {
         )
     }
     fn into_response(self) -> Resp {
-        json_response(
+        let mut r = json_response(
             self.status,
             &json!({"error": self.error, "message": self.message}),
-        )
+        );
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
     }
 }
 
@@ -226,19 +238,62 @@ fn metrics(state: &AppState) -> Resp {
     r
 }
 
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+async fn read_json<T: DeserializeOwned>(
+    state: &AppState,
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let body = read_body(state, req, MAX_BODY, "body").await?;
+    parse_json(&body)
+}
+
+/// Read a request body of at most `max` bytes under the body timeout and
+/// minimum rate (see `httpconn`).
+async fn read_body(
+    state: &AppState,
+    req: Request<Incoming>,
+    max: usize,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    use crate::httpconn::BodyError;
+    let limits = state.cfg.body_limits(max);
+    let declared = content_length(&req);
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("{what} larger than {max} bytes"),
+        ));
+    }
+    crate::httpconn::read_body(req.into_body(), limits, declared)
         .await
-        .map_err(|_| {
-            ApiError::new(
+        .map_err(|e| match e {
+            BodyError::TooLarge => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("body larger than {MAX_BODY} bytes"),
-            )
-        })?
-        .to_bytes();
-    parse_json(&body)
+                format!("{what} larger than {max} bytes"),
+            ),
+            BodyError::TooSlow => {
+                state.metrics.http_timeout("body");
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "{what} stalled for {} s or arrived slower than {} bytes/s",
+                        limits.timeout.as_secs(),
+                        limits.min_rate
+                    ),
+                )
+            }
+            BodyError::Aborted => ApiError::bad_request(format!("{what} ended early")),
+        })
+}
+
+/// The declared `Content-Length`, if any and readable.
+fn content_length<B>(req: &Request<B>) -> Option<usize> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Parse an untrusted REST body; a bad one is a 400, never a panic.
@@ -285,7 +340,7 @@ pub struct Credentials {
 }
 
 async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let c: Credentials = read_json(req).await?;
+    let c: Credentials = read_json(state, req).await?;
     shoal_proto::names::validate_user(&c.username)
         .map_err(|e| ApiError::bad_request(format!("username: {e}")))?;
     if c.password.len() < 8 || c.password.len() > 1024 {
@@ -313,7 +368,7 @@ async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiE
 }
 
 async fn login(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let c: Credentials = read_json(req).await?;
+    let c: Credentials = read_json(state, req).await?;
     let hash = if shoal_proto::names::validate_user(&c.username).is_ok() {
         state.store.password_hash(&c.username).await?
     } else {
@@ -415,7 +470,7 @@ async fn api_publish(
             return Err(ApiError::unauthorized("invalid API key"));
         }
     }
-    let p: ApiPublish = read_json(req).await?;
+    let p: ApiPublish = read_json(state, req).await?;
     let Some(room) = path_room.or(p.room) else {
         return Err(ApiError::bad_request("missing `room`"));
     };
@@ -580,17 +635,35 @@ async fn upload(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
         .unwrap_or_default();
     let name = sanitize_file_name(q.get("name").map(String::as_str).unwrap_or("file"));
     let max = state.cfg.max_file_size;
-    let data = Limited::new(req.into_body(), max)
-        .collect()
-        .await
-        .map_err(|_| {
+    let Some(length) = content_length(&req) else {
+        return Err(ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "uploads need a Content-Length",
+        ));
+    };
+    if length > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("file larger than {max} bytes"),
+        ));
+    }
+    // The upload's bytes come out of the node's upload budget while it is
+    // read (see `httpconn`).
+    let _budget = u32::try_from(length)
+        .ok()
+        .and_then(|n| state.upload_budget.clone().try_acquire_many_owned(n).ok())
+        .ok_or_else(|| {
+            state.metrics.rate_limited("upload_memory");
             ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("file larger than {max} bytes"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "too many uploads in progress; retry shortly",
             )
-        })?
-        .to_bytes();
+            .retry_after(1)
+        })?;
+    let data = read_body(state, req, max, "file").await?;
     if data.is_empty() {
         return Err(ApiError::bad_request("empty file"));
     }

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod http;
+pub mod httpconn;
 pub mod hub;
 pub mod maskcheck;
 pub mod metrics;

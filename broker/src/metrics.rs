@@ -187,6 +187,10 @@ pub struct Metrics {
     /// Rooms this node is subscribed to on the bus.
     pub redis_subscriptions: Gauge,
     http: Family<L2, Counter>,
+    http_refused: Family<L1, Counter>,
+    http_timeouts: Family<L1, Counter>,
+    /// Open HTTP (not upgraded) connections.
+    pub http_connections: Gauge,
     process_cpu: Counter<f64, AtomicU64>,
     process_rss: Gauge,
     process_fds: Gauge,
@@ -472,6 +476,27 @@ impl Metrics {
             "HTTP requests by route and status",
             http.clone(),
         );
+        let http_refused = Family::<L1, Counter>::default();
+        registry.register(
+            "http_refused",
+            "HTTP connections refused with 503 by reason (total or per_address cap)",
+            http_refused.clone(),
+        );
+        let http_timeouts = Family::<L1, Counter>::default();
+        registry.register(
+            "http_timeouts",
+            "HTTP connections ended by a timeout: header (request head or keep-alive idle), body (stalled or under the minimum rate), write (response not read)",
+            http_timeouts.clone(),
+        );
+        for kind in ["header", "body", "write"] {
+            let _ = http_timeouts.get_or_create(&[("kind", kind)]);
+        }
+        let http_connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Open HTTP connections (not upgraded to WebSocket)",
+            http_connections.clone(),
+        );
         for route in ["health", "metrics"] {
             let _ = http.get_or_create(&[("route", route), ("status", "200")]);
         }
@@ -540,6 +565,9 @@ impl Metrics {
             redis_reconnects,
             redis_subscriptions,
             http,
+            http_refused,
+            http_timeouts,
+            http_connections,
             process_cpu,
             process_rss,
             process_fds,
@@ -587,6 +615,15 @@ impl Metrics {
         self.http
             .get_or_create(&[("route", route), ("status", status_label(status))])
             .inc();
+    }
+
+    /// Count an HTTP connection refused at a cap.
+    pub fn http_refused(&self, reason: &'static str) {
+        self.http_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+    /// Count an HTTP connection ended by a timeout.
+    pub fn http_timeout(&self, kind: &'static str) {
+        self.http_timeouts.get_or_create(&[("kind", kind)]).inc();
     }
 
     /// Render the text exposition format.

@@ -176,6 +176,12 @@ pub async fn build_state(
         tls,
         handshake_bucket,
         conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        upload_budget: Arc::new(Semaphore::new(cfg.max_upload_memory)),
+        http_admission: crate::httpconn::HttpAdmission::new(
+            cfg.max_http_connections,
+            cfg.max_http_connections_per_ip,
+            metrics.http_connections.clone(),
+        ),
         cfg: Arc::new(cfg),
         node,
         hub,
@@ -318,7 +324,37 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
         };
         let _ = stream.set_nodelay(true);
         let st = state.clone();
+        let permit = match state.http_admission.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                state.metrics.http_refused(why.label());
+                tracing::debug!(%peer, reason = why.label(), "HTTP connection refused");
+                // Answer in plain HTTP (on a TLS port this is noise the
+                // client drops, then sees the close), briefly, then close.
+                state.tracker.spawn(async move {
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = stream
+                            .write_all(&crate::httpconn::refusal_response(why))
+                            .await;
+                        let _ = stream.shutdown().await;
+                    })
+                    .await;
+                });
+                continue;
+            }
+        };
+        let metrics = state.metrics.clone();
+        let stream = crate::httpconn::WriteDeadline::new(
+            stream,
+            state.cfg.http_write_timeout(),
+            move || metrics.http_timeout("write"),
+        );
         state.tracker.spawn(async move {
+            // Held while the connection speaks HTTP; an upgrade to a
+            // WebSocket ends serve_http and frees it.
+            let _permit = permit;
             match st.tls.as_ref().map(|t| t.acceptor()) {
                 None => serve_http(st, TokioIo::new(stream), peer).await,
                 Some(acceptor) => {
@@ -384,6 +420,9 @@ where
         }
     };
     if let Err(e) = res {
+        if e.is_timeout() {
+            st.metrics.http_timeout("header");
+        }
         tracing::debug!(%peer, error = %e, "http connection ended with error");
     }
 }

@@ -25,6 +25,11 @@ pub struct AppState {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// Admits handshakes at `--handshake-rate` (None: unlimited).
     pub handshake_bucket: Option<parking_lot::Mutex<crate::conn::TokenBucket>>,
+    /// Open HTTP connections, in total and per address.
+    pub http_admission: Arc<crate::httpconn::HttpAdmission>,
+    /// Bytes of uploads being read, one permit per byte
+    /// (`--max-upload-memory`).
+    pub upload_budget: Arc<Semaphore>,
     /// One permit per WebSocket connection (`--max-connections`).
     pub conn_permits: Arc<Semaphore>,
     /// Cancelled when the server shuts down.

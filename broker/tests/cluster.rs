@@ -700,7 +700,11 @@ async fn a_redis_cluster_of_three_masters_spreads_rooms_over_its_shards() {
 fn nested(depth: usize) -> serde_json::Value {
     let mut v = json!(1);
     for i in 0..depth {
-        v = if i % 2 == 0 { json!([v]) } else { json!({ "k": v }) };
+        v = if i % 2 == 0 {
+            json!([v])
+        } else {
+            json!({ "k": v })
+        };
     }
     v
 }
@@ -728,7 +732,11 @@ async fn only_deliverable_bodies_are_acked_and_an_undecodable_record_is_a_gap() 
     // JSON decodes ~128 levels, the bus's MessagePack 32: one policy for
     // both, refused before a seq is taken.
     for depth in [40, shoal_proto::MAX_BODY_DEPTH + 1] {
-        assert_eq!(code(alice.publish("r", nested(depth)).await), 400, "{depth}");
+        assert_eq!(
+            code(alice.publish("r", nested(depth)).await),
+            400,
+            "{depth}"
+        );
     }
     let deepest = nested(shoal_proto::MAX_BODY_DEPTH);
     assert_eq!(code(alice.publish("r", deepest.clone()).await), 1002);

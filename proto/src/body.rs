@@ -66,7 +66,9 @@ pub fn check_body(body: &Body, max_size: usize) -> Result<(), BodyError> {
             max: max_size,
         });
     }
-    let msgpack = encoded_len(max_size, |w| rmp_serde::encode::write_named(w, body).is_ok());
+    let msgpack = encoded_len(max_size, |w| {
+        rmp_serde::encode::write_named(w, body).is_ok()
+    });
     if msgpack > max_size {
         return Err(BodyError::TooLarge {
             encoding: "msgpack",

@@ -277,7 +277,9 @@ pub async fn pump(
                 }
                 Ok(BusPayload::Undeliverable { direct, seq, error }) => {
                     match (direct, room.strip_prefix('@')) {
-                        (Some(dm), Some(user)) => hub.bus_direct_undeliverable(user, &dm, seq, &error),
+                        (Some(dm), Some(user)) => {
+                            hub.bus_direct_undeliverable(user, &dm, seq, &error)
+                        }
                         (None, None) => hub.bus_undeliverable(&*bus, &room, seq, &error).await,
                         _ => {
                             hub.metrics().bus_bad_payloads.inc();
