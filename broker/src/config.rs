@@ -6,6 +6,9 @@ use std::{collections::HashMap, net::SocketAddr, path::PathBuf, str::FromStr, ti
 
 use clap::Parser;
 
+/// Shortest accepted `--api-key`.
+pub const MIN_API_KEY_LEN: usize = 16;
+
 /// Shoal: a real-time messaging broker (rooms, direct messages, presence)
 /// over WebSocket.
 #[derive(Debug, Clone, Parser)]
@@ -52,7 +55,9 @@ pub struct Config {
     pub token_ttl_secs: u64,
 
     /// Key for the server API (`POST /api/rooms/{room}/messages`), sent as
-    /// `Authorization: Bearer <key>`. Server API disabled when unset.
+    /// `Authorization: Bearer <key>` (only there: never in a URL). At
+    /// least 16 bytes; an empty key is refused at start. Server API
+    /// disabled when unset.
     #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -375,6 +380,14 @@ impl Config {
         if let Some(u) = &self.offline_webhook {
             if !u.starts_with("http://") {
                 return Err("--offline-webhook must be an http:// URL".into());
+            }
+        }
+        if let Some(k) = &self.api_key {
+            if k.trim().len() < MIN_API_KEY_LEN {
+                return Err(format!(
+                    "--api-key / SHOAL_API_KEY must be at least {MIN_API_KEY_LEN} bytes \
+                     (unset it to disable the server API)"
+                ));
             }
         }
         if self.http_body_timeout_secs == 0

@@ -91,7 +91,7 @@ impl Assembler {
     /// Feed one frame.
     pub fn feed(&mut self, fin: bool, opcode: OpCode, payload: &[u8]) -> Step {
         match opcode {
-            OpCode::Close => Step::Close(CloseCode::Normal),
+            OpCode::Close => Step::Close(close_reply(payload)),
             OpCode::Pong => Step::Pong,
             OpCode::Ping => Step::Ping,
             OpCode::Text | OpCode::Binary => {
@@ -127,6 +127,28 @@ impl Assembler {
                     return Step::Close(CloseCode::InvalidPayload);
                 }
                 Step::Reassembled(buf.freeze())
+            }
+        }
+    }
+}
+
+/// The code to answer a client's close frame with (RFC 6455 §5.5.1,
+/// §7.4): an empty body or a valid code with a UTF-8 reason is a normal
+/// close; a 1-byte body or a code no endpoint may send is a protocol error
+/// (1002); a reason that is not UTF-8 is 1007.
+fn close_reply(payload: &[u8]) -> CloseCode {
+    match payload {
+        [] => CloseCode::Normal,
+        [_] => CloseCode::Protocol,
+        [a, b, reason @ ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            let valid = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if !valid {
+                CloseCode::Protocol
+            } else if std::str::from_utf8(reason).is_err() {
+                CloseCode::InvalidPayload
+            } else {
+                CloseCode::Normal
             }
         }
     }
@@ -192,7 +214,6 @@ pub async fn serve(
         },
         metrics.clone(),
     ));
-    metrics.connections.inc();
     state.hub.register(&handle);
     handle.send(&ServerFrame::Hello {
         user: claims.sub.clone(),
@@ -202,6 +223,9 @@ pub async fn serve(
     });
     tracing::debug!(conn = handle.id, user = %handle.user, enc = encoding.name(), "connected");
 
+    // From here the session's drop runs the cleanup, however the task
+    // ends (return, cancellation, or a panic unwinding through it).
+    metrics.connections.inc();
     let mut session = Session {
         state: state.clone(),
         handle: handle.clone(),
@@ -212,8 +236,13 @@ pub async fn serve(
         last_typing: HashMap::new(),
     };
 
-    let expires_in = Duration::from_secs(claims.exp.saturating_sub(crate::auth::now_secs()));
-    let token_deadline = Instant::now() + expires_in;
+    // `exp` is the peer's (signed, but any u64): no arithmetic on it may
+    // overflow. A deadline past MAX_TOKEN_WAIT is as good as never.
+    let expires_in =
+        Duration::from_secs(claims.exp.saturating_sub(crate::auth::now_secs())).min(MAX_TOKEN_WAIT);
+    let token_deadline = Instant::now()
+        .checked_add(expires_in)
+        .unwrap_or_else(|| Instant::now() + MAX_TOKEN_WAIT);
     // Auto-close and auto-pong are off, so fastwebsockets never has
     // anything to send on our behalf.
     let mut send_fn = |_f: fastwebsockets::Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
@@ -248,19 +277,24 @@ pub async fn serve(
                 Ok(Ok(f)) => f,
             },
         };
-        match assembler.feed(frame.fin, frame.opcode, &frame.payload) {
-            Step::Pending => {}
+        let step = assembler.feed(frame.fin, frame.opcode, &frame.payload);
+        // Every inbound frame takes a token, whatever it is: pongs and
+        // fragments cost the broker as much as messages do. A complete
+        // message takes its token in `on_message`.
+        if matches!(step, Step::Pending | Step::Pong | Step::Ping) {
+            match session.admit() {
+                Admit::Yes => {}
+                Admit::Refused => continue,
+                Admit::Close => break,
+            }
+        }
+        match step {
+            Step::Pending | Step::Pong => {}
             Step::Close(code) => {
                 handle.close(code);
                 break;
             }
-            Step::Pong => {}
             Step::Ping => {
-                match session.admit() {
-                    Admit::Yes => {}
-                    Admit::Refused => continue,
-                    Admit::Close => break,
-                }
                 // Best effort, like other ephemeral frames.
                 let _ = handle.push(ws_frame(OpCode::Pong, &frame.payload), true);
             }
@@ -280,16 +314,29 @@ pub async fn serve(
         }
     }
 
-    // Cleanup: leave rooms (presence offline), unregister, stop the writer.
-    let rooms: Vec<Arc<Room>> = session.rooms.drain().map(|(_, r)| r).collect();
-    for room in rooms {
-        state.hub.leave(&handle, &room);
-    }
-    state.hub.unregister(&handle);
-    ctl.cancel.cancel();
+    // Cleanup (see `Drop for Session`), then give the writer time to send
+    // the close frame.
+    drop(session);
     let _ = tokio::time::timeout(cfg.write_timeout() + Duration::from_secs(1), writer).await;
-    metrics.connections.dec();
     tracing::debug!(conn = handle.id, code = ?ctl.code(), "disconnected");
+}
+
+/// Longest a connection waits for its token to expire; a later `exp`
+/// (up to `u64::MAX`) means the same.
+const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+impl Drop for Session {
+    /// Leave rooms (presence offline), unregister, stop the writer, and
+    /// count the connection gone. In `Drop` so that it runs however the
+    /// connection task ends, a panic included.
+    fn drop(&mut self) {
+        for (_, room) in self.rooms.drain() {
+            self.state.hub.leave(&self.handle, &room);
+        }
+        self.state.hub.unregister(&self.handle);
+        self.handle.cancel_token().cancel();
+        self.state.metrics.connections.dec();
+    }
 }
 
 fn close_code_for(e: &WebSocketError) -> Option<CloseCode> {

@@ -369,19 +369,22 @@ async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiE
 
 async fn login(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let c: Credentials = read_json(state, req).await?;
-    let hash = if shoal_proto::names::validate_user(&c.username).is_ok() {
+    let found = if shoal_proto::names::validate_user(&c.username).is_ok() {
         state.store.password_hash(&c.username).await?
     } else {
         None
     };
+    // Names are case-insensitive: the token carries the name as registered.
+    let (name, hash) = found.map_or((None, None), |(n, h)| (Some(n), Some(h)));
     if !state.auth.check_password(c.password, hash).await {
         state.metrics.auth_failure("bad_password");
         return Err(ApiError::unauthorized("invalid username or password"));
     }
-    let (token, claims) = state.auth.issue(&c.username).map_err(ApiError::internal)?;
+    let name = name.unwrap_or(c.username);
+    let (token, claims) = state.auth.issue(&name).map_err(ApiError::internal)?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"token": token, "expires_at": claims.exp, "username": c.username}),
+        &json!({"token": token, "expires_at": claims.exp, "username": name}),
     ))
 }
 
@@ -439,8 +442,26 @@ pub struct ApiPublish {
     pub cid: Option<String>,
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compare a presented key with the configured one without leaking where
+/// (or whether, by length) they differ: both are hashed to 32 bytes first,
+/// then compared over every byte.
+fn keys_match(given: &[u8], key: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given), Sha256::digest(key));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The server API key: only from `Authorization: Bearer` (a key in a URL
+/// ends up in proxy and access logs).
+fn api_key_header<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 fn hub_error((c, m): crate::hub::HubError) -> ApiError {
@@ -463,8 +484,8 @@ async fn api_publish(
             "server API disabled (no SHOAL_API_KEY)",
         ));
     };
-    match bearer(&req) {
-        Some(t) if constant_time_eq(t.as_bytes(), key.as_bytes()) => {}
+    match api_key_header(&req) {
+        Some(t) if !t.is_empty() && keys_match(t.as_bytes(), key.as_bytes()) => {}
         _ => {
             state.metrics.auth_failure("bad_api_key");
             return Err(ApiError::unauthorized("invalid API key"));
@@ -498,7 +519,7 @@ async fn api_publish(
 }
 
 /// Sender name of messages published through the server API.
-pub const SERVER_SENDER: &str = "server";
+pub use shoal_proto::names::SERVER_SENDER;
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {
     form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
@@ -558,6 +579,11 @@ async fn search(state: &AppState, req: Request<Incoming>, room: &str) -> Result<
     let text = q.get("q").map(|s| s.trim()).unwrap_or("");
     if text.is_empty() || text.len() > 256 {
         return Err(ApiError::bad_request("`q` must be 1 to 256 bytes"));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "`q` must not contain control characters",
+        ));
     }
     let limit = num::<u32>(&q, "limit")?.unwrap_or(20).clamp(1, 100) as usize;
     let offset = num::<u32>(&q, "offset")?.unwrap_or(0).min(10_000) as usize;
@@ -753,12 +779,13 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
         return Err(ApiError::bad_request("expected a WebSocket upgrade"));
     }
     if !state.cfg.allowed_origins.is_empty() {
-        if let Some(origin) = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-        {
-            if !state.cfg.allowed_origins.iter().any(|o| o == origin) {
+        // Absent: not a browser, allowed. Present: it must be readable
+        // and on the list (an unreadable Origin is not an absent one).
+        if let Some(origin) = req.headers().get(header::ORIGIN) {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| state.cfg.allowed_origins.iter().any(|a| a == o));
+            if !allowed {
                 m.handshake("forbidden_origin");
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,

@@ -94,6 +94,26 @@ fn cid_key(user: &str, cid: &str) -> String {
     format!("{user}\0{cid}")
 }
 
+/// Whose idempotency space a publish's `cid` lives in: the sender's, or,
+/// for the server API, one no user name can spell (`@` is not a name
+/// character), so a user's cid can never shadow an API publish.
+fn cid_owner(from: &str, via_api: bool) -> &str {
+    if via_api {
+        API_CID_OWNER
+    } else {
+        from
+    }
+}
+
+/// Idempotency space of the server API.
+const API_CID_OWNER: &str = "@api";
+
+/// The idempotency space of a stored message: API messages are stored
+/// with the reserved sender name, which no user may hold.
+fn stored_cid_owner(sender: &str) -> &str {
+    cid_owner(sender, sender == shoal_proto::names::SERVER_SENDER)
+}
+
 /// A request refused by the hub.
 pub type HubError = (ErrorCode, String);
 
@@ -284,10 +304,14 @@ fn check_publish(
             "only the server API publishes in this namespace".into(),
         ));
     }
-    if cid.is_some_and(|c| c.is_empty() || c.len() > MAX_CID_LEN) {
+    // Control characters (NUL among them) are refused: PostgreSQL cannot
+    // store NUL in text, and one unstorable message would stall the batch
+    // it travels in.
+    if cid.is_some_and(|c| c.is_empty() || c.len() > MAX_CID_LEN || c.chars().any(char::is_control))
+    {
         return Err((
             ErrorCode::BadRequest,
-            format!("cid must be 1 to {MAX_CID_LEN} bytes"),
+            format!("cid must be 1 to {MAX_CID_LEN} bytes without control characters"),
         ));
     }
     shoal_proto::check_body(body, max_body).map_err(|e| {
@@ -444,7 +468,12 @@ impl Hub {
             let mut st = RoomState::default();
             let window = self.cid_window.as_millis() as u64;
             for c in head.cids.into_iter().rev() {
-                st.remember_cid(cid_key(&c.user, &c.cid), c.seq, c.ts, window);
+                st.remember_cid(
+                    cid_key(stored_cid_owner(&c.user), &c.cid),
+                    c.seq,
+                    c.ts,
+                    window,
+                );
             }
             return Ok(self.insert_room(&mut sh, name, opts, head.last_seq, st));
         }
@@ -654,7 +683,7 @@ impl Hub {
         if st.evicted {
             return Err(reply);
         }
-        let key = cid.as_deref().map(|c| cid_key(from, c));
+        let key = cid.as_deref().map(|c| cid_key(cid_owner(from, via_api), c));
         if let Some(&(seq, ts)) = key.as_ref().and_then(|k| st.cids.get(k)) {
             self.metrics.idempotent_retries.inc();
             let p = Published {
@@ -938,7 +967,7 @@ impl Hub {
             from: from.to_string(),
             body,
         };
-        let key = cid.as_deref().map(|c| (&**from, c));
+        let key = cid.as_deref().map(|c| (cid_owner(from, via_api), c));
         match bus.publish(name.full, &record, key, floor).await {
             Ok(s) => {
                 if s.duplicate {

@@ -302,7 +302,7 @@ mod tests {
         async fn create_user(&self, n: &str, h: &str) -> Result<(), StoreError> {
             self.inner.create_user(n, h).await
         }
-        async fn password_hash(&self, n: &str) -> Result<Option<String>, StoreError> {
+        async fn password_hash(&self, n: &str) -> Result<Option<(String, String)>, StoreError> {
             self.inner.password_hash(n).await
         }
         async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {

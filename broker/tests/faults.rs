@@ -55,7 +55,7 @@ async fn reconnection_storm_is_admitted_and_recovers_with_since() {
     let b = Arc::new(
         Broker::start_with(|c| {
             c.handshake_rate = 800.0;
-            c.api_key = Some("storm-key".into());
+            c.api_key = Some("storm-key-0123456789abc".into());
             c.max_rooms_per_connection = 4;
         })
         .await,
@@ -128,7 +128,7 @@ async fn reconnection_storm_is_admitted_and_recovers_with_since() {
         async move {
             let r = http
                 .post(url)
-                .bearer_auth("storm-key")
+                .bearer_auth("storm-key-0123456789abc")
                 .json(&json!({"room": format!("storm{room}"), "body": "tick"}))
                 .send()
                 .await

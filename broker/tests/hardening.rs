@@ -328,3 +328,356 @@ async fn http_connections_are_capped_per_address_and_in_total() {
     bystander_served(&b).await;
     drop(ws);
 }
+
+/// Issue 15.3: an empty or short API key is refused at start (flag and
+/// env var), and the key is accepted only in the Authorization header.
+#[tokio::test]
+async fn the_api_key_is_never_empty_and_only_in_the_header() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (flag, env) in [(Some(""), None), (None, Some("")), (Some("short"), None)] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"));
+        cmd.args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(dir.path())
+            .env("SHOAL_JWT_SECRET", SECRET)
+            .env_remove("SHOAL_API_KEY");
+        if let Some(k) = flag {
+            cmd.args(["--api-key", k]);
+        }
+        if let Some(k) = env {
+            cmd.env("SHOAL_API_KEY", k);
+        }
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .expect("join")
+            .expect("run shoal");
+        assert!(!out.status.success(), "{flag:?} {env:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--api-key"), "{err}");
+    }
+    let key = "an-api-key-0123456789";
+    let b = Broker::start_with(|c| c.api_key = Some(key.into())).await;
+    let body = json!({"room": "news", "body": "hi"});
+    let url = |q: &str| b.url(&format!("/api/publish{q}"));
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let in_query = b.http.post(url(&format!("?token={key}"))).json(&body);
+    assert_eq!(status(in_query.send().await.expect("http")), 401);
+    let empty = b.http.post(url("?token=")).json(&body);
+    assert_eq!(status(empty.send().await.expect("http")), 401);
+    let empty_bearer = b.http.post(url("")).bearer_auth("").json(&body);
+    assert_eq!(status(empty_bearer.send().await.expect("http")), 401);
+    let ok = b.http.post(url("")).bearer_auth(key).json(&body);
+    assert_eq!(status(ok.send().await.expect("http")), 201);
+    assert!(
+        b.metric("shoal_auth_failures_total{reason=\"bad_api_key\"")
+            .await
+            >= 3.0
+    );
+    bystander_served(&b).await;
+}
+
+/// Issue 15.4: nobody may be `server` (the server API's sender name), and
+/// a user's cid cannot shadow a server-API publish, on one node and in a
+/// cluster.
+#[tokio::test]
+async fn system_names_are_reserved_and_the_api_has_its_own_idempotency_space() {
+    let key = "an-api-key-0123456789";
+    let redis = Redis::start().await;
+    for cluster in [false, true] {
+        let url = redis.url();
+        let b = Broker::start_with(|c| {
+            c.api_key = Some(key.into());
+            if cluster {
+                c.bus = shoal_broker::config::BusKind::Redis;
+                c.redis_url = Some(url);
+            }
+        })
+        .await;
+        b.health_becomes(200).await;
+        for name in ["server", "Server", "SYSTEM", "shoal", "admin"] {
+            let (s, v) = b
+                .post(
+                    "/api/register",
+                    json!({"username": name, "password": "password123"}),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 400, "{name}: {v}");
+            assert!(
+                v["message"].as_str().unwrap_or("").contains("reserved"),
+                "{v}"
+            );
+        }
+        let refused = b
+            .try_connect_raw(&token_for("server"), Encoding::Json)
+            .await;
+        assert_eq!(refused.err().map(|e| e.0), Some(401));
+
+        let room = format!("news{cluster}");
+        let mut alice = b.connect(&token_for("alice"), Encoding::Json).await;
+        alice.join(&room).await;
+        let first = alice
+            .publish_cid(&room, Some("X"), json!("from alice"))
+            .await;
+        assert!(
+            matches!(first, ServerFrame::Ack { seq: 1, .. }),
+            "{first:?}"
+        );
+        let api = |body: serde_json::Value| {
+            b.http
+                .post(b.url(&format!("/api/rooms/{room}/messages")))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+        };
+        for _ in 0..2 {
+            // The same cid from the API is a new message (then a retry).
+            let r = api(json!({"body": "from the server", "cid": "X"}))
+                .await
+                .expect("http");
+            assert_eq!(r.status(), 201);
+            let v: serde_json::Value = r.json().await.expect("json");
+            assert_eq!(v["seq"], 2, "{v}");
+        }
+        let delivered = alice
+            .recv_until(|f| matches!(f, ServerFrame::Msg { seq: 2, .. }))
+            .await;
+        assert!(
+            matches!(&delivered, ServerFrame::Msg { from, .. } if from == "server"),
+            "{delivered:?}"
+        );
+        bystander_served(&b).await;
+    }
+}
+
+/// Issue 15.5: pongs and empty continuation frames take rate-limit tokens
+/// like every other frame: a flood of them is refused and then closed
+/// with 1008, and a bystander is served meanwhile (its p99 is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pong_and_continuation_floods_are_rate_limited() {
+    let b = Broker::start().await;
+    let pong = (0x8A, vec![], true);
+    let empty_continuation = (0x00, vec![], true);
+    let mut flooders = vec![];
+    for k in 0..3 {
+        let mut r = Raw::connect(&b, &token_for(&format!("flood{k}")), "shoal.v1.json").await;
+        let f = if k == 2 {
+            empty_continuation.clone()
+        } else {
+            pong.clone()
+        };
+        flooders.push(tokio::spawn(async move {
+            if k == 2 {
+                // Open a fragmented message, then never finish it.
+                r.frame(0x01, b"{", true).await;
+            }
+            let started = Instant::now();
+            let mut sent = 0u64;
+            // Far past the burst (200) plus the strikes (200).
+            while sent < 20_000 && started.elapsed() < Duration::from_secs(10) {
+                r.frame(f.0, &f.1, f.2).await;
+                sent += 1;
+            }
+            (r.close_code().await, sent, started.elapsed())
+        }));
+    }
+    let mut c = b.connect(&token_for("bystander"), Encoding::Json).await;
+    c.join("calm").await;
+    let mut rtts = vec![];
+    for i in 0..100 {
+        let t = Instant::now();
+        assert!(matches!(
+            c.publish("calm", json!(i)).await,
+            ServerFrame::Ack { .. }
+        ));
+        rtts.push(t.elapsed());
+    }
+    rtts.sort_unstable();
+    eprintln!(
+        "bystander publish round trip under the flood: p50 {:?} p99 {:?}",
+        rtts[50], rtts[98]
+    );
+    for f in flooders {
+        let (code, sent, took) = f.await.expect("join");
+        eprintln!("flooder closed with {code:?} after {sent} frames sent in {took:?}");
+        assert_eq!(code, Some(1008), "flood closed for policy");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+    assert!(b.metric("shoal_rate_limited_total{kind=\"frame\"").await >= 600.0);
+}
+
+/// Issue 15.7: a validly signed token with `exp = 2^64-1` works like any
+/// other, and the connection's cleanup runs when it ends.
+#[tokio::test]
+async fn a_token_that_never_expires_does_not_panic_the_connection() {
+    let b = Broker::start().await;
+    b.user("eternal").await;
+    let token = mint(
+        json!({"sub": "eternal", "exp": u64::MAX, "jti": "j-eternal"}),
+        jsonwebtoken::Algorithm::HS256,
+        SECRET.as_bytes(),
+    );
+    let mut c = b.connect(&token, Encoding::Json).await;
+    c.join("r").await;
+    assert!(matches!(
+        c.publish("r", json!("forever")).await,
+        ServerFrame::Ack { .. }
+    ));
+    let (_, health) = b.get("/health", None).await;
+    assert_eq!(health["connections"], 1);
+    drop(c);
+    let viewer = token_for("viewer");
+    let mut gone = false;
+    for _ in 0..100 {
+        let (_, health) = b.get("/health", None).await;
+        let (_, users) = b.get("/api/users", Some(&viewer)).await;
+        let online = users["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .any(|u| u["username"] == "eternal" && u["online"] == true);
+        if health["connections"] == 0 && !online {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "cleanup ran: not counted, not online");
+    bystander_served(&b).await;
+}
+
+/// Issue 15.8: control characters in a search are a 400, never a 5xx;
+/// a message whose text holds a NUL is stored and found by its words.
+#[tokio::test]
+async fn search_with_control_characters_is_a_bad_request() {
+    let b = Broker::start().await;
+    let token = token_for("seeker");
+    let mut c = b.connect(&token, Encoding::Json).await;
+    c.join("r").await;
+    assert!(matches!(
+        c.publish("r", json!({"text": "needle\u{0}haystack"})).await,
+        ServerFrame::Ack { .. }
+    ));
+    let (s, v) = b.get("/api/rooms/r/search?q=a%00b", Some(&token)).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = b.get("/api/rooms/r/search?q=%01", Some(&token)).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = b.get("/api/rooms/r/search?q=needle", Some(&token)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1), "{v}");
+    bystander_served(&b).await;
+}
+
+/// Issue 15.9: user names are unique regardless of letter case, `.` and
+/// `..` are not names, and logging in with another spelling gets the
+/// name as registered.
+#[tokio::test]
+async fn user_names_are_unique_regardless_of_case() {
+    let b = Broker::start().await;
+    b.user("alice").await;
+    let register = |name: &str| {
+        b.post(
+            "/api/register",
+            json!({"username": name, "password": "password123"}),
+            None,
+        )
+    };
+    for name in ["Alice", "ALICE", "aLiCe"] {
+        let (s, v) = register(name).await;
+        assert_eq!(s, 409, "{name}: {v}");
+    }
+    for name in [".", ".."] {
+        let (s, v) = register(name).await;
+        assert_eq!(s, 400, "{name}: {v}");
+    }
+    let (s, v) = b
+        .post(
+            "/api/login",
+            json!({"username": "ALICE", "password": "password123"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["username"], "alice");
+    let mut c = b
+        .connect(v["token"].as_str().expect("token"), Encoding::Json)
+        .await;
+    c.join("r").await;
+    match c.publish("r", json!(1)).await {
+        ServerFrame::Ack { .. } => {}
+        f => panic!("{f:?}"),
+    }
+    let (s, v) = b
+        .get("/api/rooms/r/messages", Some(&token_for("alice")))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["messages"][0]["from"], "alice", "{v}");
+    bystander_served(&b).await;
+}
+
+/// Issue 15.10: with an Origin allow-list, an Origin header that is not
+/// valid text is refused like a foreign one, not treated as absent.
+#[tokio::test]
+async fn an_unreadable_origin_is_not_an_absent_one() {
+    let b = Broker::start_with(|c| c.allowed_origins = vec!["https://chat.example".into()]).await;
+    let token = token_for("browser");
+    let upgrade = |origin: &[u8]| {
+        let mut req = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: shoal.v1.json\r\nAuthorization: Bearer {token}\r\n"
+        )
+        .into_bytes();
+        if !origin.is_empty() {
+            req.extend_from_slice(b"Origin: ");
+            req.extend_from_slice(origin);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        let addr = b.addr;
+        async move {
+            let mut s = TcpStream::connect(addr).await.expect("tcp");
+            s.write_all(&req).await.expect("write");
+            let mut buf = [0u8; 512];
+            let n = s.read(&mut buf).await.expect("read");
+            status_of(&buf[..n])
+        }
+    };
+    assert_eq!(upgrade(b"https://chat.example").await, 101);
+    assert_eq!(upgrade(b"").await, 101, "no Origin: not a browser");
+    assert_eq!(upgrade(b"https://evil.example").await, 403);
+    assert_eq!(upgrade(b"https://chat.example\xff").await, 403);
+    assert_eq!(upgrade(b"\xc3\x28").await, 403);
+    assert!(
+        b.metric("shoal_handshakes_total{result=\"forbidden_origin\"")
+            .await
+            >= 3.0
+    );
+    bystander_served(&b).await;
+}
+
+/// Issue 15.11: close frames are validated (RFC 6455 §7.4): a code no
+/// endpoint may send or a 1-byte body is answered with 1002, a reason
+/// that is not UTF-8 with 1007, a valid close with 1000.
+#[tokio::test]
+async fn close_frames_are_validated() {
+    let b = Broker::start().await;
+    let token = token_for("closer");
+    let mut cases: Vec<(Vec<u8>, u16)> = vec![
+        (vec![], 1000),
+        (1000u16.to_be_bytes().to_vec(), 1000),
+        (4000u16.to_be_bytes().to_vec(), 1000),
+        (1012u16.to_be_bytes().to_vec(), 1000),
+        ([&1001u16.to_be_bytes()[..], b"bye"].concat(), 1000),
+        (vec![0x03], 1002),
+        ([&1000u16.to_be_bytes()[..], b"\xff\xfe"].concat(), 1007),
+    ];
+    for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535] {
+        cases.push((bad.to_be_bytes().to_vec(), 1002));
+    }
+    for (payload, expected) in cases {
+        let mut r = Raw::connect(&b, &token, "shoal.v1.json").await;
+        r.frame(0x88, &payload, true).await;
+        assert_eq!(r.close_code().await, Some(expected), "{payload:?}");
+    }
+    bystander_served(&b).await;
+}

@@ -482,7 +482,7 @@ async fn slow_consumer_is_closed_and_others_keep_up() {
         c.outbound_queue = 16;
         c.rate_limit = 100_000.0;
         c.rate_burst = 100_000.0;
-        c.api_key = Some("key".into());
+        c.api_key = Some("key-0123456789abcdef".into());
     })
     .await;
     let ts = b.user("sloth").await;
@@ -510,7 +510,7 @@ async fn slow_consumer_is_closed_and_others_keep_up() {
             .post(
                 "/api/rooms/firehose/messages",
                 json!({"body": payload}),
-                Some("key"),
+                Some("key-0123456789abcdef"),
             )
             .await;
         assert_eq!(s, 201);
@@ -536,7 +536,7 @@ async fn slow_consumer_is_closed_and_others_keep_up() {
 #[tokio::test]
 async fn namespace_publish_policy_and_server_api() {
     let b = Broker::start_with(|c| {
-        c.api_key = Some("k-123".into());
+        c.api_key = Some("k-123-0123456789abcdef".into());
         c.namespaces = vec!["news:publish=api,presence=off".parse().expect("spec")];
     })
     .await;
@@ -559,7 +559,7 @@ async fn namespace_publish_policy_and_server_api() {
         .post(
             "/api/rooms/news:eu/messages",
             json!({"body": {"headline": "hi"}}),
-            Some("k-123"),
+            Some("k-123-0123456789abcdef"),
         )
         .await;
     assert_eq!(
@@ -575,7 +575,7 @@ async fn namespace_publish_policy_and_server_api() {
         .post(
             "/api/rooms/bad%20room/messages",
             json!({"body": 1}),
-            Some("k-123"),
+            Some("k-123-0123456789abcdef"),
         )
         .await;
     assert_eq!(s, 400);

@@ -12,6 +12,12 @@ pub const MAX_ROOM_LEN: usize = 128;
 pub const MAX_USER_LEN: usize = 32;
 /// Namespace of direct-message rooms.
 pub const DM_NAMESPACE: &str = "dm";
+/// Sender name of messages published through the server API.
+pub const SERVER_SENDER: &str = "server";
+/// User names nobody may register or hold a token for, in any letter case:
+/// the broker's own sender names, present and planned, so a message from
+/// one of them is always the system's.
+pub const RESERVED_USERS: &[&str] = &[SERVER_SENDER, "system", "shoal", "admin", "root"];
 
 /// Why a name was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -28,6 +34,12 @@ pub enum NameError {
     /// More than one `:` or an empty namespace part.
     #[error("room name must be `name` or `namespace:name`")]
     BadNamespace,
+    /// `.` or `..` (path-like names that tools and URLs mangle).
+    #[error("`.` and `..` are not valid names")]
+    Dots,
+    /// A name reserved for the system (see [`RESERVED_USERS`]).
+    #[error("this name is reserved")]
+    Reserved,
     /// A `dm:` room that is not `dm:<a>:<b>` with sorted, distinct users.
     #[error("direct-message rooms are `dm:<a>:<b>` with a < b; send with `to` instead")]
     BadDm,
@@ -37,7 +49,11 @@ fn is_name_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
 }
 
-/// Validate a user name: 1 to 32 bytes of `[A-Za-z0-9_.-]`.
+/// Validate a user name: 1 to 32 bytes of `[A-Za-z0-9_.-]`, not `.` or
+/// `..`, not one of [`RESERVED_USERS`] in any letter case.
+///
+/// User names are unique regardless of letter case (`Alice` and `alice`
+/// are one account; see [`user_key`]).
 pub fn validate_user(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
@@ -48,7 +64,20 @@ pub fn validate_user(name: &str) -> Result<(), NameError> {
     if !name.bytes().all(is_name_char) {
         return Err(NameError::BadChar);
     }
+    if name == "." || name == ".." {
+        return Err(NameError::Dots);
+    }
+    if RESERVED_USERS.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        return Err(NameError::Reserved);
+    }
     Ok(())
+}
+
+/// The key that makes user names unique: the name in lower case. User
+/// names are ASCII (`[A-Za-z0-9_.-]`), so no Unicode normalisation is
+/// needed: look-alike letters cannot occur.
+pub fn user_key(name: &str) -> String {
+    name.to_ascii_lowercase()
 }
 
 /// A validated room name.
@@ -165,5 +194,12 @@ mod tests {
         assert_eq!(validate_user(""), Err(NameError::Empty));
         assert_eq!(validate_user("a:b"), Err(NameError::BadChar));
         assert_eq!(validate_user(&"a".repeat(33)), Err(NameError::TooLong(32)));
+        assert_eq!(validate_user("."), Err(NameError::Dots));
+        assert_eq!(validate_user(".."), Err(NameError::Dots));
+        assert!(validate_user("...").is_ok() && validate_user(".a").is_ok());
+        for r in ["server", "Server", "SYSTEM", "shoal", "Admin", "root"] {
+            assert_eq!(validate_user(r), Err(NameError::Reserved), "{r}");
+        }
+        assert_eq!(user_key("AlIce"), user_key("alice"));
     }
 }

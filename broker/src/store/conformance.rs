@@ -20,10 +20,18 @@ pub async fn users(s: &dyn Store) {
     ));
     s.revoke("j1", 100).await.expect("revoke");
     s.revoke("j2", 10).await.expect("revoke");
-    assert_eq!(
-        s.password_hash("alice").await.expect("q"),
-        Some("h1".into())
-    );
+    for taken in ["Alice", "ALICE"] {
+        assert!(matches!(
+            s.create_user(taken, "h3").await,
+            Err(StoreError::Conflict)
+        ));
+    }
+    for spelling in ["alice", "ALICE"] {
+        assert_eq!(
+            s.password_hash(spelling).await.expect("q"),
+            Some(("alice".into(), "h1".into()))
+        );
+    }
     assert_eq!(s.password_hash("nobody").await.expect("q"), None);
     assert_eq!(s.list_users().await.expect("q").len(), 1);
     assert_eq!(s.revoked(50).await.expect("q"), vec!["j1".to_string()]);
@@ -50,7 +58,8 @@ pub async fn messages(s: &dyn Store) {
         "apple pie",
         "banana split",
         "apple apple tart",
-        "cherry",
+        // A NUL in the text (PostgreSQL refuses NUL in text values).
+        "cherry\u{0}stone",
         "plum",
     ];
     let mut ops: Vec<WriteOp> = words
@@ -123,6 +132,9 @@ pub async fn messages(s: &dyn Store) {
     let hits = s.search("r", "apple", 10, 0).await.expect("search");
     assert_eq!(hits.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
     assert!(s.search("r", "\"  OR * NEAR(", 10, 0).await.is_ok());
+    let hits = s.search("r", "cherry", 10, 0).await.expect("search");
+    assert_eq!(hits.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4]);
+    assert!(s.search("r", "a\u{0}b", 10, 0).await.is_ok());
     assert!(s
         .search("other", "apple", 10, 0)
         .await

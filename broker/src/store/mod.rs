@@ -199,10 +199,12 @@ pub type RetentionPolicy = Arc<dyn Fn(&str) -> Option<Retention> + Send + Sync>;
 /// receipts.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Create a user; `Conflict` if the name is taken.
+    /// Create a user; `Conflict` if the name is taken in any letter case.
     async fn create_user(&self, name: &str, password_hash: &str) -> Result<(), StoreError>;
-    /// Stored password hash of a user, if the user exists.
-    async fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// A user's name as registered and password hash, looked up
+    /// regardless of letter case (names are unique that way; `Conflict`
+    /// from `create_user` enforces it).
+    async fn password_hash(&self, name: &str) -> Result<Option<(String, String)>, StoreError>;
     /// All users, sorted by name.
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError>;
     /// Record a revoked token id until its expiry (seconds since the epoch).

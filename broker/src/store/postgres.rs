@@ -23,7 +23,8 @@ use super::{
     Store, StoreError, UserRecord, WriteOp,
 };
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE users (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE users (
         name TEXT PRIMARY KEY,
         password_hash TEXT NOT NULL,
         created_ms BIGINT NOT NULL
@@ -65,7 +66,12 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
         content_type TEXT NOT NULL,
         data BYTEA NOT NULL,
         created_ms BIGINT NOT NULL
-    );"];
+    );",
+    // User names are unique regardless of letter case (they are ASCII).
+    // A database that already holds two spellings of one name stops the
+    // migration: rename one, then start again.
+    "CREATE UNIQUE INDEX users_by_key ON users (lower(name));",
+];
 
 /// PostgreSQL-backed [`Store`].
 #[derive(Clone)]
@@ -75,6 +81,13 @@ pub struct PgStore {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// Text for `to_tsvector`/`plainto_tsquery`: PostgreSQL refuses NUL in
+/// text, so control characters become spaces (they separate words
+/// anyway) rather than failing the batch a message travels in.
+fn searchable(text: &str) -> String {
+    text.replace(|c: char| c.is_control(), " ")
 }
 
 fn i(v: u64) -> i64 {
@@ -170,7 +183,7 @@ async fn apply_op(
                     &i(m.ts),
                     &m.body,
                     &m.cid,
-                    &m.text.as_deref().unwrap_or(""),
+                    &searchable(m.text.as_deref().unwrap_or("")),
                 ],
             )
             .await?;
@@ -278,9 +291,9 @@ async fn insert_messages(
     let ts: Vec<i64> = msgs.iter().map(|m| i(m.ts)).collect();
     let bodies: Vec<&str> = msgs.iter().map(|m| m.body.as_str()).collect();
     let cids: Vec<Option<&str>> = msgs.iter().map(|m| m.cid.as_deref()).collect();
-    let texts: Vec<&str> = msgs
+    let texts: Vec<String> = msgs
         .iter()
-        .map(|m| m.text.as_deref().unwrap_or(""))
+        .map(|m| searchable(m.text.as_deref().unwrap_or("")))
         .collect();
     let st = tx
         .prepare_cached(
@@ -342,11 +355,14 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+    async fn password_hash(&self, name: &str) -> Result<Option<(String, String)>, StoreError> {
         let rows = self
-            .query("SELECT password_hash FROM users WHERE name = $1", &[&name])
+            .query(
+                "SELECT name, password_hash FROM users WHERE lower(name) = lower($1)",
+                &[&name],
+            )
             .await?;
-        Ok(rows.first().map(|r| r.get(0)))
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
     }
 
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
@@ -493,6 +509,7 @@ impl Store for PgStore {
         offset: usize,
     ) -> Result<Vec<StoredMsg>, StoreError> {
         // plainto_tsquery reads words only: operators in the input are text.
+        let query = searchable(query);
         let words: Vec<&str> = query.split_whitespace().take(16).collect();
         if words.is_empty() {
             return Ok(vec![]);

@@ -76,6 +76,10 @@ const MIGRATIONS: &[&str] = &[
         data BLOB NOT NULL,
         created_ms INTEGER NOT NULL
     );",
+    // User names are unique regardless of letter case (they are ASCII).
+    // A database that already holds two spellings of one name stops the
+    // migration: rename one, then start again.
+    "CREATE UNIQUE INDEX users_by_key ON users (lower(name));",
 ];
 
 /// SQLite-backed [`Store`].
@@ -206,6 +210,9 @@ pub fn fts_query(q: &str) -> Option<String> {
     let terms: Vec<String> = q
         .split_whitespace()
         .take(16)
+        // Control characters (NUL among them) cannot be part of a term.
+        .map(|w| w.replace(|c: char| c.is_control(), ""))
+        .filter(|w| !w.is_empty())
         .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
         .collect();
     (!terms.is_empty()).then(|| terms.join(" "))
@@ -386,13 +393,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+    async fn password_hash(&self, name: &str) -> Result<Option<(String, String)>, StoreError> {
         let name = name.to_string();
         self.with(move |c| {
             c.query_row(
-                "SELECT password_hash FROM users WHERE name = ?1",
+                "SELECT name, password_hash FROM users WHERE lower(name) = lower(?1)",
                 [name],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(unavailable)
@@ -733,7 +740,7 @@ mod tests {
         let s = SqliteStore::open(dir.path(), false).expect("reopen");
         assert_eq!(
             s.password_hash("alice").await.expect("q"),
-            Some("h1".into())
+            Some(("alice".into(), "h1".into()))
         );
         assert_eq!(s.revoked(50).await.expect("q"), vec!["j1".to_string()]);
     }
@@ -789,5 +796,6 @@ mod tests {
     fn fts_query_quotes_everything() {
         assert_eq!(fts_query("  "), None);
         assert_eq!(fts_query("a \"b"), Some("\"a\" \"\"\"b\"".into()));
+        assert_eq!(fts_query("a\u{0}b \u{1}"), Some("\"ab\"".into()));
     }
 }

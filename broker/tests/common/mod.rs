@@ -9,7 +9,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use shoal_broker::Config;
 use shoal_proto::{ClientFrame, Encoding, ServerFrame};
-use tokio::{net::TcpStream, task::JoinHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinHandle,
+};
 use tokio_tungstenite::{
     tungstenite::{client::IntoClientRequest, http::HeaderValue, protocol::CloseFrame, Message},
     MaybeTlsStream, WebSocketStream,
@@ -1041,4 +1045,104 @@ async fn relay(
         }
     }
     let _ = w.shutdown().await;
+}
+
+/// A WebSocket client that writes raw frames (any opcode, RSV bits, mask
+/// or none) after a hand-written upgrade, and reads server frames.
+pub struct Raw {
+    pub s: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(b: &impl Endpoint, token: &str, proto: &str) -> Raw {
+        let mut s = TcpStream::connect(b.addr()).await.expect("tcp");
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: {proto}\r\nAuthorization: Bearer {token}\r\n\r\n",
+            b.addr()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut r = Raw { s, buf: vec![] };
+        // Read the 101 response headers.
+        loop {
+            if let Some(i) = r.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&r.buf[..i]).to_string();
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                r.buf.drain(..i + 4);
+                break;
+            }
+            let mut tmp = [0u8; 1024];
+            let n = r.s.read(&mut tmp).await.expect("read");
+            assert!(n > 0, "closed during handshake");
+            r.buf.extend_from_slice(&tmp[..n]);
+        }
+        r
+    }
+
+    /// Write one frame. `first` is the whole first byte (FIN, RSV, opcode).
+    pub async fn frame(&mut self, first: u8, payload: &[u8], masked: bool) {
+        let mut f = vec![first];
+        let m = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n < 65536 => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let key = [0x11, 0x22, 0x33, 0x44];
+        if masked {
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        let _ = self.s.write_all(&f).await;
+    }
+
+    /// Read server frames until a close frame (its code) or EOF (None).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.buf.len() >= 2 {
+                let op = self.buf[0] & 0x0f;
+                let (len, off) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&self.buf[2..10]);
+                        (u64::from_be_bytes(b) as usize, 10)
+                    }
+                    n if n < 126 => (n as usize, 2),
+                    _ => (usize::MAX, 0),
+                };
+                if len != usize::MAX && self.buf.len() >= off + len {
+                    let payload: Vec<u8> = self.buf[off..off + len].to_vec();
+                    self.buf.drain(..off + len);
+                    if op == 0x8 {
+                        return (payload.len() >= 2)
+                            .then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    }
+                    continue;
+                }
+            }
+            let mut tmp = [0u8; 8192];
+            let n = match tokio::time::timeout_at(deadline, self.s.read(&mut tmp)).await {
+                Ok(Ok(n)) => n,
+                _ => return None,
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
 }
