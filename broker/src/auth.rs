@@ -8,7 +8,7 @@
 //! store at start.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     path::Path,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
@@ -101,7 +101,9 @@ pub struct Auth {
     encoding: EncodingKey,
     keys: Vec<(Algorithm, DecodingKey)>,
     ttl_secs: u64,
-    revoked: RwLock<HashSet<String>>,
+    /// Revoked token ids and their tokens' expiry: an entry is needed
+    /// only until then, and [`Auth::prune_revoked`] drops it after.
+    revoked: RwLock<HashMap<String, u64>>,
     /// Argon2 costs ~35 ms of CPU; this bounds how many run at once so a
     /// login flood cannot take every blocking thread.
     hash_permits: Arc<Semaphore>,
@@ -157,7 +159,7 @@ impl Auth {
             encoding: EncodingKey::from_secret(&secret),
             keys,
             ttl_secs: cfg.token_ttl_secs,
-            revoked: RwLock::new(HashSet::new()),
+            revoked: RwLock::new(HashMap::new()),
             hash_permits: Arc::new(Semaphore::new(permits)),
             dummy_hash,
         })
@@ -201,22 +203,40 @@ impl Auth {
         })?;
         let claims = data.claims;
         shoal_proto::names::validate_user(&claims.sub).map_err(|_| AuthError::BadSubject)?;
-        if !claims.jti.is_empty() && self.revoked.read().contains(&claims.jti) {
+        if !claims.jti.is_empty() && self.revoked.read().contains_key(&claims.jti) {
             return Err(AuthError::Revoked);
         }
         Ok(claims)
     }
 
-    /// Mark a token id revoked in memory (the caller persists it).
-    pub fn revoke(&self, jti: &str) {
+    /// Mark a token id revoked in memory until `exp`, its token's expiry
+    /// (the caller persists it).
+    pub fn revoke(&self, jti: &str, exp: u64) {
         if !jti.is_empty() {
-            self.revoked.write().insert(jti.to_string());
+            let mut r = self.revoked.write();
+            let e = r.entry(jti.to_string()).or_insert(exp);
+            *e = (*e).max(exp);
         }
     }
 
-    /// Load revoked ids at start.
-    pub fn load_revoked(&self, ids: impl IntoIterator<Item = String>) {
+    /// Load revoked ids and their expiry at start.
+    pub fn load_revoked(&self, ids: impl IntoIterator<Item = (String, u64)>) {
         self.revoked.write().extend(ids);
+    }
+
+    /// Forget revocations whose tokens have expired (an expired token is
+    /// refused anyway); returns how many remain.
+    pub fn prune_revoked(&self, now: u64) -> usize {
+        let mut r = self.revoked.write();
+        r.retain(|_, exp| *exp >= now);
+        r.len()
+    }
+
+    /// Expiry to assume for a revocation announced without one (by an
+    /// older node): the longest a token this node issues lives, and at
+    /// least a week, from now.
+    pub fn default_revocation_expiry(&self) -> u64 {
+        now_secs() + self.ttl_secs.max(7 * 24 * 3600)
     }
 
     /// Hash a password with Argon2id (off the async runtime).
@@ -293,8 +313,11 @@ mod tests {
         let (a, _d) = auth();
         let (t, c) = a.issue("alice").expect("issue");
         assert_eq!(a.verify(&t).map(|c| c.sub), Ok("alice".to_string()));
-        a.revoke(&c.jti);
+        a.revoke(&c.jti, c.exp);
         assert_eq!(a.verify(&t).map(|c| c.sub), Err(AuthError::Revoked));
+        // Kept until the token's expiry, forgotten after it.
+        assert_eq!(a.prune_revoked(c.exp), 1);
+        assert_eq!(a.prune_revoked(c.exp + 1), 0);
     }
 
     #[test]

@@ -68,6 +68,18 @@ pub struct Config {
     #[arg(long, env = "SHOAL_HANDSHAKE_RATE", default_value_t = 5000.0)]
     pub handshake_rate: f64,
 
+    /// Logins and registrations per minute from one client address (burst
+    /// as many); more get 429 with Retry-After before any password is
+    /// hashed. 0: no limit. Behind a proxy every request comes from its
+    /// address: raise it there.
+    #[arg(long, env = "SHOAL_LOGIN_RATE_PER_IP", default_value_t = 300)]
+    pub login_rate_per_ip: u32,
+
+    /// Login attempts per minute for one user name (burst as many); more
+    /// get 429 with Retry-After. 0: no limit.
+    #[arg(long, env = "SHOAL_LOGIN_RATE_PER_USER", default_value_t = 10)]
+    pub login_rate_per_user: u32,
+
     /// Maximum concurrent WebSocket connections; more get HTTP 503 before upgrade.
     #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,

@@ -5,7 +5,7 @@
 //! Every error is JSON `{error, message}` with a matching status; internal
 //! details are logged, never returned.
 
-use std::{collections::HashMap, convert::Infallible, sync::Arc};
+use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -111,6 +111,44 @@ fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Resp {
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// The client address of the connection a request came on (a request
+/// extension set by the server).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// Take a login/registration token for the request's client address;
+/// 429 with Retry-After when its bucket is empty.
+fn login_admit_ip<B>(state: &AppState, req: &Request<B>) -> Result<(), ApiError> {
+    let Some(peer) = req.extensions().get::<Peer>() else {
+        return Ok(());
+    };
+    state
+        .login_by_ip
+        .check(&peer.0.ip())
+        .map_err(|wait| login_refused(state, "address", wait))
+}
+
+/// Take a login token for a user name (any spelling counts as one).
+fn login_admit_user(state: &AppState, user: &str) -> Result<(), ApiError> {
+    state
+        .login_by_user
+        .check(&shoal_proto::names::user_key(user))
+        .map_err(|wait| login_refused(state, "user", wait))
+}
+
+fn login_refused(state: &AppState, scope: &'static str, wait: Duration) -> ApiError {
+    state.metrics.rate_limited(match scope {
+        "user" => "login_user",
+        _ => "login_address",
+    });
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many login attempts for this {scope}; retry later"),
+    )
+    .retry_after(wait.as_secs_f64().ceil() as u64)
 }
 
 /// Route one request.
@@ -340,6 +378,7 @@ pub struct Credentials {
 }
 
 async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    login_admit_ip(state, &req)?;
     let c: Credentials = read_json(state, req).await?;
     shoal_proto::names::validate_user(&c.username)
         .map_err(|e| ApiError::bad_request(format!("username: {e}")))?;
@@ -368,7 +407,9 @@ async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiE
 }
 
 async fn login(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    login_admit_ip(state, &req)?;
     let c: Credentials = read_json(state, req).await?;
+    login_admit_user(state, &c.username)?;
     let found = if shoal_proto::names::validate_user(&c.username).is_ok() {
         state.store.password_hash(&c.username).await?
     } else {
@@ -396,7 +437,7 @@ async fn logout(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
         ));
     }
     state.store.revoke(&claims.jti, claims.exp).await?;
-    state.auth.revoke(&claims.jti);
+    state.auth.revoke(&claims.jti, claims.exp);
     if let Some(bus) = state.hub.bus() {
         // Other nodes close the token's connections and refuse it.
         bus.revoke(&claims.sub, &claims.jti, claims.exp)

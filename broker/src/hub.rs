@@ -1502,7 +1502,7 @@ mod tests {
             f.hub.clone(),
             bus.clone(),
             rx,
-            Arc::new(|_: &str, _: &str| {}),
+            Arc::new(|_: &str, _: &str, _: Option<u64>| {}),
             f.stop.clone(),
         ));
         (f, bus)

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod http;
 pub mod httpconn;
 pub mod hub;
+pub mod limiter;
 pub mod maskcheck;
 pub mod metrics;
 pub mod outbound;

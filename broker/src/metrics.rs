@@ -191,6 +191,8 @@ pub struct Metrics {
     http_timeouts: Family<L1, Counter>,
     /// Open HTTP (not upgraded) connections.
     pub http_connections: Gauge,
+    /// Revoked tokens remembered in memory (pruned at their expiry).
+    pub revoked_tokens: Gauge,
     process_cpu: Counter<f64, AtomicU64>,
     process_rss: Gauge,
     process_fds: Gauge,
@@ -491,6 +493,12 @@ impl Metrics {
         for kind in ["header", "body", "write"] {
             let _ = http_timeouts.get_or_create(&[("kind", kind)]);
         }
+        let revoked_tokens = Gauge::default();
+        registry.register(
+            "revoked_tokens",
+            "Revoked token ids remembered until their tokens expire",
+            revoked_tokens.clone(),
+        );
         let http_connections = Gauge::default();
         registry.register(
             "http_connections",
@@ -568,6 +576,7 @@ impl Metrics {
             http_refused,
             http_timeouts,
             http_connections,
+            revoked_tokens,
             process_cpu,
             process_rss,
             process_fds,

@@ -311,7 +311,7 @@ mod tests {
         async fn revoke(&self, j: &str, e: u64) -> Result<(), StoreError> {
             self.inner.revoke(j, e).await
         }
-        async fn revoked(&self, n: u64) -> Result<Vec<String>, StoreError> {
+        async fn revoked(&self, n: u64) -> Result<Vec<(String, u64)>, StoreError> {
             self.inner.revoked(n).await
         }
         async fn room_head(&self, r: &str, s: u64) -> Result<RoomHead, StoreError> {

@@ -61,6 +61,12 @@ pub async fn build_state(
             .await
             .context("loading revoked tokens")?,
     );
+    tokio::spawn(prune_revocations(
+        auth.clone(),
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let (jobs_tx, jobs_rx) = mpsc::channel(cfg.store_queue);
     let hub = Arc::new(Hub::new(
         cfg.shards,
@@ -115,8 +121,8 @@ pub async fn build_state(
         }
         hub.set_bus(bus.clone(), &node);
         let (a, h) = (auth.clone(), hub.clone());
-        let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti| {
-            a.revoke(jti);
+        let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti, exp| {
+            a.revoke(jti, exp.unwrap_or_else(|| a.default_revocation_expiry()));
             h.close_token(user, jti, shoal_proto::CloseCode::TokenRevoked);
         });
         tokio::spawn(bus_watchdog(
@@ -176,6 +182,8 @@ pub async fn build_state(
         tls,
         handshake_bucket,
         conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        login_by_ip: crate::limiter::KeyedLimiter::new(cfg.login_rate_per_ip),
+        login_by_user: crate::limiter::KeyedLimiter::new(cfg.login_rate_per_user),
         upload_budget: Arc::new(Semaphore::new(cfg.max_upload_memory)),
         http_admission: crate::httpconn::HttpAdmission::new(
             cfg.max_http_connections,
@@ -295,6 +303,32 @@ async fn retention(
     }
 }
 
+/// Every minute: forget revocations of expired tokens, in memory and in
+/// the store, so neither grows without bound.
+async fn prune_revocations(
+    auth: Arc<Auth>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(REVOCATION_PRUNE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = crate::auth::now_secs();
+        metrics.revoked_tokens.set(auth.prune_revoked(now) as i64);
+        if let Err(e) = store.revoked(now).await {
+            tracing::warn!(error = %e, "pruning stored revocations failed");
+        }
+    }
+}
+
+/// How often expired revocations are forgotten.
+const REVOCATION_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Run the broker on `listener` until `shutdown` is cancelled.
 pub async fn run(
     listener: TcpListener,
@@ -404,7 +438,10 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc_state = st.clone();
-    let svc = service_fn(move |req| crate::http::handle(svc_state.clone(), req));
+    let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(crate::http::Peer(peer));
+        crate::http::handle(svc_state.clone(), req)
+    });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(st.cfg.handshake_timeout())

@@ -30,6 +30,10 @@ pub struct AppState {
     /// Bytes of uploads being read, one permit per byte
     /// (`--max-upload-memory`).
     pub upload_budget: Arc<Semaphore>,
+    /// Logins and registrations per client address.
+    pub login_by_ip: crate::limiter::KeyedLimiter<std::net::IpAddr>,
+    /// Login attempts per user name (lower-cased).
+    pub login_by_user: crate::limiter::KeyedLimiter<String>,
     /// One permit per WebSocket connection (`--max-connections`).
     pub conn_permits: Arc<Semaphore>,
     /// Cancelled when the server shuts down.

@@ -681,3 +681,75 @@ async fn close_frames_are_validated() {
     }
     bystander_served(&b).await;
 }
+
+/// Issue 15 (bounds): logins are rate limited per client address and per
+/// user name (429 with Retry-After, before any password is hashed), so a
+/// flood from one address neither guesses passwords quickly nor slows a
+/// legitimate login from another address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_floods_are_rate_limited_per_address_and_per_user() {
+    let b = Broker::start_with(|c| {
+        c.login_rate_per_ip = 20;
+        c.login_rate_per_user = 5;
+    })
+    .await;
+    b.user("victim").await; // one registration and one login from 127.0.0.1
+    let login = |from: [u8; 4], user: &'static str, password: &'static str| {
+        let addr = b.addr;
+        async move {
+            let mut s = tcp_from(from, addr).await;
+            let body = format!(r#"{{"username":"{user}","password":"{password}"}}"#);
+            let req = format!(
+                "POST /api/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).await.expect("write");
+            let (resp, _) = read_to_close(&mut s, Duration::from_secs(20)).await;
+            String::from_utf8_lossy(&resp).to_string()
+        }
+    };
+    // Password guessing against one user from many addresses: 5 a minute.
+    let mut statuses = vec![];
+    for k in 0..8u8 {
+        let r = login([127, 0, 1, k + 1], "victim", "wrong-password").await;
+        statuses.push(status_of(r.as_bytes()));
+        if status_of(r.as_bytes()) == 429 {
+            assert!(r.to_ascii_lowercase().contains("retry-after: "), "{r}");
+        }
+    }
+    // One of the user's five was the login in `b.user`.
+    assert_eq!(statuses, [401, 401, 401, 401, 429, 429, 429, 429]);
+    // A flood from one address: 20 a minute, the rest refused unhashed.
+    let flood: Vec<_> = (0..60)
+        .map(|k| {
+            let name: &'static str = Box::leak(format!("nobody{k}").into_boxed_str());
+            tokio::spawn(login([127, 0, 2, 1], name, "password123"))
+        })
+        .collect();
+    let legit = Instant::now();
+    b.user("legit").await;
+    let took = legit.elapsed();
+    let mut refused = 0;
+    for f in flood {
+        let r = f.await.expect("join");
+        match status_of(r.as_bytes()) {
+            429 => refused += 1,
+            401 => {}
+            s => panic!("{s}: {r}"),
+        }
+    }
+    eprintln!("60 flood logins: {refused} refused with 429; a legitimate registration + login from another address took {took:?}");
+    assert_eq!(refused, 40);
+    assert!(
+        b.metric("shoal_rate_limited_total{kind=\"login_address\"")
+            .await
+            >= 40.0
+    );
+    assert!(
+        b.metric("shoal_rate_limited_total{kind=\"login_user\"")
+            .await
+            >= 4.0
+    );
+    bystander_served(&b).await;
+}

@@ -84,16 +84,23 @@ pub enum BusPayload {
         user: String,
         /// Token id.
         jti: String,
+        /// The token's expiry (seconds since the epoch), after which the
+        /// revocation can be forgotten; `None` from nodes that predate it.
+        exp: Option<u64>,
     },
 }
 
 /// Prefix of a direct-message payload (followed by `<room> `).
 pub const DIRECT_PREFIX: &str = "d:";
+/// `r:<user> <jti>`: a revocation without its expiry (older nodes).
 const REVOKE_PREFIX: &[u8] = b"r:";
+/// `R:<user> <exp> <jti>`.
+const REVOKE_EXP_PREFIX: &[u8] = b"R:";
 
-/// Encode a revocation for the cluster-wide channel.
-pub fn encode_revoke(user: &str, jti: &str) -> Vec<u8> {
-    format!("r:{user} {jti}").into_bytes()
+/// Encode a revocation, with the token's expiry, for the cluster-wide
+/// channel.
+pub fn encode_revoke(user: &str, jti: &str, exp: u64) -> Vec<u8> {
+    format!("R:{user} {exp} {jti}").into_bytes()
 }
 
 fn bad(what: &str) -> DecodeError {
@@ -180,6 +187,18 @@ pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
         return Ok(BusPayload::Revoke {
             user: user.to_string(),
             jti: jti.to_string(),
+            exp: None,
+        });
+    }
+    if let Some(rest) = bytes.strip_prefix(REVOKE_EXP_PREFIX) {
+        let (user, rest) = word(rest)?;
+        let (exp, jti) = word(rest)?;
+        let exp = exp.parse::<u64>().map_err(|_| bad("bad expiry"))?;
+        let jti = std::str::from_utf8(jti).map_err(|_| bad("not UTF-8"))?;
+        return Ok(BusPayload::Revoke {
+            user: user.to_string(),
+            jti: jti.to_string(),
+            exp: Some(exp),
         });
     }
     let (seq, record) = decode_msg(bytes)?;
@@ -285,6 +304,23 @@ mod tests {
             decode_payload(b"d:d:x 1:\x80"),
             Ok(BusPayload::Undeliverable { direct: Some(ref r), seq: 1, .. }) if r == "d:x"
         ));
+        assert_eq!(
+            decode_payload(&encode_revoke("bob", "j 1", 99)),
+            Ok(BusPayload::Revoke {
+                user: "bob".into(),
+                jti: "j 1".into(),
+                exp: Some(99)
+            })
+        );
+        assert_eq!(
+            decode_payload(b"r:bob j1"),
+            Ok(BusPayload::Revoke {
+                user: "bob".into(),
+                jti: "j1".into(),
+                exp: None
+            })
+        );
+        assert!(decode_payload(b"R:bob x j1").is_err());
         // Nested prefixes do not recurse.
         let deep = b"d:x ".repeat(100_000);
         assert!(decode_payload(&deep).is_err());

@@ -227,7 +227,7 @@ impl Bus for MemoryBus {
         self.core.check()?;
         let mut st = self.core.state.lock();
         st.revoked.push((user.into(), jti.into(), exp));
-        let bytes = Bytes::from(shoal_proto::bus::encode_revoke(user, jti));
+        let bytes = Bytes::from(shoal_proto::bus::encode_revoke(user, jti, exp));
         for q in st.nodes.values() {
             q.push(Inbound::Payload {
                 room: super::GLOBAL_CHANNEL.into(),
@@ -237,7 +237,7 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn revoked(&self) -> Result<Vec<(String, String)>, BusError> {
+    async fn revoked(&self) -> Result<Vec<(String, String, u64)>, BusError> {
         self.core.check()?;
         let now = crate::auth::now_secs();
         let st = self.core.state.lock();
@@ -245,7 +245,7 @@ impl Bus for MemoryBus {
             .revoked
             .iter()
             .filter(|r| r.2 > now)
-            .map(|r| (r.0.clone(), r.1.clone()))
+            .map(|r| (r.0.clone(), r.1.clone(), r.2))
             .collect())
     }
 

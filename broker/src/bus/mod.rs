@@ -140,7 +140,7 @@ pub trait Bus: Send + Sync + 'static {
     async fn revoke(&self, user: &str, jti: &str, exp: u64) -> Result<(), BusError>;
 
     /// Tokens revoked cluster-wide and not yet expired: (user, jti).
-    async fn revoked(&self) -> Result<Vec<(String, String)>, BusError>;
+    async fn revoked(&self) -> Result<Vec<(String, String, u64)>, BusError>;
 
     /// Record a presence change of this node (applied in order, in the
     /// background; the `presence` events come back on the room channel).
@@ -222,7 +222,7 @@ pub fn dm_channels(room: &str) -> Option<[String; 2]> {
 
 /// Called for each revoked token (user, jti): forget it in auth and close
 /// the connections that use it.
-pub type RevokeHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+pub type RevokeHook = Arc<dyn Fn(&str, &str, Option<u64>) + Send + Sync>;
 
 /// Deliver what the bus receives to local members, in seq order, filling
 /// gaps from the hot history. Runs until `stop` or the bus goes away.
@@ -287,9 +287,9 @@ pub async fn pump(
                         }
                     }
                 }
-                Ok(BusPayload::Revoke { user, jti }) => {
+                Ok(BusPayload::Revoke { user, jti, exp }) => {
                     if &*room == GLOBAL_CHANNEL {
-                        on_revoke(&user, &jti);
+                        on_revoke(&user, &jti, exp);
                     }
                 }
                 Err(e) => {
@@ -300,7 +300,7 @@ pub async fn pump(
             Inbound::Resync => {
                 // Revocations announced while this node was cut off.
                 match bus.revoked().await {
-                    Ok(list) => list.iter().for_each(|(u, j)| on_revoke(u, j)),
+                    Ok(list) => list.iter().for_each(|(u, j, e)| on_revoke(u, j, Some(*e))),
                     Err(e) => tracing::warn!(error = %e, "loading revocations failed"),
                 }
                 resync_due = !hub.bus_resync(&*bus).await;

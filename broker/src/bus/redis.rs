@@ -485,14 +485,14 @@ impl Bus for RedisBus {
             .ignore()
             .cmd("SPUBLISH")
             .arg(channel(super::GLOBAL_CHANNEL))
-            .arg(shoal_proto::bus::encode_revoke(user, jti))
+            .arg(shoal_proto::bus::encode_revoke(user, jti, exp))
             .ignore();
         let mut c = self.conn();
         let () = self.run(pipe.query_async(&mut c)).await?;
         Ok(())
     }
 
-    async fn revoked(&self) -> Result<Vec<(String, String)>, BusError> {
+    async fn revoked(&self) -> Result<Vec<(String, String, u64)>, BusError> {
         let mut c = self.conn();
         let cmd = redis::cmd("HGETALL").arg(REVOKED_KEY).to_owned();
         let all: HashMap<String, String> = self.run(cmd.query_async(&mut c)).await?;
@@ -501,8 +501,9 @@ impl Bus for RedisBus {
         let mut expired = vec![];
         for (jti, v) in all {
             let (exp, user) = v.split_once(' ').unwrap_or(("0", ""));
-            if exp.parse::<u64>().unwrap_or(0) > now {
-                out.push((user.to_string(), jti));
+            let exp = exp.parse::<u64>().unwrap_or(0);
+            if exp > now {
+                out.push((user.to_string(), jti, exp));
             } else {
                 expired.push(jti);
             }

@@ -34,7 +34,10 @@ pub async fn users(s: &dyn Store) {
     }
     assert_eq!(s.password_hash("nobody").await.expect("q"), None);
     assert_eq!(s.list_users().await.expect("q").len(), 1);
-    assert_eq!(s.revoked(50).await.expect("q"), vec!["j1".to_string()]);
+    assert_eq!(
+        s.revoked(50).await.expect("q"),
+        vec![("j1".to_string(), 100)]
+    );
 }
 
 /// A message op with searchable text and a cid.

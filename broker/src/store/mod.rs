@@ -210,7 +210,7 @@ pub trait Store: Send + Sync + 'static {
     /// Record a revoked token id until its expiry (seconds since the epoch).
     async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError>;
     /// Revoked token ids that have not expired yet.
-    async fn revoked(&self, now: u64) -> Result<Vec<String>, StoreError>;
+    async fn revoked(&self, now: u64) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Head of a room, with client ids of messages newer than `cid_since_ms`.
     async fn room_head(&self, room: &str, cid_since_ms: u64) -> Result<RoomHead, StoreError>;

@@ -387,11 +387,16 @@ impl Store for PgStore {
         .map(|_| ())
     }
 
-    async fn revoked(&self, now: u64) -> Result<Vec<String>, StoreError> {
+    async fn revoked(&self, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
         self.query("DELETE FROM revoked_tokens WHERE exp < $1", &[&i(now)])
             .await?;
-        let rows = self.query("SELECT jti FROM revoked_tokens", &[]).await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        let rows = self
+            .query("SELECT jti, exp FROM revoked_tokens ORDER BY jti", &[])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect())
     }
 
     async fn room_head(&self, room: &str, cid_since_ms: u64) -> Result<RoomHead, StoreError> {

@@ -438,15 +438,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn revoked(&self, now: u64) -> Result<Vec<String>, StoreError> {
+    async fn revoked(&self, now: u64) -> Result<Vec<(String, u64)>, StoreError> {
         self.with(move |c| {
             c.execute("DELETE FROM revoked_tokens WHERE exp < ?1", [now as i64])
                 .map_err(unavailable)?;
             let mut st = c
-                .prepare_cached("SELECT jti FROM revoked_tokens")
+                .prepare_cached("SELECT jti, exp FROM revoked_tokens ORDER BY jti")
                 .map_err(unavailable)?;
-            let rows = st.query_map([], |r| r.get(0)).map_err(unavailable)?;
-            rows.collect::<Result<Vec<String>, _>>()
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(unavailable)?;
+            rows.collect::<Result<Vec<(String, u64)>, _>>()
                 .map_err(unavailable)
         })
         .await
@@ -742,7 +744,10 @@ mod tests {
             s.password_hash("alice").await.expect("q"),
             Some(("alice".into(), "h1".into()))
         );
-        assert_eq!(s.revoked(50).await.expect("q"), vec!["j1".to_string()]);
+        assert_eq!(
+            s.revoked(50).await.expect("q"),
+            vec![("j1".to_string(), 100)]
+        );
     }
 
     #[tokio::test]
