@@ -258,6 +258,17 @@ pub struct Config {
     #[arg(long, env = "SHOAL_MAX_FILE_SIZE", default_value_t = 5 * 1024 * 1024)]
     pub max_file_size: usize,
 
+    /// Bytes of attachments one user may keep stored (all rooms); an
+    /// upload past it gets 413. Files leave with their room's retention
+    /// (`retain_age`). 0: no quota.
+    #[arg(long, env = "SHOAL_USER_FILE_QUOTA", default_value_t = 100 * 1024 * 1024)]
+    pub user_file_quota: u64,
+
+    /// Stored rooms one user may be a member of (memberships last until
+    /// `leave`); joining one more gets `error 409`.
+    #[arg(long, env = "SHOAL_MAX_ROOMS_PER_USER", default_value_t = 1000)]
+    pub max_rooms_per_user: u64,
+
     /// Bytes of uploads the node reads at once, all connections together
     /// (each upload holds its Content-Length while it is read). More get
     /// 503 with Retry-After. At least `--max-file-size`.

@@ -716,6 +716,18 @@ async fn upload(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
             format!("file larger than {max} bytes"),
         ));
     }
+    let quota = state.cfg.user_file_quota;
+    if quota > 0 {
+        let used = state.store.file_usage(&claims.sub).await?;
+        if used + length as u64 > quota {
+            state.metrics.rate_limited("file_quota");
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "quota_exceeded",
+                format!("upload quota of {quota} bytes reached ({used} stored)"),
+            ));
+        }
+    }
     // The upload's bytes come out of the node's upload budget while it is
     // read (see `httpconn`).
     let _budget = u32::try_from(length)

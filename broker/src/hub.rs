@@ -1369,6 +1369,7 @@ mod tests {
                 store,
                 metrics: m.clone(),
                 batch: 16,
+                max_memberships: 1000,
                 webhook: None,
             }
             .run(rx, stop.clone()),

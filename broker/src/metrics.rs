@@ -154,6 +154,8 @@ pub struct Metrics {
     pub replayed: Counter,
     /// Messages removed by retention.
     pub retention_removed: Counter,
+    /// Attachments removed by their room's retention age.
+    pub files_expired: Counter,
     /// Offline webhook counters.
     pub webhook: std::sync::Arc<crate::webhook::WebhookMetrics>,
     /// Bytes written to WebSocket peers.
@@ -371,6 +373,12 @@ impl Metrics {
             "Stored messages replayed to clients joining with since",
             replayed.clone(),
         );
+        let files_expired = Counter::default();
+        registry.register(
+            "files_expired",
+            "Attachments removed because their room's retention age passed",
+            files_expired.clone(),
+        );
         let retention_removed = Counter::default();
         registry.register(
             "retention_removed",
@@ -558,6 +566,7 @@ impl Metrics {
             store_up,
             replayed,
             retention_removed,
+            files_expired,
             webhook,
             bytes_out,
             bus_inbound_dropped,

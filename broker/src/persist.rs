@@ -42,6 +42,8 @@ pub struct Writer {
     pub batch: usize,
     /// Offline notifications for direct messages.
     pub webhook: Option<Webhook>,
+    /// Most rooms a user may be a durable member of.
+    pub max_memberships: u64,
 }
 
 fn unavailable() -> (ErrorCode, String) {
@@ -51,7 +53,7 @@ fn unavailable() -> (ErrorCode, String) {
     )
 }
 
-fn write_op(item: &Item) -> Option<WriteOp> {
+fn write_op(item: &Item, max_memberships: u64) -> Option<WriteOp> {
     let room = item.room.name.clone();
     Some(match &item.op {
         Pending::Msg {
@@ -75,6 +77,7 @@ fn write_op(item: &Item) -> Option<WriteOp> {
         Pending::Join(user) => WriteOp::Join {
             room,
             user: user.clone(),
+            max: max_memberships,
         },
         Pending::Leave(user) => WriteOp::Leave {
             room,
@@ -141,7 +144,10 @@ impl Writer {
                 live.push(it);
             }
         }
-        let ops: Vec<WriteOp> = live.iter().filter_map(write_op).collect();
+        let ops: Vec<WriteOp> = live
+            .iter()
+            .filter_map(|it| write_op(it, self.max_memberships))
+            .collect();
         let n_ops = ops.len();
         let result = if ops.is_empty() {
             Ok(vec![])
@@ -227,6 +233,10 @@ impl Writer {
                 recipients: 0,
             }),
             // A joiner waits for its membership to be durable (Reply::Chan).
+            Pending::Join(_) if outcome == OpOutcome::NotFound => it.reply.fail((
+                ErrorCode::Conflict,
+                "member of too many rooms; leave some first".into(),
+            )),
             Pending::Join(_) | Pending::Leave(_) => it.reply.ack(Published {
                 room: room.name.clone(),
                 seq: 0,
@@ -361,6 +371,12 @@ mod tests {
         async fn apply_retention(&self, p: RetentionPolicy) -> Result<u64, StoreError> {
             self.inner.apply_retention(p).await
         }
+        async fn file_usage(&self, owner: &str) -> Result<u64, StoreError> {
+            self.inner.file_usage(owner).await
+        }
+        async fn expire_files(&self, p: RetentionPolicy) -> Result<u64, StoreError> {
+            self.inner.expire_files(p).await
+        }
     }
 
     async fn publish(hub: &Hub, body: &str) -> Result<Published, HubError> {
@@ -404,6 +420,7 @@ mod tests {
                 metrics: metrics.clone(),
                 batch: 8,
                 webhook: None,
+                max_memberships: 1000,
             }
             .run(rx, stop.clone()),
         );

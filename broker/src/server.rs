@@ -146,6 +146,7 @@ pub async fn build_state(
             store: store.clone(),
             metrics: metrics.clone(),
             batch: cfg.store_batch,
+            max_memberships: cfg.max_rooms_per_user,
             webhook: cfg.offline_webhook.clone().map(|url| {
                 crate::webhook::Webhook::start(
                     url,
@@ -291,7 +292,7 @@ async fn retention(
                     .map(|s| now.saturating_sub(s.saturating_mul(1000))),
             })
         });
-        match store.apply_retention(policy).await {
+        match store.apply_retention(policy.clone()).await {
             Ok(n) => {
                 metrics.retention_removed.inc_by(n);
                 if n > 0 {
@@ -299,6 +300,16 @@ async fn retention(
                 }
             }
             Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+        }
+        // Attachments leave with their room's retention age.
+        match store.expire_files(policy).await {
+            Ok(n) => {
+                metrics.files_expired.inc_by(n);
+                if n > 0 {
+                    tracing::info!(removed = n, "expired attachments");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "expiring attachments failed"),
         }
     }
 }

@@ -753,3 +753,129 @@ async fn login_floods_are_rate_limited_per_address_and_per_user() {
     );
     bystander_served(&b).await;
 }
+
+/// Upload `len` bytes of PNG into `room` as `token`'s user; the status.
+async fn upload(b: &Broker, token: &str, room: &str, len: usize) -> (u16, serde_json::Value) {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.resize(len, 3);
+    let r = b
+        .http
+        .post(b.url(&format!("/api/files?room={room}&name=f.png")))
+        .bearer_auth(token)
+        .header("content-type", "image/png")
+        .body(png)
+        .send()
+        .await
+        .expect("upload");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or_default())
+}
+
+/// Issue 15 (bounds): a user's stored attachments are capped
+/// (`--user-file-quota`, 413), and attachments leave with their room's
+/// retention age.
+#[tokio::test]
+async fn uploads_have_a_per_user_quota_and_expire_with_retention() {
+    let b = Broker::start_with(|c| {
+        c.user_file_quota = 3000;
+        c.namespaces = vec!["eph:retain_age=1".parse().expect("spec")];
+        c.retention_interval_secs = 1;
+    })
+    .await;
+    let (hoarder, other) = (token_for("hoarder"), token_for("other"));
+    for (t, room) in [(&hoarder, "files"), (&hoarder, "eph:x"), (&other, "files")] {
+        let mut c = b.connect(t, Encoding::Json).await;
+        c.join(room).await;
+    }
+    assert_eq!(upload(&b, &hoarder, "files", 1000).await.0, 201);
+    assert_eq!(upload(&b, &hoarder, "files", 1000).await.0, 201);
+    let (s, v) = upload(&b, &hoarder, "files", 1500).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (413, Some("quota_exceeded")),
+        "{v}"
+    );
+    assert_eq!(
+        upload(&b, &other, "files", 1500).await.0,
+        201,
+        "quotas are per user"
+    );
+    assert_eq!(
+        upload(&b, &hoarder, "files", 900).await.0,
+        201,
+        "up to the quota"
+    );
+
+    let (s, v) = upload(&b, &other, "eph:x", 100).await;
+    assert_eq!(s, 403, "not a member of eph:x yet: {v}");
+    let (s, v) = upload(&b, &hoarder, "eph:x", 50).await;
+    assert_eq!(s, 201, "{v}");
+    let url = v["url"].as_str().expect("url").to_string();
+    let fetch = |url: String| {
+        let (b, t) = (&b, hoarder.clone());
+        async move {
+            b.http
+                .get(b.url(&url))
+                .bearer_auth(t)
+                .send()
+                .await
+                .expect("get")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(fetch(url.clone()).await, 200);
+    let mut gone = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if fetch(url.clone()).await == 404 {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the attachment expired with its room's retention");
+    assert!(b.metric("shoal_files_expired_total").await >= 1.0);
+    bystander_served(&b).await;
+}
+
+/// Issue 15 (bounds): durable memberships per user are capped
+/// (`--max-rooms-per-user`, `error 409`); rejoining a room you are in is
+/// always fine, and leaving frees a slot.
+#[tokio::test]
+async fn memberships_per_user_are_capped() {
+    let b = Broker::start_with(|c| c.max_rooms_per_user = 3).await;
+    let mut c = b.connect(&token_for("joiner"), Encoding::Json).await;
+    for r in ["a", "b", "c"] {
+        c.join(r).await;
+    }
+    c.send(&shoal_proto::ClientFrame::Join {
+        id: Some(77),
+        room: "d".into(),
+        since: None,
+    })
+    .await;
+    match c
+        .recv_until(|f| {
+            matches!(
+                f,
+                ServerFrame::Error { id: Some(77), .. } | ServerFrame::Joined { id: Some(77), .. }
+            )
+        })
+        .await
+    {
+        ServerFrame::Error { code, .. } => assert_eq!(code, 409),
+        f => panic!("{f:?}"),
+    }
+    // Another connection of the same user rejoins a held room.
+    let mut again = b.connect(&token_for("joiner"), Encoding::Json).await;
+    again.join("b").await;
+    c.send(&shoal_proto::ClientFrame::Leave {
+        id: Some(78),
+        room: "a".into(),
+    })
+    .await;
+    c.recv_until(|f| matches!(f, ServerFrame::Left { .. }))
+        .await;
+    again.join("d").await;
+    bystander_served(&b).await;
+}

@@ -80,8 +80,27 @@ pub async fn messages(s: &dyn Store) {
     ops.push(WriteOp::Join {
         room: "r".into(),
         user: "bob".into(),
+        max: 10,
     });
     s.write_batch(ops).await.expect("batch");
+    // A user's memberships are capped: carol may hold one, then only
+    // rejoin it.
+    for (room, expected) in [
+        ("c1", OpOutcome::Done),
+        ("c2", OpOutcome::NotFound),
+        ("c1", OpOutcome::Unchanged),
+    ] {
+        let join = WriteOp::Join {
+            room: room.into(),
+            user: "carol".into(),
+            max: 1,
+        };
+        assert_eq!(
+            s.write_batch(vec![join]).await.expect("join"),
+            vec![expected],
+            "{room}"
+        );
+    }
     let head = s.room_head("r", 0).await.expect("head");
     assert_eq!(head.last_seq, 5);
     assert_eq!(head.cids.len(), 5);
@@ -192,6 +211,26 @@ pub async fn files(s: &dyn Store) {
         created_ms: 5,
     };
     s.put_file(f.clone()).await.expect("put");
-    assert_eq!(s.get_file(&f.id).await.expect("get"), Some(f));
+    assert_eq!(s.get_file(&f.id).await.expect("get"), Some(f.clone()));
     assert_eq!(s.get_file("nope").await.expect("get"), None);
+    // The quota counts an owner's bytes; retention ages files out by room.
+    let newer = FileRecord {
+        id: "b".repeat(32),
+        data: vec![9; 5],
+        created_ms: 50,
+        ..f.clone()
+    };
+    s.put_file(newer.clone()).await.expect("put");
+    assert_eq!(s.file_usage("alice").await.expect("usage"), 8);
+    assert_eq!(s.file_usage("bob").await.expect("usage"), 0);
+    let policy: RetentionPolicy = Arc::new(|room: &str| {
+        (room == "r").then_some(Retention {
+            max_messages: None,
+            min_ts: Some(10),
+        })
+    });
+    assert_eq!(s.expire_files(policy).await.expect("expire"), 1);
+    assert_eq!(s.get_file(&f.id).await.expect("get"), None);
+    assert_eq!(s.get_file(&newer.id).await.expect("get"), Some(newer));
+    assert_eq!(s.file_usage("alice").await.expect("usage"), 5);
 }

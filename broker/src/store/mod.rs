@@ -82,12 +82,16 @@ pub struct NewMsg {
 pub enum WriteOp {
     /// Store a message.
     Msg(NewMsg),
-    /// Record that `user` is a member of `room` (for `GET /api/rooms`).
+    /// Record that `user` is a member of `room` (for `GET /api/rooms`),
+    /// unless the user already has `max` memberships: outcome `NotFound`
+    /// (refused), `Unchanged` (already a member) or `Done`.
     Join {
         /// Room.
         room: Arc<str>,
         /// User.
         user: Arc<str>,
+        /// Most memberships a user may hold.
+        max: u64,
     },
     /// Remove the membership (explicit `leave`).
     Leave {
@@ -252,6 +256,11 @@ pub trait Store: Send + Sync + 'static {
     async fn put_file(&self, file: FileRecord) -> Result<(), StoreError>;
     /// Fetch an attachment by id.
     async fn get_file(&self, id: &str) -> Result<Option<FileRecord>, StoreError>;
+    /// Bytes of attachments `owner` has stored (for the upload quota).
+    async fn file_usage(&self, owner: &str) -> Result<u64, StoreError>;
+    /// Delete attachments older than their room's retention age
+    /// (`Retention::min_ts`); returns how many were removed.
+    async fn expire_files(&self, policy: RetentionPolicy) -> Result<u64, StoreError>;
     /// Delete what retention no longer keeps; returns messages removed.
     async fn apply_retention(&self, policy: RetentionPolicy) -> Result<u64, StoreError>;
 }

@@ -71,6 +71,8 @@ const MIGRATIONS: &[&str] = &[
     // A database that already holds two spellings of one name stops the
     // migration: rename one, then start again.
     "CREATE UNIQUE INDEX users_by_key ON users (lower(name));",
+    // The upload quota sums a user's files.
+    "CREATE INDEX files_by_owner ON files (owner);",
 ];
 
 /// PostgreSQL-backed [`Store`].
@@ -206,13 +208,27 @@ async fn apply_op(
             }
             Ok(OpOutcome::Done)
         }
-        WriteOp::Join { room, user } => {
+        WriteOp::Join { room, user, max } => {
             let st = tx
                 .prepare_cached(
-                    "INSERT INTO members (usr, room) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    "INSERT INTO members (usr, room) SELECT $1, $2
+                     WHERE (SELECT count(*) FROM members WHERE usr = $1) < $3
+                     ON CONFLICT DO NOTHING",
                 )
                 .await?;
-            Ok(changed(tx.execute(&st, &[&&**user, &&**room]).await?))
+            if tx.execute(&st, &[&&**user, &&**room, &i(*max)]).await? > 0 {
+                return Ok(OpOutcome::Done);
+            }
+            let st = tx
+                .prepare_cached("SELECT 1 FROM members WHERE usr = $1 AND room = $2")
+                .await?;
+            Ok(
+                if tx.query_opt(&st, &[&&**user, &&**room]).await?.is_some() {
+                    OpOutcome::Unchanged
+                } else {
+                    OpOutcome::NotFound
+                },
+            )
         }
         WriteOp::Leave { room, user } => {
             let st = tx
@@ -599,6 +615,36 @@ impl Store for PgStore {
         )
         .await
         .map(|_| ())
+    }
+
+    async fn file_usage(&self, owner: &str) -> Result<u64, StoreError> {
+        let rows = self
+            .query(
+                "SELECT coalesce(sum(octet_length(data)), 0)::BIGINT FROM files WHERE owner = $1",
+                &[&owner],
+            )
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn expire_files(&self, policy: RetentionPolicy) -> Result<u64, StoreError> {
+        let rooms = self.query("SELECT DISTINCT room FROM files", &[]).await?;
+        let mut removed = 0u64;
+        for r in rooms {
+            let room: String = r.get(0);
+            if let Some(min_ts) = policy(&room).and_then(|r| r.min_ts) {
+                removed += self
+                    .client()
+                    .await?
+                    .execute(
+                        "DELETE FROM files WHERE room = $1 AND created_ms < $2",
+                        &[&room, &i(min_ts)],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(removed)
     }
 
     async fn get_file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {

@@ -80,6 +80,8 @@ const MIGRATIONS: &[&str] = &[
     // A database that already holds two spellings of one name stops the
     // migration: rename one, then start again.
     "CREATE UNIQUE INDEX users_by_key ON users (lower(name));",
+    // The upload quota sums a user's files.
+    "CREATE INDEX files_by_owner ON files (owner);",
 ];
 
 /// SQLite-backed [`Store`].
@@ -256,14 +258,27 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<Op
             }
             Ok(OpOutcome::Done)
         }
-        WriteOp::Join { room, user } => {
+        WriteOp::Join { room, user, max } => {
             let n = tx
-                .prepare_cached("INSERT OR IGNORE INTO members (user, room) VALUES (?1, ?2)")?
-                .execute(params![&**user, &**room])?;
-            Ok(if n > 0 {
-                OpOutcome::Done
-            } else {
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO members (user, room) SELECT ?1, ?2
+                     WHERE (SELECT count(*) FROM members WHERE user = ?1) < ?3",
+                )?
+                .execute(params![
+                    &**user,
+                    &**room,
+                    (*max).min(i64::MAX as u64) as i64
+                ])?;
+            if n > 0 {
+                return Ok(OpOutcome::Done);
+            }
+            let member = tx
+                .prepare_cached("SELECT 1 FROM members WHERE user = ?1 AND room = ?2")?
+                .exists(params![&**user, &**room])?;
+            Ok(if member {
                 OpOutcome::Unchanged
+            } else {
+                OpOutcome::NotFound
             })
         }
         WriteOp::Leave { room, user } => {
@@ -364,6 +379,23 @@ fn retention_pass(c: &mut Connection, policy: &RetentionPolicy) -> rusqlite::Res
                 .execute(params![room, upto])?;
         }
         tx.commit()?;
+    }
+    Ok(removed)
+}
+
+fn expire_files_pass(c: &mut Connection, policy: &RetentionPolicy) -> rusqlite::Result<u64> {
+    let rooms: Vec<String> = {
+        let mut st = c.prepare("SELECT DISTINCT room FROM files")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut removed = 0u64;
+    for room in rooms {
+        if let Some(min_ts) = policy(&room).and_then(|r| r.min_ts) {
+            removed += c
+                .prepare_cached("DELETE FROM files WHERE room = ?1 AND created_ms < ?2")?
+                .execute(params![room, min_ts as i64])? as u64;
+        }
     }
     Ok(removed)
 }
@@ -696,6 +728,25 @@ impl Store for SqliteStore {
             .map_err(unavailable)
         })
         .await
+    }
+
+    async fn file_usage(&self, owner: &str) -> Result<u64, StoreError> {
+        let owner = owner.to_string();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT coalesce(sum(length(data)), 0) FROM files WHERE owner = ?1",
+                [owner],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn expire_files(&self, policy: RetentionPolicy) -> Result<u64, StoreError> {
+        self.with(move |c| expire_files_pass(c, &policy).map_err(unavailable))
+            .await
     }
 
     async fn get_file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
