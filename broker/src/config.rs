@@ -347,9 +347,10 @@ pub struct Config {
     #[arg(long, env = "SHOAL_USER_PUBLISH_RATE", default_value_t = 0)]
     pub user_publish_rate: u64,
 
-    /// Presence lease of a node, in milliseconds: a node that stops
-    /// refreshing it (crashed) has its users leave the rooms' presence
-    /// within about this long. Refreshed every third of it.
+    /// Presence lease of a node process, in milliseconds: a process that
+    /// stops refreshing it (crashed) has its users leave the rooms'
+    /// presence within 1.5 times this, whether or not the node restarts
+    /// under the same id. Refreshed every third of it.
     #[arg(long, env = "SHOAL_PRESENCE_LEASE_MS", default_value_t = 10_000)]
     pub presence_lease_ms: u64,
 

@@ -6,12 +6,22 @@
 //! `presence` event on the room's channel only when a user's first node
 //! arrives or last node leaves, so a user on two nodes is online once.
 //!
-//! Every node holds a lease, the key `shoal:node:<id>` with a TTL of
-//! `--presence-lease-ms`, refreshed at a third of that. Each node
-//! periodically checks the other nodes named in the presence of its own
-//! rooms; a node whose lease expired (it crashed) is removed from them,
-//! with `presence offline` events for the users it alone held. So a dead
-//! node's users leave within about one lease, and nobody stays a ghost.
+//! Presence names a node *process*, not a node id: `<node id>#<incarnation>`,
+//! with an incarnation drawn at every start. A node restarted under the
+//! same id (the default id is host-port, and supervisors restart nodes
+//! with fixed ids) is a new holder, so what its previous process held can
+//! never be renewed by it and is reaped like any dead node's.
+//!
+//! Every node process holds a lease, the key `shoal:node:<id>#<inc>` with
+//! a TTL of `--presence-lease-ms`, refreshed at a third of that. Each node
+//! checks, every half lease, the other holders named in the presence of
+//! its own rooms; a holder whose lease expired (its process died) is
+//! removed, with `presence offline` events for the users it alone held.
+//! The bound: a crashed process's users leave within 1.5 leases (the lease
+//! runs out at most one lease after the last refresh, and the next check
+//! comes within half a lease), whether or not the node comes back, as
+//! long as some node has a member in the room (only such a room's
+//! presence is observable).
 //!
 //! Operations are applied in order by one worker task per node: a join
 //! and a leave of the same user never overtake each other.
@@ -105,6 +115,13 @@ fn event(room: &str, user: &str, online: bool) -> Vec<u8> {
     })
 }
 
+/// The presence holder name of this process of node `node`: a fresh
+/// incarnation at every start.
+pub fn holder_name(node: &str) -> String {
+    let inc = uuid::Uuid::new_v4().simple().to_string();
+    format!("{node}#{}", &inc[..12])
+}
+
 /// Users present in a room, cluster-wide, sorted.
 pub async fn members(conn: &mut Conn, room: &str) -> redis::RedisResult<Vec<String>> {
     let mut users: Vec<String> = redis::cmd("HKEYS")
@@ -119,7 +136,8 @@ pub async fn members(conn: &mut Conn, room: &str) -> redis::RedisResult<Vec<Stri
 pub struct Worker {
     /// Command connection.
     pub conn: Conn,
-    /// This node's id.
+    /// This node process's presence holder name: `<node id>#<incarnation>`
+    /// (see [`holder_name`]).
     pub node: String,
     /// Lease length.
     pub lease: Duration,

@@ -188,7 +188,7 @@ impl RedisBus {
         tokio::spawn(
             super::presence::Worker {
                 conn: cmds[0].clone(),
-                node: settings.node.clone(),
+                node: super::presence::holder_name(&settings.node),
                 lease: settings.presence_lease,
                 metrics: metrics.clone(),
             }
