@@ -602,7 +602,7 @@ impl Session {
                     );
                 }
                 let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize;
-                match self.state.store.history(&room, before, limit).await {
+                match self.state.history(&room, before, limit).await {
                     Ok((messages, more)) => self.reply(ServerFrame::History {
                         id,
                         room,

@@ -606,7 +606,7 @@ async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result
     let limit = num::<u32>(&q, "limit")?
         .unwrap_or(50)
         .clamp(1, crate::conn::MAX_HISTORY_PAGE) as usize;
-    let (messages, more) = state.store.history(room, before, limit).await?;
+    let (messages, more) = state.history(room, before, limit).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"room": room, "messages": messages, "more": more}),
@@ -624,6 +624,13 @@ async fn search(state: &AppState, req: Request<Incoming>, room: &str) -> Result<
     if text.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "`q` must not contain control characters",
+        ));
+    }
+    if state.history_is_hot_only() {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "search needs the shared store (--store postgres) in a cluster",
         ));
     }
     let limit = num::<u32>(&q, "limit")?.unwrap_or(20).clamp(1, 100) as usize;

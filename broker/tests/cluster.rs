@@ -882,3 +882,61 @@ async fn a_crashed_node_restarted_under_its_id_leaves_no_ghosts() {
         assert_eq!(members_of(&mut carol, &room, 12).await, ["bob", "carol"]);
     }
 }
+
+/// A `history` page of 3 below `before`: (seqs, more).
+async fn history_page(c: &mut Client, before: Option<u64>) -> (Vec<u64>, bool) {
+    c.send(&ClientFrame::History {
+        id: Some(40 + before.unwrap_or(0)),
+        room: "r".into(),
+        before,
+        limit: Some(3),
+    })
+    .await;
+    match c
+        .recv_until(|f| matches!(f, ServerFrame::History { .. } | ServerFrame::Error { .. }))
+        .await
+    {
+        ServerFrame::History { messages, more, .. } => {
+            (messages.iter().map(|m| m.seq).collect(), more)
+        }
+        f => panic!("{f:?}"),
+    }
+}
+
+/// Issue 15 (history without PostgreSQL): on Redis with each node's own
+/// embedded store, history comes from the hot stream on every node (it
+/// used to answer an empty page), and search says it needs the shared
+/// store instead of answering nothing.
+#[tokio::test]
+async fn a_cluster_without_postgres_serves_history_from_the_hot_stream() {
+    let redis = Redis::start().await;
+    let (a, b) = two_nodes(&redis).await;
+    let token = token_for("alice");
+    let mut alice = a.connect(&token, Encoding::Json).await;
+    alice.join("r").await;
+    for k in 1..=5 {
+        assert!(matches!(
+            alice.publish("r", json!({"text": format!("m{k}")})).await,
+            ServerFrame::Ack { .. }
+        ));
+    }
+    let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
+    assert_eq!(history_page(&mut bob, None).await, (vec![5, 4, 3], true));
+    assert_eq!(history_page(&mut bob, Some(3)).await, (vec![2, 1], false));
+    for node in [&a, &b] {
+        let (s, v) = node
+            .get("/api/rooms/r/messages?limit=2&before=5", Some(&token))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let seqs: Vec<u64> = v["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["seq"].as_u64())
+            .collect();
+        assert_eq!((seqs, v["more"].as_bool()), (vec![4, 3], Some(true)));
+        assert_eq!(v["messages"][0]["body"]["text"], "m4");
+        let (s, v) = node.get("/api/rooms/r/search?q=m4", Some(&token)).await;
+        assert_eq!(s, 501, "{v}");
+    }
+}
