@@ -257,6 +257,9 @@ impl Auth {
         let Ok(_permit) = self.hash_permits.clone().acquire_owned().await else {
             return false;
         };
+        // An account seen with an external token has no password (empty
+        // hash): it cannot log in here, and costs the same as a miss.
+        let hash = hash.filter(|h| !h.is_empty());
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         let ok = tokio::task::spawn_blocking(move || {

@@ -215,6 +215,7 @@ pub async fn serve(
         metrics.clone(),
     ));
     state.hub.register(&handle);
+    state.directory.seen(&handle.user);
     handle.send(&ServerFrame::Hello {
         user: claims.sub.clone(),
         node: state.node.clone(),
@@ -519,6 +520,20 @@ impl Session {
                                 ErrorCode::BadRequest,
                                 "cannot send a direct message to yourself".into(),
                             ));
+                        }
+                        // Never kept for whoever takes the name later.
+                        match self.state.directory.exists(&to).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                return reply.fail((ErrorCode::NotFound, format!("no user `{to}`")))
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "user lookup failed");
+                                return reply.fail((
+                                    ErrorCode::Unavailable,
+                                    "storage unavailable; retry later".into(),
+                                ));
+                            }
                         }
                         let full = shoal_proto::names::dm_room(&user, &to);
                         match RoomName::parse(&full) {

@@ -400,6 +400,7 @@ async fn register(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiE
             }
             e => e.into(),
         })?;
+    state.directory.seen(&Arc::from(c.username.as_str()));
     Ok(json_response(
         StatusCode::CREATED,
         &json!({"username": c.username}),

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod directory;
 pub mod http;
 pub mod httpconn;
 pub mod hub;

@@ -315,6 +315,12 @@ mod tests {
         async fn password_hash(&self, n: &str) -> Result<Option<(String, String)>, StoreError> {
             self.inner.password_hash(n).await
         }
+        async fn remember_users(&self, n: &[String]) -> Result<(), StoreError> {
+            self.inner.remember_users(n).await
+        }
+        async fn user_exists(&self, n: &str) -> Result<bool, StoreError> {
+            self.inner.user_exists(n).await
+        }
         async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
             self.inner.list_users().await
         }

@@ -139,6 +139,15 @@ pub async fn build_state(
             shutdown.clone(),
         ));
     }
+    // Known user names live where every node reads them: the shared (or
+    // only) store, or the bus when nodes have their own embedded stores.
+    let registry = match hub.bus() {
+        Some(bus) if cfg.store != crate::config::StoreKind::Postgres => {
+            crate::directory::Registry::Bus(bus.clone())
+        }
+        _ => crate::directory::Registry::Store(store.clone()),
+    };
+    let directory = crate::directory::Directory::start(registry, shutdown.clone());
     let writer_stop = CancellationToken::new();
     tokio::spawn(
         Writer {
@@ -183,6 +192,7 @@ pub async fn build_state(
         tls,
         handshake_bucket,
         conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        directory,
         login_by_ip: crate::limiter::KeyedLimiter::new(cfg.login_rate_per_ip),
         login_by_user: crate::limiter::KeyedLimiter::new(cfg.login_rate_per_user),
         upload_budget: Arc::new(Semaphore::new(cfg.max_upload_memory)),

@@ -38,6 +38,8 @@ pub struct AppState {
     /// Bytes of uploads being read, one permit per byte
     /// (`--max-upload-memory`).
     pub upload_budget: Arc<Semaphore>,
+    /// Which user names exist (direct messages to others are refused).
+    pub directory: Arc<crate::directory::Directory>,
     /// Logins and registrations per client address.
     pub login_by_ip: crate::limiter::KeyedLimiter<std::net::IpAddr>,
     /// Login attempts per user name (lower-cased).

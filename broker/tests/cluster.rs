@@ -392,10 +392,13 @@ async fn direct_messages_and_revocations_cross_nodes() {
         );
         assert!(msgs.values().all(|(from, _)| from == "alice"));
     }
-    // While carol is offline her DMs wait in the room's hot history.
+    // While carol is offline her DMs wait in the room's hot history (she
+    // connected once before, on the other node: the cluster knows her).
+    let carol_token = token_for("carol");
+    drop(a.connect(&carol_token, Encoding::Json).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut dave = b.connect(&token_for("dave"), Encoding::Json).await;
     dave.send_dm("carol", json!("are you there?")).await;
-    let carol_token = token_for("carol");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut carol = a.connect(&carol_token, Encoding::Json).await;
     let (replayed, head) = carol.join_since("dm:carol:dave", Some(0)).await;

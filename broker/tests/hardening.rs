@@ -879,3 +879,87 @@ async fn memberships_per_user_are_capped() {
     again.join("d").await;
     bystander_served(&b).await;
 }
+
+/// Issue 15.6: a DM to a name nobody holds is refused with 404 and kept
+/// nowhere, so whoever registers the name later reads nothing; a user
+/// seen with a valid token (an external issuer's) can receive DMs
+/// offline, and their name cannot be registered by anyone else.
+#[tokio::test]
+async fn direct_messages_to_unknown_names_are_refused() {
+    let b = Broker::start().await;
+    let alice_token = b.user("alice").await;
+    let mut alice = b.connect(&alice_token, Encoding::Json).await;
+    let dm = |to: &str, id: u64| shoal_proto::ClientFrame::Pub {
+        id: Some(id),
+        room: None,
+        to: Some(to.into()),
+        cid: None,
+        body: json!("secret for you"),
+    };
+    alice.send(&dm("squatter", 1)).await;
+    match alice
+        .recv_until(|f| {
+            matches!(
+                f,
+                ServerFrame::Error { id: Some(1), .. } | ServerFrame::Ack { id: Some(1), .. }
+            )
+        })
+        .await
+    {
+        ServerFrame::Error { code, .. } => assert_eq!(code, 404),
+        f => panic!("{f:?}"),
+    }
+    // The squatter registers the name afterwards: nothing was kept.
+    let squatter = b.user("squatter").await;
+    let (s, v) = b.get("/api/rooms", Some(&squatter)).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["rooms"].as_array().map(Vec::len), Some(0), "{v}");
+    let (s, v) = b
+        .get("/api/rooms/dm:alice:squatter/messages", Some(&squatter))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(0), "{v}");
+    // Now that the name is held, DMs to it go through.
+    alice.send(&dm("squatter", 2)).await;
+    assert!(matches!(
+        alice
+            .recv_until(|f| matches!(
+                f,
+                ServerFrame::Error { id: Some(2), .. } | ServerFrame::Ack { id: Some(2), .. }
+            ))
+            .await,
+        ServerFrame::Ack { .. }
+    ));
+
+    // An external issuer's user, seen once, then offline.
+    drop(b.connect(&token_for("external"), Encoding::Json).await);
+    let mut delivered = false;
+    for attempt in 0..50u64 {
+        alice.send(&dm("external", 10 + attempt)).await;
+        let id = 10 + attempt;
+        match alice
+            .recv_until(|f| matches!(f, ServerFrame::Error { id: Some(i), .. } | ServerFrame::Ack { id: Some(i), .. } if *i == id))
+            .await
+        {
+            ServerFrame::Ack { .. } => {
+                delivered = true;
+                break;
+            }
+            // Recorded in the background, just after the connection.
+            ServerFrame::Error { code: 404, .. } => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    assert!(delivered);
+    let (s, v) = b
+        .post(
+            "/api/register",
+            json!({"username": "External", "password": "password123"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, 409, "a seen name cannot be registered: {v}");
+    bystander_served(&b).await;
+}

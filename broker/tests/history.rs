@@ -217,6 +217,7 @@ async fn idempotent_retry_is_acked_once_and_delivered_once() {
 async fn history_paging_and_privacy_over_ws_and_rest() {
     let b = Broker::start().await;
     let (ta, tc) = (b.user("alice").await, b.user("carol").await);
+    b.user("bob").await; // a DM goes only to a name someone holds
     let mut a = b.connect(&ta, Encoding::Json).await;
     a.join("paged").await;
     for i in 1..=7 {

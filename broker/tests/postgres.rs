@@ -123,12 +123,14 @@ async fn cluster_nodes_share_users_and_history_and_a_crash_loses_no_archived_mes
             f => panic!("{f:?}"),
         }
     }
+    // bob has an account in the shared database (a DM goes only to a
+    // name someone holds), registered through the other node.
+    let bob_token = b.user("bob").await;
     alice.send_dm("bob", json!({"text": "psst"})).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     a.kill9();
     assert_eq!(acked, (1..=200).collect::<Vec<_>>());
 
-    let bob_token = b.user("bob").await;
     let mut history = vec![];
     for _ in 0..100 {
         let (s, v) = b

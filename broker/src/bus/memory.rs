@@ -29,6 +29,7 @@ struct RoomLog {
 #[derive(Default)]
 struct CoreState {
     revoked: Vec<(String, String, u64)>,
+    users: std::collections::HashSet<String>,
     /// room -> user -> nodes
     presence: HashMap<String, HashMap<String, std::collections::HashSet<u64>>>,
     rooms: HashMap<String, RoomLog>,
@@ -274,6 +275,17 @@ impl Bus for MemoryBus {
             };
             st.fan(room, &Bytes::from(shoal_proto::bus::encode_event(&f)));
         }
+    }
+
+    async fn remember_users(&self, names: &[String]) -> Result<(), BusError> {
+        self.core.check()?;
+        self.core.state.lock().users.extend(names.iter().cloned());
+        Ok(())
+    }
+
+    async fn user_known(&self, user: &str) -> Result<bool, BusError> {
+        self.core.check()?;
+        Ok(self.core.state.lock().users.contains(user))
     }
 
     async fn members(&self, room: &str) -> Result<Vec<String>, BusError> {

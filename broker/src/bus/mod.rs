@@ -146,6 +146,13 @@ pub trait Bus: Send + Sync + 'static {
     /// background; the `presence` events come back on the room channel).
     fn presence(&self, op: presence::PresenceOp);
 
+    /// Record users known to the cluster (seen with a valid token, or
+    /// registered on some node), for clusters without a shared database.
+    async fn remember_users(&self, names: &[String]) -> Result<(), BusError>;
+
+    /// Whether the cluster knows `user` (see [`Bus::remember_users`]).
+    async fn user_known(&self, user: &str) -> Result<bool, BusError>;
+
     /// Users present in a room on any node, sorted.
     async fn members(&self, room: &str) -> Result<Vec<String>, BusError>;
 

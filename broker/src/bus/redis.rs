@@ -12,7 +12,9 @@
 //! - channel `shoal:{@user}`: direct messages to a user (`@` cannot occur
 //!   in room names), published by the same script in DM rooms;
 //! - channel `shoal:{@}` and hash `shoal:{@}:revoked` (jti -> `exp user`):
-//!   cluster-wide token revocations.
+//!   cluster-wide token revocations;
+//! - set `shoal:{@}:users`: user names the cluster knows (direct messages
+//!   to other names are refused).
 //!
 //! One Lua script per publish does the idempotency check, appends to the
 //! stream, advances the counter and publishes, so a message is either
@@ -128,6 +130,8 @@ return {seq, tonumber(ARGV[4]), 0}
 
 /// Cluster-wide revocations (same slot as the global channel).
 const REVOKED_KEY: &str = "shoal:{@}:revoked";
+/// Set of user names known to the cluster (see `Bus::remember_users`).
+const USERS_KEY: &str = "shoal:{@}:users";
 
 pub(super) fn seq_key(room: &str) -> String {
     format!("shoal:{{{room}}}:seq")
@@ -517,6 +521,22 @@ impl Bus for RedisBus {
 
     fn presence(&self, op: super::presence::PresenceOp) {
         let _ = self.presence.send(op);
+    }
+
+    async fn remember_users(&self, names: &[String]) -> Result<(), BusError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn();
+        let cmd = redis::cmd("SADD").arg(USERS_KEY).arg(names).to_owned();
+        let _: i64 = self.run(cmd.query_async(&mut c)).await?;
+        Ok(())
+    }
+
+    async fn user_known(&self, user: &str) -> Result<bool, BusError> {
+        let mut c = self.conn();
+        let cmd = redis::cmd("SISMEMBER").arg(USERS_KEY).arg(user).to_owned();
+        self.run(cmd.query_async(&mut c)).await
     }
 
     async fn members(&self, room: &str) -> Result<Vec<String>, BusError> {

@@ -33,7 +33,23 @@ pub async fn users(s: &dyn Store) {
         );
     }
     assert_eq!(s.password_hash("nobody").await.expect("q"), None);
-    assert_eq!(s.list_users().await.expect("q").len(), 1);
+    // Users seen with a token: accounts without a password, which keep
+    // their names from being registered; existing accounts are untouched.
+    s.remember_users(&["seen".into(), "alice".into(), "Seen2".into()])
+        .await
+        .expect("remember");
+    assert!(s.user_exists("seen").await.expect("q"));
+    assert!(s.user_exists("alice").await.expect("q"));
+    assert!(!s.user_exists("nobody").await.expect("q"));
+    assert!(matches!(
+        s.create_user("SEEN", "h4").await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        s.password_hash("alice").await.expect("q"),
+        Some(("alice".into(), "h1".into()))
+    );
+    assert_eq!(s.list_users().await.expect("q").len(), 3);
     assert_eq!(
         s.revoked(50).await.expect("q"),
         vec![("j1".to_string(), 100)]

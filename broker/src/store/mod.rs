@@ -209,6 +209,13 @@ pub trait Store: Send + Sync + 'static {
     /// regardless of letter case (names are unique that way; `Conflict`
     /// from `create_user` enforces it).
     async fn password_hash(&self, name: &str) -> Result<Option<(String, String)>, StoreError>;
+    /// Record users seen with a valid token (from an external issuer, say)
+    /// as accounts without a password: they can receive direct messages,
+    /// and nobody can register their names. Existing names are left as
+    /// they are.
+    async fn remember_users(&self, names: &[String]) -> Result<(), StoreError>;
+    /// Whether an account (registered or seen) named exactly `name` exists.
+    async fn user_exists(&self, name: &str) -> Result<bool, StoreError>;
     /// All users, sorted by name.
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError>;
     /// Record a revoked token id until its expiry (seconds since the epoch).

@@ -381,6 +381,24 @@ impl Store for PgStore {
         Ok(rows.first().map(|r| (r.get(0), r.get(1))))
     }
 
+    async fn remember_users(&self, names: &[String]) -> Result<(), StoreError> {
+        self.query(
+            "INSERT INTO users (name, password_hash, created_ms)
+             SELECT n, '', $2 FROM UNNEST($1::text[]) AS u(n)
+             ON CONFLICT DO NOTHING",
+            &[&names, &i(crate::auth::now_ms())],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn user_exists(&self, name: &str) -> Result<bool, StoreError> {
+        let rows = self
+            .query("SELECT 1 FROM users WHERE name = $1", &[&name])
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
         let rows = self
             .query("SELECT name, created_ms FROM users ORDER BY name", &[])

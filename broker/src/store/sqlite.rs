@@ -439,6 +439,37 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn remember_users(&self, names: &[String]) -> Result<(), StoreError> {
+        let names = names.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO users (name, password_hash, created_ms)
+                         VALUES (?1, '', ?2)",
+                    )
+                    .map_err(unavailable)?;
+                let now = crate::auth::now_ms() as i64;
+                for n in &names {
+                    st.execute(params![n, now]).map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn user_exists(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT 1 FROM users WHERE name = ?1")
+                .and_then(|mut st| st.exists([name]))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError> {
         self.with(|c| {
             let mut st = c
