@@ -1133,20 +1133,27 @@ impl Hub {
             .iter()
             .flat_map(|sh| sh.lock().map.values().cloned().collect::<Vec<_>>())
             .collect();
+        // A room whose shard is out of reach (a Redis Cluster) does not
+        // hold up the others; the pass reports failure and is retried.
+        let mut all = true;
         for r in rooms {
             let head = match bus.head(&r.name).await {
                 Ok(h) => h,
                 Err(e) => {
-                    tracing::warn!(error = %e, "resync stopped: bus unavailable");
-                    return false;
+                    tracing::debug!(room = %r.name, error = %e, "resync of a room failed: bus unavailable");
+                    all = false;
+                    continue;
                 }
             };
             let committed = r.state.lock().committed;
             if head > committed && !self.fill_gap(bus, &r, committed, head).await {
-                return false;
+                all = false;
             }
         }
-        true
+        if !all {
+            tracing::warn!("resync incomplete: some rooms' bus unavailable; retried");
+        }
+        all
     }
 
     /// Pump side: an ephemeral frame for the room's local members.

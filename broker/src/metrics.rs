@@ -173,6 +173,9 @@ pub struct Metrics {
     /// 1 while the cluster bus is reachable and subscribed (always 1
     /// without a bus).
     pub bus_up: Gauge,
+    /// 1 while a Redis Cluster is only partly reachable (some shards out
+    /// of reach: their rooms get 503, the others carry on).
+    pub bus_degraded: Gauge,
     /// Messages copied from the hot streams to the shared store.
     pub archived: Counter,
     /// Messages that left a hot stream before the archiver copied them.
@@ -431,6 +434,12 @@ impl Metrics {
             "Messages read from the hot history to fill a delivery gap",
             bus_gap_filled.clone(),
         );
+        let bus_degraded: Gauge = Gauge::default();
+        registry.register(
+            "bus_degraded",
+            "1 while some Redis Cluster shards are out of reach (their rooms get 503)",
+            bus_degraded.clone(),
+        );
         let bus_up: Gauge = Gauge::default();
         bus_up.set(1);
         registry.register(
@@ -574,6 +583,7 @@ impl Metrics {
             bus_undeliverable,
             bus_gap_filled,
             bus_up,
+            bus_degraded,
             archived,
             archive_missed,
             redis_command_seconds,

@@ -943,3 +943,73 @@ async fn a_cluster_without_postgres_serves_history_from_the_hot_stream() {
         assert_eq!(s, 501, "{v}");
     }
 }
+
+/// Issue 15 (per-shard health): a Redis Cluster shard out of reach costs
+/// only its rooms (`error 503`); the node stays healthy and keeps its
+/// clients, and rooms on the other shards carry on. Only a node that
+/// reaches no shard at all sends its clients away (4006).
+#[tokio::test]
+async fn one_unreachable_shard_costs_only_its_rooms() {
+    let mut cluster = RedisCluster::start(3).await;
+    let (a, b) = two_nodes_with(cluster.url(), |c| {
+        c.redis_timeout_ms = 300;
+        c.bus_down_grace_ms = 1000;
+    })
+    .await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
+    let rooms: Vec<String> = (0..12).map(|i| format!("shard-room-{i}")).collect();
+    for r in &rooms {
+        alice.join(r).await;
+        bob.join(r).await;
+    }
+    // The shard holding room 0's keys goes away.
+    let victim = cluster
+        .ports
+        .iter()
+        .copied()
+        .find(|&p| {
+            // Non-owners answer MOVED.
+            !cluster
+                .cli(p, &["GET", "shoal:{shard-room-0}:seq"])
+                .starts_with("MOVED")
+        })
+        .expect("the shard of room 0");
+    cluster.kill(victim);
+    // Past the grace period: nobody was sent away.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for node in [&a, &b] {
+        assert_eq!(node.get("/health", None).await.0, 200);
+        assert_eq!(node.metric("shoal_bus_degraded").await, 1.0);
+    }
+    let (mut ok, mut refused) = (vec![], 0);
+    for r in &rooms {
+        match alice.publish(r, json!({"r": r})).await {
+            ServerFrame::Ack { .. } => ok.push(r.clone()),
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, 503, "{r}");
+                refused += 1;
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+    assert!(refused >= 1, "room 0's shard is gone");
+    assert!(!ok.is_empty(), "other shards carry on");
+    let mut heard = std::collections::BTreeSet::new();
+    while heard.len() < ok.len() {
+        match bob.try_recv(Duration::from_secs(10)).await {
+            Ok(ServerFrame::Msg { room, .. }) => {
+                heard.insert(room);
+            }
+            Ok(_) => {}
+            Err(e) => panic!("bob heard {heard:?} of {ok:?}: {e:?}"),
+        }
+    }
+    // The rest of the cluster goes: now the nodes send their clients away.
+    for p in cluster.ports.clone() {
+        cluster.kill(p);
+    }
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(c.closed().await, End::Closed(Some(4006)));
+    }
+}

@@ -56,7 +56,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    redis_conn::{Conn, SubConn, Target},
+    redis_conn::{Conn, Reach, SubConn, Target},
     Bus, BusError, Inbound, InboundQueue, Sequenced,
 };
 use crate::{
@@ -221,6 +221,7 @@ impl RedisBus {
                 metrics,
                 // Every node hears cluster-wide announcements.
                 rooms: HashMap::from([(Arc::from(super::GLOBAL_CHANNEL), 1)]),
+                pending: Default::default(),
             }
             .run(rx, stop.clone()),
         );
@@ -256,8 +257,13 @@ impl RedisBus {
             Err(e) => {
                 self.metrics.redis_errors.inc();
                 if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-                    self.cmd_ok.store(false, Ordering::Release);
-                    self.update_up();
+                    // One Redis failing is the bus failing. On a cluster it
+                    // may be one shard: the health loop decides whether
+                    // any shard still answers.
+                    if !self.cluster {
+                        self.cmd_ok.store(false, Ordering::Release);
+                        self.update_up();
+                    }
                     Err(unavailable(e))
                 } else {
                     Err(BusError::Protocol(e.to_string()))
@@ -302,7 +308,11 @@ impl RedisBus {
 }
 
 /// Ping the command connections every 500 ms: health is "the last ping
-/// and the subscription connection are fine".
+/// and the subscription connection are fine". On a Redis Cluster a node is
+/// healthy while it reaches *any* primary: rooms on an unreachable shard
+/// get `error 503` (their commands fail) while the others carry on, and
+/// only a node that reaches no shard sends its clients elsewhere
+/// (`shoal_bus_degraded` is 1 while some shards are out of reach).
 async fn health(bus: Arc<RedisBus>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -310,21 +320,22 @@ async fn health(bus: Arc<RedisBus>, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let mut ok = true;
+        let mut worst = Reach::All;
         for c in &bus.cmds {
             let mut c = c.clone();
-            let r: redis::RedisResult<String> =
-                tokio::time::timeout(bus.settings.timeout, redis::cmd("PING").query_async(&mut c))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(redis::RedisError::from((
-                            redis::ErrorKind::Io,
-                            "ping timed out",
-                        )))
-                    });
-            ok &= r.is_ok();
+            let r = tokio::time::timeout(bus.settings.timeout, c.reach())
+                .await
+                .unwrap_or(Reach::None);
+            worst = match (worst, r) {
+                (Reach::None, _) | (_, Reach::None) => Reach::None,
+                (Reach::Some, _) | (_, Reach::Some) => Reach::Some,
+                _ => Reach::All,
+            };
         }
-        bus.cmd_ok.store(ok, Ordering::Release);
+        bus.cmd_ok.store(worst != Reach::None, Ordering::Release);
+        bus.metrics
+            .bus_degraded
+            .set(i64::from(worst == Reach::Some));
         bus.update_up();
     }
 }
@@ -626,7 +637,14 @@ struct Supervisor {
     up: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     rooms: HashMap<Arc<str>, usize>,
+    /// Referenced rooms whose SSUBSCRIBE failed because their shard is out
+    /// of reach (a cluster only): retried every [`PENDING_RETRY`], then
+    /// resynced from the hot history.
+    pending: std::collections::HashSet<Arc<str>>,
 }
+
+/// How often subscriptions to unreachable shards are retried.
+const PENDING_RETRY: Duration = Duration::from_millis(250);
 
 impl Supervisor {
     async fn connect(&self, lost: Arc<Notify>) -> redis::RedisResult<SubConn> {
@@ -684,6 +702,8 @@ impl Supervisor {
             }
             let wait = if conn.is_none() {
                 retry_at.saturating_duration_since(Instant::now())
+            } else if !self.pending.is_empty() {
+                PENDING_RETRY
             } else {
                 Duration::from_secs(3600)
             };
@@ -696,7 +716,11 @@ impl Supervisor {
                     self.up.store(false, Ordering::Release);
                     self.metrics.bus_up.set(0);
                 }
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait) => {
+                    if let Some((c, _)) = conn.as_ref() {
+                        self.retry_pending(c.clone()).await;
+                    }
+                }
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { return };
                     let mut c = conn.as_ref().map(|(c, _)| c.clone());
@@ -710,19 +734,54 @@ impl Supervisor {
         }
     }
 
-    /// Connect and subscribe to every referenced room.
-    async fn establish(&self, lost: Arc<Notify>) -> redis::RedisResult<SubConn> {
+    /// Connect and subscribe to every referenced room. On a cluster, rooms
+    /// whose shard is out of reach become pending (retried) rather than
+    /// failing the connection, as long as some shard answers.
+    async fn establish(&mut self, lost: Arc<Notify>) -> redis::RedisResult<SubConn> {
         let mut c = self.connect(lost).await?;
         // Pipelined: every SSUBSCRIBE is written before the first reply.
         let futs = self.rooms.keys().map(|r| {
             let mut c = c.clone();
-            async move { c.ssubscribe(&channel(r)).await }
+            let r = r.clone();
+            async move { (c.ssubscribe(&channel(&r)).await, r) }
         });
-        for r in futures_util::future::join_all(futs).await {
-            r?;
+        self.pending.clear();
+        for (res, room) in futures_util::future::join_all(futs).await {
+            match res {
+                Ok(()) => {}
+                Err(e) if c.is_cluster() => {
+                    tracing::warn!(room = %room, error = %e, "shard out of reach; subscription retried");
+                    self.pending.insert(room);
+                }
+                Err(e) => return Err(e),
+            }
         }
         c.ping().await?;
         Ok(c)
+    }
+
+    /// Retry pending subscriptions; a room that gets its subscription back
+    /// is caught up from the hot history (resync).
+    async fn retry_pending(&mut self, mut c: SubConn) {
+        let rooms: Vec<Arc<str>> = self.pending.iter().cloned().collect();
+        let mut recovered = false;
+        for room in rooms {
+            if !self.rooms.contains_key(&room) {
+                self.pending.remove(&room);
+                continue;
+            }
+            if c.ssubscribe(&channel(&room)).await.is_ok() {
+                self.pending.remove(&room);
+                recovered = true;
+            }
+        }
+        if recovered {
+            tracing::info!(
+                still_pending = self.pending.len(),
+                "subscriptions to a recovered shard in place"
+            );
+            self.inbound.push(Inbound::Resync);
+        }
     }
 
     /// Apply one command; false if the connection failed doing it.
@@ -750,7 +809,10 @@ impl Supervisor {
                     Err(e) => {
                         self.metrics.redis_errors.inc();
                         let _ = reply.send(Err(unavailable(&e)));
-                        !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+                        // On a cluster it is this room's shard, not the
+                        // connection: the join gets 503, the rest goes on.
+                        c.is_cluster()
+                            || !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
                     }
                 }
             }
@@ -763,6 +825,7 @@ impl Supervisor {
                     return true;
                 }
                 self.rooms.remove(&room);
+                self.pending.remove(&room);
                 self.metrics
                     .redis_subscriptions
                     .set(self.rooms.len() as i64);

@@ -20,8 +20,90 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
+    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
     Cmd, Pipeline, RedisFuture, RedisResult, Value,
 };
+
+/// The primaries that own slots, as `CLUSTER SLOTS` (asked of any node
+/// that answers) lists them, reachable or not.
+async fn primaries(c: &mut ClusterConnection) -> RedisResult<Vec<(String, u16)>> {
+    let v = c
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    let mut out: Vec<(String, u16)> = vec![];
+    if let Value::Array(ranges) = v {
+        for r in ranges {
+            let Value::Array(parts) = r else { continue };
+            let Some(Value::Array(master)) = parts.get(2) else {
+                continue;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => continue,
+            };
+            let Some(Value::Int(port)) = master.get(1) else {
+                continue;
+            };
+            let addr = (host, *port as u16);
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// PING every slot-owning primary by address (redis-rs's own "all
+/// primaries" routing skips the ones it cannot connect to).
+async fn cluster_reach(c: &mut ClusterConnection) -> Reach {
+    let Ok(masters) = primaries(c).await else {
+        return Reach::None;
+    };
+    let pings = masters.into_iter().map(|(host, port)| {
+        let mut c = c.clone();
+        async move {
+            let at = SingleNodeRoutingInfo::ByAddress { host, port };
+            c.route_command(redis::cmd("PING"), RoutingInfo::SingleNode(at))
+                .await
+                .is_ok()
+        }
+    });
+    let up = futures_util::future::join_all(pings).await;
+    match (up.iter().filter(|u| **u).count(), up.len()) {
+        (0, _) => Reach::None,
+        (n, all) if n == all => Reach::All,
+        _ => Reach::Some,
+    }
+}
+
+/// How much of the bus's Redis answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Every shard (the one Redis, or every primary of a cluster).
+    All,
+    /// Some primaries of a cluster but not all: rooms on the others get
+    /// `error 503` until they are back (or failed over).
+    Some,
+    /// Nothing.
+    None,
+}
+
+impl Conn {
+    /// Which part of the Redis (Cluster) answers a PING.
+    pub async fn reach(&mut self) -> Reach {
+        match self {
+            Conn::Single(c) => match redis::cmd("PING").query_async::<String>(c).await {
+                Ok(_) => Reach::All,
+                Err(_) => Reach::None,
+            },
+            Conn::Cluster(c) => cluster_reach(c).await,
+        }
+    }
+}
 
 /// Where the bus's Redis is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,13 +280,25 @@ impl SubConn {
         }
     }
 
-    /// PING (on a cluster, every shard), after the subscriptions: their
-    /// replies came first, so they are all in place.
+    /// PING (on a cluster, every primary, succeeding if any answers),
+    /// after the subscriptions: their replies came first, so the ones that
+    /// could be made are in place.
     pub async fn ping(&mut self) -> RedisResult<()> {
         match self {
             SubConn::Single(c) => redis::cmd("PING").exec_async(c).await,
-            SubConn::Cluster(c) => redis::cmd("PING").exec_async(c).await,
+            SubConn::Cluster(c) => match cluster_reach(c).await {
+                Reach::None => Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no cluster primary answers",
+                ))),
+                _ => Ok(()),
+            },
         }
+    }
+
+    /// True for a cluster: one shard's failure is not the connection's.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, SubConn::Cluster(_))
     }
 }
 

@@ -714,6 +714,14 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 
+    /// SIGKILL the server on `port` (no shutdown, no failover handshake).
+    pub fn kill(&mut self, port: u16) {
+        if let Some(i) = self.ports.iter().position(|p| *p == port) {
+            let _ = self.children[i].kill();
+            let _ = self.children[i].wait();
+        }
+    }
+
     /// Run `redis-cli -p port args...` and return its output.
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
