@@ -347,6 +347,16 @@ pub struct Config {
     #[arg(long, env = "SHOAL_USER_PUBLISH_RATE", default_value_t = 0)]
     pub user_publish_rate: u64,
 
+    /// Replicas of a room's Redis primary that must hold a message before
+    /// it is delivered and acked (`WAIT`, within `--redis-timeout-ms`;
+    /// fewer in time: `error 503`, retry with the `cid`). With replicas,
+    /// set it to 1 so that a failover loses no acked message and reuses
+    /// no seq; 0 relies on Redis's asynchronous replication (a primary
+    /// that dies may take its last acked messages with it). Costs one
+    /// round trip per publish.
+    #[arg(long, env = "SHOAL_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u64,
+
     /// Presence lease of a node process, in milliseconds: a process that
     /// stops refreshing it (crashed) has its users leave the rooms'
     /// presence within 1.5 times this, whether or not the node restarts

@@ -88,6 +88,7 @@ pub async fn build_state(
             node: node.clone(),
             presence_lease: Duration::from_millis(cfg.presence_lease_ms),
             user_rate: cfg.user_publish_rate,
+            wait_replicas: cfg.redis_wait_replicas,
             // With a shared store, messages of stored namespaces are
             // archived from the hot streams to it.
             archive: (cfg.store == crate::config::StoreKind::Postgres).then(|| {

@@ -31,6 +31,23 @@
 //! retries with its `cid` (a duplicate still writes the archive note), and
 //! a DM party that missed the notification sees the room in its room list.
 //!
+//! With `--redis-wait-replicas N` (Redis with replicas) the script only
+//! sequences and keeps the message; the node then runs `WAIT N` on the
+//! room's primary and only once N replicas hold it announces it (a second
+//! script publishes it from the stream and moves the room's announced head
+//! `shoal:{room}:ann`, which is what other nodes catch up to) and acks it.
+//! So a failover can neither lose an acked message nor reuse a seq that
+//! anyone saw; a retry with the same `cid` announces again, which delivers
+//! a message whose announcement a crash cut short (receivers ignore
+//! repeats by seq).
+//!
+//! On a Redis Cluster, health is per shard: a node that reaches any
+//! primary is healthy, a room on an unreachable shard gets 503 and its
+//! subscription is retried until the shard (or its promoted replica)
+//! answers, then caught up from the hot history. A node's subscription
+//! link dropping makes the node subscribe every room again (each
+//! SSUBSCRIBE goes to the room's current owner) and resync.
+//!
 //! Commands go over `--redis-connections` multiplexed connections
 //! (`ConnectionManager`: reconnects itself; one cluster connection, which
 //! holds one per shard); concurrent publishes from all WebSocket
@@ -87,10 +104,31 @@ pub struct RedisSettings {
     /// Rooms whose messages go to the shared store (`archive`); None: no
     /// shared store.
     pub archive: Option<ArchivePredicate>,
+    /// Replicas that must hold a message before it is delivered and acked
+    /// (`WAIT`); 0: Redis's asynchronous replication (see the module docs).
+    pub wait_replicas: u64,
 }
 
 /// Whether a room's messages are archived to the shared store.
 pub type ArchivePredicate = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Announce a kept message (after `WAIT`): publish it from the hot stream
+/// and move the announced head. Idempotent: a repeat (a retried publish)
+/// publishes again, which receivers ignore by seq.
+const ANNOUNCE_LUA: &str = r#"
+-- KEYS: 1 hot stream, 2 announced head. ARGV: 1 seq, 2 channel,
+--       3 direct-message prefix ('' for a room), 4.. the parties' user channels
+local e = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-0', ARGV[1] .. '-0')
+if #e == 0 then return false end
+local rec = e[1][2][2]
+local msg = ARGV[1] .. ':' .. rec
+redis.call('SPUBLISH', ARGV[2], msg)
+for i = 4, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[3] .. msg) end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+return rec
+"#;
 
 const PUBLISH_LUA: &str = r#"
 -- KEYS: 1 seq counter, 2 hot stream, 3 cid key (the counter again if none),
@@ -99,7 +137,9 @@ const PUBLISH_LUA: &str = r#"
 -- ARGV 10: publishes per second per user (0: no limit)
 -- ARGV: 1 record, 2 channel, 3 stream cap, 4 ts, 5 cid window ms (0: none), 6 floor,
 --       7 archive ('1': note the room for the archiver), 8 direct-message
---       prefix ('' for a room), 9 unused, 11.. the parties' user channels
+--       prefix ('' for a room), 9 hold ('1': sequence and keep only; the
+--       caller waits for replicas, then runs ANNOUNCE), 11.. the parties'
+--       user channels
 local win = tonumber(ARGV[5])
 if win > 0 then
   local prev = redis.call('GET', KEYS[3])
@@ -122,6 +162,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'r', ARGV[1])
 redis.call('SET', KEYS[1], seq)
 if win > 0 then redis.call('SET', KEYS[3], seq .. ':' .. ARGV[4], 'PX', win) end
 if ARGV[7] == '1' then redis.call('ZADD', KEYS[4], seq, KEYS[2]) end
+if ARGV[9] == '1' then return {seq, tonumber(ARGV[4]), 0} end
 local msg = seq .. ':' .. ARGV[1]
 redis.call('SPUBLISH', ARGV[2], msg)
 for i = 11, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[8] .. msg) end
@@ -135,6 +176,11 @@ const USERS_KEY: &str = "shoal:{@}:users";
 
 pub(super) fn seq_key(room: &str) -> String {
     format!("shoal:{{{room}}}:seq")
+}
+/// With `--redis-wait-replicas`: the highest seq announced (replicated and
+/// published); what other nodes may deliver.
+fn announced_key(room: &str) -> String {
+    format!("shoal:{{{room}}}:ann")
 }
 pub(super) fn log_key(room: &str) -> String {
     format!("shoal:{{{room}}}:log")
@@ -162,6 +208,7 @@ pub struct RedisBus {
     next: AtomicUsize,
     inflight: Arc<AtomicUsize>,
     script: redis::Script,
+    announce: redis::Script,
     sub: mpsc::UnboundedSender<SubCmd>,
     presence: mpsc::UnboundedSender<super::presence::PresenceOp>,
     sub_up: Arc<AtomicBool>,
@@ -205,6 +252,7 @@ impl RedisBus {
             next: AtomicUsize::new(0),
             inflight: Arc::new(AtomicUsize::new(0)),
             script: redis::Script::new(PUBLISH_LUA),
+            announce: redis::Script::new(ANNOUNCE_LUA),
             sub: tx,
             sub_up: Arc::new(AtomicBool::new(false)),
             cmd_ok: Arc::new(AtomicBool::new(false)),
@@ -247,7 +295,17 @@ impl RedisBus {
         let depth = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
         self.metrics.redis_pipeline_depth.observe(depth as f64);
         let started = Instant::now();
-        let r = f.await;
+        // redis-rs bounds each attempt, but a request caught in a cluster
+        // topology refresh can wait for good: every command has a deadline
+        // of its own (its attempts and their backoff fit inside it).
+        let r = tokio::time::timeout(self.settings.timeout * 3, f)
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "command deadline passed",
+                )))
+            });
         self.inflight.fetch_sub(1, Ordering::Relaxed);
         self.metrics
             .redis_command_seconds
@@ -370,6 +428,7 @@ impl Bus for RedisBus {
         // it (module docs), and it gets the seq key in place of theirs.
         let whole = !self.cluster;
         let own_slot = |key: String| if whole { key } else { seq_key(room) };
+        let hold = self.settings.wait_replicas > 0;
         if !whole && self.settings.user_rate > 0 {
             self.take_rate(&rate_key).await?;
         }
@@ -387,7 +446,7 @@ impl Bus for RedisBus {
             .arg(floor)
             .arg(if archive && whole { "1" } else { "0" })
             .arg(&prefix)
-            .arg("")
+            .arg(if hold { "1" } else { "" })
             .arg(if whole { self.settings.user_rate } else { 0 });
         if whole {
             for ch in parties.iter().flatten() {
@@ -398,6 +457,51 @@ impl Bus for RedisBus {
         let (seq, ts, dup): (u64, u64, u8) = self.run(inv.invoke_async(&mut c)).await?;
         if dup == 2 {
             return Err(BusError::RateLimited);
+        }
+        if hold {
+            // Delivered and acked only once replicas hold it, so a failover
+            // can neither lose an acked message nor reuse a seq someone
+            // saw. A retry (duplicate) announces again: after a crash
+            // between keeping and announcing, that is what delivers it.
+            let acks = self
+                .run(c.wait_replicas(
+                    &seq_key(room),
+                    self.settings.wait_replicas,
+                    // Inside the command timeout, so a shortfall is an
+                    // answer (0 replicas) rather than a lost connection.
+                    self.settings.timeout / 2,
+                ))
+                .await?;
+            if acks < self.settings.wait_replicas {
+                self.metrics.redis_errors.inc();
+                return Err(unavailable(format!(
+                    "seq {seq} held by {acks} of {} replicas in time; retry with the cid",
+                    self.settings.wait_replicas
+                )));
+            }
+            let mut inv = self.announce.prepare_invoke();
+            inv.key(log_key(room))
+                .key(announced_key(room))
+                .arg(seq)
+                .arg(channel(room))
+                .arg(&prefix);
+            if whole {
+                for ch in parties.iter().flatten() {
+                    inv.arg(channel(ch));
+                }
+            }
+            let rec: Option<Vec<u8>> = self.run(inv.invoke_async(&mut c)).await?;
+            if !whole {
+                if let Some(rec) = rec {
+                    let msg = [prefix.as_bytes(), format!("{seq}:").as_bytes(), &rec].concat();
+                    let steps = parties
+                        .iter()
+                        .flatten()
+                        .map(|ch| redis::cmd("SPUBLISH").arg(channel(ch)).arg(&msg).to_owned())
+                        .collect();
+                    self.each(steps).await?;
+                }
+            }
         }
         if !whole {
             let mut steps = vec![];
@@ -411,7 +515,7 @@ impl Bus for RedisBus {
                         .to_owned(),
                 );
             }
-            if dup == 0 {
+            if dup == 0 && !hold {
                 let msg = [prefix.as_bytes(), format!("{seq}:").as_bytes(), &bytes].concat();
                 for ch in parties.iter().flatten() {
                     steps.push(redis::cmd("SPUBLISH").arg(channel(ch)).arg(&msg).to_owned());
@@ -557,6 +661,16 @@ impl Bus for RedisBus {
 
     async fn head(&self, room: &str) -> Result<u64, BusError> {
         let mut c = self.conn();
+        if self.settings.wait_replicas > 0 {
+            // Only what was announced (replicated) is the room's; a room
+            // written before the setting was on has no announced head yet.
+            let cmd = redis::cmd("MGET")
+                .arg(announced_key(room))
+                .arg(seq_key(room))
+                .to_owned();
+            let (ann, seq): (Option<u64>, Option<u64>) = self.run(cmd.query_async(&mut c)).await?;
+            return Ok(ann.or(seq).unwrap_or(0));
+        }
         let cmd = redis::cmd("GET").arg(seq_key(room)).to_owned();
         let v: Option<u64> = self.run(cmd.query_async(&mut c)).await?;
         Ok(v.unwrap_or(0))
@@ -649,6 +763,12 @@ const PENDING_RETRY: Duration = Duration::from_millis(250);
 impl Supervisor {
     async fn connect(&self, lost: Arc<Notify>) -> redis::RedisResult<SubConn> {
         let inbound = self.inbound.clone();
+        // On a cluster a disconnection is one node's: the connection stays,
+        // every room is subscribed again (each SSUBSCRIBE goes to the
+        // room's current owner, after a failover its promoted replica) and
+        // what was published meanwhile is read back (resync). One Redis:
+        // the connection is gone and is made again.
+        let cluster = matches!(self.target, Target::Cluster(_));
         let sender = move |info: redis::PushInfo| -> Result<(), ()> {
             match info.kind {
                 PushKind::SMessage => {
@@ -661,7 +781,12 @@ impl Supervisor {
                         }
                     }
                 }
-                PushKind::Disconnection => lost.notify_one(),
+                PushKind::Disconnection => {
+                    if cluster {
+                        inbound.push(Inbound::Resync);
+                    }
+                    lost.notify_one()
+                }
                 // Subscription confirmations (copies of command replies).
                 _ => {}
             }
@@ -711,10 +836,19 @@ impl Supervisor {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = async { if let Some(l) = &lost { l.notified().await } }, if lost.is_some() => {
-                    tracing::warn!("redis subscription connection lost");
-                    conn = None;
-                    self.up.store(false, Ordering::Release);
-                    self.metrics.bus_up.set(0);
+                    match conn.as_ref().map(|(c, _)| c.clone()) {
+                        Some(c) if c.is_cluster() => {
+                            tracing::warn!("a cluster node's subscription link dropped; subscribing again");
+                            self.pending.extend(self.rooms.keys().cloned());
+                            self.retry_pending(c).await;
+                        }
+                        _ => {
+                            tracing::warn!("redis subscription connection lost");
+                            conn = None;
+                            self.up.store(false, Ordering::Release);
+                            self.metrics.bus_up.set(0);
+                        }
+                    }
                 }
                 _ = tokio::time::sleep(wait) => {
                     if let Some((c, _)) = conn.as_ref() {

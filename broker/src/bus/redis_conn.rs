@@ -20,7 +20,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
-    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
+    cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr},
     Cmd, Pipeline, RedisFuture, RedisResult, Value,
 };
 
@@ -93,6 +93,32 @@ pub enum Reach {
 }
 
 impl Conn {
+    /// `WAIT n timeout` on the primary that owns `key` (on one Redis, the
+    /// Redis): how many replicas acknowledged every write this connection
+    /// made there so far.
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        n: u64,
+        timeout: Duration,
+    ) -> RedisResult<u64> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(n).arg(timeout.as_millis() as u64);
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => {
+                let at = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let v = c
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(at)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(v)?)
+            }
+        }
+    }
+
     /// Which part of the Redis (Cluster) answers a PING.
     pub async fn reach(&mut self) -> Reach {
         match self {

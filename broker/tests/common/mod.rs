@@ -635,9 +635,11 @@ impl Drop for Redis {
     }
 }
 
-/// A Redis Cluster of `n` masters (no replicas): redis-server in cluster
-/// mode on free loopback ports (client and cluster-bus ports) in one temp
-/// dir, joined with `redis-cli --cluster create`. Stopped by PID on drop.
+/// A Redis Cluster of `n` masters (and optionally replicas): redis-server
+/// in cluster mode on free loopback ports (client and cluster-bus ports)
+/// in one temp dir, joined with `redis-cli --cluster create`, with a
+/// one-second node timeout (failovers in about two). Stopped by PID on
+/// drop.
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     _dir: tempfile::TempDir,
@@ -646,6 +648,12 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start(n: usize) -> RedisCluster {
+        Self::start_with(n, 0).await
+    }
+
+    /// `masters` masters with `replicas` replicas each.
+    pub async fn start_with(masters: usize, replicas: usize) -> RedisCluster {
+        let n = masters * (1 + replicas);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = RedisCluster {
             ports: vec![],
@@ -665,6 +673,9 @@ impl RedisCluster {
                     &bus.to_string(),
                 ])
                 .args(["--cluster-config-file", "nodes.conf", "--save", ""])
+                .args(["--cluster-node-timeout", "1000"])
+                // Shards that answer keep serving while another is down.
+                .args(["--cluster-require-full-coverage", "no"])
                 .arg("--dir")
                 .arg(&d)
                 .stdout(std::process::Stdio::null())
@@ -681,7 +692,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli");
         assert!(
@@ -701,7 +712,32 @@ impl RedisCluster {
             }
             assert!(ok, "node {p} never reached cluster_state:ok");
         }
+        // Replicas in sync with their masters before anyone relies on them.
+        for &p in &c.ports {
+            let mut ok = false;
+            for _ in 0..200 {
+                let info = c.cli(p, &["INFO", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(ok, "replica {p} never synced");
+        }
         c
+    }
+
+    /// The port of the master that owns `key` (the others answer MOVED).
+    pub fn owner(&self, key: &str) -> u16 {
+        self.ports
+            .iter()
+            .copied()
+            .find(|&p| {
+                let role = self.cli(p, &["ROLE"]);
+                role.starts_with("master") && !self.cli(p, &["GET", key]).starts_with("MOVED")
+            })
+            .expect("an owner")
     }
 
     /// `redis+cluster://` URL with every node as a seed.
