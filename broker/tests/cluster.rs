@@ -699,19 +699,6 @@ async fn a_redis_cluster_of_three_masters_spreads_rooms_over_its_shards() {
     b.stop().await;
 }
 
-/// `depth` levels of alternating arrays and maps around a number.
-fn nested(depth: usize) -> serde_json::Value {
-    let mut v = json!(1);
-    for i in 0..depth {
-        v = if i % 2 == 0 {
-            json!([v])
-        } else {
-            json!({ "k": v })
-        };
-    }
-    v
-}
-
 /// Issue 15.1: a message is acked only if every node and every client
 /// encoding can deliver it, and a sequenced message the bus cannot decode
 /// is announced as a gap, live and on replay, never skipped in silence.
@@ -736,12 +723,12 @@ async fn only_deliverable_bodies_are_acked_and_an_undecodable_record_is_a_gap() 
     // both, refused before a seq is taken.
     for depth in [40, shoal_proto::MAX_BODY_DEPTH + 1] {
         assert_eq!(
-            code(alice.publish("r", nested(depth)).await),
+            code(alice.publish("r", shoal_proto::body::nested(depth)).await),
             400,
             "{depth}"
         );
     }
-    let deepest = nested(shoal_proto::MAX_BODY_DEPTH);
+    let deepest = shoal_proto::body::nested(shoal_proto::MAX_BODY_DEPTH);
     assert_eq!(code(alice.publish("r", deepest.clone()).await), 1002);
     // 65,000 `false`: under the limit as MessagePack, 390 KB as JSON.
     let falses = serde_json::Value::Array(vec![json!(false); 65_000]);

@@ -394,13 +394,7 @@ async fn system_names_are_reserved_and_the_api_has_its_own_idempotency_space() {
         .await;
         b.health_becomes(200).await;
         for name in ["server", "Server", "SYSTEM", "shoal", "admin"] {
-            let (s, v) = b
-                .post(
-                    "/api/register",
-                    json!({"username": name, "password": "password123"}),
-                    None,
-                )
-                .await;
+            let (s, v) = b.register(name).await;
             assert_eq!(s, 400, "{name}: {v}");
             assert!(
                 v["message"].as_str().unwrap_or("").contains("reserved"),
@@ -574,19 +568,12 @@ async fn search_with_control_characters_is_a_bad_request() {
 async fn user_names_are_unique_regardless_of_case() {
     let b = Broker::start().await;
     b.user("alice").await;
-    let register = |name: &str| {
-        b.post(
-            "/api/register",
-            json!({"username": name, "password": "password123"}),
-            None,
-        )
-    };
     for name in ["Alice", "ALICE", "aLiCe"] {
-        let (s, v) = register(name).await;
+        let (s, v) = b.register(name).await;
         assert_eq!(s, 409, "{name}: {v}");
     }
     for name in [".", ".."] {
-        let (s, v) = register(name).await;
+        let (s, v) = b.register(name).await;
         assert_eq!(s, 400, "{name}: {v}");
     }
     let (s, v) = b
@@ -953,13 +940,7 @@ async fn direct_messages_to_unknown_names_are_refused() {
         }
     }
     assert!(delivered);
-    let (s, v) = b
-        .post(
-            "/api/register",
-            json!({"username": "External", "password": "password123"}),
-            None,
-        )
-        .await;
+    let (s, v) = b.register("External").await;
     assert_eq!(s, 409, "a seen name cannot be registered: {v}");
     bystander_served(&b).await;
 }

@@ -97,6 +97,20 @@ fn depth_exceeds(body: &Body, max: usize) -> bool {
     false
 }
 
+/// A body nested exactly `depth` levels (alternating arrays and maps
+/// around a number): the edge cases of the depth policy, for tests.
+pub fn nested(depth: usize) -> Body {
+    let mut v = Body::from(1);
+    for i in 0..depth {
+        v = if i % 2 == 0 {
+            Body::Array(vec![v])
+        } else {
+            Body::Object([("k".to_string(), v)].into_iter().collect())
+        };
+    }
+    v
+}
+
 /// Bytes an encoder writes, counting at most a little past `limit` (the
 /// writer fails there, which ends the encoding early).
 fn encoded_len(limit: usize, encode: impl FnOnce(&mut Counter) -> bool) -> usize {
@@ -129,18 +143,6 @@ mod tests {
     use super::*;
     use crate::{bus, ClientFrame, Encoding, ServerFrame, StoredMsg};
     use serde_json::json;
-
-    fn nested(depth: usize) -> Body {
-        let mut v = json!(1);
-        for i in 0..depth {
-            v = if i % 2 == 0 {
-                json!([v])
-            } else {
-                json!({ "k": v })
-            };
-        }
-        v
-    }
 
     #[test]
     fn depth_limit_is_exact() {

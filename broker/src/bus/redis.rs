@@ -270,6 +270,7 @@ impl RedisBus {
                 // Every node hears cluster-wide announcements.
                 rooms: HashMap::from([(Arc::from(super::GLOBAL_CHANNEL), 1)]),
                 pending: Default::default(),
+                settle_until: None,
             }
             .run(rx, stop.clone()),
         );
@@ -755,7 +756,18 @@ struct Supervisor {
     /// of reach (a cluster only): retried every [`PENDING_RETRY`], then
     /// resynced from the hot history.
     pending: std::collections::HashSet<Arc<str>>,
+    /// After a cluster node's link dropped: until then, every room is
+    /// subscribed again and caught up each [`SETTLE_EVERY`], because the
+    /// slot map moves during a failover and a subscription made while it
+    /// moved may sit on a node that no longer gets the room's messages.
+    settle_until: Option<Instant>,
 }
+
+/// How long subscriptions are renewed after a cluster node's link drops
+/// (a failover: node timeout plus election, with room to spare).
+const SETTLE_FOR: Duration = Duration::from_secs(10);
+/// How often, meanwhile.
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How often subscriptions to unreachable shards are retried.
 const PENDING_RETRY: Duration = Duration::from_millis(250);
@@ -825,10 +837,13 @@ impl Supervisor {
                     }
                 }
             }
+            let settling = self.settle_until.is_some_and(|t| Instant::now() < t);
             let wait = if conn.is_none() {
                 retry_at.saturating_duration_since(Instant::now())
             } else if !self.pending.is_empty() {
                 PENDING_RETRY
+            } else if settling {
+                SETTLE_EVERY
             } else {
                 Duration::from_secs(3600)
             };
@@ -839,6 +854,7 @@ impl Supervisor {
                     match conn.as_ref().map(|(c, _)| c.clone()) {
                         Some(c) if c.is_cluster() => {
                             tracing::warn!("a cluster node's subscription link dropped; subscribing again");
+                            self.settle_until = Some(Instant::now() + SETTLE_FOR);
                             self.pending.extend(self.rooms.keys().cloned());
                             self.retry_pending(c).await;
                         }
@@ -852,6 +868,9 @@ impl Supervisor {
                 }
                 _ = tokio::time::sleep(wait) => {
                     if let Some((c, _)) = conn.as_ref() {
+                        if settling && self.pending.is_empty() {
+                            self.pending.extend(self.rooms.keys().cloned());
+                        }
                         self.retry_pending(c.clone()).await;
                     }
                 }

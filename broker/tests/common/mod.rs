@@ -446,15 +446,19 @@ pub trait Endpoint {
         sample(&self.metrics().await, key)
     }
 
+    /// `POST /api/register` with the tests' password.
+    async fn register(&self, name: &str) -> (u16, Value) {
+        self.post(
+            "/api/register",
+            json!({"username": name, "password": "password123"}),
+            None,
+        )
+        .await
+    }
+
     /// Register and log in; returns the token.
     async fn user(&self, name: &str) -> String {
-        let (s, _) = self
-            .post(
-                "/api/register",
-                json!({"username": name, "password": "password123"}),
-                None,
-            )
-            .await;
+        let (s, _) = self.register(name).await;
         assert!(s == 201 || s == 409, "register {name}: {s}");
         let (s, v) = self
             .post(
