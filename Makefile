@@ -9,7 +9,7 @@ FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 10
 
-.PHONY: run build test test-deps lint fmt fuzz bench profile smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
+.PHONY: run build check test test-deps lint fmt fuzz bench profile smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
 NODES ?= 3
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
@@ -79,6 +79,13 @@ test-deps:
 	./scripts/install-test-deps.sh
 
 ## rustfmt check and clippy with warnings as errors.
+## The inner loop, about a minute warm: format check, clippy on the
+## workspace (without the heavy loadgen `rest` feature) and unit tests.
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace --lib --bins
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings

@@ -17,45 +17,11 @@ use tokio::time::Instant;
 use crate::{
     auth::Claims,
     hub::{Attach, Pending, Reply, Room},
+    limiter::TokenBucket,
     metrics::client_kind_index,
     outbound::{run_writer, ws_frame, ConnCtl, ConnHandle, WriterOpts},
     state::AppState,
 };
-
-/// Token bucket for a connection's client frames.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// Full bucket.
-    pub fn new(rate: f64, burst: f64) -> Self {
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    /// Take one token if available.
-    pub fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// What one WebSocket frame amounts to, after fragment assembly.
 #[derive(Debug, PartialEq, Eq)]

@@ -1,8 +1,9 @@
-//! Keyed rate limits for requests that cost the broker real work before it
-//! knows who is asking (logins and registrations hash a password: ~35 ms
-//! of CPU each).
+//! Rate limits: [`TokenBucket`] (a connection's frames, the node's
+//! handshakes) and [`KeyedLimiter`], for requests that cost the broker real
+//! work before it knows who is asking (logins and registrations hash a
+//! password: ~35 ms of CPU each).
 //!
-//! Rules: one token bucket per key (a client address, a user name), rate
+//! Keyed limits: one token bucket per key (a client address, a user name), rate
 //! and burst per minute; an empty bucket answers `429` with `Retry-After`
 //! and costs no hashing. The table of buckets is bounded
 //! ([`MAX_KEYS`]): when it is full, buckets that have refilled (and so
@@ -14,6 +15,41 @@ use std::{collections::HashMap, hash::Hash, time::Duration};
 
 use parking_lot::Mutex;
 use tokio::time::Instant;
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// Full bucket.
+    pub fn new(rate: f64, burst: f64) -> Self {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// Take one token if available.
+    pub fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// Most keys one limiter remembers.
 pub const MAX_KEYS: usize = 65_536;

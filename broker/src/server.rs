@@ -175,7 +175,7 @@ pub async fn build_state(
         shutdown.clone(),
     ));
     let handshake_bucket = (cfg.handshake_rate > 0.0).then(|| {
-        parking_lot::Mutex::new(crate::conn::TokenBucket::new(
+        parking_lot::Mutex::new(crate::limiter::TokenBucket::new(
             cfg.handshake_rate,
             cfg.handshake_rate.max(1.0),
         ))

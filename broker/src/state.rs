@@ -32,7 +32,7 @@ pub struct AppState {
     /// Native TLS, when configured.
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// Admits handshakes at `--handshake-rate` (None: unlimited).
-    pub handshake_bucket: Option<parking_lot::Mutex<crate::conn::TokenBucket>>,
+    pub handshake_bucket: Option<parking_lot::Mutex<crate::limiter::TokenBucket>>,
     /// Open HTTP connections, in total and per address.
     pub http_admission: Arc<crate::httpconn::HttpAdmission>,
     /// Bytes of uploads being read, one permit per byte
