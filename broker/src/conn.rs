@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::{
     auth::Claims,
-    hub::{Attach, Pending, Reply, Room},
+    hub::{Attach, HubError, Pending, Reply, Room},
     limiter::TokenBucket,
     metrics::client_kind_index,
     outbound::{run_writer, ws_frame, ConnCtl, ConnHandle, WriterOpts},
@@ -384,6 +384,10 @@ impl Session {
         self.handle.send(&ServerFrame::error(id, code, msg));
     }
 
+    fn reply_hub_err(&self, id: Option<u64>, e: HubError) {
+        self.reply_err(id, e.code, e.message);
+    }
+
     fn conn_reply(&self, id: Option<u64>) -> Reply {
         Reply::Conn {
             conn: self.handle.clone(),
@@ -573,7 +577,7 @@ impl Session {
             } => {
                 let name = match hub.check_access(&room, &self.handle.user) {
                     Ok(n) => n,
-                    Err((c, m)) => return self.reply_err(id, c, m),
+                    Err(e) => return self.reply_hub_err(id, e),
                 };
                 if !hub.persists(&name) {
                     return self.reply_err(
@@ -665,7 +669,7 @@ impl Session {
         }
         let name = match hub.check_access(&room, &self.handle.user) {
             Ok(n) => n,
-            Err((c, m)) => return self.reply_err(id, c, m),
+            Err(e) => return self.reply_hub_err(id, e),
         };
         let persist = hub.persists(&name);
         if persist {
@@ -673,14 +677,14 @@ impl Session {
             // it (files, room list) agree at once.
             let r = match hub.ensure_room(&name).await {
                 Ok(r) => r,
-                Err((c, m)) => return self.reply_err(id, c, m),
+                Err(e) => return self.reply_hub_err(id, e),
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             hub.enqueue(&r, Pending::Join(self.handle.user.clone()), Reply::Chan(tx))
                 .await;
             match rx.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((c, m))) => return self.reply_err(id, c, m),
+                Ok(Err(e)) => return self.reply_hub_err(id, e),
                 Err(_) => return self.reply_err(id, ErrorCode::Unavailable, "shutting down"),
             }
         }
@@ -690,7 +694,7 @@ impl Session {
         for _ in 0..JOIN_ATTEMPTS {
             let r = match hub.ensure_room(&name).await {
                 Ok(r) => r,
-                Err((c, m)) => return self.reply_err(id, c, m),
+                Err(e) => return self.reply_hub_err(id, e),
             };
             if let Some(c) = cursor.as_mut() {
                 let target = hub.committed(&r);
@@ -708,13 +712,13 @@ impl Session {
                     return;
                 }
                 Ok(Attach::Behind(_)) | Ok(Attach::Evicted) => continue,
-                Err((c, m)) => {
+                Err(e) => {
                     if persist {
                         hub.enqueue(&r, Pending::Leave(self.handle.user.clone()), Reply::None)
                             .await;
                     }
                     hub.maybe_evict(&r);
-                    return self.reply_err(id, c, m);
+                    return self.reply_hub_err(id, e);
                 }
             }
         }

@@ -506,9 +506,9 @@ fn api_key_header<B>(req: &Request<B>) -> Option<&str> {
         .map(str::trim)
 }
 
-fn hub_error((c, m): crate::hub::HubError) -> ApiError {
-    let status = StatusCode::from_u16(c.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
-    ApiError::new(status, c.name(), m)
+fn hub_error(e: crate::hub::HubError) -> ApiError {
+    let status = StatusCode::from_u16(e.code.as_u16()).unwrap_or(StatusCode::BAD_REQUEST);
+    ApiError::new(status, e.code.name(), e.message)
 }
 
 /// Server-side publish: `POST /api/publish {room, body, cid?}` (or

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    hub::{Hub, Item, Job, Pending, Published, Reply},
+    hub::{Hub, HubError, Item, Job, Pending, Published, Reply},
     metrics::Metrics,
     store::{NewMsg, OpOutcome, Store, WriteOp},
     webhook::{preview, Offline, Webhook},
@@ -46,10 +46,10 @@ pub struct Writer {
     pub max_memberships: u64,
 }
 
-fn unavailable() -> (ErrorCode, String) {
-    (
+fn unavailable() -> HubError {
+    HubError::new(
         ErrorCode::Unavailable,
-        "storage unavailable; message not stored, retry".into(),
+        "storage unavailable; message not stored, retry",
     )
 }
 
@@ -450,7 +450,7 @@ mod tests {
 
         store.down.store(true, Ordering::SeqCst);
         let failed = publish(&hub, "lost").await;
-        assert_eq!(failed.map_err(|e| e.0), Err(ErrorCode::Unavailable));
+        assert_eq!(failed.map_err(|e| e.code), Err(ErrorCode::Unavailable));
         assert_eq!(metrics.store_up.get(), 0);
         hub.enqueue(
             &room,

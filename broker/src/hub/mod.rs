@@ -114,15 +114,12 @@ fn stored_cid_owner(sender: &str) -> &str {
     cid_owner(sender, sender == shoal_proto::names::SERVER_SENDER)
 }
 
-/// A request refused by the hub.
-pub type HubError = (ErrorCode, String);
+mod error;
+pub use error::HubError;
 
 fn unavailable(e: impl std::fmt::Display) -> HubError {
     tracing::warn!(error = %e, "store unavailable");
-    (
-        ErrorCode::Unavailable,
-        "storage unavailable; retry later".into(),
-    )
+    HubError::new(ErrorCode::Unavailable, "storage unavailable; retry later")
 }
 
 #[derive(Default)]
@@ -170,14 +167,15 @@ impl Reply {
     }
 
     /// The request failed.
-    pub fn fail(self, (code, message): HubError) {
+    pub fn fail(self, e: impl Into<HubError>) {
+        let e = e.into();
         match self {
             Reply::None => {}
             Reply::Conn { conn, id } => {
-                conn.send(&ServerFrame::error(id, code, message));
+                conn.send(&ServerFrame::error(id, e.code, e.message));
             }
             Reply::Chan(tx) => {
-                let _ = tx.send(Err((code, message)));
+                let _ = tx.send(Err(e));
             }
         }
     }
@@ -281,9 +279,9 @@ const GAP_FILL_PAGE: usize = 512;
 
 fn bus_unavailable(e: crate::bus::BusError) -> HubError {
     tracing::warn!(error = %e, "cluster bus unavailable");
-    (
+    HubError::new(
         ErrorCode::Unavailable,
-        "cluster bus unavailable; retry later".into(),
+        "cluster bus unavailable; retry later",
     )
 }
 
@@ -299,27 +297,27 @@ fn check_publish(
     max_body: usize,
 ) -> Result<(), HubError> {
     if !via_api && opts.publish == PublishPolicy::Api {
-        return Err((
+        return Err(HubError::from((
             ErrorCode::Forbidden,
             "only the server API publishes in this namespace".into(),
-        ));
+        )));
     }
     // Control characters (NUL among them) are refused: PostgreSQL cannot
     // store NUL in text, and one unstorable message would stall the batch
     // it travels in.
     if cid.is_some_and(|c| c.is_empty() || c.len() > MAX_CID_LEN || c.chars().any(char::is_control))
     {
-        return Err((
+        return Err(HubError::from((
             ErrorCode::BadRequest,
             format!("cid must be 1 to {MAX_CID_LEN} bytes without control characters"),
-        ));
+        )));
     }
     shoal_proto::check_body(body, max_body).map_err(|e| {
         let code = match e {
             shoal_proto::BodyError::TooDeep { .. } => ErrorCode::BadRequest,
             shoal_proto::BodyError::TooLarge { .. } => ErrorCode::TooLarge,
         };
-        (code, e.to_string())
+        HubError::new(code, e.to_string())
     })
 }
 
@@ -411,10 +409,10 @@ impl Hub {
         let name = RoomName::parse(room)
             .map_err(|e| (ErrorCode::BadRequest, format!("room `{room}`: {e}")))?;
         if name.dm.is_some() && !name.dm_allows(user) {
-            return Err((
+            return Err(HubError::from((
                 ErrorCode::Forbidden,
                 "not a party of this direct-message room".into(),
-            ));
+            )));
         }
         Ok(name)
     }
@@ -537,7 +535,7 @@ impl Hub {
             }
         }
         if st.members.len() >= room.opts.max_members {
-            return Err((ErrorCode::Conflict, "room is full".into()));
+            return Err(HubError::from((ErrorCode::Conflict, "room is full".into())));
         }
         st.members.insert(conn.id, conn.clone());
         self.metrics.room_members.inc();
@@ -633,7 +631,7 @@ impl Hub {
             .clone()
             .reserve_owned()
             .await
-            .map_err(|_| (ErrorCode::Unavailable, "shutting down".into()))
+            .map_err(|_| HubError::new(ErrorCode::Unavailable, "shutting down"))
     }
 
     /// Queue a non-message job (membership, receipt, delete).
@@ -885,10 +883,10 @@ impl Hub {
         shoal_proto::names::validate_user(to)
             .map_err(|e| (ErrorCode::BadRequest, format!("user `{to}`: {e}")))?;
         if from == to {
-            return Err((
+            return Err(HubError::from((
                 ErrorCode::BadRequest,
                 "cannot send a direct message to yourself".into(),
-            ));
+            )));
         }
         let full = shoal_proto::names::dm_room(from, to);
         let name = RoomName::parse(&full).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
@@ -1491,7 +1489,9 @@ mod tests {
         assert_eq!(drain(&mut rb).len(), 1);
         assert!(drain(&mut rc).is_empty());
         assert_eq!(
-            hub.check_access("dm:alice:bob", "carol").err().map(|e| e.0),
+            hub.check_access("dm:alice:bob", "carol")
+                .err()
+                .map(|e| e.code),
             Some(ErrorCode::Forbidden)
         );
         assert!(hub.check_access("dm:alice:bob", "bob").is_ok());
@@ -1586,7 +1586,7 @@ mod tests {
             )
             .await;
         assert_eq!(
-            rx.await.expect("reply").err().map(|e| e.0),
+            rx.await.expect("reply").err().map(|e| e.code),
             Some(ErrorCode::Unavailable)
         );
         core.set_up(true);
