@@ -21,7 +21,7 @@
 //! closes that one consumer (see `outbound`), it never blocks the room.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     hash::{BuildHasher, Hash},
     sync::Arc,
     time::{Duration, Instant},
@@ -45,50 +45,9 @@ pub const MAX_CID_LEN: usize = 64;
 /// Client message ids remembered per room (oldest forgotten first).
 pub const MAX_CIDS_PER_ROOM: usize = 4096;
 
-/// A room.
-pub struct Room {
-    /// Full name.
-    pub name: Arc<str>,
-    /// Namespace options.
-    pub opts: NamespaceOpts,
-    /// For DM rooms, the two users.
-    pub dm: Option<(Arc<str>, Arc<str>)>,
-    state: Mutex<RoomState>,
-}
-
-#[derive(Default)]
-struct RoomState {
-    /// Last seq assigned.
-    seq: u64,
-    /// Last seq delivered to members (committed first, in persistent rooms).
-    committed: u64,
-    /// Bumped when a failed commit takes back assigned seqs; pending
-    /// messages of an older epoch are failed, not stored.
-    epoch: u64,
-    /// Removed from the registry; callers holding it must look it up again.
-    evicted: bool,
-    members: HashMap<u64, ConnHandle>,
-    /// Connections per user, for presence.
-    users: HashMap<Arc<str>, u32>,
-    /// `user \0 cid` -> (seq, ts), with insertion order for expiry.
-    cids: HashMap<String, (u64, u64)>,
-    cid_order: VecDeque<(String, u64)>,
-}
-
-impl RoomState {
-    fn remember_cid(&mut self, key: String, seq: u64, ts: u64, window_ms: u64) {
-        let cutoff = ts.saturating_sub(window_ms);
-        while let Some((k, t)) = self.cid_order.front() {
-            if *t >= cutoff && self.cid_order.len() < MAX_CIDS_PER_ROOM {
-                break;
-            }
-            self.cids.remove(k);
-            self.cid_order.pop_front();
-        }
-        self.cids.insert(key.clone(), (seq, ts));
-        self.cid_order.push_back((key, ts));
-    }
-}
+mod room;
+pub use room::Room;
+use room::{Accept, Order, RoomState};
 
 fn cid_key(user: &str, cid: &str) -> String {
     format!("{user}\0{cid}")
@@ -485,8 +444,7 @@ impl Hub {
         head: u64,
         mut st: RoomState,
     ) -> Arc<Room> {
-        st.seq = head;
-        st.committed = head;
+        st.order = Order::at(head);
         let room = Arc::new(Room {
             name: name.full.into(),
             opts,
@@ -500,7 +458,7 @@ impl Hub {
 
     /// The seq delivered to members so far.
     pub fn committed(&self, room: &Room) -> u64 {
-        room.state.lock().committed
+        room.state.lock().order.committed()
     }
 
     /// Make `conn` a member. With `at`, only if the room's committed seq is
@@ -527,11 +485,11 @@ impl Hub {
             Ok(Attach::Joined(seq))
         };
         if st.members.contains_key(&conn.id) {
-            return joined(st.committed);
+            return joined(st.order.committed());
         }
         if let Some(at) = at {
-            if st.committed != at {
-                return Ok(Attach::Behind(st.committed));
+            if st.order.committed() != at {
+                return Ok(Attach::Behind(st.order.committed()));
             }
         }
         if st.members.len() >= room.opts.max_members {
@@ -558,7 +516,7 @@ impl Hub {
                 }
             }
         }
-        joined(st.committed)
+        joined(st.order.committed())
     }
 
     /// Remove `conn` from a room (explicit leave or disconnect).
@@ -605,7 +563,7 @@ impl Hub {
     /// with members) is answered under the room lock alone, without taking
     /// the shard lock that every join and lookup in the shard shares.
     pub fn maybe_evict(&self, room: &Arc<Room>) {
-        let idle = |st: &RoomState| !st.evicted && st.members.is_empty() && st.seq == st.committed;
+        let idle = |st: &RoomState| !st.evicted && st.members.is_empty() && st.order.idle();
         if !idle(&room.state.lock()) {
             return;
         }
@@ -638,7 +596,7 @@ impl Hub {
     pub async fn enqueue(&self, room: &Arc<Room>, op: Pending, reply: Reply) {
         match self.reserve().await {
             Ok(permit) => {
-                let epoch = room.state.lock().epoch;
+                let epoch = room.state.lock().order.epoch();
                 permit.send(Job::Item(Item {
                     room: room.clone(),
                     epoch,
@@ -690,13 +648,13 @@ impl Hub {
                 ts,
                 recipients: 0,
             };
-            if seq <= st.committed {
+            if seq <= st.order.committed() {
                 drop(st);
                 reply.ack(p);
             } else if let Some(permit) = permit {
                 permit.send(Job::Item(Item {
                     room: room.clone(),
-                    epoch: st.epoch,
+                    epoch: st.order.epoch(),
                     op: Pending::AckOnly { seq, ts },
                     reply,
                 }));
@@ -706,22 +664,21 @@ impl Hub {
             }
             return Ok(());
         }
-        let seq = st.seq + 1;
+        let seq = st.order.assign();
         let ts = now_ms();
-        st.seq = seq;
         if let Some(k) = key {
             st.remember_cid(k, seq, ts, self.cid_window.as_millis() as u64);
         }
         if room.opts.persist {
             let Some(permit) = permit else {
-                st.seq -= 1;
+                st.order.unassign(seq);
                 drop(st);
                 reply.fail((ErrorCode::Internal, "internal error".into()));
                 return Ok(());
             };
             permit.send(Job::Item(Item {
                 room: room.clone(),
-                epoch: st.epoch,
+                epoch: st.order.epoch(),
                 op: Pending::Msg {
                     seq,
                     ts,
@@ -734,7 +691,7 @@ impl Hub {
             }));
             return Ok(());
         }
-        st.committed = seq;
+        st.order.commit(seq);
         let recipients = self.deliver_locked(room, &st, seq, ts, from, body);
         drop(st);
         self.metrics
@@ -816,7 +773,7 @@ impl Hub {
 
     /// Writer side: is `epoch` still the room's epoch?
     pub fn is_current(&self, room: &Room, epoch: u64) -> bool {
-        room.state.lock().epoch == epoch
+        room.state.lock().order.epoch() == epoch
     }
 
     /// Writer side: a message committed; deliver it. Returns recipients.
@@ -829,8 +786,7 @@ impl Hub {
         body: Body,
     ) -> usize {
         let mut st = room.state.lock();
-        debug_assert_eq!(st.committed + 1, seq, "commits are delivered in seq order");
-        st.committed = st.committed.max(seq);
+        st.order.commit(seq);
         self.deliver_locked(room, &st, seq, ts, from, body)
     }
 
@@ -838,20 +794,8 @@ impl Hub {
     /// so the room has no gap. Pending messages of this epoch will fail.
     pub fn abort(&self, room: &Room, epoch: u64) {
         let mut st = room.state.lock();
-        if st.epoch != epoch {
-            return;
-        }
-        st.epoch += 1;
-        st.seq = st.committed;
-        let committed = st.committed;
-        let dropped: Vec<String> = st
-            .cids
-            .iter()
-            .filter(|(_, (s, _))| *s > committed)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in dropped {
-            st.cids.remove(&k);
+        if let Some(committed) = st.order.abort(epoch) {
+            st.forget_cids_after(committed);
         }
     }
 
@@ -959,7 +903,9 @@ impl Hub {
             return reply.fail(e);
         }
         let started = Instant::now();
-        let floor = self.room(name.full).map_or(0, |r| r.state.lock().committed);
+        let floor = self
+            .room(name.full)
+            .map_or(0, |r| r.state.lock().order.committed());
         let record = BusRecord {
             ts: now_ms(),
             from: from.to_string(),
@@ -1015,14 +961,14 @@ impl Hub {
         body: Body,
     ) -> Option<(u64, Body)> {
         let mut st = room.state.lock();
-        if st.evicted || seq <= st.committed {
+        if st.evicted {
             return None;
         }
-        if seq > st.committed + 1 {
-            return Some((st.committed, body));
+        match st.order.accept(seq) {
+            Accept::Stale => return None,
+            Accept::Gap { committed } => return Some((committed, body)),
+            Accept::Deliver => {}
         }
-        st.committed = seq;
-        st.seq = st.seq.max(seq);
         // Direct messages reach the parties through their user channels.
         if room.dm.is_none() {
             self.deliver_locked(room, &st, seq, ts, from, body);
@@ -1044,7 +990,7 @@ impl Hub {
         self.metrics.bus_undeliverable.inc();
         tracing::error!(room, seq, %error, "sequenced bus message does not decode; members get a gap");
         let Some(r) = self.room(room) else { return };
-        let committed = r.state.lock().committed;
+        let committed = r.state.lock().order.committed();
         if seq > committed + 1 {
             self.fill_gap(bus, &r, committed, seq - 1).await;
         }
@@ -1109,16 +1055,17 @@ impl Hub {
     /// Members cannot get seqs up to `to`: say so and move on.
     fn skip_gap(&self, room: &Room, to: u64) {
         let mut st = room.state.lock();
-        if st.evicted || st.committed >= to {
+        if st.evicted {
             return;
         }
+        let Some((from, to)) = st.order.skip_to(to) else {
+            return;
+        };
         let f = ServerFrame::Gap {
             room: room.name.to_string(),
-            from: st.committed + 1,
+            from,
             to,
         };
-        st.committed = to;
-        st.seq = st.seq.max(to);
         self.send_to_room(room, &st, &f, |_| true);
     }
 
@@ -1143,7 +1090,7 @@ impl Hub {
                     continue;
                 }
             };
-            let committed = r.state.lock().committed;
+            let committed = r.state.lock().order.committed();
             if head > committed && !self.fill_gap(bus, &r, committed, head).await {
                 all = false;
             }
