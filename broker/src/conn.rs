@@ -455,30 +455,7 @@ impl Session {
                         let Some(r) = self.joined_room(id, &room) else {
                             return;
                         };
-                        if hub.bus().is_some() {
-                            // Sequenced by the bus; delivery (to this node
-                            // too) comes from the subscription.
-                            return match RoomName::parse(&r.name) {
-                                Ok(name) => {
-                                    hub.publish_async(&name, &user, body, cid, false, reply)
-                                        .await
-                                }
-                                Err(e) => reply.fail((ErrorCode::BadRequest, e.to_string())),
-                            };
-                        }
-                        let permit = if r.opts.persist {
-                            match hub.reserve().await {
-                                Ok(p) => Some(p),
-                                Err(e) => return reply.fail(e),
-                            }
-                        } else {
-                            None
-                        };
-                        // A joined room is never evicted (it has a member).
-                        if let Err(reply) = hub.publish(&r, &user, body, cid, false, reply, permit)
-                        {
-                            reply.fail((ErrorCode::Unavailable, "room is busy; retry".into()));
-                        }
+                        hub.publish_to_room(&r, &user, body, cid, reply).await;
                     }
                     (None, Some(to)) => {
                         if let Err(e) = shoal_proto::names::validate_user(&to) {
@@ -540,19 +517,9 @@ impl Session {
                 let Some(r) = self.joined_room(id, &room) else {
                     return;
                 };
-                let users = match hub.bus() {
-                    Some(bus) => match bus.members(&room).await {
-                        Ok(u) => u,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cluster presence unavailable");
-                            return self.reply_err(
-                                id,
-                                ErrorCode::Unavailable,
-                                "cluster bus unavailable; retry later",
-                            );
-                        }
-                    },
-                    None => hub.members(&r),
+                let users = match hub.present(&r).await {
+                    Ok(u) => u,
+                    Err(e) => return self.reply_hub_err(id, e),
                 };
                 let receipts = if r.opts.persist {
                     match self.state.store.receipts(&room).await {
@@ -587,7 +554,7 @@ impl Session {
                     );
                 }
                 let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize;
-                match self.state.history(&room, before, limit).await {
+                match self.state.hub.history(&room, before, limit).await {
                     Ok((messages, more)) => self.reply(ServerFrame::History {
                         id,
                         room,
@@ -690,7 +657,7 @@ impl Session {
         }
         let mut gap_checked = false;
         // A cluster keeps every namespace's hot history in the bus.
-        let mut cursor = since.filter(|_| persist || hub.bus().is_some());
+        let mut cursor = since.filter(|_| hub.replays(persist));
         for _ in 0..JOIN_ATTEMPTS {
             let r = match hub.ensure_room(&name).await {
                 Ok(r) => r,
@@ -738,40 +705,16 @@ impl Session {
         gap_checked: &mut bool,
     ) -> Result<(), crate::store::StoreError> {
         while *cursor < target {
-            let page = match self.state.hub.bus() {
-                // In a cluster the hot history is the bus's; what it no
-                // longer holds comes from the shared database, if any.
-                Some(bus) => {
-                    let hot = bus
-                        .replay(&room.name, *cursor, target, REPLAY_PAGE)
-                        .await
-                        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))?;
-                    let shared = self.state.cfg.store == crate::config::StoreKind::Postgres;
-                    if hot.floor > *cursor && shared {
-                        let old = self
-                            .state
-                            .store
-                            .replay(&room.name, *cursor, hot.floor.min(target), REPLAY_PAGE)
-                            .await?;
-                        if old.entries.is_empty() {
-                            // Neither holds (cursor, floor]: announce it,
-                            // even after earlier pages.
-                            *gap_checked = false;
-                            hot
-                        } else {
-                            old
-                        }
-                    } else {
-                        hot
-                    }
-                }
-                None => {
-                    self.state
-                        .store
-                        .replay(&room.name, *cursor, target, REPLAY_PAGE)
-                        .await?
-                }
-            };
+            let (page, recheck) = self
+                .state
+                .hub
+                .replay_page(&room.name, *cursor, target)
+                .await?;
+            if recheck {
+                // Neither the hot history nor the shared database holds
+                // (cursor, floor]: announce it, even after earlier pages.
+                *gap_checked = false;
+            }
             if !*gap_checked {
                 *gap_checked = true;
                 if page.floor > *cursor {
@@ -837,8 +780,6 @@ impl Session {
     }
 }
 
-/// Stored messages read per replay query.
-const REPLAY_PAGE: usize = 512;
 /// Largest `history` page.
 pub const MAX_HISTORY_PAGE: u32 = 200;
 /// Replay-then-attach rounds before a join into a very busy room gives up.

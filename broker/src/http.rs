@@ -58,9 +58,6 @@ impl ApiError {
     fn unauthorized(m: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
     }
-    fn unavailable(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
-    }
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "internal error");
         Self::new(
@@ -249,7 +246,7 @@ fn asset(body: &'static str, content_type: &'static str) -> Resp {
 
 fn health(state: &AppState) -> Resp {
     let store_up = state.metrics.store_up.get() == 1;
-    let bus = state.hub.bus().map(|b| b.healthy());
+    let bus = state.hub.cluster_health();
     let ok = store_up && bus != Some(false);
     json_response(
         if ok {
@@ -439,17 +436,12 @@ async fn logout(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
     }
     state.store.revoke(&claims.jti, claims.exp).await?;
     state.auth.revoke(&claims.jti, claims.exp);
-    if let Some(bus) = state.hub.bus() {
-        // Other nodes close the token's connections and refuse it.
-        bus.revoke(&claims.sub, &claims.jti, claims.exp)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "revocation not announced to the cluster");
-                ApiError::unavailable(
-                    "cluster bus unavailable; the token is revoked on this node only, retry",
-                )
-            })?;
-    }
+    // Other nodes close the token's connections and refuse it.
+    state
+        .hub
+        .revoke_everywhere(&claims.sub, &claims.jti, claims.exp)
+        .await
+        .map_err(hub_error)?;
     let closed = state.hub.close_token(
         &claims.sub,
         &claims.jti,
@@ -607,7 +599,7 @@ async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result
     let limit = num::<u32>(&q, "limit")?
         .unwrap_or(50)
         .clamp(1, crate::conn::MAX_HISTORY_PAGE) as usize;
-    let (messages, more) = state.history(room, before, limit).await?;
+    let (messages, more) = state.hub.history(room, before, limit).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"room": room, "messages": messages, "more": more}),
@@ -627,7 +619,7 @@ async fn search(state: &AppState, req: Request<Incoming>, room: &str) -> Result<
             "`q` must not contain control characters",
         ));
     }
-    if state.history_is_hot_only() {
+    if state.hub.history_is_hot_only() {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
             "not_implemented",
@@ -858,7 +850,7 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
     }
     // A node cut off from the bus cannot deliver; a 503 sends the client
     // (or nginx's `proxy_next_upstream http_503`) to another node.
-    if state.hub.bus().is_some_and(|b| !b.healthy()) {
+    if state.hub.cluster_health() == Some(false) {
         m.handshake("bus_down");
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

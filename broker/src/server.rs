@@ -120,7 +120,11 @@ pub async fn build_state(
                 .run(shutdown.clone()),
             );
         }
-        hub.set_bus(bus.clone(), &node);
+        hub.set_bus(
+            bus.clone(),
+            &node,
+            cfg.store == crate::config::StoreKind::Postgres,
+        );
         let (a, h) = (auth.clone(), hub.clone());
         let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti, exp| {
             a.revoke(jti, exp.unwrap_or_else(|| a.default_revocation_expiry()));
@@ -140,15 +144,7 @@ pub async fn build_state(
             shutdown.clone(),
         ));
     }
-    // Known user names live where every node reads them: the shared (or
-    // only) store, or the bus when nodes have their own embedded stores.
-    let registry = match hub.bus() {
-        Some(bus) if cfg.store != crate::config::StoreKind::Postgres => {
-            crate::directory::Registry::Bus(bus.clone())
-        }
-        _ => crate::directory::Registry::Store(store.clone()),
-    };
-    let directory = crate::directory::Directory::start(registry, shutdown.clone());
+    let directory = crate::directory::Directory::start(hub.user_registry(), shutdown.clone());
     let writer_stop = CancellationToken::new();
     tokio::spawn(
         Writer {

@@ -5,15 +5,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use shoal_proto::StoredMsg;
-
-use crate::{
-    auth::Auth,
-    config::Config,
-    hub::Hub,
-    metrics::Metrics,
-    store::{Store, StoreError},
-};
+use crate::{auth::Auth, config::Config, hub::Hub, metrics::Metrics, store::Store};
 
 /// Everything a handler needs.
 pub struct AppState {
@@ -52,41 +44,4 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// Stops the group-commit writer once connections have drained.
     pub writer_stop: CancellationToken,
-}
-
-impl AppState {
-    /// True when messages live only in the cluster bus's hot history: a
-    /// Redis cluster whose nodes each have their own embedded store (no
-    /// shared PostgreSQL to archive into).
-    pub fn history_is_hot_only(&self) -> bool {
-        self.hub.bus().is_some() && self.cfg.store != crate::config::StoreKind::Postgres
-    }
-
-    /// A page of history below `before` (default: newest), newest first,
-    /// and whether older messages exist: from the store, or, where
-    /// messages live only in the bus, from its hot history (as far back as
-    /// `--redis-stream-len`), so a room that has messages never answers an
-    /// empty page.
-    pub async fn history(
-        &self,
-        room: &str,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
-        let Some(bus) = self.hub.bus().filter(|_| self.history_is_hot_only()) else {
-            return self.store.history(room, before, limit).await;
-        };
-        let unavailable = |e: crate::bus::BusError| StoreError::Unavailable(e.to_string());
-        let head = bus.head(room).await.map_err(unavailable)?;
-        let upto = before.map_or(head, |b| b.saturating_sub(1).min(head));
-        let after = upto.saturating_sub(limit as u64);
-        let page = bus
-            .replay(room, after, upto, limit)
-            .await
-            .map_err(unavailable)?;
-        let oldest = page.entries.first().map_or(upto + 1, |e| e.msg.seq);
-        let more = oldest > page.floor + 1;
-        let messages = page.entries.into_iter().rev().map(|e| e.msg).collect();
-        Ok((messages, more))
-    }
 }

@@ -45,7 +45,9 @@ pub const MAX_CID_LEN: usize = 64;
 /// Client message ids remembered per room (oldest forgotten first).
 pub const MAX_CIDS_PER_ROOM: usize = 4096;
 
+mod ops;
 mod room;
+pub use ops::REPLAY_PAGE;
 pub use room::Room;
 use room::{Accept, Order, RoomState};
 
@@ -231,6 +233,9 @@ pub struct Hub {
     bus: std::sync::OnceLock<Arc<dyn Bus>>,
     /// This node's id on the bus.
     node: std::sync::OnceLock<Arc<str>>,
+    /// With a bus: whether the store is shared by every node (PostgreSQL)
+    /// rather than this node's own.
+    shared_store: std::sync::OnceLock<bool>,
 }
 
 /// Hot-history entries read per gap-fill query.
@@ -329,14 +334,22 @@ impl Hub {
             max_body,
             bus: std::sync::OnceLock::new(),
             node: std::sync::OnceLock::new(),
+            shared_store: std::sync::OnceLock::new(),
         }
     }
 
     /// Route room traffic through a cluster bus from now on. Call once,
     /// before serving.
-    pub fn set_bus(&self, bus: Arc<dyn Bus>, node: &str) {
+    /// `shared_store`: every node uses the same store (PostgreSQL).
+    pub fn set_bus(&self, bus: Arc<dyn Bus>, node: &str, shared_store: bool) {
         let _ = self.bus.set(bus);
         let _ = self.node.set(node.into());
+        let _ = self.shared_store.set(shared_store);
+    }
+
+    /// Whether the store is shared by every node of the cluster.
+    fn shared_store(&self) -> bool {
+        self.shared_store.get().copied().unwrap_or(false)
     }
 
     /// This node's id on the bus ("" without one).
@@ -1452,7 +1465,7 @@ mod tests {
         let f = fixture(NamespaceTable::default());
         let (inbound, rx) = crate::bus::InboundQueue::new(queue, f.m.clone());
         let bus: Arc<dyn Bus> = Arc::new(core.node(inbound));
-        f.hub.set_bus(bus.clone(), "test-node");
+        f.hub.set_bus(bus.clone(), "test-node", false);
         tokio::spawn(crate::bus::pump(
             f.hub.clone(),
             bus.clone(),
