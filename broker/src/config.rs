@@ -190,7 +190,11 @@ pub struct Config {
     /// Maximum open HTTP connections from one client address (0: no
     /// limit). Behind a proxy every connection comes from the proxy's
     /// address: raise it or set 0 there.
-    #[arg(long, env = "SHOAL_MAX_HTTP_CONNECTIONS_PER_IP", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "SHOAL_MAX_HTTP_CONNECTIONS_PER_IP",
+        default_value_t = 1024
+    )]
     pub max_http_connections_per_ip: usize,
 
     /// Seconds graceful shutdown waits for connections to drain after

@@ -1,17 +1,9 @@
 //! The room registry and the user registry, both sharded by name hash,
-//! and the ordering rules that tie them to storage.
+//! and the ordering rules that tie them to storage and the cluster.
 //!
 //! Locks are `parking_lot` mutexes held only for in-memory work, never
 //! across `.await`. Lock order is always shard -> room -> user shard; the
 //! user registry never takes a room lock.
-//!
-//! Sequencing: a room's seq is assigned under the room's lock. In a
-//! persistent namespace the message is then handed to the group-commit
-//! writer (`persist`) in the same critical section, so the writer sees
-//! each room's messages in seq order; it delivers them to members and
-//! acks the sender only after the batch has committed (`committed`
-//! advances then). A client therefore never sees a seq that a crash could
-//! take back. In a non-persistent namespace delivery happens at once.
 //!
 //! Joining with `since` replays from storage up to `committed`, then
 //! attaches under the room lock only if `committed` has not moved, so the
@@ -19,6 +11,16 @@
 //!
 //! Queueing to connections is a non-blocking `try_send`; a full queue
 //! closes that one consumer (see `outbound`), it never blocks the room.
+//!
+//! Where the rest lives:
+//! - `room`: a room's state; its ordering (seq, committed, epoch) moves
+//!   only through `room::Order`;
+//! - `local`: single-node sequencing and the group-commit callbacks;
+//! - `cluster`: bus publish, in-order delivery from the bus, gap fill,
+//!   resync;
+//! - `ops`: the operations that differ between one node and a cluster,
+//!   decided there so that nothing outside the hub asks;
+//! - `error`: [`HubError`], every refusal.
 
 use std::{
     collections::HashMap,
@@ -28,7 +30,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use shoal_proto::{bus::BusRecord, names::RoomName, Body, ErrorCode, MarkState, ServerFrame};
+use shoal_proto::{names::RoomName, Body, ErrorCode, MarkState, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -45,11 +47,14 @@ pub const MAX_CID_LEN: usize = 64;
 /// Client message ids remembered per room (oldest forgotten first).
 pub const MAX_CIDS_PER_ROOM: usize = 4096;
 
+mod cluster;
+mod local;
 mod ops;
 mod room;
+use cluster::bus_unavailable;
 pub use ops::REPLAY_PAGE;
 pub use room::Room;
-use room::{Accept, Order, RoomState};
+use room::{Order, RoomState};
 
 fn cid_key(user: &str, cid: &str) -> String {
     format!("{user}\0{cid}")
@@ -236,17 +241,6 @@ pub struct Hub {
     /// With a bus: whether the store is shared by every node (PostgreSQL)
     /// rather than this node's own.
     shared_store: std::sync::OnceLock<bool>,
-}
-
-/// Hot-history entries read per gap-fill query.
-const GAP_FILL_PAGE: usize = 512;
-
-fn bus_unavailable(e: crate::bus::BusError) -> HubError {
-    tracing::warn!(error = %e, "cluster bus unavailable");
-    HubError::new(
-        ErrorCode::Unavailable,
-        "cluster bus unavailable; retry later",
-    )
 }
 
 /// Checks every publish passes before it is sequenced, whatever its
@@ -596,154 +590,6 @@ impl Hub {
         }
     }
 
-    /// Reserve a slot in the writer's queue (waits while it is full).
-    pub async fn reserve(&self) -> Result<JobPermit, HubError> {
-        self.jobs
-            .clone()
-            .reserve_owned()
-            .await
-            .map_err(|_| HubError::new(ErrorCode::Unavailable, "shutting down"))
-    }
-
-    /// Queue a non-message job (membership, receipt, delete).
-    pub async fn enqueue(&self, room: &Arc<Room>, op: Pending, reply: Reply) {
-        match self.reserve().await {
-            Ok(permit) => {
-                let epoch = room.state.lock().order.epoch();
-                permit.send(Job::Item(Item {
-                    room: room.clone(),
-                    epoch,
-                    op,
-                    reply,
-                }));
-            }
-            Err(e) => reply.fail(e),
-        }
-    }
-
-    /// Wait until everything queued so far has committed.
-    pub async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.jobs.send(Job::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
-    }
-
-    /// Publish to a room. The outcome goes to `reply` (after commit, in a
-    /// persistent room). `permit` is required in persistent rooms. Returns
-    /// the reply back if the room was evicted meanwhile (look it up again).
-    #[allow(clippy::too_many_arguments)]
-    pub fn publish(
-        &self,
-        room: &Arc<Room>,
-        from: &Arc<str>,
-        body: Body,
-        cid: Option<String>,
-        via_api: bool,
-        reply: Reply,
-        permit: Option<JobPermit>,
-    ) -> Result<(), Reply> {
-        if let Err(e) = check_publish(&room.opts, cid.as_deref(), via_api, &body, self.max_body) {
-            reply.fail(e);
-            return Ok(());
-        }
-        let started = Instant::now();
-        let mut st = room.state.lock();
-        if st.evicted {
-            return Err(reply);
-        }
-        let key = cid.as_deref().map(|c| cid_key(cid_owner(from, via_api), c));
-        if let Some(&(seq, ts)) = key.as_ref().and_then(|k| st.cids.get(k)) {
-            self.metrics.idempotent_retries.inc();
-            let p = Published {
-                room: room.name.clone(),
-                seq,
-                ts,
-                recipients: 0,
-            };
-            if seq <= st.order.committed() {
-                drop(st);
-                reply.ack(p);
-            } else if let Some(permit) = permit {
-                permit.send(Job::Item(Item {
-                    room: room.clone(),
-                    epoch: st.order.epoch(),
-                    op: Pending::AckOnly { seq, ts },
-                    reply,
-                }));
-            } else {
-                drop(st);
-                reply.ack(p);
-            }
-            return Ok(());
-        }
-        let seq = st.order.assign();
-        let ts = now_ms();
-        if let Some(k) = key {
-            st.remember_cid(k, seq, ts, self.cid_window.as_millis() as u64);
-        }
-        if room.opts.persist {
-            let Some(permit) = permit else {
-                st.order.unassign(seq);
-                drop(st);
-                reply.fail((ErrorCode::Internal, "internal error".into()));
-                return Ok(());
-            };
-            permit.send(Job::Item(Item {
-                room: room.clone(),
-                epoch: st.order.epoch(),
-                op: Pending::Msg {
-                    seq,
-                    ts,
-                    from: from.clone(),
-                    body,
-                    cid,
-                    started,
-                },
-                reply,
-            }));
-            return Ok(());
-        }
-        st.order.commit(seq);
-        let recipients = self.deliver_locked(room, &st, seq, ts, from, body);
-        drop(st);
-        self.metrics
-            .publish_seconds
-            .observe(started.elapsed().as_secs_f64());
-        reply.ack(Published {
-            room: room.name.clone(),
-            seq,
-            ts,
-            recipients,
-        });
-        Ok(())
-    }
-
-    fn deliver_locked(
-        &self,
-        room: &Room,
-        st: &RoomState,
-        seq: u64,
-        ts: u64,
-        from: &str,
-        body: Body,
-    ) -> usize {
-        let started = Instant::now();
-        let f = ServerFrame::Msg {
-            room: room.name.to_string(),
-            seq,
-            from: from.to_string(),
-            ts,
-            body,
-        };
-        let n = self.send_to_room(room, st, &f, |_| true);
-        self.metrics.deliveries.inc_by(n as u64);
-        self.metrics
-            .fanout_seconds
-            .observe(started.elapsed().as_secs_f64());
-        n
-    }
-
     /// Queue `f` to a room's audience: the members, or for a DM room every
     /// live connection of both parties (they need not have joined).
     fn send_to_room(
@@ -784,34 +630,6 @@ impl Hub {
         n
     }
 
-    /// Writer side: is `epoch` still the room's epoch?
-    pub fn is_current(&self, room: &Room, epoch: u64) -> bool {
-        room.state.lock().order.epoch() == epoch
-    }
-
-    /// Writer side: a message committed; deliver it. Returns recipients.
-    pub fn deliver_committed(
-        &self,
-        room: &Room,
-        seq: u64,
-        ts: u64,
-        from: &str,
-        body: Body,
-    ) -> usize {
-        let mut st = room.state.lock();
-        st.order.commit(seq);
-        self.deliver_locked(room, &st, seq, ts, from, body)
-    }
-
-    /// Writer side: a commit failed; take back every seq not committed yet
-    /// so the room has no gap. Pending messages of this epoch will fail.
-    pub fn abort(&self, room: &Room, epoch: u64) {
-        let mut st = room.state.lock();
-        if let Some(committed) = st.order.abort(epoch) {
-            st.forget_cids_after(committed);
-        }
-    }
-
     /// Send an event frame (mark, deleted) to the room's audience,
     /// optionally sparing one connection.
     /// In a cluster the other nodes get it through the bus.
@@ -826,13 +644,6 @@ impl Hub {
         }
         let st = room.state.lock();
         self.send_to_room(room, &st, f, |c| Some(c.id) != except)
-    }
-
-    /// Pump side: a frame for one user's local connections.
-    pub fn bus_user_event(&self, user: &str, f: &ServerFrame) -> usize {
-        let n = self.push_to_user(user, &mut SharedFrame::new(f), |_| true);
-        self.metrics.frames_out(f.kind(), n as u64);
-        n
     }
 
     /// Direct-message room between two users (validated), loaded.
@@ -898,235 +709,6 @@ impl Hub {
         reply.fail((ErrorCode::Unavailable, "room is busy; retry".into()));
     }
 
-    /// Cluster publish: the bus sequences, keeps and publishes; its reply
-    /// is the ack. Delivery (here too) comes from the subscription.
-    #[allow(clippy::too_many_arguments)]
-    async fn publish_bus(
-        &self,
-        bus: &dyn Bus,
-        name: &RoomName<'_>,
-        from: &Arc<str>,
-        body: Body,
-        cid: Option<String>,
-        via_api: bool,
-        reply: Reply,
-    ) {
-        let opts = self.namespaces.get(name.namespace);
-        if let Err(e) = check_publish(&opts, cid.as_deref(), via_api, &body, self.max_body) {
-            return reply.fail(e);
-        }
-        let started = Instant::now();
-        let floor = self
-            .room(name.full)
-            .map_or(0, |r| r.state.lock().order.committed());
-        let record = BusRecord {
-            ts: now_ms(),
-            from: from.to_string(),
-            body,
-        };
-        let key = cid.as_deref().map(|c| (cid_owner(from, via_api), c));
-        match bus.publish(name.full, &record, key, floor).await {
-            Ok(s) => {
-                if s.duplicate {
-                    self.metrics.idempotent_retries.inc();
-                }
-                self.metrics
-                    .publish_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                reply.ack(Published {
-                    room: name.full.into(),
-                    seq: s.seq,
-                    ts: s.ts,
-                    recipients: 0,
-                });
-            }
-            Err(crate::bus::BusError::RateLimited) => {
-                self.metrics.rate_limited("user");
-                reply.fail((
-                    ErrorCode::RateLimited,
-                    "too many messages from this user; slow down".into(),
-                ));
-            }
-            Err(e) => reply.fail(bus_unavailable(e)),
-        }
-    }
-
-    /// Pump side: a sequenced message arrived from the bus. Delivered if it
-    /// is the room's next seq; after a gap the missing ones are read from
-    /// the hot history first; a repeat is ignored.
-    pub async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
-        let Some(r) = self.room(room) else { return };
-        let BusRecord { ts, from, body } = record;
-        if let Some((committed, body)) = self.accept_bus(&r, seq, ts, &from, body) {
-            self.fill_gap(bus, &r, committed, seq - 1).await;
-            self.accept_bus(&r, seq, ts, &from, body);
-        }
-    }
-
-    /// Deliver `seq` if it is next. On a gap, returns the committed seq and
-    /// hands the body back (so the common case never copies it).
-    fn accept_bus(
-        &self,
-        room: &Room,
-        seq: u64,
-        ts: u64,
-        from: &str,
-        body: Body,
-    ) -> Option<(u64, Body)> {
-        let mut st = room.state.lock();
-        if st.evicted {
-            return None;
-        }
-        match st.order.accept(seq) {
-            Accept::Stale => return None,
-            Accept::Gap { committed } => return Some((committed, body)),
-            Accept::Deliver => {}
-        }
-        // Direct messages reach the parties through their user channels.
-        if room.dm.is_none() {
-            self.deliver_locked(room, &st, seq, ts, from, body);
-        }
-        None
-    }
-
-    /// Pump side: a sequenced message whose record does not decode. Its
-    /// seq exists, so members are told it is missing (`gap`), in order
-    /// after everything before it, and the failure is logged as the bug it
-    /// is; it is never skipped in silence.
-    pub async fn bus_undeliverable(
-        &self,
-        bus: &dyn Bus,
-        room: &str,
-        seq: u64,
-        error: &shoal_proto::DecodeError,
-    ) {
-        self.metrics.bus_undeliverable.inc();
-        tracing::error!(room, seq, %error, "sequenced bus message does not decode; members get a gap");
-        let Some(r) = self.room(room) else { return };
-        let committed = r.state.lock().order.committed();
-        if seq > committed + 1 {
-            self.fill_gap(bus, &r, committed, seq - 1).await;
-        }
-        self.skip_gap(&r, seq);
-    }
-
-    /// Pump side: the direct-message counterpart of
-    /// [`Hub::bus_undeliverable`], for the user's connections here.
-    pub fn bus_direct_undeliverable(
-        &self,
-        user: &str,
-        room: &str,
-        seq: u64,
-        error: &shoal_proto::DecodeError,
-    ) {
-        self.metrics.bus_undeliverable.inc();
-        tracing::error!(room, seq, %error, "direct message on the bus does not decode; the parties get a gap");
-        let f = ServerFrame::Gap {
-            room: room.to_string(),
-            from: seq,
-            to: seq,
-        };
-        self.bus_user_event(user, &f);
-    }
-
-    /// Deliver `(after, upto]` from the hot history. What the history no
-    /// longer has is announced to members as a `gap`. False if the bus
-    /// failed (retried on the next message or resync).
-    async fn fill_gap(&self, bus: &dyn Bus, room: &Room, mut after: u64, upto: u64) -> bool {
-        while after < upto {
-            let page = match bus.replay(&room.name, after, upto, GAP_FILL_PAGE).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(room = %room.name, error = %e, "gap fill failed");
-                    return false;
-                }
-            };
-            let first = page.entries.first().map_or(upto + 1, |e| e.msg.seq);
-            let missing_to = page.floor.max(first - 1).min(upto);
-            if missing_to > after {
-                self.skip_gap(room, missing_to);
-                after = missing_to;
-            }
-            let n = page.entries.len() as u64;
-            for e in page.entries {
-                // A seq the history skips (an entry it could not decode)
-                // is announced, never passed over in silence.
-                if e.msg.seq > after + 1 {
-                    self.skip_gap(room, e.msg.seq - 1);
-                }
-                after = after.max(e.msg.seq);
-                self.accept_bus(room, e.msg.seq, e.msg.ts, &e.msg.from, e.msg.body);
-            }
-            self.metrics.bus_gap_filled.inc_by(n);
-            if n == 0 {
-                break;
-            }
-        }
-        true
-    }
-
-    /// Members cannot get seqs up to `to`: say so and move on.
-    fn skip_gap(&self, room: &Room, to: u64) {
-        let mut st = room.state.lock();
-        if st.evicted {
-            return;
-        }
-        let Some((from, to)) = st.order.skip_to(to) else {
-            return;
-        };
-        let f = ServerFrame::Gap {
-            room: room.name.to_string(),
-            from,
-            to,
-        };
-        self.send_to_room(room, &st, &f, |_| true);
-    }
-
-    /// Pump side: the subscription was re-established, or inbound payloads
-    /// were dropped: bring every local room up to the bus head. False if
-    /// the bus failed meanwhile (try again later).
-    pub async fn bus_resync(&self, bus: &dyn Bus) -> bool {
-        let rooms: Vec<Arc<Room>> = self
-            .rooms
-            .iter()
-            .flat_map(|sh| sh.lock().map.values().cloned().collect::<Vec<_>>())
-            .collect();
-        // A room whose shard is out of reach (a Redis Cluster) does not
-        // hold up the others; the pass reports failure and is retried.
-        let mut all = true;
-        for r in rooms {
-            let head = match bus.head(&r.name).await {
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::debug!(room = %r.name, error = %e, "resync of a room failed: bus unavailable");
-                    all = false;
-                    continue;
-                }
-            };
-            let committed = r.state.lock().order.committed();
-            if head > committed && !self.fill_gap(bus, &r, committed, head).await {
-                all = false;
-            }
-        }
-        if !all {
-            tracing::warn!("resync incomplete: some rooms' bus unavailable; retried");
-        }
-        all
-    }
-
-    /// Pump side: an ephemeral frame for the room's local members.
-    pub fn bus_event(&self, room: &str, f: &ServerFrame) {
-        let Some(r) = self.room(room) else { return };
-        let st = r.state.lock();
-        match f {
-            // As on a single node: nobody hears their own typing or presence.
-            ServerFrame::Typing { user, .. } | ServerFrame::Presence { user, .. } => {
-                broadcast(&st, f, |m| *m.user != **user, &self.metrics)
-            }
-            _ => broadcast(&st, f, |_| true, &self.metrics),
-        };
-    }
-
     /// Forward `typing` to the room's other users (on every node).
     pub fn typing(&self, room: &Room, conn: &ConnHandle) {
         let f = ServerFrame::Typing {
@@ -1190,21 +772,6 @@ impl Hub {
                 }
             }
         }
-    }
-
-    /// Pump side: a direct message for `user`, from the user's channel:
-    /// to every local connection of that user (the other party's
-    /// connections get it from their own channel).
-    pub fn bus_direct(&self, user: &str, room: &str, seq: u64, record: BusRecord) {
-        let f = ServerFrame::Msg {
-            room: room.to_string(),
-            seq,
-            from: record.from,
-            ts: record.ts,
-            body: record.body,
-        };
-        let n = self.bus_user_event(user, &f);
-        self.metrics.deliveries.inc_by(n as u64);
     }
 
     /// True if the user has at least one live connection on this node.

@@ -657,6 +657,20 @@ impl RedisCluster {
 
     /// `masters` masters with `replicas` replicas each.
     pub async fn start_with(masters: usize, replicas: usize) -> RedisCluster {
+        // Free ports are found by binding and letting go, so another test
+        // can take one before redis-server does: such a start is retried
+        // on fresh ports.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(masters, replicas).await {
+                Ok(c) => return c,
+                Err(e) => last = e,
+            }
+        }
+        panic!("cluster create: {last}");
+    }
+
+    async fn try_start(masters: usize, replicas: usize) -> Result<RedisCluster, String> {
         let n = masters * (1 + replicas);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = RedisCluster {
@@ -699,11 +713,9 @@ impl RedisCluster {
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli");
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
         // Every node must see every slot covered before clients use it.
         for &p in &c.ports {
             let mut ok = false;
@@ -729,7 +741,7 @@ impl RedisCluster {
             }
             assert!(ok, "replica {p} never synced");
         }
-        c
+        Ok(c)
     }
 
     /// The port of the master that owns `key` (the others answer MOVED).

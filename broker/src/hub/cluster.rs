@@ -1,0 +1,293 @@
+//! Cluster sequencing: the bus assigns each room's seqs (see `bus`), and
+//! this node delivers them in order. Rules:
+//!
+//! - a publish goes to the bus, whose reply is the ack; delivery, to this
+//!   node too, comes from the subscription;
+//! - a seq is delivered only if it is the room's next ([`Order::accept`]);
+//!   a gap makes the node read the missing seqs from the hot history first
+//!   ([`Hub::fill_gap`]), and what the history no longer has, or cannot be
+//!   read, is announced to members as a `gap`, never skipped in silence;
+//! - after a subscription loss or dropped inbound payloads, every local
+//!   room is brought up to the bus head ([`Hub::bus_resync`]).
+//!
+//! The entry points here are called by the bus pump (`bus::pump`) with
+//! what arrived on the node's subscription.
+
+use std::{sync::Arc, time::Instant};
+
+use shoal_proto::{bus::BusRecord, names::RoomName, Body, ErrorCode, ServerFrame};
+
+use super::{
+    broadcast, check_publish, cid_owner, now_ms, room::Accept, Bus, Hub, HubError, Published,
+    Reply, Room, SharedFrame,
+};
+
+/// Hot-history entries read per gap-fill query.
+const GAP_FILL_PAGE: usize = 512;
+
+pub(super) fn bus_unavailable(e: crate::bus::BusError) -> HubError {
+    tracing::warn!(error = %e, "cluster bus unavailable");
+    HubError::new(
+        ErrorCode::Unavailable,
+        "cluster bus unavailable; retry later",
+    )
+}
+
+impl Hub {
+    /// Cluster publish: the bus sequences, keeps and publishes; its reply
+    /// is the ack. Delivery (here too) comes from the subscription.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn publish_bus(
+        &self,
+        bus: &dyn Bus,
+        name: &RoomName<'_>,
+        from: &Arc<str>,
+        body: Body,
+        cid: Option<String>,
+        via_api: bool,
+        reply: Reply,
+    ) {
+        let opts = self.namespaces.get(name.namespace);
+        if let Err(e) = check_publish(&opts, cid.as_deref(), via_api, &body, self.max_body) {
+            return reply.fail(e);
+        }
+        let started = Instant::now();
+        let floor = self
+            .room(name.full)
+            .map_or(0, |r| r.state.lock().order.committed());
+        let record = BusRecord {
+            ts: now_ms(),
+            from: from.to_string(),
+            body,
+        };
+        let key = cid.as_deref().map(|c| (cid_owner(from, via_api), c));
+        match bus.publish(name.full, &record, key, floor).await {
+            Ok(s) => {
+                if s.duplicate {
+                    self.metrics.idempotent_retries.inc();
+                }
+                self.metrics
+                    .publish_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                reply.ack(Published {
+                    room: name.full.into(),
+                    seq: s.seq,
+                    ts: s.ts,
+                    recipients: 0,
+                });
+            }
+            Err(crate::bus::BusError::RateLimited) => {
+                self.metrics.rate_limited("user");
+                reply.fail((
+                    ErrorCode::RateLimited,
+                    "too many messages from this user; slow down".into(),
+                ));
+            }
+            Err(e) => reply.fail(bus_unavailable(e)),
+        }
+    }
+
+    /// Pump side: a sequenced message arrived from the bus. Delivered if it
+    /// is the room's next seq; after a gap the missing ones are read from
+    /// the hot history first; a repeat is ignored.
+    pub async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
+        let Some(r) = self.room(room) else { return };
+        let BusRecord { ts, from, body } = record;
+        if let Some((committed, body)) = self.accept_bus(&r, seq, ts, &from, body) {
+            self.fill_gap(bus, &r, committed, seq - 1).await;
+            self.accept_bus(&r, seq, ts, &from, body);
+        }
+    }
+
+    /// Deliver `seq` if it is next. On a gap, returns the committed seq and
+    /// hands the body back (so the common case never copies it).
+    pub(super) fn accept_bus(
+        &self,
+        room: &Room,
+        seq: u64,
+        ts: u64,
+        from: &str,
+        body: Body,
+    ) -> Option<(u64, Body)> {
+        let mut st = room.state.lock();
+        if st.evicted {
+            return None;
+        }
+        match st.order.accept(seq) {
+            Accept::Stale => return None,
+            Accept::Gap { committed } => return Some((committed, body)),
+            Accept::Deliver => {}
+        }
+        // Direct messages reach the parties through their user channels.
+        if room.dm.is_none() {
+            self.deliver_locked(room, &st, seq, ts, from, body);
+        }
+        None
+    }
+
+    /// Pump side: a sequenced message whose record does not decode. Its
+    /// seq exists, so members are told it is missing (`gap`), in order
+    /// after everything before it, and the failure is logged as the bug it
+    /// is; it is never skipped in silence.
+    pub async fn bus_undeliverable(
+        &self,
+        bus: &dyn Bus,
+        room: &str,
+        seq: u64,
+        error: &shoal_proto::DecodeError,
+    ) {
+        self.metrics.bus_undeliverable.inc();
+        tracing::error!(room, seq, %error, "sequenced bus message does not decode; members get a gap");
+        let Some(r) = self.room(room) else { return };
+        let committed = r.state.lock().order.committed();
+        if seq > committed + 1 {
+            self.fill_gap(bus, &r, committed, seq - 1).await;
+        }
+        self.skip_gap(&r, seq);
+    }
+
+    /// Pump side: the direct-message counterpart of
+    /// [`Hub::bus_undeliverable`], for the user's connections here.
+    pub fn bus_direct_undeliverable(
+        &self,
+        user: &str,
+        room: &str,
+        seq: u64,
+        error: &shoal_proto::DecodeError,
+    ) {
+        self.metrics.bus_undeliverable.inc();
+        tracing::error!(room, seq, %error, "direct message on the bus does not decode; the parties get a gap");
+        let f = ServerFrame::Gap {
+            room: room.to_string(),
+            from: seq,
+            to: seq,
+        };
+        self.bus_user_event(user, &f);
+    }
+
+    /// Deliver `(after, upto]` from the hot history. What the history no
+    /// longer has is announced to members as a `gap`. False if the bus
+    /// failed (retried on the next message or resync).
+    pub(super) async fn fill_gap(
+        &self,
+        bus: &dyn Bus,
+        room: &Room,
+        mut after: u64,
+        upto: u64,
+    ) -> bool {
+        while after < upto {
+            let page = match bus.replay(&room.name, after, upto, GAP_FILL_PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(room = %room.name, error = %e, "gap fill failed");
+                    return false;
+                }
+            };
+            let first = page.entries.first().map_or(upto + 1, |e| e.msg.seq);
+            let missing_to = page.floor.max(first - 1).min(upto);
+            if missing_to > after {
+                self.skip_gap(room, missing_to);
+                after = missing_to;
+            }
+            let n = page.entries.len() as u64;
+            for e in page.entries {
+                // A seq the history skips (an entry it could not decode)
+                // is announced, never passed over in silence.
+                if e.msg.seq > after + 1 {
+                    self.skip_gap(room, e.msg.seq - 1);
+                }
+                after = after.max(e.msg.seq);
+                self.accept_bus(room, e.msg.seq, e.msg.ts, &e.msg.from, e.msg.body);
+            }
+            self.metrics.bus_gap_filled.inc_by(n);
+            if n == 0 {
+                break;
+            }
+        }
+        true
+    }
+
+    /// Members cannot get seqs up to `to`: say so and move on.
+    pub(super) fn skip_gap(&self, room: &Room, to: u64) {
+        let mut st = room.state.lock();
+        if st.evicted {
+            return;
+        }
+        let Some((from, to)) = st.order.skip_to(to) else {
+            return;
+        };
+        let f = ServerFrame::Gap {
+            room: room.name.to_string(),
+            from,
+            to,
+        };
+        self.send_to_room(room, &st, &f, |_| true);
+    }
+
+    /// Pump side: the subscription was re-established, or inbound payloads
+    /// were dropped: bring every local room up to the bus head. False if
+    /// the bus failed meanwhile (try again later).
+    pub async fn bus_resync(&self, bus: &dyn Bus) -> bool {
+        let rooms: Vec<Arc<Room>> = self
+            .rooms
+            .iter()
+            .flat_map(|sh| sh.lock().map.values().cloned().collect::<Vec<_>>())
+            .collect();
+        // A room whose shard is out of reach (a Redis Cluster) does not
+        // hold up the others; the pass reports failure and is retried.
+        let mut all = true;
+        for r in rooms {
+            let head = match bus.head(&r.name).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(room = %r.name, error = %e, "resync of a room failed: bus unavailable");
+                    all = false;
+                    continue;
+                }
+            };
+            let committed = r.state.lock().order.committed();
+            if head > committed && !self.fill_gap(bus, &r, committed, head).await {
+                all = false;
+            }
+        }
+        if !all {
+            tracing::warn!("resync incomplete: some rooms' bus unavailable; retried");
+        }
+        all
+    }
+
+    /// Pump side: an ephemeral frame for the room's local members.
+    pub fn bus_event(&self, room: &str, f: &ServerFrame) {
+        let Some(r) = self.room(room) else { return };
+        let st = r.state.lock();
+        match f {
+            // As on a single node: nobody hears their own typing or presence.
+            ServerFrame::Typing { user, .. } | ServerFrame::Presence { user, .. } => {
+                broadcast(&st, f, |m| *m.user != **user, &self.metrics)
+            }
+            _ => broadcast(&st, f, |_| true, &self.metrics),
+        };
+    }
+
+    /// Pump side: a frame for one user's local connections.
+    pub fn bus_user_event(&self, user: &str, f: &ServerFrame) -> usize {
+        let n = self.push_to_user(user, &mut SharedFrame::new(f), |_| true);
+        self.metrics.frames_out(f.kind(), n as u64);
+        n
+    }
+
+    /// Pump side: a direct message for `user`, from the user's channel:
+    /// to every local connection of that user (the other party's
+    /// connections get it from their own channel).
+    pub fn bus_direct(&self, user: &str, room: &str, seq: u64, record: BusRecord) {
+        let f = ServerFrame::Msg {
+            room: room.to_string(),
+            seq,
+            from: record.from,
+            ts: record.ts,
+            body: record.body,
+        };
+        let n = self.bus_user_event(user, &f);
+        self.metrics.deliveries.inc_by(n as u64);
+    }
+}
