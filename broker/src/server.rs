@@ -130,13 +130,13 @@ pub async fn build_state(
             a.revoke(jti, exp.unwrap_or_else(|| a.default_revocation_expiry()));
             h.close_token(user, jti, shoal_proto::CloseCode::TokenRevoked);
         });
-        tokio::spawn(bus_watchdog(
+        tokio::spawn(crate::hub::watchdog(
             hub.clone(),
             bus.clone(),
             Duration::from_millis(cfg.bus_down_grace_ms),
             shutdown.clone(),
         ));
-        tokio::spawn(crate::bus::pump(
+        tokio::spawn(crate::hub::pump(
             hub.clone(),
             bus,
             rx,
@@ -208,45 +208,6 @@ pub async fn build_state(
         tracker: TaskTracker::new(),
         writer_stop,
     }))
-}
-
-/// A node that cannot reach the bus can neither deliver other nodes'
-/// messages nor sequence its own, so past `grace` its clients are sent
-/// away (4006) to reconnect, through the load balancer, to a node that
-/// can; they recover what they missed with `since`. Shorter blips are
-/// ridden out with the connections kept.
-async fn bus_watchdog(
-    hub: Arc<Hub>,
-    bus: Arc<dyn crate::bus::Bus>,
-    grace: Duration,
-    shutdown: CancellationToken,
-) {
-    let tick = (grace / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
-    let mut down_since: Option<tokio::time::Instant> = None;
-    let mut evicted = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(tick) => {}
-        }
-        if bus.healthy() {
-            if evicted {
-                tracing::info!("bus back; accepting connections again");
-            }
-            down_since = None;
-            evicted = false;
-            continue;
-        }
-        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
-        if !evicted && since.elapsed() >= grace {
-            evicted = true;
-            let n = hub.close_all(shoal_proto::CloseCode::ClusterLost);
-            tracing::warn!(
-                connections = n,
-                "bus down for longer than the grace period; clients sent to other nodes (4006)"
-            );
-        }
-    }
 }
 
 /// Background WAL checkpoints, off the group-commit path.

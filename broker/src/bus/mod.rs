@@ -8,7 +8,7 @@
 //! atomic step, and its reply is the sender's ack. Every node, the sender's
 //! included, then delivers from its subscription.
 //!
-//! Delivery is gap-checked per room ([`pump`]): a message that is not the
+//! Delivery is gap-checked per room (`hub::pump`): a message that is not the
 //! next seq makes the node read the missing ones from the hot history
 //! first, so a node that lost its subscription for a while (Redis restart,
 //! a full inbound queue) catches up in order, and nothing is delivered
@@ -31,15 +31,11 @@ use std::sync::{
 };
 
 use bytes::Bytes;
-use shoal_proto::{
-    bus::{BusPayload, BusRecord},
-    ServerFrame,
-};
+use shoal_proto::{bus::BusRecord, ServerFrame};
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::{hub::Hub, metrics::Metrics, store::Replay};
+use crate::{metrics::Metrics, store::Replay};
 
 /// Why a bus operation failed.
 #[derive(Debug, Error)]
@@ -69,7 +65,7 @@ pub struct Sequenced {
     pub duplicate: bool,
 }
 
-/// What a bus hands to this node's [`pump`].
+/// What a bus hands to this node's pump (`hub::pump`).
 #[derive(Debug)]
 pub enum Inbound {
     /// A payload received on a room's channel (decoded by the pump).
@@ -212,6 +208,19 @@ pub struct InboundRx {
     overflowed: Arc<AtomicBool>,
 }
 
+impl InboundRx {
+    /// The next item; None once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        self.rx.recv().await
+    }
+
+    /// True (once) if items were dropped on a full queue since the last
+    /// call: what they carried must be read back (resync).
+    pub fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, Ordering::AcqRel)
+    }
+}
+
 /// Channel name (as [`Inbound::Payload::room`]) of the cluster-wide channel.
 pub const GLOBAL_CHANNEL: &str = "@";
 
@@ -230,94 +239,3 @@ pub fn dm_channels(room: &str) -> Option<[String; 2]> {
 /// Called for each revoked token (user, jti): forget it in auth and close
 /// the connections that use it.
 pub type RevokeHook = Arc<dyn Fn(&str, &str, Option<u64>) + Send + Sync>;
-
-/// Deliver what the bus receives to local members, in seq order, filling
-/// gaps from the hot history. Runs until `stop` or the bus goes away.
-pub async fn pump(
-    hub: Arc<Hub>,
-    bus: Arc<dyn Bus>,
-    mut rx: InboundRx,
-    on_revoke: RevokeHook,
-    stop: CancellationToken,
-) {
-    // A resync that failed (the bus went away again) is retried on a
-    // timer, so rooms never wait for their next message to catch up.
-    let mut resync_due = false;
-    loop {
-        let retry = async {
-            if resync_due {
-                tokio::time::sleep(RESYNC_RETRY).await
-            } else {
-                std::future::pending().await
-            }
-        };
-        let item = tokio::select! {
-            item = rx.rx.recv() => item,
-            _ = retry => Some(Inbound::Resync),
-            _ = stop.cancelled() => return,
-        };
-        let Some(item) = item else { return };
-        match item {
-            Inbound::Payload { room, bytes } => match shoal_proto::bus::decode_payload(&bytes) {
-                Ok(BusPayload::Msg { seq, record }) => {
-                    hub.bus_message(&*bus, &room, seq, record).await;
-                }
-                Ok(BusPayload::Event(frame)) => hub.bus_event(&room, &frame),
-                Ok(BusPayload::NodeEvent { origin, frame }) => {
-                    if origin != hub.node() {
-                        match room.strip_prefix('@') {
-                            Some(user) => {
-                                hub.bus_user_event(user, &frame);
-                            }
-                            None => hub.bus_event(&room, &frame),
-                        }
-                    }
-                }
-                Ok(BusPayload::Direct {
-                    room: dm,
-                    seq,
-                    record,
-                }) => {
-                    if let Some(user) = room.strip_prefix('@') {
-                        hub.bus_direct(user, &dm, seq, record);
-                    }
-                }
-                Ok(BusPayload::Undeliverable { direct, seq, error }) => {
-                    match (direct, room.strip_prefix('@')) {
-                        (Some(dm), Some(user)) => {
-                            hub.bus_direct_undeliverable(user, &dm, seq, &error)
-                        }
-                        (None, None) => hub.bus_undeliverable(&*bus, &room, seq, &error).await,
-                        _ => {
-                            hub.metrics().bus_bad_payloads.inc();
-                            tracing::error!(room = %room, seq, error = %error, "undecodable sequenced bus payload on the wrong channel");
-                        }
-                    }
-                }
-                Ok(BusPayload::Revoke { user, jti, exp }) => {
-                    if &*room == GLOBAL_CHANNEL {
-                        on_revoke(&user, &jti, exp);
-                    }
-                }
-                Err(e) => {
-                    hub.metrics().bus_bad_payloads.inc();
-                    tracing::warn!(room = %room, error = %e, "undecodable bus payload");
-                }
-            },
-            Inbound::Resync => {
-                // Revocations announced while this node was cut off.
-                match bus.revoked().await {
-                    Ok(list) => list.iter().for_each(|(u, j, e)| on_revoke(u, j, Some(*e))),
-                    Err(e) => tracing::warn!(error = %e, "loading revocations failed"),
-                }
-                resync_due = !hub.bus_resync(&*bus).await;
-            }
-        }
-        if rx.overflowed.swap(false, Ordering::AcqRel) {
-            resync_due = !hub.bus_resync(&*bus).await;
-        }
-    }
-}
-
-/// Delay before retrying a failed resync.
-const RESYNC_RETRY: std::time::Duration = std::time::Duration::from_millis(250);

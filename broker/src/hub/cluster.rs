@@ -10,12 +10,20 @@
 //! - after a subscription loss or dropped inbound payloads, every local
 //!   room is brought up to the bus head ([`Hub::bus_resync`]).
 //!
-//! The entry points here are called by the bus pump (`bus::pump`) with
-//! what arrived on the node's subscription.
+//! [`pump`] feeds what arrived on the node's subscription to the entry
+//! points below (private to the hub: only the pump calls them), and
+//! [`watchdog`] sends clients elsewhere when the node loses the bus.
 
 use std::{sync::Arc, time::Instant};
 
-use shoal_proto::{bus::BusRecord, names::RoomName, Body, ErrorCode, ServerFrame};
+use shoal_proto::{
+    bus::{BusPayload, BusRecord},
+    names::RoomName,
+    Body, ErrorCode, ServerFrame,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Inbound, InboundRx, RevokeHook, GLOBAL_CHANNEL};
 
 use super::{
     broadcast, check_publish, cid_owner, now_ms, room::Accept, Bus, Hub, HubError, Published,
@@ -90,7 +98,7 @@ impl Hub {
     /// Pump side: a sequenced message arrived from the bus. Delivered if it
     /// is the room's next seq; after a gap the missing ones are read from
     /// the hot history first; a repeat is ignored.
-    pub async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
+    pub(super) async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
         let Some(r) = self.room(room) else { return };
         let BusRecord { ts, from, body } = record;
         if let Some((committed, body)) = self.accept_bus(&r, seq, ts, &from, body) {
@@ -129,7 +137,7 @@ impl Hub {
     /// seq exists, so members are told it is missing (`gap`), in order
     /// after everything before it, and the failure is logged as the bug it
     /// is; it is never skipped in silence.
-    pub async fn bus_undeliverable(
+    pub(super) async fn bus_undeliverable(
         &self,
         bus: &dyn Bus,
         room: &str,
@@ -148,7 +156,7 @@ impl Hub {
 
     /// Pump side: the direct-message counterpart of
     /// [`Hub::bus_undeliverable`], for the user's connections here.
-    pub fn bus_direct_undeliverable(
+    pub(super) fn bus_direct_undeliverable(
         &self,
         user: &str,
         room: &str,
@@ -227,7 +235,7 @@ impl Hub {
     /// Pump side: the subscription was re-established, or inbound payloads
     /// were dropped: bring every local room up to the bus head. False if
     /// the bus failed meanwhile (try again later).
-    pub async fn bus_resync(&self, bus: &dyn Bus) -> bool {
+    pub(super) async fn bus_resync(&self, bus: &dyn Bus) -> bool {
         let rooms: Vec<Arc<Room>> = self
             .rooms
             .iter()
@@ -257,7 +265,7 @@ impl Hub {
     }
 
     /// Pump side: an ephemeral frame for the room's local members.
-    pub fn bus_event(&self, room: &str, f: &ServerFrame) {
+    pub(super) fn bus_event(&self, room: &str, f: &ServerFrame) {
         let Some(r) = self.room(room) else { return };
         let st = r.state.lock();
         match f {
@@ -270,7 +278,7 @@ impl Hub {
     }
 
     /// Pump side: a frame for one user's local connections.
-    pub fn bus_user_event(&self, user: &str, f: &ServerFrame) -> usize {
+    pub(super) fn bus_user_event(&self, user: &str, f: &ServerFrame) -> usize {
         let n = self.push_to_user(user, &mut SharedFrame::new(f), |_| true);
         self.metrics.frames_out(f.kind(), n as u64);
         n
@@ -279,7 +287,7 @@ impl Hub {
     /// Pump side: a direct message for `user`, from the user's channel:
     /// to every local connection of that user (the other party's
     /// connections get it from their own channel).
-    pub fn bus_direct(&self, user: &str, room: &str, seq: u64, record: BusRecord) {
+    pub(super) fn bus_direct(&self, user: &str, room: &str, seq: u64, record: BusRecord) {
         let f = ServerFrame::Msg {
             room: room.to_string(),
             seq,
@@ -289,5 +297,138 @@ impl Hub {
         };
         let n = self.bus_user_event(user, &f);
         self.metrics.deliveries.inc_by(n as u64);
+    }
+}
+
+/// Deliver what the bus receives to local members, in seq order, filling
+/// gaps from the hot history. Runs until `stop` or the bus goes away.
+pub async fn pump(
+    hub: Arc<Hub>,
+    bus: Arc<dyn Bus>,
+    mut rx: InboundRx,
+    on_revoke: RevokeHook,
+    stop: CancellationToken,
+) {
+    // A resync that failed (the bus went away again) is retried on a
+    // timer, so rooms never wait for their next message to catch up.
+    let mut resync_due = false;
+    loop {
+        let retry = async {
+            if resync_due {
+                tokio::time::sleep(RESYNC_RETRY).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            _ = retry => Some(Inbound::Resync),
+            _ = stop.cancelled() => return,
+        };
+        let Some(item) = item else { return };
+        match item {
+            Inbound::Payload { room, bytes } => match shoal_proto::bus::decode_payload(&bytes) {
+                Ok(BusPayload::Msg { seq, record }) => {
+                    hub.bus_message(&*bus, &room, seq, record).await;
+                }
+                Ok(BusPayload::Event(frame)) => hub.bus_event(&room, &frame),
+                Ok(BusPayload::NodeEvent { origin, frame }) => {
+                    if origin != hub.node() {
+                        match room.strip_prefix('@') {
+                            Some(user) => {
+                                hub.bus_user_event(user, &frame);
+                            }
+                            None => hub.bus_event(&room, &frame),
+                        }
+                    }
+                }
+                Ok(BusPayload::Direct {
+                    room: dm,
+                    seq,
+                    record,
+                }) => {
+                    if let Some(user) = room.strip_prefix('@') {
+                        hub.bus_direct(user, &dm, seq, record);
+                    }
+                }
+                Ok(BusPayload::Undeliverable { direct, seq, error }) => {
+                    match (direct, room.strip_prefix('@')) {
+                        (Some(dm), Some(user)) => {
+                            hub.bus_direct_undeliverable(user, &dm, seq, &error)
+                        }
+                        (None, None) => hub.bus_undeliverable(&*bus, &room, seq, &error).await,
+                        _ => {
+                            hub.metrics().bus_bad_payloads.inc();
+                            tracing::error!(room = %room, seq, error = %error, "undecodable sequenced bus payload on the wrong channel");
+                        }
+                    }
+                }
+                Ok(BusPayload::Revoke { user, jti, exp }) => {
+                    if &*room == GLOBAL_CHANNEL {
+                        on_revoke(&user, &jti, exp);
+                    }
+                }
+                Err(e) => {
+                    hub.metrics().bus_bad_payloads.inc();
+                    tracing::warn!(room = %room, error = %e, "undecodable bus payload");
+                }
+            },
+            Inbound::Resync => {
+                // Revocations announced while this node was cut off.
+                match bus.revoked().await {
+                    Ok(list) => list.iter().for_each(|(u, j, e)| on_revoke(u, j, Some(*e))),
+                    Err(e) => tracing::warn!(error = %e, "loading revocations failed"),
+                }
+                resync_due = !hub.bus_resync(&*bus).await;
+            }
+        }
+        if rx.take_overflow() {
+            resync_due = !hub.bus_resync(&*bus).await;
+        }
+    }
+}
+
+/// Delay before retrying a failed resync.
+const RESYNC_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A node that cannot reach the bus can neither deliver other nodes'
+/// messages nor sequence its own, so past `grace` its clients are sent
+/// away (4006) to reconnect, through the load balancer, to a node that
+/// can; they recover what they missed with `since`. Shorter blips are
+/// ridden out with the connections kept.
+pub async fn watchdog(
+    hub: Arc<Hub>,
+    bus: Arc<dyn Bus>,
+    grace: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let tick = (grace / 4).clamp(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_millis(500),
+    );
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut evicted = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        if bus.healthy() {
+            if evicted {
+                tracing::info!("bus back; accepting connections again");
+            }
+            down_since = None;
+            evicted = false;
+            continue;
+        }
+        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+        if !evicted && since.elapsed() >= grace {
+            evicted = true;
+            let n = hub.close_all(shoal_proto::CloseCode::ClusterLost);
+            tracing::warn!(
+                connections = n,
+                "bus down for longer than the grace period; clients sent to other nodes (4006)"
+            );
+        }
     }
 }

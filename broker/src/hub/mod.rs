@@ -52,6 +52,7 @@ mod local;
 mod ops;
 mod room;
 use cluster::bus_unavailable;
+pub use cluster::{pump, watchdog};
 pub use ops::REPLAY_PAGE;
 pub use room::Room;
 use room::{Order, RoomState};
@@ -1033,7 +1034,7 @@ mod tests {
         let (inbound, rx) = crate::bus::InboundQueue::new(queue, f.m.clone());
         let bus: Arc<dyn Bus> = Arc::new(core.node(inbound));
         f.hub.set_bus(bus.clone(), "test-node", false);
-        tokio::spawn(crate::bus::pump(
+        tokio::spawn(pump(
             f.hub.clone(),
             bus.clone(),
             rx,
