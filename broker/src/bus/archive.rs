@@ -18,15 +18,14 @@ use super::redis_conn::Conn;
 use shoal_proto::codec::{body_text, body_to_storage};
 use tokio_util::sync::CancellationToken;
 
-use super::{redis::log_key, Bus};
+use super::{keys::log_key, Bus};
 use crate::{
     metrics::Metrics,
     store::{NewMsg, Store, WriteOp},
 };
 
 /// Rooms with messages the archiver has not copied yet (score: newest seq).
-pub const DIRTY_KEY: &str = "shoal:archive";
-const LOCK_KEY: &str = "shoal:archive:lock";
+use super::keys::{room_of_log as room_of, ARCHIVE_KEY as DIRTY_KEY, ARCHIVE_LOCK_KEY as LOCK_KEY};
 /// Rooms looked at per sweep.
 const ROOMS_PER_SWEEP: isize = 256;
 /// Messages per store transaction.
@@ -53,10 +52,6 @@ pub struct Archiver {
     pub interval: Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-}
-
-fn room_of(log: &str) -> Option<&str> {
-    log.strip_prefix("shoal:{")?.strip_suffix("}:log")
 }
 
 impl Archiver {

@@ -20,6 +20,7 @@
 //! [`redis::RedisBus`].
 
 pub mod archive;
+pub mod keys;
 pub mod memory;
 pub mod presence;
 pub mod redis;

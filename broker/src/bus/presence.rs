@@ -98,14 +98,7 @@ for i = 3, #ARGV, 2 do left = left + strip(ARGV[i], ARGV[i + 1]) end
 return left
 "#;
 
-fn presence_key(room: &str) -> String {
-    format!("shoal:{{{room}}}:presence")
-}
-
-/// Key of a node's lease.
-pub fn lease_key(node: &str) -> String {
-    format!("shoal:node:{node}")
-}
+use super::keys::{channel, lease_key, presence_key};
 
 fn event(room: &str, user: &str, online: bool) -> Vec<u8> {
     shoal_proto::bus::encode_event(&ServerFrame::Presence {
@@ -166,7 +159,7 @@ impl Worker {
                     let r = match &op {
                         PresenceOp::Join { room, user } => {
                             local.entry(room.clone()).or_default().insert(user.clone());
-                            let ch = format!("shoal:{{{room}}}");
+                            let ch = channel(room);
                             join.key(presence_key(room))
                                 .arg(&**user)
                                 .arg(&self.node)
@@ -183,7 +176,7 @@ impl Worker {
                                 }
                             }
                             leave.key(presence_key(room))
-                                .arg(format!("shoal:{{{room}}}"))
+                                .arg(channel(room))
                                 .arg(&self.node)
                                 .arg(&**user)
                                 .arg(event(room, user, false))
@@ -233,7 +226,7 @@ impl Worker {
             for user in users {
                 let _ = leave
                     .key(presence_key(room))
-                    .arg(format!("shoal:{{{room}}}"))
+                    .arg(channel(room))
                     .arg(&self.node)
                     .arg(&**user)
                     .arg(event(room, user, false))
@@ -258,7 +251,7 @@ impl Worker {
                 join.key(presence_key(room))
                     .arg(&**user)
                     .arg(&self.node)
-                    .arg(format!("shoal:{{{room}}}"))
+                    .arg(channel(room))
                     .arg(event(room, user, true))
                     .invoke_async::<i64>(conn)
                     .await?;
@@ -298,7 +291,7 @@ impl Worker {
         }
         tracing::info!(room, nodes = ?dead, "removing expired nodes from presence");
         let mut inv = leave.key(presence_key(room));
-        inv.arg(format!("shoal:{{{room}}}")).arg(dead.join(" "));
+        inv.arg(channel(room)).arg(dead.join(" "));
         for (user, holders) in &all {
             if holders.split_whitespace().any(|n| dead.contains(&n)) {
                 inv.arg(user).arg(event(room, user, false));

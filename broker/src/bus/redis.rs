@@ -1,6 +1,7 @@
 //! The Redis bus (`--bus redis`).
 //!
-//! Keys of a room share the hash tag `{room}`, so a Redis Cluster keeps
+//! The key layout is in `keys` (one place); in short, keys of a room share
+//! the hash tag `{room}`, so a Redis Cluster keeps
 //! them (and the room's sharded channel) on one shard and spreads rooms
 //! over shards:
 //! - `shoal:{room}:seq`: the last assigned seq;
@@ -73,6 +74,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    keys::{self, announced_key, channel, channel_room, log_key, seq_key, REVOKED_KEY, USERS_KEY},
     redis_conn::{Conn, Reach, SubConn, Target},
     Bus, BusError, Inbound, InboundQueue, Sequenced,
 };
@@ -168,33 +170,6 @@ redis.call('SPUBLISH', ARGV[2], msg)
 for i = 11, #ARGV do redis.call('SPUBLISH', ARGV[i], ARGV[8] .. msg) end
 return {seq, tonumber(ARGV[4]), 0}
 "#;
-
-/// Cluster-wide revocations (same slot as the global channel).
-const REVOKED_KEY: &str = "shoal:{@}:revoked";
-/// Set of user names known to the cluster (see `Bus::remember_users`).
-const USERS_KEY: &str = "shoal:{@}:users";
-
-pub(super) fn seq_key(room: &str) -> String {
-    format!("shoal:{{{room}}}:seq")
-}
-/// With `--redis-wait-replicas`: the highest seq announced (replicated and
-/// published); what other nodes may deliver.
-fn announced_key(room: &str) -> String {
-    format!("shoal:{{{room}}}:ann")
-}
-pub(super) fn log_key(room: &str) -> String {
-    format!("shoal:{{{room}}}:log")
-}
-fn channel(room: &str) -> String {
-    format!("shoal:{{{room}}}")
-}
-/// Room of a channel name, if it is one of ours.
-fn channel_room(ch: &[u8]) -> Option<&str> {
-    std::str::from_utf8(ch)
-        .ok()?
-        .strip_prefix("shoal:{")?
-        .strip_suffix('}')
-}
 
 enum SubCmd {
     Sub(Arc<str>, oneshot::Sender<Result<(), BusError>>),
@@ -410,7 +385,7 @@ impl Bus for RedisBus {
     ) -> Result<Sequenced, BusError> {
         let bytes = shoal_proto::bus::encode_record(record);
         let cid_key = match cid {
-            Some((u, c)) => format!("shoal:{{{room}}}:cid:{u}\0{c}"),
+            Some((u, c)) => keys::cid_key(room, u, c),
             None => seq_key(room),
         };
         let window = if cid.is_some() {
@@ -419,7 +394,7 @@ impl Bus for RedisBus {
             0
         };
         let archive = self.settings.archive.as_ref().is_some_and(|a| a(room));
-        let rate_key = format!("shoal:rate:{}:{}", record.from, crate::auth::now_secs());
+        let rate_key = keys::rate_key(&record.from, crate::auth::now_secs());
         let parties = super::dm_channels(room);
         let prefix = parties.as_ref().map_or(String::new(), |_| {
             format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX)
@@ -437,7 +412,7 @@ impl Bus for RedisBus {
         inv.key(seq_key(room))
             .key(log_key(room))
             .key(cid_key)
-            .key(own_slot(super::archive::DIRTY_KEY.to_string()))
+            .key(own_slot(keys::ARCHIVE_KEY.to_string()))
             .key(own_slot(rate_key))
             .arg(&bytes)
             .arg(channel(room))
@@ -509,7 +484,7 @@ impl Bus for RedisBus {
             if archive {
                 steps.push(
                     redis::cmd("ZADD")
-                        .arg(super::archive::DIRTY_KEY)
+                        .arg(keys::ARCHIVE_KEY)
                         .arg("GT")
                         .arg(seq)
                         .arg(log_key(room))
@@ -991,18 +966,5 @@ impl Supervisor {
                 true
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_share_the_room_hash_tag() {
-        assert_eq!(seq_key("a:b"), "shoal:{a:b}:seq");
-        assert_eq!(log_key("lobby"), "shoal:{lobby}:log");
-        assert_eq!(channel_room(channel("dm:a:b").as_bytes()), Some("dm:a:b"));
-        assert_eq!(channel_room(b"other"), None);
     }
 }

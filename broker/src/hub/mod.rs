@@ -366,11 +366,6 @@ impl Hub {
         (self.hasher.hash_one(key) as usize) & self.mask
     }
 
-    /// Options of a room's namespace.
-    pub fn namespace(&self, ns: &str) -> NamespaceOpts {
-        self.namespaces.get(ns)
-    }
-
     /// Parse a room name and check that `user` may use it (DM privacy).
     pub fn check_access<'a>(&self, room: &'a str, user: &str) -> Result<RoomName<'a>, HubError> {
         let name = RoomName::parse(room)
@@ -645,21 +640,6 @@ impl Hub {
         }
         let st = room.state.lock();
         self.send_to_room(room, &st, f, |c| Some(c.id) != except)
-    }
-
-    /// Direct-message room between two users (validated), loaded.
-    pub async fn dm_room(&self, from: &str, to: &str) -> Result<Arc<Room>, HubError> {
-        shoal_proto::names::validate_user(to)
-            .map_err(|e| (ErrorCode::BadRequest, format!("user `{to}`: {e}")))?;
-        if from == to {
-            return Err(HubError::from((
-                ErrorCode::BadRequest,
-                "cannot send a direct message to yourself".into(),
-            )));
-        }
-        let full = shoal_proto::names::dm_room(from, to);
-        let name = RoomName::parse(&full).map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
-        self.ensure_room(&name).await
     }
 
     /// Publish from async code: loads the room, reserves the writer slot,
