@@ -102,7 +102,7 @@ BENCH_ARGS ?= --rooms 20 --members 10 --publishers 40 --rate 1000 --step-factor 
 bench:
 	./scripts/bench.sh $(SCENARIO) $(BENCH_ARGS)
 	@if [ "$(SCENARIO)" = capacity ] && [ -f results/bench-capacity.json ]; then \
-		./target/release/loadgen report results/bench-capacity.json --out results/bench-charts; fi
+		$${CARGO_TARGET_DIR:-target}/release/loadgen report results/bench-capacity.json --out results/bench-charts; fi
 
 ## Profile the broker under a fanout scenario with perf: a flamegraph and
 ## a top-symbols list in results/profile-$(NAME).{svg,txt}. Needs perf

@@ -10,11 +10,11 @@ cargo build --release -p shoal-broker -p shoal-loadgen
 tmp="$(mktemp -d)"
 . scripts/broker.sh
 trap 'stop_broker; rm -rf "$tmp"' EXIT
-start_broker ./target/release/shoal "$tmp" \
+start_broker "$target_dir"/release/shoal "$tmp" \
     --rate-limit 1000000 --rate-burst 1000000 --max-rooms-per-connection 4096 \
     --namespace live:persist=off ${BROKER_ARGS:-}
 rc=0
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "$url" "$@" || rc=$?
+SHOAL_JWT_SECRET="$secret" "$target_dir"/release/loadgen "$scenario" --url "$url" "$@" || rc=$?
 # What the group-commit writer did during the run.
 curl -sf "$url/metrics" | awk '
   /^shoal_store_batch_ops_sum/ {ops=$2} /^shoal_store_batch_ops_count/ {n=$2}

@@ -12,6 +12,10 @@
 #   stop_all             stop the brokers in "${pids[@]}" and $redis_pid
 #   BENCH_FLAGS          broker flags of benchmark runs: no rate limits, rooms
 #                        in the `live` namespace (no storage)
+#   target_dir           where cargo put the binaries (CARGO_TARGET_DIR or
+#                        ./target)
+
+target_dir="${CARGO_TARGET_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target}"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -29,8 +29,8 @@ flags=("${BENCH_FLAGS[@]}")
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 
 echo "== single node"
-start_broker ./target/release/shoal "$tmp/single" "${flags[@]}"
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" --url "$url" --namespace live \
+start_broker "$target_dir"/release/shoal "$tmp/single" "${flags[@]}"
+SHOAL_JWT_SECRET="$secret" "$target_dir"/release/loadgen "$scenario" --url "$url" --namespace live \
     --out "results/cluster-single-$scenario-$stamp.json" --quiet "$@"
 stop_broker; pid=""
 
@@ -38,14 +38,14 @@ echo "== two nodes on a Redis bus"
 start_redis "$tmp"
 urls=()
 for i in 0 1; do
-    start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --threads "${CLUSTER_THREADS:-1}" --bus redis \
+    start_broker "$target_dir"/release/shoal "$tmp/n$i" "${flags[@]}" --threads "${CLUSTER_THREADS:-1}" --bus redis \
         --redis-url "redis://127.0.0.1:$rport" --node-id "bench$i"
     if [ "${CLUSTER_PIN:-0}" = 1 ]; then taskset -apc "$i" "$pid" >/dev/null; fi
     pids+=("$pid"); urls+=(--url "$url"); pid=""
 done
 before="$(cpu_ticks "$redis_pid")"
 start_s="$(date +%s.%N)"
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen "$scenario" "${urls[@]}" --namespace live \
+SHOAL_JWT_SECRET="$secret" "$target_dir"/release/loadgen "$scenario" "${urls[@]}" --namespace live \
     --out "results/cluster-two-$scenario-$stamp.json" --quiet "$@"
 after="$(cpu_ticks "$redis_pid")"
 end_s="$(date +%s.%N)"

@@ -7,7 +7,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/broker.sh" # free_port
 export SHOAL_CLUSTER_DIR="$(mktemp -d)"
-export SHOAL_BIN="$root/target/debug/shoal"
+export SHOAL_BIN="$target_dir/debug/shoal"
 export SHOAL_CLUSTER_NGINX_PORT="$(free_port)" SHOAL_CLUSTER_REDIS_PORT="$(free_port)" SHOAL_CLUSTER_PG_PORT="$(free_port)"
 # Two consecutive free ports for the brokers.
 for _ in $(seq 20); do

@@ -22,7 +22,7 @@ redis_port="${SHOAL_CLUSTER_REDIS_PORT:-6390}"
 pg_port="${SHOAL_CLUSTER_PG_PORT:-5440}"
 pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
 as_pg() { if [ "$(id -u)" -eq 0 ]; then setpriv --reuid=postgres --regid=postgres --init-groups "$@"; else "$@"; fi; }
-bin="${SHOAL_BIN:-$root/target/release/shoal}"
+bin="${SHOAL_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/shoal}"
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

@@ -32,11 +32,11 @@ check="${COMPARE_CHECK:-0}"
 target="${TARGET:-socketio}"
 case "$target" in socketio|sockudo) ;; *) echo "TARGET must be socketio or sockudo" >&2; exit 2;; esac
 if [ "$check" = 1 ]; then
-    bin=target/debug
+    bin="${CARGO_TARGET_DIR:-target}/debug"
     [ -n "${SKIP_BUILD:-}" ] || cargo build -p shoal-broker -p shoal-loadgen
     defaults=(--rooms 10 --members 10 --publishers 10 --rate 200 --duration 3 --warmup 1)
 else
-    bin=target/release
+    bin="${CARGO_TARGET_DIR:-target}/release"
     cargo build --release -p shoal-broker -p shoal-loadgen
     defaults=(--rooms 100 --members 10 --publishers 100 --rate 2000 --duration 20 --warmup 3)
 fi

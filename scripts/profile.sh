@@ -31,18 +31,18 @@ if [ "${NODES:-1}" = 2 ]; then
     start_redis "$tmp"
     for i in 0 1; do
         # shellcheck disable=SC2086
-        start_broker ./target/release/shoal "$tmp/n$i" "${flags[@]}" --threads 1 --bus redis \
+        start_broker "$target_dir"/release/shoal "$tmp/n$i" "${flags[@]}" --threads 1 --bus redis \
             --redis-url "redis://127.0.0.1:$rport" --node-id "prof$i" ${BROKER_FLAGS:-}
         pids+=("$pid"); urls+=(--url "$url")
     done
 else
     # shellcheck disable=SC2086
-    start_broker ./target/release/shoal "$tmp/data" "${flags[@]}" ${BROKER_FLAGS:-}
+    start_broker "$target_dir"/release/shoal "$tmp/data" "${flags[@]}" ${BROKER_FLAGS:-}
     pids+=("$pid"); urls+=(--url "$url")
 fi
 pid=""
 rec="${SECONDS_REC:-6}"
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen fanout "${urls[@]}" --namespace live \
+SHOAL_JWT_SECRET="$secret" "$target_dir"/release/loadgen fanout "${urls[@]}" --namespace live \
     --duration "$((rec + 6))" --warmup 1 --quiet --out "$tmp/result.json" "$@" &
 lg=$!
 sleep 3

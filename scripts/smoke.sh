@@ -13,7 +13,7 @@ elif [ -z "${SKIP_BUILD:-}" ]; then
     # `make test` sets SKIP_BUILD: `cargo test` has just built both binaries.
     cargo build -p shoal-broker -p shoal-loadgen
 fi
-bin="target/$profile"
+bin="${CARGO_TARGET_DIR:-target}/$profile"
 tmp="$(mktemp -d)"
 out="${SMOKE_OUT:-$tmp/smoke.json}"
 . scripts/broker.sh

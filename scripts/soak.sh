@@ -18,7 +18,7 @@ out="results/soak-$stamp"
 churn=""; sampler=""
 cleanup() { kill $churn $sampler 2>/dev/null || true; stop_broker; rm -rf "$tmp"; }
 trap cleanup EXIT
-start_broker ./target/release/shoal "$tmp/data" --rate-limit 1000000 --rate-burst 1000000
+start_broker "$target_dir"/release/shoal "$tmp/data" --rate-limit 1000000 --rate-burst 1000000
 
 # RSS and fds every 10 s.
 echo "t,rss_bytes,open_fds,connections" > "$out.csv"
@@ -36,13 +36,13 @@ sampler=$!
 # Churn: 400 connections open and close every few seconds, all along.
 (
     while true; do
-        SHOAL_JWT_SECRET="$secret" ./target/release/loadgen connect --url "$url" --quiet \
+        SHOAL_JWT_SECRET="$secret" "$target_dir"/release/loadgen connect --url "$url" --quiet \
             --connections 400 --connect-rate 400 --hold 1 --out "$tmp/churn.json" >/dev/null 2>&1 || true
     done
 ) &
 churn=$!
 
-SHOAL_JWT_SECRET="$secret" ./target/release/loadgen fanout --url "$url" --quiet \
+SHOAL_JWT_SECRET="$secret" "$target_dir"/release/loadgen fanout --url "$url" --quiet \
     --rooms 20 --members 10 --publishers 40 --rate "$rate" --payload 64 \
     --warmup 10 --duration "$secs" --max-p99-ms "$max_p99" --out "$out.json" || { echo "soak: fanout gate failed"; exit 1; }
 

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 # building again here with another feature set would rebuild half the tree.
 [ -n "${SKIP_BUILD:-}" ] || cargo build -p shoal-broker
 [ -d web-tests/node_modules/playwright-core ] || npm ci --prefix web-tests --no-audit --no-fund
-SHOAL_BIN="$PWD/target/debug/shoal" node web-tests/e2e.mjs
+SHOAL_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/shoal" node web-tests/e2e.mjs
