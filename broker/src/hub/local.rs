@@ -19,6 +19,16 @@ use super::{
 };
 
 impl Hub {
+    /// The writer slot a publish in `room` needs: one in a persistent
+    /// room (waiting while the writer's queue is full), none otherwise.
+    pub(super) async fn permit_for(&self, room: &Room) -> Result<Option<JobPermit>, HubError> {
+        if room.opts.persist {
+            self.reserve().await.map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Reserve a slot in the writer's queue (waits while it is full).
     pub async fn reserve(&self) -> Result<JobPermit, HubError> {
         self.jobs

@@ -663,13 +663,9 @@ impl Hub {
                 Ok(r) => r,
                 Err(e) => return reply.fail(e),
             };
-            let permit = if room.opts.persist {
-                match self.reserve().await {
-                    Ok(p) => Some(p),
-                    Err(e) => return reply.fail(e),
-                }
-            } else {
-                None
+            let permit = match self.permit_for(&room).await {
+                Ok(p) => p,
+                Err(e) => return reply.fail(e),
             };
             match self.publish(
                 &room,

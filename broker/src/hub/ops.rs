@@ -42,13 +42,9 @@ impl Hub {
                 Err(e) => reply.fail(HubError::new(ErrorCode::BadRequest, e.to_string())),
             };
         }
-        let permit = if room.opts.persist {
-            match self.reserve().await {
-                Ok(p) => Some(p),
-                Err(e) => return reply.fail(e),
-            }
-        } else {
-            None
+        let permit = match self.permit_for(room).await {
+            Ok(p) => p,
+            Err(e) => return reply.fail(e),
         };
         if let Err(reply) = self.publish(room, from, body, cid, false, reply, permit) {
             reply.fail(HubError::new(ErrorCode::Unavailable, "room is busy; retry"));
