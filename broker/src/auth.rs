@@ -7,12 +7,9 @@
 //! required. Revoked token ids (`jti`) are kept in memory, loaded from the
 //! store at start.
 
-use std::{
-    collections::HashMap,
-    path::Path,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use crate::clock::now_secs;
 
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -108,22 +105,6 @@ pub struct Auth {
     /// login flood cannot take every blocking thread.
     hash_permits: Arc<Semaphore>,
     dummy_hash: String,
-}
-
-/// Current time in seconds since the Unix epoch.
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Current time in milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Auth {

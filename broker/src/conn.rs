@@ -19,7 +19,7 @@ use crate::{
     hub::{Attach, HubError, Pending, Reply, Room},
     limiter::TokenBucket,
     metrics::client_kind_index,
-    outbound::{run_writer, ws_frame, ConnCtl, ConnHandle, WriterOpts},
+    outbound::{run_socket_writer, ws_frame, ConnCtl, ConnHandle, WriterOpts},
     state::AppState,
 };
 
@@ -169,7 +169,7 @@ pub async fn serve(
     // fastwebsockets rejects a frame when `len >= limit`, before reading its payload.
     rd.set_max_message_size(cfg.max_message_size + 1);
 
-    let writer = tokio::spawn(run_writer(
+    let writer = tokio::spawn(run_socket_writer(
         w,
         rx,
         ctl.clone(),
@@ -205,8 +205,8 @@ pub async fn serve(
 
     // `exp` is the peer's (signed, but any u64): no arithmetic on it may
     // overflow. A deadline past MAX_TOKEN_WAIT is as good as never.
-    let expires_in =
-        Duration::from_secs(claims.exp.saturating_sub(crate::auth::now_secs())).min(MAX_TOKEN_WAIT);
+    let expires_in = Duration::from_secs(claims.exp.saturating_sub(crate::clock::now_secs()))
+        .min(MAX_TOKEN_WAIT);
     let token_deadline = Instant::now()
         .checked_add(expires_in)
         .unwrap_or_else(|| Instant::now() + MAX_TOKEN_WAIT);

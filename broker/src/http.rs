@@ -771,7 +771,7 @@ async fn upload(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
             name: name.clone(),
             content_type: detected.into(),
             data: data.to_vec(),
-            created_ms: crate::auth::now_ms(),
+            created_ms: crate::clock::now_ms(),
         })
         .await?;
     Ok(json_response(

@@ -549,7 +549,7 @@ impl Metrics {
             "Start time of the broker, seconds since the epoch",
             process_start.clone(),
         );
-        process_start.set(crate::auth::now_secs() as i64);
+        process_start.set(crate::clock::now_secs() as i64);
         Metrics {
             registry,
             connections,

@@ -269,7 +269,7 @@ fn error_code(c: u16) -> Option<shoal_proto::ErrorCode> {
     .find(|e| e.as_u16() == c)
 }
 
-/// Writer settings.
+/// Socket writer settings.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterOpts {
     /// Frames per vectored write.
@@ -284,7 +284,7 @@ pub struct WriterOpts {
 /// send the close frame. On a normal close or shutdown what is already
 /// queued is flushed first (bounded by the queue size and write timeout);
 /// a slow consumer is closed without draining.
-pub async fn run_writer<W: AsyncWrite + Unpin>(
+pub async fn run_socket_writer<W: AsyncWrite + Unpin>(
     mut io: W,
     mut rx: mpsc::Receiver<Bytes>,
     ctl: Arc<ConnCtl>,
@@ -441,7 +441,7 @@ mod tests {
             write_timeout: Duration::from_secs(1),
             ping_interval: Duration::from_secs(60),
         };
-        let w = tokio::spawn(run_writer(server, rx, ctl, opts, m));
+        let w = tokio::spawn(run_socket_writer(server, rx, ctl, opts, m));
         tokio::time::sleep(Duration::from_millis(20)).await;
         h.close(CloseCode::GoingAway);
         w.await.expect("writer");

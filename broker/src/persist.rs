@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// What the writer needs.
-pub struct Writer {
+pub struct GroupCommit {
     /// Room registry, for delivery after commit.
     pub hub: Arc<Hub>,
     /// Where batches go.
@@ -97,7 +97,7 @@ fn write_op(item: &Item, max_memberships: u64) -> Option<WriteOp> {
     })
 }
 
-impl Writer {
+impl GroupCommit {
     /// Run until `stop` is cancelled and the queue is empty, or every
     /// sender is gone.
     pub async fn run(self, mut rx: mpsc::Receiver<Job>, stop: CancellationToken) {
@@ -420,7 +420,7 @@ mod tests {
         ));
         let stop = CancellationToken::new();
         tokio::spawn(
-            Writer {
+            GroupCommit {
                 hub: hub.clone(),
                 store: store.clone(),
                 metrics: metrics.clone(),

@@ -21,7 +21,7 @@ use crate::{
     config::{Config, NamespaceTable},
     hub::Hub,
     metrics::Metrics,
-    persist::Writer,
+    persist::GroupCommit,
     state::AppState,
     store::{sqlite::SqliteStore, Retention, RetentionPolicy, Store},
 };
@@ -57,7 +57,7 @@ pub async fn build_state(
     let auth = Arc::new(Auth::from_config(&cfg)?);
     auth.load_revoked(
         store
-            .revoked(crate::auth::now_secs())
+            .revoked(crate::clock::now_secs())
             .await
             .context("loading revoked tokens")?,
     );
@@ -147,7 +147,7 @@ pub async fn build_state(
     let directory = crate::directory::Directory::start(hub.user_registry(), shutdown.clone());
     let writer_stop = CancellationToken::new();
     tokio::spawn(
-        Writer {
+        GroupCommit {
             hub: hub.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
@@ -245,7 +245,7 @@ async fn retention(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = crate::auth::now_ms();
+        let now = crate::clock::now_ms();
         let ns = namespaces.clone();
         let policy: RetentionPolicy = Arc::new(move |room: &str| {
             let name = shoal_proto::RoomName::parse(room).ok()?;
@@ -297,7 +297,7 @@ async fn prune_revocations(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = crate::auth::now_secs();
+        let now = crate::clock::now_secs();
         metrics.revoked_tokens.set(auth.prune_revoked(now) as i64);
         if let Err(e) = store.revoked(now).await {
             tracing::warn!(error = %e, "pruning stored revocations failed");

@@ -240,7 +240,7 @@ impl Bus for MemoryBus {
 
     async fn revoked(&self) -> Result<Vec<(String, String, u64)>, BusError> {
         self.core.check()?;
-        let now = crate::auth::now_secs();
+        let now = crate::clock::now_secs();
         let st = self.core.state.lock();
         Ok(st
             .revoked

@@ -394,7 +394,7 @@ impl Bus for RedisBus {
             0
         };
         let archive = self.settings.archive.as_ref().is_some_and(|a| a(room));
-        let rate_key = keys::rate_key(&record.from, crate::auth::now_secs());
+        let rate_key = keys::rate_key(&record.from, crate::clock::now_secs());
         let parties = super::dm_channels(room);
         let prefix = parties.as_ref().map_or(String::new(), |_| {
             format!("{}{room} ", shoal_proto::bus::DIRECT_PREFIX)
@@ -591,7 +591,7 @@ impl Bus for RedisBus {
         let mut c = self.conn();
         let cmd = redis::cmd("HGETALL").arg(REVOKED_KEY).to_owned();
         let all: HashMap<String, String> = self.run(cmd.query_async(&mut c)).await?;
-        let now = crate::auth::now_secs();
+        let now = crate::clock::now_secs();
         let mut out = vec![];
         let mut expired = vec![];
         for (jti, v) in all {

@@ -177,12 +177,12 @@ impl Hub {
         n
     }
 
-    /// Writer side: is `epoch` still the room's epoch?
+    /// Group-commit side: is `epoch` still the room's epoch?
     pub fn is_current(&self, room: &Room, epoch: u64) -> bool {
         room.state.lock().order.epoch() == epoch
     }
 
-    /// Writer side: a message committed; deliver it. Returns recipients.
+    /// Group-commit side: a message committed; deliver it. Returns recipients.
     pub fn deliver_committed(
         &self,
         room: &Room,
@@ -196,7 +196,7 @@ impl Hub {
         self.deliver_locked(room, &st, seq, ts, from, body)
     }
 
-    /// Writer side: a commit failed; take back every seq not committed yet
+    /// Group-commit side: a commit failed; take back every seq not committed yet
     /// so the room has no gap. Pending messages of this epoch will fail.
     pub fn abort(&self, room: &Room, epoch: u64) {
         let mut st = room.state.lock();

@@ -34,8 +34,8 @@ use shoal_proto::{names::RoomName, Body, ErrorCode, MarkState, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    auth::now_ms,
     bus::{presence::PresenceOp, Bus},
+    clock::now_ms,
     config::{NamespaceOpts, NamespaceTable, PublishPolicy},
     metrics::Metrics,
     outbound::{ConnHandle, SharedFrame},
@@ -809,7 +809,7 @@ fn broadcast(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{outbound::ConnCtl, persist::Writer, store::sqlite::SqliteStore};
+    use crate::{outbound::ConnCtl, persist::GroupCommit, store::sqlite::SqliteStore};
     use shoal_proto::Encoding;
     use tokio::sync::mpsc::Receiver;
     use tokio_util::sync::CancellationToken;
@@ -873,7 +873,7 @@ mod tests {
         ));
         let stop = CancellationToken::new();
         tokio::spawn(
-            Writer {
+            GroupCommit {
                 hub: hub.clone(),
                 store,
                 metrics: m.clone(),

@@ -361,7 +361,7 @@ impl Store for PgStore {
             .execute(
                 "INSERT INTO users (name, password_hash, created_ms) VALUES ($1, $2, $3)
                  ON CONFLICT DO NOTHING",
-                &[&name, &password_hash, &i(crate::auth::now_ms())],
+                &[&name, &password_hash, &i(crate::clock::now_ms())],
             )
             .await
             .map_err(unavailable)?;
@@ -386,7 +386,7 @@ impl Store for PgStore {
             "INSERT INTO users (name, password_hash, created_ms)
              SELECT n, '', $2 FROM UNNEST($1::text[]) AS u(n)
              ON CONFLICT DO NOTHING",
-            &[&names, &i(crate::auth::now_ms())],
+            &[&names, &i(crate::clock::now_ms())],
         )
         .await?;
         Ok(())

@@ -411,7 +411,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             match c.execute(
                 "INSERT INTO users (name, password_hash, created_ms) VALUES (?1, ?2, ?3)",
-                params![name, hash, crate::auth::now_ms() as i64],
+                params![name, hash, crate::clock::now_ms() as i64],
             ) {
                 Ok(_) => Ok(()),
                 Err(rusqlite::Error::SqliteFailure(e, _))
@@ -450,7 +450,7 @@ impl Store for SqliteStore {
                          VALUES (?1, '', ?2)",
                     )
                     .map_err(unavailable)?;
-                let now = crate::auth::now_ms() as i64;
+                let now = crate::clock::now_ms() as i64;
                 for n in &names {
                     st.execute(params![n, now]).map_err(unavailable)?;
                 }
