@@ -723,10 +723,12 @@ impl Session {
                         from: *cursor + 1,
                         to: page.floor.min(target),
                     });
+                    // Announced: the hole check below must not say it again.
+                    *cursor = page.floor.min(target);
                 }
             }
-            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
-                if *cursor < target && page.floor < target {
+            if page.entries.is_empty() {
+                if *cursor < target {
                     // Nothing stored in (cursor, target] although the room
                     // sequenced it: unreadable entries at the end.
                     self.handle.send(&ServerFrame::Gap {
@@ -737,7 +739,7 @@ impl Session {
                 }
                 *cursor = target;
                 break;
-            };
+            }
             let n = page.entries.len() as u64;
             for e in page.entries {
                 // Every seq up to the room's head exists; one the page
@@ -774,7 +776,6 @@ impl Session {
                 }
             }
             self.state.metrics.replayed.inc_by(n);
-            *cursor = last;
         }
         Ok(())
     }

@@ -42,7 +42,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use parking_lot::Mutex;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
@@ -214,21 +214,19 @@ pub struct WriteDeadline<T> {
     inner: T,
     timeout: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
-    on_timeout: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Counted once, when a write first times out.
+    timeouts: Option<Counter>,
 }
 
 impl<T> WriteDeadline<T> {
-    /// Wrap `inner`; `on_timeout` runs once, when a write first times out.
-    pub fn new(
-        inner: T,
-        timeout: Duration,
-        on_timeout: impl FnOnce() + Send + Sync + 'static,
-    ) -> Self {
+    /// Wrap `inner`; `timeouts` counts the connection once if a write times
+    /// out.
+    pub fn new(inner: T, timeout: Duration, timeouts: Counter) -> Self {
         WriteDeadline {
             inner,
             timeout,
             stalled: None,
-            on_timeout: Some(Box::new(on_timeout)),
+            timeouts: Some(timeouts),
         }
     }
 
@@ -238,8 +236,8 @@ impl<T> WriteDeadline<T> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         if sleep.as_mut().poll(cx).is_ready() {
-            if let Some(f) = self.on_timeout.take() {
-                f();
+            if let Some(c) = self.timeouts.take() {
+                c.inc();
             }
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -335,16 +333,13 @@ mod tests {
     #[tokio::test]
     async fn a_write_without_progress_times_out_once() {
         let (client, server) = tokio::io::duplex(16);
-        let fired = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let f = fired.clone();
-        let mut w = WriteDeadline::new(server, Duration::from_millis(200), move || {
-            f.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        });
+        let fired = Counter::default();
+        let mut w = WriteDeadline::new(server, Duration::from_millis(200), fired.clone());
         use tokio::io::AsyncWriteExt;
         // 16 bytes fit in the pipe; the rest never drains.
         let err = w.write_all(&[0u8; 64]).await.expect_err("stalls");
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
-        assert_eq!(fired.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(fired.get(), 1);
         drop(client);
     }
 }

@@ -651,7 +651,11 @@ impl Metrics {
     }
     /// Count an HTTP connection ended by a timeout.
     pub fn http_timeout(&self, kind: &'static str) {
-        self.http_timeouts.get_or_create(&[("kind", kind)]).inc();
+        self.http_timeouts(kind).inc();
+    }
+    /// The counter of HTTP connections ended by a `kind` timeout.
+    pub fn http_timeouts(&self, kind: &'static str) -> Counter {
+        self.http_timeouts.get_or_create(&[("kind", kind)]).clone()
     }
 
     /// Render the text exposition format.

@@ -260,25 +260,27 @@ async fn retention(
                     .map(|s| now.saturating_sub(s.saturating_mul(1000))),
             })
         });
-        match store.apply_retention(policy.clone()).await {
-            Ok(n) => {
-                metrics.retention_removed.inc_by(n);
-                if n > 0 {
-                    tracing::info!(removed = n, "retention pass");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
-        }
+        let removed = store.apply_retention(policy.clone()).await;
+        count_removed(removed, &metrics.retention_removed, "messages");
         // Attachments leave with their room's retention age.
-        match store.expire_files(policy).await {
-            Ok(n) => {
-                metrics.files_expired.inc_by(n);
-                if n > 0 {
-                    tracing::info!(removed = n, "expired attachments");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "expiring attachments failed"),
+        let expired = store.expire_files(policy).await;
+        count_removed(expired, &metrics.files_expired, "attachments");
+    }
+}
+
+/// Count and log what a retention step removed.
+fn count_removed(
+    r: Result<u64, crate::store::StoreError>,
+    counter: &prometheus_client::metrics::counter::Counter,
+    what: &'static str,
+) {
+    match r {
+        Ok(0) => {}
+        Ok(n) => {
+            counter.inc_by(n);
+            tracing::info!(removed = n, what, "retention pass");
         }
+        Err(e) => tracing::warn!(error = %e, what, "retention pass failed"),
     }
 }
 
@@ -358,11 +360,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
                 continue;
             }
         };
-        let metrics = state.metrics.clone();
         let stream = crate::httpconn::WriteDeadline::new(
             stream,
             state.cfg.http_write_timeout(),
-            move || metrics.http_timeout("write"),
+            state.metrics.http_timeouts("write"),
         );
         state.tracker.spawn(async move {
             // Held while the connection speaks HTTP; an upgrade to a

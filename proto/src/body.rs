@@ -82,17 +82,19 @@ pub fn check_body(body: &Body, max_size: usize) -> Result<(), BodyError> {
 /// True if `body` nests deeper than `max` (iterative: a body built by a
 /// caller may be deeper than any decoder would have allowed).
 fn depth_exceeds(body: &Body, max: usize) -> bool {
+    // Only containers are stacked: a wide body of scalars costs no stack,
+    // and nothing is allocated per node (this runs on every publish).
+    let nested = |c: &&Body| matches!(c, Body::Array(_) | Body::Object(_));
     let mut stack: Vec<(&Body, usize)> = vec![(body, 0)];
     while let Some((v, d)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Body>> = match v {
-            Body::Array(a) => Box::new(a.iter()),
-            Body::Object(m) => Box::new(m.values()),
+        match v {
+            Body::Array(a) => stack.extend(a.iter().filter(nested).map(|c| (c, d + 1))),
+            Body::Object(m) => stack.extend(m.values().filter(nested).map(|c| (c, d + 1))),
             _ => continue,
-        };
+        }
         if d + 1 > max {
             return true;
         }
-        stack.extend(children.map(|c| (c, d + 1)));
     }
     false
 }
