@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
+use crate::config::AuthOpts;
 
 /// Claims in a Shoal token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,13 +108,13 @@ pub struct Auth {
 }
 
 impl Auth {
-    /// Build from config; generates and persists an HS256 secret into the
-    /// data dir if none is configured.
-    pub fn from_config(cfg: &Config) -> anyhow::Result<Self> {
+    /// Build from the auth options; generates and persists an HS256 secret
+    /// into `data` (the data dir) if none is configured.
+    pub fn from_config(cfg: &AuthOpts, data: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context;
         let secret = match &cfg.jwt_secret {
             Some(s) => s.as_bytes().to_vec(),
-            None => load_or_create_secret(&cfg.data).context("JWT secret in data dir")?,
+            None => load_or_create_secret(data).context("JWT secret in data dir")?,
         };
         let mut keys = vec![(Algorithm::HS256, DecodingKey::from_secret(&secret))];
         if let Some(p) = &cfg.jwt_rsa_public_key {
@@ -139,7 +139,7 @@ impl Auth {
         Ok(Auth {
             encoding: EncodingKey::from_secret(&secret),
             keys,
-            ttl_secs: cfg.token_ttl_secs,
+            ttl_secs: cfg.token_ttl.as_secs(),
             revoked: RwLock::new(HashMap::new()),
             hash_permits: Arc::new(Semaphore::new(permits)),
             dummy_hash,
@@ -288,8 +288,8 @@ mod tests {
 
     fn auth() -> (Auth, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = Config::for_tests(dir.path().to_path_buf());
-        (Auth::from_config(&cfg).expect("auth"), dir)
+        let cfg = crate::Config::for_tests(dir.path().to_path_buf());
+        (Auth::from_config(&cfg.auth, dir.path()).expect("auth"), dir)
     }
 
     #[test]
@@ -308,7 +308,8 @@ mod tests {
     fn secret_is_persisted() {
         let (a, d) = auth();
         let (t, _) = a.issue("bob").expect("issue");
-        let b = Auth::from_config(&Config::for_tests(d.path().to_path_buf())).expect("auth");
+        let cfg = crate::Config::for_tests(d.path().to_path_buf());
+        let b = Auth::from_config(&cfg.auth, d.path()).expect("auth");
         assert!(b.verify(&t).is_ok(), "restart keeps tokens valid");
     }
 

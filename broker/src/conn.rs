@@ -147,7 +147,7 @@ pub async fn serve(
     claims: Claims,
     encoding: Encoding,
 ) {
-    let cfg = state.cfg.clone();
+    let cfg = &state.cfg.conn;
     let metrics = state.metrics.clone();
     let ctl = Arc::new(ConnCtl::new(&state.shutdown));
     let (handle, rx) = ConnHandle::new(
@@ -175,8 +175,8 @@ pub async fn serve(
         ctl.clone(),
         WriterOpts {
             batch: cfg.write_batch,
-            write_timeout: cfg.write_timeout(),
-            ping_interval: cfg.ping_interval(),
+            write_timeout: cfg.write_timeout,
+            ping_interval: cfg.ping_interval,
         },
         metrics.clone(),
     ));
@@ -186,7 +186,7 @@ pub async fn serve(
         user: claims.sub.clone(),
         node: state.node.clone(),
         max_message_size: cfg.max_message_size as u64,
-        ping_interval_ms: cfg.ping_interval().as_millis() as u64,
+        ping_interval_ms: cfg.ping_interval.as_millis() as u64,
     });
     tracing::debug!(conn = handle.id, user = %handle.user, enc = encoding.name(), "connected");
 
@@ -215,7 +215,7 @@ pub async fn serve(
     let mut send_fn = |_f: fastwebsockets::Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
     let mut assembler = Assembler::new(cfg.max_message_size);
     loop {
-        let idle_deadline = Instant::now() + cfg.idle_timeout();
+        let idle_deadline = Instant::now() + cfg.idle_timeout;
         // read_frame is not cancel-safe; every branch that wins over it
         // ends the connection, so no partial frame is ever resumed.
         let frame = tokio::select! {
@@ -284,7 +284,7 @@ pub async fn serve(
     // Cleanup (see `Drop for Session`), then give the writer time to send
     // the close frame.
     drop(session);
-    let _ = tokio::time::timeout(cfg.write_timeout() + Duration::from_secs(1), writer).await;
+    let _ = tokio::time::timeout(cfg.write_timeout + Duration::from_secs(1), writer).await;
     tracing::debug!(conn = handle.id, code = ?ctl.code(), "disconnected");
 }
 
@@ -339,7 +339,7 @@ impl Session {
             self.strikes = 0;
         }
         self.strikes += 1;
-        if self.strikes > self.state.cfg.rate_strikes {
+        if self.strikes > self.state.cfg.conn.rate_strikes {
             self.handle.close(CloseCode::Policy);
             return Admit::Close;
         }
@@ -502,7 +502,7 @@ impl Session {
                     return;
                 };
                 let now = Instant::now();
-                let min = Duration::from_millis(self.state.cfg.typing_interval_ms);
+                let min = self.state.cfg.conn.typing_interval;
                 if let Some(last) = self.last_typing.get(room.as_str()) {
                     if now.duration_since(*last) < min {
                         self.state.metrics.rate_limited("typing");
@@ -623,14 +623,14 @@ impl Session {
                 .unwrap_or(0);
             return self.reply(ServerFrame::Joined { id, room, seq });
         }
-        if self.rooms.len() >= self.state.cfg.max_rooms_per_connection {
+        if self.rooms.len() >= self.state.cfg.conn.max_rooms_per_connection {
             self.state.metrics.rate_limited("rooms");
             return self.reply_err(
                 id,
                 ErrorCode::RateLimited,
                 format!(
                     "at most {} rooms per connection",
-                    self.state.cfg.max_rooms_per_connection
+                    self.state.cfg.conn.max_rooms_per_connection
                 ),
             );
         }

@@ -290,7 +290,7 @@ async fn read_body(
     what: &str,
 ) -> Result<Bytes, ApiError> {
     use crate::httpconn::BodyError;
-    let limits = state.cfg.body_limits(max);
+    let limits = state.cfg.http.body_limits(max);
     let declared = content_length(&req);
     if declared.is_some_and(|n| n > max) {
         return Err(ApiError::new(
@@ -511,7 +511,7 @@ async fn api_publish(
     req: Request<Incoming>,
     path_room: Option<String>,
 ) -> Result<Resp, ApiError> {
-    let Some(key) = &state.cfg.api_key else {
+    let Some(key) = &state.cfg.auth.api_key else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -701,7 +701,7 @@ async fn upload(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
         .map(|v| v.trim().to_ascii_lowercase())
         .unwrap_or_default();
     let name = sanitize_file_name(q.get("name").map(String::as_str).unwrap_or("file"));
-    let max = state.cfg.max_file_size;
+    let max = state.cfg.http.max_file_size;
     let Some(length) = content_length(&req) else {
         return Err(ApiError::new(
             StatusCode::LENGTH_REQUIRED,
@@ -716,7 +716,7 @@ async fn upload(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
             format!("file larger than {max} bytes"),
         ));
     }
-    let quota = state.cfg.user_file_quota;
+    let quota = state.cfg.http.user_file_quota;
     if quota > 0 {
         let used = state.store.file_usage(&claims.sub).await?;
         if used + length as u64 > quota {
@@ -831,13 +831,13 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
         m.handshake("bad_request");
         return Err(ApiError::bad_request("expected a WebSocket upgrade"));
     }
-    if !state.cfg.allowed_origins.is_empty() {
+    if !state.cfg.auth.allowed_origins.is_empty() {
         // Absent: not a browser, allowed. Present: it must be readable
         // and on the list (an unreadable Origin is not an absent one).
         if let Some(origin) = req.headers().get(header::ORIGIN) {
             let allowed = origin
                 .to_str()
-                .is_ok_and(|o| state.cfg.allowed_origins.iter().any(|a| a == o));
+                .is_ok_and(|o| state.cfg.auth.allowed_origins.iter().any(|a| a == o));
             if !allowed {
                 m.handshake("forbidden_origin");
                 return Err(ApiError::new(
@@ -903,7 +903,7 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
         m.rate_limited("handshake");
     }
     let st = state.clone();
-    let timeout = state.cfg.handshake_timeout();
+    let timeout = state.cfg.conn.handshake_timeout;
     state.tracker.spawn(async move {
         let _permit = permit;
         match tokio::time::timeout(timeout, fut).await {

@@ -1,25 +1,33 @@
 //! Shoal broker library: everything behind the thin `shoal` binary, so
 //! integration tests can run a real server on port 0 with
 //! [`server::run`].
+//!
+//! Public: what the binary, the integration tests and the fuzz targets
+//! use (configuration, the server entry point, the store and its
+//! conformance suite, and the decoders a stranger reaches first: token,
+//! WebSocket frames, REST bodies). Everything else is crate-private, so
+//! the compiler shows what is unused.
 
 pub mod auth;
-pub mod bus;
-pub mod clock;
+pub(crate) mod bus;
+pub(crate) mod clock;
 pub mod config;
 pub mod conn;
-pub mod directory;
+pub(crate) mod directory;
 pub mod http;
-pub mod httpconn;
-pub mod hub;
-pub mod limiter;
+pub(crate) mod httpconn;
+pub(crate) mod hub;
+pub(crate) mod limiter;
 pub mod maskcheck;
-pub mod metrics;
-pub mod outbound;
-pub mod persist;
+pub(crate) mod metrics;
+pub(crate) mod outbound;
+pub(crate) mod persist;
 pub mod server;
-pub mod state;
+pub(crate) mod state;
 pub mod store;
-pub mod tls;
-pub mod webhook;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub(crate) mod tls;
+pub(crate) mod webhook;
 
 pub use config::Config;

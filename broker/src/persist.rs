@@ -251,7 +251,7 @@ impl GroupCommit {
                         seq,
                         state,
                     };
-                    self.hub.event(room, &f, None);
+                    self.hub.notify(room, &f, None);
                 }
             }
             Pending::Delete { seq, conn, .. } => match outcome {
@@ -266,7 +266,7 @@ impl GroupCommit {
                             room: room.name.to_string(),
                             seq,
                         };
-                        self.hub.event(room, &f, conn);
+                        self.hub.notify(room, &f, conn);
                     }
                     if let Reply::Conn { conn, id } = it.reply {
                         conn.send(&ServerFrame::Deleted {
@@ -410,13 +410,16 @@ mod tests {
         let metrics = Arc::new(Metrics::new("t"));
         let (tx, rx) = mpsc::channel(64);
         let hub = Arc::new(Hub::new(
-            4,
-            NamespaceTable::default(),
+            crate::hub::HubSettings {
+                shards: 4,
+                namespaces: NamespaceTable::default(),
+                cid_window: std::time::Duration::from_secs(60),
+                max_body: 64 * 1024,
+            },
             metrics.clone(),
             store.clone(),
             tx,
-            std::time::Duration::from_secs(60),
-            64 * 1024,
+            None,
         ));
         let stop = CancellationToken::new();
         tokio::spawn(

@@ -1,9 +1,12 @@
-//! Accept loop and graceful shutdown.
+//! Running one node: start-up, the accept loop and graceful shutdown.
 //!
 //! [`run`] is what the binary calls and what tests call with a listener on
-//! port 0. Shutdown: stop accepting, ask idle HTTP connections to finish,
-//! close every WebSocket with 1001 after flushing what is queued, and
-//! return within `--shutdown-timeout`.
+//! port 0. Start-up builds everything in dependency order (store, auth,
+//! the cluster link, then the hub that is built knowing it, then the
+//! group-commit writer and the background passes: WAL checkpoints,
+//! retention, revocation pruning). Shutdown: stop accepting, ask idle
+//! HTTP connections to finish, close every WebSocket with 1001 after
+//! flushing what is queued, and return within `--shutdown-timeout`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -27,34 +30,35 @@ use crate::{
 };
 
 /// Build the shared state: open the store, load keys and revocations.
-pub async fn build_state(
+pub(crate) async fn build_state(
     cfg: Config,
     listen_port: u16,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<AppState>> {
-    cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let node = cfg.node_id.clone().unwrap_or_else(|| {
+    cfg.validate()?;
+    let node = cfg.server.node_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "shoal".into());
         format!("{}-{}", host.trim(), listen_port)
     });
     let metrics = Arc::new(Metrics::new(&node));
-    let store: Arc<dyn Store> = match cfg.store {
+    let store: Arc<dyn Store> = match cfg.store.kind {
         crate::config::StoreKind::Sqlite => {
-            let sqlite = SqliteStore::open(&cfg.data, cfg.store_sync == "full")
-                .context("opening embedded store")?;
+            let full_sync = cfg.store.store_sync == crate::config::StoreSync::Full;
+            let sqlite =
+                SqliteStore::open(&cfg.store.data, full_sync).context("opening embedded store")?;
             tokio::spawn(checkpointer(sqlite.clone(), shutdown.clone()));
             Arc::new(sqlite)
         }
         crate::config::StoreKind::Postgres => Arc::new(
             crate::store::postgres::PgStore::connect(
-                cfg.postgres_url.as_deref().unwrap_or_default(),
-                cfg.postgres_pool,
+                cfg.store.postgres_url.as_deref().unwrap_or_default(),
+                cfg.store.postgres_pool,
             )
             .await
             .context("connecting to PostgreSQL")?,
         ),
     };
-    let auth = Arc::new(Auth::from_config(&cfg)?);
+    let auth = Arc::new(Auth::from_config(&cfg.auth, &cfg.store.data)?);
     auth.load_revoked(
         store
             .revoked(crate::clock::now_secs())
@@ -67,32 +71,20 @@ pub async fn build_state(
         metrics.clone(),
         shutdown.clone(),
     ));
-    let (jobs_tx, jobs_rx) = mpsc::channel(cfg.store_queue);
-    let hub = Arc::new(Hub::new(
-        cfg.shards,
-        cfg.namespace_table(),
-        metrics.clone(),
-        store.clone(),
-        jobs_tx,
-        cfg.idempotency_window(),
-        cfg.max_message_size,
-    ));
-    if cfg.bus == crate::config::BusKind::Redis {
-        let (inbound, rx) = crate::bus::InboundQueue::new(cfg.bus_inbound_queue, metrics.clone());
+    // The cluster link first: the hub is built knowing whether it is part
+    // of a cluster, and the bus's pump and watchdog then drive that hub.
+    let mut cluster = None;
+    if cfg.cluster.bus == crate::config::BusKind::Redis {
+        let (inbound, rx) =
+            crate::bus::InboundQueue::new(cfg.cluster.bus_inbound_queue, metrics.clone());
         let settings = crate::bus::redis::RedisSettings {
-            url: cfg.redis_url.clone().unwrap_or_default(),
-            connections: cfg.redis_connections,
-            stream_len: cfg.redis_stream_len,
-            cid_window: cfg.idempotency_window(),
-            timeout: Duration::from_millis(cfg.redis_timeout_ms),
+            opts: cfg.cluster.clone(),
+            cid_window: cfg.rooms.idempotency_window,
             node: node.clone(),
-            presence_lease: Duration::from_millis(cfg.presence_lease_ms),
-            user_rate: cfg.user_publish_rate,
-            wait_replicas: cfg.redis_wait_replicas,
             // With a shared store, messages of stored namespaces are
             // archived from the hot streams to it.
-            archive: (cfg.store == crate::config::StoreKind::Postgres).then(|| {
-                let ns = cfg.namespace_table();
+            archive: cfg.store.shared().then(|| {
+                let ns = cfg.rooms.namespace_table();
                 Arc::new(move |room: &str| {
                     shoal_proto::RoomName::parse(room).is_ok_and(|n| ns.get(n.namespace).persist)
                 }) as crate::bus::redis::ArchivePredicate
@@ -114,35 +106,44 @@ pub async fn build_state(
                     bus: bus.clone(),
                     store: store.clone(),
                     node: node.clone(),
-                    interval: Duration::from_millis(cfg.archive_interval_ms),
+                    interval: cfg.cluster.archive_interval,
                     metrics: metrics.clone(),
                 }
                 .run(shutdown.clone()),
             );
         }
-        hub.set_bus(
-            bus.clone(),
-            &node,
-            cfg.store == crate::config::StoreKind::Postgres,
-        );
+        cluster = Some((
+            crate::hub::ClusterLink {
+                bus,
+                node: node.as_str().into(),
+                shared_store: cfg.store.shared(),
+            },
+            rx,
+        ));
+    }
+    let (jobs_tx, jobs_rx) = mpsc::channel(cfg.store.store_queue);
+    let (link, inbound) = cluster.unzip();
+    let hub = Arc::new(Hub::new(
+        crate::hub::HubSettings {
+            shards: cfg.rooms.shards,
+            namespaces: cfg.rooms.namespace_table(),
+            cid_window: cfg.rooms.idempotency_window,
+            max_body: cfg.conn.max_message_size,
+        },
+        metrics.clone(),
+        store.clone(),
+        jobs_tx,
+        link,
+    ));
+    if let Some(rx) = inbound {
+        // A revocation from another node: remember it and close this
+        // node's connections that use the token.
         let (a, h) = (auth.clone(), hub.clone());
         let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti, exp| {
             a.revoke(jti, exp.unwrap_or_else(|| a.default_revocation_expiry()));
             h.close_token(user, jti, shoal_proto::CloseCode::TokenRevoked);
         });
-        tokio::spawn(crate::hub::watchdog(
-            hub.clone(),
-            bus.clone(),
-            Duration::from_millis(cfg.bus_down_grace_ms),
-            shutdown.clone(),
-        ));
-        tokio::spawn(crate::hub::pump(
-            hub.clone(),
-            bus,
-            rx,
-            on_revoke,
-            shutdown.clone(),
-        ));
+        hub.start_cluster(rx, on_revoke, cfg.cluster.bus_down_grace, shutdown.clone());
     }
     let directory = crate::directory::Directory::start(hub.user_registry(), shutdown.clone());
     let writer_stop = CancellationToken::new();
@@ -151,12 +152,12 @@ pub async fn build_state(
             hub: hub.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
-            batch: cfg.store_batch,
-            max_memberships: cfg.max_rooms_per_user,
-            webhook: cfg.offline_webhook.clone().map(|url| {
+            batch: cfg.store.store_batch,
+            max_memberships: cfg.rooms.max_rooms_per_user,
+            webhook: cfg.rooms.offline_webhook.clone().map(|url| {
                 crate::webhook::Webhook::start(
                     url,
-                    Duration::from_millis(cfg.webhook_backoff_ms),
+                    cfg.rooms.webhook_backoff,
                     metrics.webhook.clone(),
                 )
             }),
@@ -165,18 +166,15 @@ pub async fn build_state(
     );
     tokio::spawn(retention(
         store.clone(),
-        cfg.namespace_table(),
-        cfg.retention_interval(),
+        cfg.rooms.namespace_table(),
+        cfg.store.retention_interval,
         metrics.clone(),
         shutdown.clone(),
     ));
-    let handshake_bucket = (cfg.handshake_rate > 0.0).then(|| {
-        parking_lot::Mutex::new(crate::limiter::TokenBucket::new(
-            cfg.handshake_rate,
-            cfg.handshake_rate.max(1.0),
-        ))
-    });
-    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+    let rate = cfg.conn.handshake_rate;
+    let handshake_bucket = (rate > 0.0)
+        .then(|| parking_lot::Mutex::new(crate::limiter::TokenBucket::new(rate, rate.max(1.0))));
+    let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
         (Some(c), Some(k)) => {
             let t = crate::tls::Tls::load(c, k).context("loading TLS certificate")?;
             tokio::spawn(crate::tls::reload_on_sighup(t.clone(), shutdown.clone()));
@@ -188,14 +186,14 @@ pub async fn build_state(
     Ok(Arc::new(AppState {
         tls,
         handshake_bucket,
-        conn_permits: Arc::new(Semaphore::new(cfg.max_connections)),
+        conn_permits: Arc::new(Semaphore::new(cfg.conn.max_connections)),
         directory,
-        login_by_ip: crate::limiter::KeyedLimiter::new(cfg.login_rate_per_ip),
-        login_by_user: crate::limiter::KeyedLimiter::new(cfg.login_rate_per_user),
-        upload_budget: Arc::new(Semaphore::new(cfg.max_upload_memory)),
+        login_by_ip: crate::limiter::KeyedLimiter::new(cfg.auth.login_rate_per_ip),
+        login_by_user: crate::limiter::KeyedLimiter::new(cfg.auth.login_rate_per_user),
+        upload_budget: Arc::new(Semaphore::new(cfg.http.max_upload_memory)),
         http_admission: crate::httpconn::HttpAdmission::new(
-            cfg.max_http_connections,
-            cfg.max_http_connections_per_ip,
+            cfg.http.max_http_connections,
+            cfg.http.max_http_connections_per_ip,
             metrics.http_connections.clone(),
         ),
         cfg: Arc::new(cfg),
@@ -322,7 +320,7 @@ pub async fn run(
 }
 
 /// Accept connections with prepared state until shutdown.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, node = %state.node, "shoal listening");
     loop {
         let (stream, peer) = tokio::select! {
@@ -362,7 +360,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
         };
         let stream = crate::httpconn::WriteDeadline::new(
             stream,
-            state.cfg.http_write_timeout(),
+            state.cfg.http.http_write_timeout,
             state.metrics.http_timeouts("write"),
         );
         state.tracker.spawn(async move {
@@ -374,8 +372,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
                 Some(acceptor) => {
                     // A plain-HTTP request on the TLS port fails here and
                     // the socket is closed; nothing reaches the router.
-                    match tokio::time::timeout(st.cfg.handshake_timeout(), acceptor.accept(stream))
-                        .await
+                    match tokio::time::timeout(
+                        st.cfg.conn.handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
                     {
                         Ok(Ok(tls)) => serve_http(st, TokioIo::new(tls), peer).await,
                         Ok(Err(e)) => {
@@ -391,7 +392,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
     drop(listener);
     tracing::info!("shutting down: closing connections with 1001");
     state.tracker.close();
-    if tokio::time::timeout(state.cfg.shutdown_timeout(), state.tracker.wait())
+    if tokio::time::timeout(state.cfg.server.shutdown_timeout, state.tracker.wait())
         .await
         .is_err()
     {
@@ -401,7 +402,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow::Resul
         );
     }
     // Commit what connections queued before they closed, then stop the writer.
-    if tokio::time::timeout(state.cfg.shutdown_timeout(), state.hub.flush())
+    if tokio::time::timeout(state.cfg.server.shutdown_timeout, state.hub.flush())
         .await
         .is_err()
     {
@@ -424,7 +425,7 @@ where
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(st.cfg.handshake_timeout())
+        .header_read_timeout(st.cfg.conn.handshake_timeout)
         .max_buf_size(64 * 1024)
         .serve_connection(io, svc)
         .with_upgrades();

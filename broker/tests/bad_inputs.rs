@@ -108,11 +108,11 @@ fn pub_frame(room: &str) -> ClientFrame {
 async fn bad_input_catalogue() {
     let rsa_pub = rsa_public_pem();
     let b = Broker::start_with(|c| {
-        c.max_message_size = 64 * 1024;
-        c.allowed_origins = vec!["https://chat.example".into()];
-        c.handshake_timeout_secs = 1;
-        c.rate_strikes = 20;
-        c.jwt_rsa_public_key = Some(rsa_pub.clone());
+        c.conn.max_message_size = 64 * 1024;
+        c.auth.allowed_origins = vec!["https://chat.example".into()];
+        c.conn.handshake_timeout = std::time::Duration::from_secs(1);
+        c.conn.rate_strikes = 20;
+        c.auth.jwt_rsa_public_key = Some(rsa_pub.clone());
     })
     .await;
     let t = b.user("mallory").await;

@@ -26,14 +26,14 @@ async fn node_with(url: String, f: impl FnOnce(&mut Config)) -> Broker {
         let _ = tracing_subscriber::fmt().with_env_filter(f).try_init();
     }
     Broker::start_with(move |c| {
-        c.bus = shoal_broker::config::BusKind::Redis;
-        c.redis_url = Some(url);
-        c.redis_timeout_ms = 500;
-        c.presence_lease_ms = 1000;
-        c.bus_down_grace_ms = 1000;
+        c.cluster.bus = shoal_broker::config::BusKind::Redis;
+        c.cluster.redis_url = Some(url.parse().expect("redis url"));
+        c.cluster.redis_timeout = std::time::Duration::from_millis(500);
+        c.cluster.presence_lease = std::time::Duration::from_millis(1000);
+        c.cluster.bus_down_grace = std::time::Duration::from_millis(1000);
         // Tests pipeline hundreds of publishes from one connection.
-        c.rate_limit = 100_000.0;
-        c.rate_burst = 100_000.0;
+        c.conn.rate_limit = 100_000.0;
+        c.conn.rate_burst = 100_000.0;
         f(c);
     })
     .await
@@ -518,7 +518,7 @@ async fn presence_is_cluster_wide_and_a_killed_node_leaves_within_its_lease() {
 async fn a_user_publish_rate_holds_across_nodes() {
     let redis = Redis::start().await;
     let url = redis.url();
-    let (a, b) = two_nodes_with(url, |c| c.user_publish_rate = 5).await;
+    let (a, b) = two_nodes_with(url, |c| c.cluster.user_publish_rate = 5).await;
     let (acked, limited) = publish_on_both(&a, &b, "chatty", 12).await;
     // 12 publishes fall in at most two one-second windows of 5, so a
     // shared count refuses at least 2; separate per-node counts (6 each)
@@ -618,11 +618,11 @@ async fn a_redis_cluster_of_three_masters_spreads_rooms_over_its_shards() {
     let pg = Postgres::start().await;
     let pg_url = pg.url();
     let (a, b) = two_nodes_with(cluster.url(), |c| {
-        c.redis_timeout_ms = 1000;
-        c.store = shoal_broker::config::StoreKind::Postgres;
-        c.postgres_url = Some(pg_url.clone());
-        c.archive_interval_ms = 100;
-        c.user_publish_rate = 40;
+        c.cluster.redis_timeout = std::time::Duration::from_millis(1000);
+        c.store.kind = shoal_broker::config::StoreKind::Postgres;
+        c.store.postgres_url = Some(pg_url.clone());
+        c.cluster.archive_interval = std::time::Duration::from_millis(100);
+        c.cluster.user_publish_rate = 40;
     })
     .await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
@@ -822,7 +822,10 @@ async fn members_of(bob: &mut Client, room: &str, id: u64) -> Vec<String> {
 #[tokio::test]
 async fn a_crashed_node_restarted_under_its_id_leaves_no_ghosts() {
     let redis = Redis::start().await;
-    let b = node_with(redis.url(), |c| c.presence_lease_ms = 1000).await;
+    let b = node_with(redis.url(), |c| {
+        c.cluster.presence_lease = std::time::Duration::from_millis(1000)
+    })
+    .await;
     b.health_becomes(200).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::Json).await;
     for (round, delay) in [Duration::from_millis(100), Duration::from_secs(4)]
@@ -939,8 +942,8 @@ async fn a_cluster_without_postgres_serves_history_from_the_hot_stream() {
 async fn one_unreachable_shard_costs_only_its_rooms() {
     let mut cluster = RedisCluster::start(3).await;
     let (a, b) = two_nodes_with(cluster.url(), |c| {
-        c.redis_timeout_ms = 300;
-        c.bus_down_grace_ms = 1000;
+        c.cluster.redis_timeout = std::time::Duration::from_millis(300);
+        c.cluster.bus_down_grace = std::time::Duration::from_millis(1000);
     })
     .await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
@@ -1001,8 +1004,8 @@ async fn one_unreachable_shard_costs_only_its_rooms() {
 async fn a_failover_mid_publish_loses_and_repeats_no_acked_message() {
     let mut cluster = RedisCluster::start_with(3, 2).await;
     let (a, b) = two_nodes_with(cluster.url(), |c| {
-        c.redis_timeout_ms = 1000;
-        c.redis_wait_replicas = 1;
+        c.cluster.redis_timeout = std::time::Duration::from_millis(1000);
+        c.cluster.redis_wait_replicas = 1;
     })
     .await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;

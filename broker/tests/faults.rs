@@ -54,9 +54,9 @@ async fn reconnection_storm_is_admitted_and_recovers_with_since() {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let b = Arc::new(
         Broker::start_with(|c| {
-            c.handshake_rate = 800.0;
-            c.api_key = Some("storm-key-0123456789abc".into());
-            c.max_rooms_per_connection = 4;
+            c.conn.handshake_rate = 800.0;
+            c.auth.api_key = Some("storm-key-0123456789abc".into());
+            c.conn.max_rooms_per_connection = 4;
         })
         .await,
     );

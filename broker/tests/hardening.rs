@@ -59,7 +59,8 @@ fn status_of(resp: &[u8]) -> u16 {
 /// connection closed, instead of being held forever (no login needed).
 #[tokio::test]
 async fn a_stalled_request_body_gets_408_and_is_closed() {
-    let b = Broker::start_with(|c| c.http_body_timeout_secs = 1).await;
+    let b =
+        Broker::start_with(|c| c.http.http_body_timeout = std::time::Duration::from_secs(1)).await;
     let mut s = tcp_from([127, 0, 0, 1], b.addr).await;
     s.write_all(
         b"POST /api/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -85,8 +86,8 @@ async fn a_stalled_request_body_gets_408_and_is_closed() {
 #[tokio::test]
 async fn a_body_under_the_minimum_rate_is_cut_off() {
     let b = Broker::start_with(|c| {
-        c.http_body_timeout_secs = 1;
-        c.http_body_min_rate = 1000;
+        c.http.http_body_timeout = std::time::Duration::from_secs(1);
+        c.http.http_body_min_rate = 1000;
     })
     .await;
     let mut s = tcp_from([127, 0, 0, 1], b.addr).await;
@@ -211,8 +212,8 @@ async fn stalled_uploads_are_bounded_by_the_upload_budget_and_cut_off() {
 #[tokio::test]
 async fn a_download_nobody_reads_is_dropped_after_the_write_timeout() {
     let b = Broker::start_with(|c| {
-        c.http_write_timeout_secs = 1;
-        c.max_file_size = 16 * 1024 * 1024;
+        c.http.http_write_timeout = std::time::Duration::from_secs(1);
+        c.http.max_file_size = 16 * 1024 * 1024;
     })
     .await;
     let token = token_for("sharer");
@@ -269,9 +270,9 @@ async fn a_download_nobody_reads_is_dropped_after_the_write_timeout() {
 #[tokio::test]
 async fn http_connections_are_capped_per_address_and_in_total() {
     let b = Broker::start_with(|c| {
-        c.max_http_connections = 6;
-        c.max_http_connections_per_ip = 4;
-        c.handshake_timeout_secs = 2;
+        c.http.max_http_connections = 6;
+        c.http.max_http_connections_per_ip = 4;
+        c.conn.handshake_timeout = std::time::Duration::from_secs(2);
     })
     .await;
     // WebSockets from 127.0.0.1 beyond the per-address cap: not HTTP.
@@ -355,7 +356,7 @@ async fn the_api_key_is_never_empty_and_only_in_the_header() {
         assert!(err.contains("--api-key"), "{err}");
     }
     let key = "an-api-key-0123456789";
-    let b = Broker::start_with(|c| c.api_key = Some(key.into())).await;
+    let b = Broker::start_with(|c| c.auth.api_key = Some(key.into())).await;
     let body = json!({"room": "news", "body": "hi"});
     let url = |q: &str| b.url(&format!("/api/publish{q}"));
     let status = |r: reqwest::Response| r.status().as_u16();
@@ -385,10 +386,10 @@ async fn system_names_are_reserved_and_the_api_has_its_own_idempotency_space() {
     for cluster in [false, true] {
         let url = redis.url();
         let b = Broker::start_with(|c| {
-            c.api_key = Some(key.into());
+            c.auth.api_key = Some(key.into());
             if cluster {
-                c.bus = shoal_broker::config::BusKind::Redis;
-                c.redis_url = Some(url);
+                c.cluster.bus = shoal_broker::config::BusKind::Redis;
+                c.cluster.redis_url = Some(url.parse().expect("redis url"));
             }
         })
         .await;
@@ -605,7 +606,8 @@ async fn user_names_are_unique_regardless_of_case() {
 /// valid text is refused like a foreign one, not treated as absent.
 #[tokio::test]
 async fn an_unreadable_origin_is_not_an_absent_one() {
-    let b = Broker::start_with(|c| c.allowed_origins = vec!["https://chat.example".into()]).await;
+    let b =
+        Broker::start_with(|c| c.auth.allowed_origins = vec!["https://chat.example".into()]).await;
     let token = token_for("browser");
     let upgrade = |origin: &[u8]| {
         let mut req = format!(
@@ -676,8 +678,8 @@ async fn close_frames_are_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_floods_are_rate_limited_per_address_and_per_user() {
     let b = Broker::start_with(|c| {
-        c.login_rate_per_ip = 20;
-        c.login_rate_per_user = 5;
+        c.auth.login_rate_per_ip = 20;
+        c.auth.login_rate_per_user = 5;
     })
     .await;
     b.user("victim").await; // one registration and one login from 127.0.0.1
@@ -764,9 +766,9 @@ async fn upload(b: &Broker, token: &str, room: &str, len: usize) -> (u16, serde_
 #[tokio::test]
 async fn uploads_have_a_per_user_quota_and_expire_with_retention() {
     let b = Broker::start_with(|c| {
-        c.user_file_quota = 3000;
-        c.namespaces = vec!["eph:retain_age=1".parse().expect("spec")];
-        c.retention_interval_secs = 1;
+        c.http.user_file_quota = 3000;
+        c.rooms.namespaces = vec!["eph:retain_age=1".parse().expect("spec")];
+        c.store.retention_interval = std::time::Duration::from_secs(1);
     })
     .await;
     let (hoarder, other) = (token_for("hoarder"), token_for("other"));
@@ -830,7 +832,7 @@ async fn uploads_have_a_per_user_quota_and_expire_with_retention() {
 /// always fine, and leaving frees a slot.
 #[tokio::test]
 async fn memberships_per_user_are_capped() {
-    let b = Broker::start_with(|c| c.max_rooms_per_user = 3).await;
+    let b = Broker::start_with(|c| c.rooms.max_rooms_per_user = 3).await;
     let mut c = b.connect(&token_for("joiner"), Encoding::Json).await;
     for r in ["a", "b", "c"] {
         c.join(r).await;

@@ -66,7 +66,7 @@ async fn acked_messages_survive_kill_9() {
 
 #[tokio::test]
 async fn reconnect_with_since_misses_nothing_under_concurrent_publishing() {
-    let b = Broker::start_with(|c| c.rate_burst = 2000.0).await;
+    let b = Broker::start_with(|c| c.conn.rate_burst = 2000.0).await;
     let (ta, tb) = (b.user("alice").await, b.user("bob").await);
     let mut pubber = b.connect(&ta, Encoding::MsgPack).await;
     pubber.join("live").await;
@@ -134,8 +134,8 @@ async fn reconnect_with_since_misses_nothing_under_concurrent_publishing() {
 #[tokio::test]
 async fn gap_frame_when_retention_dropped_the_range() {
     let b = Broker::start_with(|c| {
-        c.namespaces = vec!["short:retain_messages=5".parse().expect("spec")];
-        c.retention_interval_secs = 1;
+        c.rooms.namespaces = vec!["short:retain_messages=5".parse().expect("spec")];
+        c.store.retention_interval = std::time::Duration::from_secs(1);
     })
     .await;
     let t = b.user("alice").await;
@@ -558,7 +558,7 @@ async fn publish_api_auth_and_delivery() {
         .await;
     assert_eq!((s, v["error"].as_str()), (403, Some("forbidden")));
 
-    let b = Broker::start_with(|c| c.api_key = Some("the-api-key-0123456789".into())).await;
+    let b = Broker::start_with(|c| c.auth.api_key = Some("the-api-key-0123456789".into())).await;
     for key in [None, Some("wrong"), Some("the-api-key-012345678")] {
         let (s, v) = b
             .post("/api/publish", json!({"room": "news", "body": "x"}), key)
@@ -664,8 +664,8 @@ async fn receiver(fail_first: usize) -> (String, std::sync::Arc<std::sync::Mutex
 async fn offline_dm_is_kept_and_webhook_retried() {
     let (url, got) = receiver(2).await;
     let b = Broker::start_with(|c| {
-        c.offline_webhook = Some(url);
-        c.webhook_backoff_ms = 50;
+        c.rooms.offline_webhook = Some(url);
+        c.rooms.webhook_backoff = std::time::Duration::from_millis(50);
     })
     .await;
     let (ta, tb) = (b.user("alice").await, b.user("bob").await);
@@ -713,7 +713,7 @@ async fn offline_dm_is_kept_and_webhook_retried() {
 
 #[tokio::test]
 async fn attachments_size_type_and_privacy() {
-    let b = Broker::start_with(|c| c.max_file_size = 64 * 1024).await;
+    let b = Broker::start_with(|c| c.http.max_file_size = 64 * 1024).await;
     let (ta, tb, tc) = (
         b.user("alice").await,
         b.user("bob").await,

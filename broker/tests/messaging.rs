@@ -20,7 +20,7 @@ fn msg_seq(f: &ServerFrame) -> Option<(u64, String, serde_json::Value)> {
 
 #[tokio::test]
 async fn ordering_under_concurrent_publishers_both_encodings() {
-    let b = Broker::start_with(|c| c.rate_limit = 10_000.0).await;
+    let b = Broker::start_with(|c| c.conn.rate_limit = 10_000.0).await;
     let mut receivers = Vec::new();
     for (i, enc) in [Encoding::MsgPack, Encoding::Json].into_iter().enumerate() {
         let t = b.user(&format!("recv{i}")).await;
@@ -192,7 +192,9 @@ async fn multi_tab_users_and_dms() {
 
 #[tokio::test]
 async fn typing_presence_members() {
-    let b = Broker::start_with(|c| c.typing_interval_ms = 60_000).await;
+    let b =
+        Broker::start_with(|c| c.conn.typing_interval = std::time::Duration::from_millis(60_000))
+            .await;
     let alice = b.user("alice").await;
     let bob = b.user("bob").await;
     let mut a = b.connect(&alice, Encoding::Json).await;
@@ -325,9 +327,9 @@ async fn typing_presence_members() {
 #[tokio::test]
 async fn rate_limit_then_policy_close() {
     let b = Broker::start_with(|c| {
-        c.rate_limit = 5.0;
-        c.rate_burst = 5.0;
-        c.rate_strikes = 20;
+        c.conn.rate_limit = 5.0;
+        c.conn.rate_burst = 5.0;
+        c.conn.rate_strikes = 20;
     })
     .await;
     let t = b.user("spammer").await;
@@ -368,8 +370,8 @@ async fn rate_limit_then_policy_close() {
 #[tokio::test]
 async fn max_rooms_and_room_capacity() {
     let b = Broker::start_with(|c| {
-        c.max_rooms_per_connection = 3;
-        c.namespaces = vec!["small:max_members=1".parse().expect("spec")];
+        c.conn.max_rooms_per_connection = 3;
+        c.rooms.namespaces = vec!["small:max_members=1".parse().expect("spec")];
     })
     .await;
     let t = b.user("joiner").await;
@@ -413,7 +415,7 @@ async fn max_rooms_and_room_capacity() {
 
 #[tokio::test]
 async fn oversized_and_malformed_frames_leave_others_unharmed() {
-    let b = Broker::start_with(|c| c.max_message_size = 1024).await;
+    let b = Broker::start_with(|c| c.conn.max_message_size = 1024).await;
     let good = b.user("good").await;
     let bad = b.user("bad").await;
     let mut g = b.connect(&good, Encoding::Json).await;
@@ -479,10 +481,10 @@ async fn oversized_and_malformed_frames_leave_others_unharmed() {
 #[tokio::test]
 async fn slow_consumer_is_closed_and_others_keep_up() {
     let b = Broker::start_with(|c| {
-        c.outbound_queue = 16;
-        c.rate_limit = 100_000.0;
-        c.rate_burst = 100_000.0;
-        c.api_key = Some("key-0123456789abcdef".into());
+        c.conn.outbound_queue = 16;
+        c.conn.rate_limit = 100_000.0;
+        c.conn.rate_burst = 100_000.0;
+        c.auth.api_key = Some("key-0123456789abcdef".into());
     })
     .await;
     let ts = b.user("sloth").await;
@@ -536,8 +538,8 @@ async fn slow_consumer_is_closed_and_others_keep_up() {
 #[tokio::test]
 async fn namespace_publish_policy_and_server_api() {
     let b = Broker::start_with(|c| {
-        c.api_key = Some("k-123-0123456789abcdef".into());
-        c.namespaces = vec!["news:publish=api,presence=off".parse().expect("spec")];
+        c.auth.api_key = Some("k-123-0123456789abcdef".into());
+        c.rooms.namespaces = vec!["news:publish=api,presence=off".parse().expect("spec")];
     })
     .await;
     let t = b.user("reader").await;
@@ -584,8 +586,8 @@ async fn namespace_publish_policy_and_server_api() {
 #[tokio::test]
 async fn idle_timeout_closes_silent_clients() {
     let b = Broker::start_with(|c| {
-        c.ping_interval_secs = 1;
-        c.idle_timeout_secs = 2;
+        c.conn.ping_interval = std::time::Duration::from_secs(1);
+        c.conn.idle_timeout = std::time::Duration::from_secs(2);
     })
     .await;
     let t = b.user("quiet").await;
@@ -615,14 +617,14 @@ async fn graceful_shutdown_sends_1001_and_flushes() {
     let mut c = b.connect(&t, Encoding::MsgPack).await;
     c.join("r").await;
     let started = std::time::Instant::now();
-    b.shutdown.cancel();
+    b.srv.stop.cancel();
     assert_eq!(
         c.closed().await,
         End::Closed(Some(CloseCode::GoingAway.as_u16()))
     );
     let task = {
         let mut b = b;
-        b.task.take()
+        b.srv.task.take()
     };
     tokio::time::timeout(Duration::from_secs(15), task.expect("task"))
         .await

@@ -56,7 +56,7 @@ const FAMILIES: &[(&str, &str)] = &[
 
 #[tokio::test]
 async fn every_family_is_exposed_and_counters_move() {
-    let b = Broker::start_with(|c| c.rate_burst = 5.0).await;
+    let b = Broker::start_with(|c| c.conn.rate_burst = 5.0).await;
     let text = b.metrics().await;
     for (name, kind) in FAMILIES {
         assert!(

@@ -105,10 +105,10 @@ async fn revocation_survives_restart() {
     let t = b.user("carol").await;
     let (s, _) = b.post("/api/logout", json!({}), Some(&t)).await;
     assert_eq!(s, 200);
-    let dir = b.dir.path().to_path_buf();
+    let dir = b.srv.dir.path().to_path_buf();
     // Restart on the same data dir.
-    b.shutdown.cancel();
-    let b2 = Broker::start_with(|c| c.data = dir.clone()).await;
+    b.srv.stop.cancel();
+    let b2 = Broker::start_with(|c| c.store.data = dir.clone()).await;
     assert_eq!(
         b2.try_connect(&t, Encoding::Json).await.err().map(|e| e.0),
         Some(401)
@@ -241,8 +241,8 @@ async fn token_expiry_closes_live_connection_with_4001() {
 #[tokio::test]
 async fn origin_allow_list_and_connection_limit() {
     let b = Broker::start_with(|c| {
-        c.allowed_origins = vec!["https://chat.example".into()];
-        c.max_connections = 1;
+        c.auth.allowed_origins = vec!["https://chat.example".into()];
+        c.conn.max_connections = 1;
     })
     .await;
     let t = b.user("frank").await;

@@ -99,8 +99,8 @@ async fn https_and_wss_with_a_real_tls_client_and_reload_on_sighup() {
     let first = write_cert(certs.path());
     let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
     let b = Broker::start_with(|c| {
-        c.tls_cert = Some(cert.clone());
-        c.tls_key = Some(key.clone());
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
     })
     .await;
     let token = {

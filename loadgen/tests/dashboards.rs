@@ -3,7 +3,7 @@
 //! `grafana/dashboards/*.json` must parse and return data. Renaming a
 //! metric without fixing the dashboards fails here.
 
-use std::{path::PathBuf, process::Child, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use serde_json::Value;
 use shoal_loadgen::{fanout, CommonOpts};
@@ -17,23 +17,7 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A server process (Prometheus, redis-server), killed by PID on drop.
-struct ServerProc(Child);
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use shoal_broker::testing::{free_port, ChildGuard as ServerProc};
 
 fn targets() -> Vec<(String, String, String)> {
     let mut out = vec![];
@@ -101,8 +85,12 @@ async fn every_panel_query_returns_data() {
             .expect("redis-server (installed by `make test-deps`)"),
     );
     let clustered = common::broker(|c| {
-        c.bus = shoal_broker::config::BusKind::Redis;
-        c.redis_url = Some(format!("redis://127.0.0.1:{redis_port}"));
+        c.cluster.bus = shoal_broker::config::BusKind::Redis;
+        c.cluster.redis_url = Some(
+            format!("redis://127.0.0.1:{redis_port}")
+                .parse()
+                .expect("redis url"),
+        );
     })
     .await;
     let b = common::broker(|_| {}).await;
@@ -207,8 +195,7 @@ async fn every_panel_query_returns_data() {
     assert_eq!(report.lost, 0);
     let report = run2.await.expect("join").expect("fanout over the bus");
     assert_eq!(report.lost, 0);
-    for b in [b, clustered] {
-        b.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), b.task).await;
+    for mut b in [b, clustered] {
+        b.stop().await;
     }
 }

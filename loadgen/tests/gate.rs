@@ -3,8 +3,6 @@
 //! cores); the point is that loss, duplication, reordering, rate shortfall
 //! and a latency blow-up all fail the build.
 
-use std::time::Duration;
-
 use shoal_loadgen::{connect, fanout, CommonOpts};
 
 mod common;
@@ -21,15 +19,11 @@ fn common(url: &str, dir: &std::path::Path, name: &str) -> CommonOpts {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_gate_no_loss_full_rate_bounded_latency() {
-    let common::TestBroker {
-        url,
-        stop,
-        dir,
-        task,
-        ..
-    } = broker(|_| {}).await;
+    let mut b = broker(|_| {}).await;
+    let (url, dir) = (b.url.clone(), b.dir.path().to_path_buf());
+    let dir = dir.as_path();
     for enc in [shoal_proto::Encoding::MsgPack, shoal_proto::Encoding::Json] {
-        let mut c = common(&url, dir.path(), "fanout");
+        let mut c = common(&url, dir, "fanout");
         c.encoding = enc;
         let opts = fanout::FanoutOpts {
             common: c,
@@ -61,18 +55,13 @@ async fn fanout_gate_no_loss_full_rate_bounded_latency() {
             r.broker_cpu_percent[0] > 0.0,
             "broker CPU read from /metrics"
         );
-        let path = dir.path().join("fanout.json");
+        let path = dir.join("fanout.json");
         shoal_loadgen::report::write_json(&path, &r).expect("json");
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("parse");
         assert_eq!(v["lost"], 0);
     }
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("stop")
-        .expect("join")
-        .expect("run");
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,12 +69,12 @@ async fn gate_fails_when_the_rate_cannot_be_met() {
     // A broker rate limit below the offered rate: publishes are refused,
     // so the run must fail rather than report a clean result.
     let b = broker(|cfg| {
-        cfg.rate_limit = 20.0;
-        cfg.rate_burst = 20.0;
-        cfg.rate_strikes = 1_000_000;
+        cfg.conn.rate_limit = 20.0;
+        cfg.conn.rate_burst = 20.0;
+        cfg.conn.rate_strikes = 1_000_000;
     })
     .await;
-    let (url, dir, stop) = (&b.url, b.dir.path(), &b.stop);
+    let (url, dir) = (&b.url, b.dir.path());
     let opts = fanout::FanoutOpts {
         common: common(url, dir, "limited"),
         rooms: 1,
@@ -108,14 +97,15 @@ async fn gate_fails_when_the_rate_cannot_be_met() {
         "{:?}",
         r.errors
     );
-    stop.cancel();
+    let mut b = b;
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_ramp_reports_memory_and_handshakes() {
-    let common::TestBroker { url, stop, dir, .. } = broker(|_| {}).await;
+    let mut b = broker(|_| {}).await;
     let opts = connect::ConnectOpts {
-        common: common(&url, dir.path(), "connect"),
+        common: common(&b.url, b.dir.path(), "connect"),
         connections: 400,
         connect_rate: 400.0,
         step: 200,
@@ -131,5 +121,5 @@ async fn connect_ramp_reports_memory_and_handshakes() {
     assert!(r.steps[1].connections >= 400.0);
     assert!(r.steps[1].bytes_per_connection > 0.0);
     assert_eq!(r.handshake.count, 400);
-    stop.cancel();
+    b.stop().await;
 }

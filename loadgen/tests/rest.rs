@@ -2,15 +2,13 @@
 //! `--features rest`; `make test` runs it).
 #![cfg(feature = "rest")]
 
-use std::time::Duration;
-
 use shoal_loadgen::rest;
 
 mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_scenario_measures_every_endpoint() {
-    let b = common::broker(|_| {}).await;
+    let mut b = common::broker(|_| {}).await;
     let opts = rest::RestOpts {
         common: common::common(&b.url),
         users: 4,
@@ -32,6 +30,5 @@ async fn rest_scenario_measures_every_endpoint() {
         assert_eq!(s.status_codes.get(&200).copied(), Some(s.ok));
     }
     assert!(r.requests_per_sec > 0.0);
-    b.stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), b.task).await;
+    b.stop().await;
 }

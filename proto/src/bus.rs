@@ -1,12 +1,14 @@
 //! What brokers tell each other through the cluster bus (Redis).
 //!
-//! Two things travel between nodes on a room's channel:
+//! Three things travel between nodes on a room's channel:
 //! - a sequenced message: `<seq>:<record>`, where the seq prefix is added
 //!   by the Redis script that assigns it (it cannot build MessagePack) and
 //!   `<record>` is a [`BusRecord`] in MessagePack, the same bytes that the
 //!   script keeps in the room's hot stream;
-//! - an ephemeral event (`typing`, `presence`): `e:<frame>` with a
-//!   [`ServerFrame`] in MessagePack, delivered as is and never stored.
+//! - an ephemeral frame (`typing`, `presence`): `e:<frame>` with a
+//!   [`ServerFrame`] in MessagePack, delivered as is and never stored;
+//! - a relayed notice (`mark`, `deleted`): `o:<origin> <frame>`, a frame
+//!   node `<origin>` already delivered to its own members (it skips it).
 //!
 //! On a user's channel (nodes where the user has connections):
 //! - a direct message: `d:<room> <seq>:<record>`, built by the same script
@@ -46,11 +48,11 @@ pub enum BusPayload {
         record: BusRecord,
     },
     /// An ephemeral frame for the room's local members.
-    Event(ServerFrame),
+    Ephemeral(ServerFrame),
     /// A frame one node already delivered to its own members (a receipt,
     /// a deletion): the other nodes deliver it, the origin skips it. On a
     /// user channel it is for that user's connections.
-    NodeEvent {
+    Relayed {
         /// Id of the node that sent it.
         origin: String,
         /// The frame.
@@ -121,8 +123,8 @@ fn word(bytes: &[u8]) -> Result<(&str, &[u8]), DecodeError> {
     Ok((w, &bytes[sp + 1..]))
 }
 
-/// Prefix of an event payload.
-const EVENT_PREFIX: &[u8] = b"e:";
+/// Prefix of an ephemeral payload.
+const EPHEMERAL_PREFIX: &[u8] = b"e:";
 
 /// Encode a record (the bytes kept in the stream and published after the
 /// seq prefix).
@@ -137,30 +139,30 @@ pub fn decode_record(bytes: &[u8]) -> Result<BusRecord, DecodeError> {
     Encoding::MsgPack.decode_any(bytes)
 }
 
-const NODE_EVENT_PREFIX: &[u8] = b"o:";
+const RELAYED_PREFIX: &[u8] = b"o:";
 
 /// Encode a frame that node `origin` has already delivered locally.
-pub fn encode_node_event(origin: &str, frame: &ServerFrame) -> Vec<u8> {
+pub fn encode_relayed(origin: &str, frame: &ServerFrame) -> Vec<u8> {
     let mut out = format!("o:{origin} ").into_bytes();
     out.extend(rmp_serde::to_vec_named(frame).unwrap_or_default());
     out
 }
 
-/// Encode an ephemeral event for a room channel.
-pub fn encode_event(frame: &ServerFrame) -> Vec<u8> {
-    let mut out = EVENT_PREFIX.to_vec();
+/// Encode an ephemeral frame (typing, presence) for a room channel.
+pub fn encode_ephemeral(frame: &ServerFrame) -> Vec<u8> {
+    let mut out = EPHEMERAL_PREFIX.to_vec();
     out.extend(rmp_serde::to_vec_named(frame).unwrap_or_default());
     out
 }
 
 /// Decode one channel payload.
 pub fn decode_payload(bytes: &[u8]) -> Result<BusPayload, DecodeError> {
-    if let Some(rest) = bytes.strip_prefix(EVENT_PREFIX) {
-        return Ok(BusPayload::Event(Encoding::MsgPack.decode_any(rest)?));
+    if let Some(rest) = bytes.strip_prefix(EPHEMERAL_PREFIX) {
+        return Ok(BusPayload::Ephemeral(Encoding::MsgPack.decode_any(rest)?));
     }
-    if let Some(rest) = bytes.strip_prefix(NODE_EVENT_PREFIX) {
+    if let Some(rest) = bytes.strip_prefix(RELAYED_PREFIX) {
         let (origin, rest) = word(rest)?;
-        return Ok(BusPayload::NodeEvent {
+        return Ok(BusPayload::Relayed {
             origin: origin.to_string(),
             frame: Encoding::MsgPack.decode_any(rest)?,
         });
@@ -255,12 +257,12 @@ mod tests {
             user: "bob".into(),
         };
         assert_eq!(
-            decode_payload(&encode_event(&f)),
-            Ok(BusPayload::Event(f.clone()))
+            decode_payload(&encode_ephemeral(&f)),
+            Ok(BusPayload::Ephemeral(f.clone()))
         );
         assert_eq!(
-            decode_payload(&encode_node_event("n1", &f)),
-            Ok(BusPayload::NodeEvent {
+            decode_payload(&encode_relayed("n1", &f)),
+            Ok(BusPayload::Relayed {
                 origin: "n1".into(),
                 frame: f
             })

@@ -8,9 +8,10 @@ use libfuzzer_sys::fuzz_target;
 use shoal_broker::{auth::Auth, Config};
 
 static AUTH: LazyLock<Auth> = LazyLock::new(|| {
-    let mut cfg = Config::for_tests(std::env::temp_dir().join("shoal-fuzz-token"));
-    cfg.jwt_secret = Some("fuzz-secret-fuzz-secret-fuzz-secret-0123".into());
-    Auth::from_config(&cfg).expect("auth")
+    let dir = std::env::temp_dir().join("shoal-fuzz-token");
+    let mut cfg = Config::for_tests(dir.clone());
+    cfg.auth.jwt_secret = Some("fuzz-secret-fuzz-secret-fuzz-secret-0123".into());
+    Auth::from_config(&cfg.auth, &dir).expect("auth")
 });
 
 fuzz_target!(|data: &[u8]| {

@@ -9,8 +9,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let cfg = shoal_broker::Config::parse();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cfg.threads > 0 {
-        rt.worker_threads(cfg.threads);
+    if cfg.server.threads > 0 {
+        rt.worker_threads(cfg.server.threads);
     }
     rt.enable_all()
         .build()
@@ -20,18 +20,19 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(cfg: shoal_broker::Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cfg.log).context("--log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cfg.server.log).context("--log filter")?,
+        )
         .init();
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!(e))
-        .context("invalid configuration")?;
+    cfg.validate().context("invalid configuration")?;
     // Every connection is a file descriptor; the usual soft limit (1024)
     // would cap the broker long before --max-connections.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::info!(open_files = n, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
     }
-    let listener = listen(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = cfg.server.listen;
+    let listener = listen(addr).with_context(|| format!("binding {addr}"))?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {

@@ -159,21 +159,16 @@ impl Bus for MemoryBus {
         })
     }
 
-    async fn event(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError> {
+    async fn ephemeral(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError> {
         self.core.check()?;
-        let bytes: Bytes = shoal_proto::bus::encode_event(frame).into();
+        let bytes: Bytes = shoal_proto::bus::encode_ephemeral(frame).into();
         self.core.state.lock().fan(room, &bytes);
         Ok(())
     }
 
-    async fn node_event(
-        &self,
-        room: &str,
-        frame: &ServerFrame,
-        origin: &str,
-    ) -> Result<(), BusError> {
+    async fn relay(&self, room: &str, frame: &ServerFrame, origin: &str) -> Result<(), BusError> {
         self.core.check()?;
-        let bytes: Bytes = shoal_proto::bus::encode_node_event(origin, frame).into();
+        let bytes: Bytes = shoal_proto::bus::encode_relayed(origin, frame).into();
         let st = self.core.state.lock();
         match super::dm_channels(room) {
             Some(parties) => parties.iter().for_each(|ch| st.fan(ch, &bytes)),
@@ -273,7 +268,7 @@ impl Bus for MemoryBus {
                 user: user.to_string(),
                 online: join,
             };
-            st.fan(room, &Bytes::from(shoal_proto::bus::encode_event(&f)));
+            st.fan(room, &Bytes::from(shoal_proto::bus::encode_ephemeral(&f)));
         }
     }
 

@@ -100,8 +100,8 @@ return left
 
 use super::keys::{channel, lease_key, presence_key};
 
-fn event(room: &str, user: &str, online: bool) -> Vec<u8> {
-    shoal_proto::bus::encode_event(&ServerFrame::Presence {
+fn presence_payload(room: &str, user: &str, online: bool) -> Vec<u8> {
+    shoal_proto::bus::encode_ephemeral(&ServerFrame::Presence {
         room: room.to_string(),
         user: user.to_string(),
         online,
@@ -164,7 +164,7 @@ impl Worker {
                                 .arg(&**user)
                                 .arg(&self.node)
                                 .arg(ch)
-                                .arg(event(room, user, true))
+                                .arg(presence_payload(room, user, true))
                                 .invoke_async::<i64>(&mut conn)
                                 .await
                         }
@@ -179,7 +179,7 @@ impl Worker {
                                 .arg(channel(room))
                                 .arg(&self.node)
                                 .arg(&**user)
-                                .arg(event(room, user, false))
+                                .arg(presence_payload(room, user, false))
                                 .invoke_async::<i64>(&mut conn)
                                 .await
                         }
@@ -229,7 +229,7 @@ impl Worker {
                     .arg(channel(room))
                     .arg(&self.node)
                     .arg(&**user)
-                    .arg(event(room, user, false))
+                    .arg(presence_payload(room, user, false))
                     .invoke_async::<i64>(&mut conn)
                     .await;
             }
@@ -252,7 +252,7 @@ impl Worker {
                     .arg(&**user)
                     .arg(&self.node)
                     .arg(channel(room))
-                    .arg(event(room, user, true))
+                    .arg(presence_payload(room, user, true))
                     .invoke_async::<i64>(conn)
                     .await?;
             }
@@ -294,7 +294,7 @@ impl Worker {
         inv.arg(channel(room)).arg(dead.join(" "));
         for (user, holders) in &all {
             if holders.split_whitespace().any(|n| dead.contains(&n)) {
-                inv.arg(user).arg(event(room, user, false));
+                inv.arg(user).arg(presence_payload(room, user, false));
             }
         }
         let _: i64 = inv.invoke_async(conn).await?;

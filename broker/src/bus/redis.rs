@@ -75,10 +75,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     keys::{self, announced_key, channel, channel_room, log_key, seq_key, REVOKED_KEY, USERS_KEY},
-    redis_conn::{Conn, Reach, SubConn, Target},
+    redis_conn::{Conn, Reach, SubConn},
     Bus, BusError, Inbound, InboundQueue, Sequenced,
 };
 use crate::{
+    config::{ClusterOpts, RedisTarget},
     metrics::Metrics,
     store::{Replay, ReplayEntry},
 };
@@ -86,29 +87,17 @@ use crate::{
 /// Settings of the Redis bus (from `Config`).
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// `redis://` / `rediss://` URL of a single Redis or
-    /// `redis+cluster://` / `rediss+cluster://` seed nodes of a cluster.
-    pub url: String,
-    /// Multiplexed command connections.
-    pub connections: usize,
-    /// Approximate cap of each room's hot history.
-    pub stream_len: usize,
+    /// The cluster group of the configuration: URL, connections, stream
+    /// length, timeouts, presence lease, the cluster-wide user rate and
+    /// `WAIT` replicas.
+    pub opts: ClusterOpts,
     /// Idempotency window of client message ids.
     pub cid_window: Duration,
-    /// Timeout of one command and of connecting.
-    pub timeout: Duration,
     /// This node's id (presence leases).
     pub node: String,
-    /// Presence lease of a node.
-    pub presence_lease: Duration,
-    /// Publishes per second per user across the cluster (0: no limit).
-    pub user_rate: u64,
     /// Rooms whose messages go to the shared store (`archive`); None: no
     /// shared store.
     pub archive: Option<ArchivePredicate>,
-    /// Replicas that must hold a message before it is delivered and acked
-    /// (`WAIT`); 0: Redis's asynchronous replication (see the module docs).
-    pub wait_replicas: u64,
 }
 
 /// Whether a room's messages are archived to the shared store.
@@ -206,8 +195,13 @@ impl RedisBus {
         inbound: InboundQueue,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, BusError> {
-        let target = Target::parse(&settings.url).map_err(BusError::Protocol)?;
-        let cmds = super::redis_conn::commands(&target, settings.connections, settings.timeout)
+        let target = settings
+            .opts
+            .redis_url
+            .clone()
+            .ok_or_else(|| BusError::Protocol("--bus redis needs --redis-url".into()))?;
+        let timeout = settings.opts.redis_timeout;
+        let cmds = super::redis_conn::commands(&target, settings.opts.redis_connections, timeout)
             .map_err(|e| BusError::Protocol(format!("redis: {e}")))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (ptx, prx) = mpsc::unbounded_channel();
@@ -215,7 +209,7 @@ impl RedisBus {
             super::presence::Worker {
                 conn: cmds[0].clone(),
                 node: super::presence::holder_name(&settings.node),
-                lease: settings.presence_lease,
+                lease: settings.opts.presence_lease,
                 metrics: metrics.clone(),
             }
             .run(prx, stop.clone()),
@@ -223,7 +217,7 @@ impl RedisBus {
         let bus = Arc::new(RedisBus {
             presence: ptx,
             cmds,
-            cluster: matches!(target, Target::Cluster(_)),
+            cluster: matches!(target, RedisTarget::Cluster(_)),
             next: AtomicUsize::new(0),
             inflight: Arc::new(AtomicUsize::new(0)),
             script: redis::Script::new(PUBLISH_LUA),
@@ -238,7 +232,7 @@ impl RedisBus {
         tokio::spawn(
             Supervisor {
                 target,
-                timeout: settings.timeout,
+                timeout,
                 inbound,
                 up: bus.sub_up.clone(),
                 metrics,
@@ -274,7 +268,7 @@ impl RedisBus {
         // redis-rs bounds each attempt, but a request caught in a cluster
         // topology refresh can wait for good: every command has a deadline
         // of its own (its attempts and their backoff fit inside it).
-        let r = tokio::time::timeout(self.settings.timeout * 3, f)
+        let r = tokio::time::timeout(self.settings.opts.redis_timeout * 3, f)
             .await
             .unwrap_or_else(|_| {
                 Err(redis::RedisError::from((
@@ -319,7 +313,7 @@ impl RedisBus {
             .ignore();
         let mut c = self.conn();
         let (n,): (u64,) = self.run(pipe.query_async(&mut c)).await?;
-        if n > self.settings.user_rate {
+        if n > self.settings.opts.user_publish_rate {
             return Err(BusError::RateLimited);
         }
         Ok(())
@@ -357,7 +351,7 @@ async fn health(bus: Arc<RedisBus>, stop: CancellationToken) {
         let mut worst = Reach::All;
         for c in &bus.cmds {
             let mut c = c.clone();
-            let r = tokio::time::timeout(bus.settings.timeout, c.reach())
+            let r = tokio::time::timeout(bus.settings.opts.redis_timeout, c.reach())
                 .await
                 .unwrap_or(Reach::None);
             worst = match (worst, r) {
@@ -404,8 +398,8 @@ impl Bus for RedisBus {
         // it (module docs), and it gets the seq key in place of theirs.
         let whole = !self.cluster;
         let own_slot = |key: String| if whole { key } else { seq_key(room) };
-        let hold = self.settings.wait_replicas > 0;
-        if !whole && self.settings.user_rate > 0 {
+        let hold = self.settings.opts.redis_wait_replicas > 0;
+        if !whole && self.settings.opts.user_publish_rate > 0 {
             self.take_rate(&rate_key).await?;
         }
         let mut inv = self.script.prepare_invoke();
@@ -416,14 +410,18 @@ impl Bus for RedisBus {
             .key(own_slot(rate_key))
             .arg(&bytes)
             .arg(channel(room))
-            .arg(self.settings.stream_len)
+            .arg(self.settings.opts.redis_stream_len)
             .arg(record.ts)
             .arg(window)
             .arg(floor)
             .arg(if archive && whole { "1" } else { "0" })
             .arg(&prefix)
             .arg(if hold { "1" } else { "" })
-            .arg(if whole { self.settings.user_rate } else { 0 });
+            .arg(if whole {
+                self.settings.opts.user_publish_rate
+            } else {
+                0
+            });
         if whole {
             for ch in parties.iter().flatten() {
                 inv.arg(channel(ch));
@@ -442,17 +440,17 @@ impl Bus for RedisBus {
             let acks = self
                 .run(c.wait_replicas(
                     &seq_key(room),
-                    self.settings.wait_replicas,
+                    self.settings.opts.redis_wait_replicas,
                     // Inside the command timeout, so a shortfall is an
                     // answer (0 replicas) rather than a lost connection.
-                    self.settings.timeout / 2,
+                    self.settings.opts.redis_timeout / 2,
                 ))
                 .await?;
-            if acks < self.settings.wait_replicas {
+            if acks < self.settings.opts.redis_wait_replicas {
                 self.metrics.redis_errors.inc();
                 return Err(unavailable(format!(
                     "seq {seq} held by {acks} of {} replicas in time; retry with the cid",
-                    self.settings.wait_replicas
+                    self.settings.opts.redis_wait_replicas
                 )));
             }
             let mut inv = self.announce.prepare_invoke();
@@ -506,23 +504,18 @@ impl Bus for RedisBus {
         })
     }
 
-    async fn event(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError> {
+    async fn ephemeral(&self, room: &str, frame: &ServerFrame) -> Result<(), BusError> {
         let mut c = self.conn();
         let cmd = redis::cmd("SPUBLISH")
             .arg(channel(room))
-            .arg(shoal_proto::bus::encode_event(frame))
+            .arg(shoal_proto::bus::encode_ephemeral(frame))
             .to_owned();
         let _: i64 = self.run(cmd.query_async(&mut c)).await?;
         Ok(())
     }
 
-    async fn node_event(
-        &self,
-        room: &str,
-        frame: &ServerFrame,
-        origin: &str,
-    ) -> Result<(), BusError> {
-        let bytes = shoal_proto::bus::encode_node_event(origin, frame);
+    async fn relay(&self, room: &str, frame: &ServerFrame, origin: &str) -> Result<(), BusError> {
+        let bytes = shoal_proto::bus::encode_relayed(origin, frame);
         let targets = super::dm_channels(room).map_or_else(|| vec![room.to_string()], Vec::from);
         // One command per channel: on a cluster they live in different slots.
         self.each(
@@ -637,7 +630,7 @@ impl Bus for RedisBus {
 
     async fn head(&self, room: &str) -> Result<u64, BusError> {
         let mut c = self.conn();
-        if self.settings.wait_replicas > 0 {
+        if self.settings.opts.redis_wait_replicas > 0 {
             // Only what was announced (replicated) is the room's; a room
             // written before the setting was on has no announced head yet.
             let cmd = redis::cmd("MGET")
@@ -721,7 +714,7 @@ impl Bus for RedisBus {
 
 /// Owns the subscription connection and the per-room reference counts.
 struct Supervisor {
-    target: Target,
+    target: RedisTarget,
     timeout: Duration,
     inbound: InboundQueue,
     up: Arc<AtomicBool>,
@@ -755,7 +748,7 @@ impl Supervisor {
         // room's current owner, after a failover its promoted replica) and
         // what was published meanwhile is read back (resync). One Redis:
         // the connection is gone and is made again.
-        let cluster = matches!(self.target, Target::Cluster(_));
+        let cluster = matches!(self.target, RedisTarget::Cluster(_));
         let sender = move |info: redis::PushInfo| -> Result<(), ()> {
             match info.kind {
                 PushKind::SMessage => {

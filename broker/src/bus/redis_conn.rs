@@ -24,6 +24,8 @@ use redis::{
     Cmd, Pipeline, RedisFuture, RedisResult, Value,
 };
 
+use crate::config::RedisTarget;
+
 /// The primaries that own slots, as `CLUSTER SLOTS` (asked of any node
 /// that answers) lists them, reachable or not.
 async fn primaries(c: &mut ClusterConnection) -> RedisResult<Vec<(String, u16)>> {
@@ -131,50 +133,6 @@ impl Conn {
     }
 }
 
-/// Where the bus's Redis is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// One Redis: its URL.
-    Single(String),
-    /// A Redis Cluster: one `redis://` URL per seed node.
-    Cluster(Vec<String>),
-}
-
-impl Target {
-    /// Parse `--redis-url`. Errors say what is wrong, for the config check.
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let (scheme, rest) = if let Some(r) = url.strip_prefix("redis+cluster://") {
-            ("redis", r)
-        } else if let Some(r) = url.strip_prefix("rediss+cluster://") {
-            ("rediss", r)
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
-            return Ok(Target::Single(url.to_string()));
-        } else {
-            return Err(
-                "--redis-url must be redis://, rediss://, redis+cluster:// or rediss+cluster://"
-                    .into(),
-            );
-        };
-        // `[user:pass@]h1:p1,h2:p2[/db][?query]`: the user info and the
-        // suffix apply to every seed node.
-        let end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, suffix) = rest.split_at(end);
-        let (userinfo, hosts) = match authority.rfind('@') {
-            Some(i) => (&authority[..=i], &authority[i + 1..]),
-            None => ("", authority),
-        };
-        let nodes: Vec<String> = hosts
-            .split(',')
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("{scheme}://{userinfo}{h}{suffix}"))
-            .collect();
-        if nodes.is_empty() {
-            return Err("a redis+cluster:// URL needs at least one host:port".into());
-        }
-        Ok(Target::Cluster(nodes))
-    }
-}
-
 /// A command connection (see the module docs). Cheap to clone; clones
 /// share the underlying connections.
 #[derive(Clone)]
@@ -216,9 +174,9 @@ impl ConnectionLike for Conn {
 /// Open `n` command connections lazily: a Redis that is down at start
 /// makes the node unhealthy instead of failing it. A cluster gets one
 /// connection (it already holds one per shard and routes by slot).
-pub fn commands(target: &Target, n: usize, timeout: Duration) -> RedisResult<Vec<Conn>> {
+pub fn commands(target: &RedisTarget, n: usize, timeout: Duration) -> RedisResult<Vec<Conn>> {
     match target {
-        Target::Single(url) => {
+        RedisTarget::Single(url) => {
             let client = redis::Client::open(url.as_str())?;
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout))
@@ -232,7 +190,7 @@ pub fn commands(target: &Target, n: usize, timeout: Duration) -> RedisResult<Vec
                 })
                 .collect()
         }
-        Target::Cluster(nodes) => {
+        RedisTarget::Cluster(nodes) => {
             let client = ClusterClientBuilder::new(nodes.clone())
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
@@ -262,12 +220,12 @@ impl SubConn {
     /// Connect with RESP3, handing every push (messages, subscription
     /// confirmations, `Disconnection` of any shard) to `sender`.
     pub async fn connect(
-        target: &Target,
+        target: &RedisTarget,
         timeout: Duration,
         sender: impl redis::aio::AsyncPushSender,
     ) -> RedisResult<SubConn> {
         match target {
-            Target::Single(url) => {
+            RedisTarget::Single(url) => {
                 let client = redis::Client::open(with_resp3(url))?;
                 let cfg = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(timeout))
@@ -278,7 +236,7 @@ impl SubConn {
                     .await?;
                 Ok(SubConn::Single(c))
             }
-            Target::Cluster(nodes) => {
+            RedisTarget::Cluster(nodes) => {
                 let client = ClusterClientBuilder::new(nodes.clone())
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .connection_timeout(timeout)
@@ -343,24 +301,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_name_one_redis_or_the_seed_nodes_of_a_cluster() {
-        assert_eq!(
-            Target::parse("redis://h:1/2"),
-            Ok(Target::Single("redis://h:1/2".into()))
-        );
-        assert_eq!(
-            Target::parse("redis+cluster://u:p@a:1,b:2/?x=1"),
-            Ok(Target::Cluster(vec![
-                "redis://u:p@a:1/?x=1".into(),
-                "redis://u:p@b:2/?x=1".into()
-            ]))
-        );
-        assert_eq!(
-            Target::parse("rediss+cluster://a:1"),
-            Ok(Target::Cluster(vec!["rediss://a:1".into()]))
-        );
-        assert!(Target::parse("redis+cluster://").is_err());
-        assert!(Target::parse("http://h:1").is_err());
+    fn resp3_is_asked_for_in_the_query() {
         assert_eq!(with_resp3("redis://h:1"), "redis://h:1?protocol=resp3");
         assert_eq!(
             with_resp3("redis://h:1/?db=2"),

@@ -170,7 +170,7 @@ impl Hub {
             from: seq,
             to: seq,
         };
-        self.bus_user_event(user, &f);
+        self.bus_user_frame(user, &f);
     }
 
     /// Deliver `(after, upto]` from the hot history. What the history no
@@ -265,7 +265,7 @@ impl Hub {
     }
 
     /// Pump side: an ephemeral frame for the room's local members.
-    pub(super) fn bus_event(&self, room: &str, f: &ServerFrame) {
+    pub(super) fn bus_ephemeral(&self, room: &str, f: &ServerFrame) {
         let Some(r) = self.room(room) else { return };
         let st = r.state.lock();
         match f {
@@ -278,7 +278,7 @@ impl Hub {
     }
 
     /// Pump side: a frame for one user's local connections.
-    pub(super) fn bus_user_event(&self, user: &str, f: &ServerFrame) -> usize {
+    pub(super) fn bus_user_frame(&self, user: &str, f: &ServerFrame) -> usize {
         let n = self.push_to_user(user, &mut SharedFrame::new(f), |_| true);
         self.metrics.frames_out(f.kind(), n as u64);
         n
@@ -295,14 +295,34 @@ impl Hub {
             ts: record.ts,
             body: record.body,
         };
-        let n = self.bus_user_event(user, &f);
+        let n = self.bus_user_frame(user, &f);
         self.metrics.deliveries.inc_by(n as u64);
+    }
+}
+
+impl Hub {
+    /// Start this node's cluster side: the pump that delivers what the bus
+    /// brings (`inbound`, from the bus's [`crate::bus::InboundQueue`]) and
+    /// the watchdog that closes every client once the bus has been down
+    /// for `grace`. Does nothing on a hub without a cluster link.
+    pub fn start_cluster(
+        self: &Arc<Self>,
+        inbound: InboundRx,
+        on_revoke: RevokeHook,
+        grace: std::time::Duration,
+        stop: CancellationToken,
+    ) {
+        let Some(bus) = self.bus().cloned() else {
+            return;
+        };
+        tokio::spawn(watchdog(self.clone(), bus.clone(), grace, stop.clone()));
+        tokio::spawn(pump(self.clone(), bus, inbound, on_revoke, stop));
     }
 }
 
 /// Deliver what the bus receives to local members, in seq order, filling
 /// gaps from the hot history. Runs until `stop` or the bus goes away.
-pub async fn pump(
+async fn pump(
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
     mut rx: InboundRx,
@@ -331,14 +351,14 @@ pub async fn pump(
                 Ok(BusPayload::Msg { seq, record }) => {
                     hub.bus_message(&*bus, &room, seq, record).await;
                 }
-                Ok(BusPayload::Event(frame)) => hub.bus_event(&room, &frame),
-                Ok(BusPayload::NodeEvent { origin, frame }) => {
+                Ok(BusPayload::Ephemeral(frame)) => hub.bus_ephemeral(&room, &frame),
+                Ok(BusPayload::Relayed { origin, frame }) => {
                     if origin != hub.node() {
                         match room.strip_prefix('@') {
                             Some(user) => {
-                                hub.bus_user_event(user, &frame);
+                                hub.bus_user_frame(user, &frame);
                             }
-                            None => hub.bus_event(&room, &frame),
+                            None => hub.bus_ephemeral(&room, &frame),
                         }
                     }
                 }
@@ -396,7 +416,7 @@ const RESYNC_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 /// away (4006) to reconnect, through the load balancer, to a node that
 /// can; they recover what they missed with `since`. Shorter blips are
 /// ridden out with the connections kept.
-pub async fn watchdog(
+async fn watchdog(
     hub: Arc<Hub>,
     bus: Arc<dyn Bus>,
     grace: std::time::Duration,

@@ -52,8 +52,6 @@ mod local;
 mod ops;
 mod room;
 use cluster::bus_unavailable;
-pub use cluster::{pump, watchdog};
-pub use ops::REPLAY_PAGE;
 pub use room::Room;
 use room::{Order, RoomState};
 
@@ -235,13 +233,34 @@ pub struct Hub {
     cid_window: Duration,
     /// Largest body, in bytes, in either encoding (`--max-message-size`).
     max_body: usize,
-    /// The cluster bus, when there is one (set once at start).
-    bus: std::sync::OnceLock<Arc<dyn Bus>>,
+    /// How this node reaches the rest of its cluster; `None` on a single
+    /// node. Fixed at construction: the one place "one node or cluster"
+    /// is decided.
+    cluster: Option<ClusterLink>,
+}
+
+/// A node's link to its cluster, given to [`Hub::new`].
+pub struct ClusterLink {
+    /// The cluster bus (sequencing, hot history, presence, fan-out).
+    pub bus: Arc<dyn Bus>,
     /// This node's id on the bus.
-    node: std::sync::OnceLock<Arc<str>>,
-    /// With a bus: whether the store is shared by every node (PostgreSQL)
-    /// rather than this node's own.
-    shared_store: std::sync::OnceLock<bool>,
+    pub node: Arc<str>,
+    /// Whether the store is shared by every node (PostgreSQL) rather than
+    /// this node's own.
+    pub shared_store: bool,
+}
+
+/// The hub's own settings, from the configuration.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// Registry shards (rounded up to a power of two).
+    pub shards: usize,
+    /// Per-namespace options.
+    pub namespaces: NamespaceTable,
+    /// How long a client message id is remembered per room.
+    pub cid_window: Duration,
+    /// Largest body, in bytes, in either encoding (`--max-message-size`).
+    pub max_body: usize,
 }
 
 /// Checks every publish passes before it is sequenced, whatever its
@@ -305,16 +324,21 @@ pub enum Attach {
 }
 
 impl Hub {
-    /// A hub with `shards` shards (rounded up to a power of two).
+    /// A hub over `store`, sending its writes to the group-commit queue
+    /// `jobs`, part of a cluster through `cluster` (or on its own).
     pub fn new(
-        shards: usize,
-        namespaces: NamespaceTable,
+        settings: HubSettings,
         metrics: Arc<Metrics>,
         store: Arc<dyn Store>,
         jobs: JobSender,
-        cid_window: Duration,
-        max_body: usize,
+        cluster: Option<ClusterLink>,
     ) -> Self {
+        let HubSettings {
+            shards,
+            namespaces,
+            cid_window,
+            max_body,
+        } = settings;
         let n = shards.max(1).next_power_of_two();
         Hub {
             rooms: (0..n).map(|_| Mutex::new(RoomShard::default())).collect(),
@@ -327,34 +351,24 @@ impl Hub {
             jobs,
             cid_window,
             max_body,
-            bus: std::sync::OnceLock::new(),
-            node: std::sync::OnceLock::new(),
-            shared_store: std::sync::OnceLock::new(),
+            cluster,
         }
-    }
-
-    /// Route room traffic through a cluster bus from now on. Call once,
-    /// before serving.
-    /// `shared_store`: every node uses the same store (PostgreSQL).
-    pub fn set_bus(&self, bus: Arc<dyn Bus>, node: &str, shared_store: bool) {
-        let _ = self.bus.set(bus);
-        let _ = self.node.set(node.into());
-        let _ = self.shared_store.set(shared_store);
     }
 
     /// Whether the store is shared by every node of the cluster.
     fn shared_store(&self) -> bool {
-        self.shared_store.get().copied().unwrap_or(false)
+        self.cluster.as_ref().is_some_and(|c| c.shared_store)
     }
 
     /// This node's id on the bus ("" without one).
-    pub fn node(&self) -> &str {
-        self.node.get().map_or("", |n| n)
+    fn node(&self) -> &str {
+        self.cluster.as_ref().map_or("", |c| &c.node)
     }
 
-    /// The cluster bus, if this node is part of a cluster.
-    pub fn bus(&self) -> Option<&Arc<dyn Bus>> {
-        self.bus.get()
+    /// The cluster bus, if this node is part of a cluster. Private to the
+    /// hub: nothing outside it branches on whether there is one.
+    fn bus(&self) -> Option<&Arc<dyn Bus>> {
+        self.cluster.as_ref().map(|c| &c.bus)
     }
 
     /// The metrics registry.
@@ -396,7 +410,7 @@ impl Hub {
                 sh.evictions
             };
             let opts = self.namespaces.get(name.namespace);
-            if let Some(bus) = self.bus.get() {
+            if let Some(bus) = self.bus() {
                 let head = bus.subscribe(name.full).await.map_err(bus_unavailable)?;
                 let mut sh = self.rooms[idx].lock();
                 if let Some(r) = sh.map.get(name.full) {
@@ -504,7 +518,7 @@ impl Hub {
         *count += 1;
         if *count == 1 && room.opts.presence {
             // Under the room lock, so joins and leaves reach the bus in order.
-            match self.bus.get() {
+            match self.bus() {
                 Some(bus) => bus.presence(PresenceOp::Join {
                     room: room.name.clone(),
                     user: conn.user.clone(),
@@ -540,7 +554,7 @@ impl Hub {
             }
         };
         if last && room.opts.presence {
-            match self.bus.get() {
+            match self.bus() {
                 Some(bus) => bus.presence(PresenceOp::Leave {
                     room: room.name.clone(),
                     user: conn.user.clone(),
@@ -580,7 +594,7 @@ impl Hub {
             sh.map.remove(&room.name);
             sh.evictions += 1;
             self.metrics.rooms.dec();
-            if let Some(bus) = self.bus.get() {
+            if let Some(bus) = self.bus() {
                 bus.unsubscribe(&room.name);
             }
         }
@@ -626,15 +640,16 @@ impl Hub {
         n
     }
 
-    /// Send an event frame (mark, deleted) to the room's audience,
-    /// optionally sparing one connection.
-    /// In a cluster the other nodes get it through the bus.
-    pub fn event(&self, room: &Room, f: &ServerFrame, except: Option<u64>) -> usize {
-        if let Some(bus) = self.bus.get().cloned() {
+    /// Send a notice (an unsequenced frame every member should see: a
+    /// read mark, a deletion) to the room's audience, optionally sparing
+    /// one connection. In a cluster the other nodes get it relayed through
+    /// the bus. Ephemeral frames (typing) go through [`Hub::typing`].
+    pub fn notify(&self, room: &Room, f: &ServerFrame, except: Option<u64>) -> usize {
+        if let Some(bus) = self.bus().cloned() {
             let (name, frame, node) = (room.name.clone(), f.clone(), self.node().to_string());
             tokio::spawn(async move {
-                if let Err(e) = bus.node_event(&name, &frame, &node).await {
-                    tracing::debug!(error = %e, "event not forwarded to other nodes");
+                if let Err(e) = bus.relay(&name, &frame, &node).await {
+                    tracing::debug!(error = %e, "notice not relayed to other nodes");
                 }
             });
         }
@@ -653,7 +668,7 @@ impl Hub {
         via_api: bool,
         mut reply: Reply,
     ) {
-        if let Some(bus) = self.bus.get() {
+        if let Some(bus) = self.bus() {
             return self
                 .publish_bus(&**bus, name, from, body, cid, via_api, reply)
                 .await;
@@ -692,10 +707,10 @@ impl Hub {
             room: room.name.to_string(),
             user: conn.user.to_string(),
         };
-        if let Some(bus) = self.bus.get().cloned() {
+        if let Some(bus) = self.bus().cloned() {
             let name = room.name.clone();
             tokio::spawn(async move {
-                if let Err(e) = bus.event(&name, &f).await {
+                if let Err(e) = bus.ephemeral(&name, &f).await {
                     tracing::debug!(error = %e, "typing not forwarded");
                 }
             });
@@ -728,7 +743,7 @@ impl Hub {
         let v = shard.entry(conn.user.clone()).or_default();
         v.push(conn.clone());
         if v.len() == 1 {
-            if let Some(bus) = self.bus.get() {
+            if let Some(bus) = self.bus() {
                 bus.subscribe_user(&conn.user);
             }
         }
@@ -743,7 +758,7 @@ impl Hub {
             if v.is_empty() {
                 shard.remove(&conn.user);
                 if before > 0 {
-                    if let Some(bus) = self.bus.get() {
+                    if let Some(bus) = self.bus() {
                         bus.unsubscribe_user(&conn.user);
                     }
                 }
@@ -858,18 +873,28 @@ mod tests {
     }
 
     fn fixture(ns: NamespaceTable) -> Fixture {
+        fixture_with(ns, Arc::new(Metrics::new("t")), None)
+    }
+
+    fn settings(namespaces: NamespaceTable) -> HubSettings {
+        HubSettings {
+            shards: 4,
+            namespaces,
+            cid_window: Duration::from_secs(60),
+            max_body: 64 * 1024,
+        }
+    }
+
+    fn fixture_with(ns: NamespaceTable, m: Arc<Metrics>, cluster: Option<ClusterLink>) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path(), false).expect("open"));
-        let m = Arc::new(Metrics::new("t"));
         let (tx, rx) = mpsc::channel(64);
         let hub = Arc::new(Hub::new(
-            4,
-            ns,
+            settings(ns),
             m.clone(),
             store.clone(),
             tx,
-            Duration::from_secs(60),
-            64 * 1024,
+            cluster,
         ));
         let stop = CancellationToken::new();
         tokio::spawn(
@@ -968,7 +993,7 @@ mod tests {
     #[tokio::test]
     async fn non_persistent_namespace_delivers_inline() {
         let cfg = crate::Config::parse_from_for_tests(&["--namespace", "tick:persist=off"]);
-        let f = fixture(cfg.namespace_table());
+        let f = fixture(cfg.rooms.namespace_table());
         let (a, mut ra) = conn("alice", &f.m);
         join(&f.hub, &a, "tick:x").await;
         let p = publish(&f.hub, "tick:x", "alice", None).await;
@@ -1006,17 +1031,21 @@ mod tests {
         core: &Arc<crate::bus::memory::MemoryCore>,
         queue: usize,
     ) -> (Fixture, Arc<dyn Bus>) {
-        let f = fixture(NamespaceTable::default());
-        let (inbound, rx) = crate::bus::InboundQueue::new(queue, f.m.clone());
+        let m = Arc::new(Metrics::new("t"));
+        let (inbound, rx) = crate::bus::InboundQueue::new(queue, m.clone());
         let bus: Arc<dyn Bus> = Arc::new(core.node(inbound));
-        f.hub.set_bus(bus.clone(), "test-node", false);
-        tokio::spawn(pump(
-            f.hub.clone(),
-            bus.clone(),
+        let link = ClusterLink {
+            bus: bus.clone(),
+            node: "test-node".into(),
+            shared_store: false,
+        };
+        let f = fixture_with(NamespaceTable::default(), m, Some(link));
+        f.hub.start_cluster(
             rx,
             Arc::new(|_: &str, _: &str, _: Option<u64>| {}),
+            Duration::from_secs(3600),
             f.stop.clone(),
-        ));
+        );
         (f, bus)
     }
 

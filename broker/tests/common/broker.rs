@@ -4,10 +4,8 @@
 use super::*;
 
 pub struct Broker {
+    pub srv: shoal_broker::testing::InProcess,
     pub addr: SocketAddr,
-    pub shutdown: CancellationToken,
-    pub task: Option<JoinHandle<anyhow::Result<()>>>,
-    pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
 }
 
@@ -17,41 +15,21 @@ impl Broker {
     }
 
     pub async fn start_with(f: impl FnOnce(&mut Config)) -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = Config::for_tests(dir.path().to_path_buf());
-        cfg.jwt_secret = Some(SECRET.into());
-        cfg.log = std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        f(&mut cfg);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(shoal_broker::server::run(listener, cfg, shutdown.clone()));
+        let srv = shoal_broker::testing::InProcess::start(|cfg| {
+            cfg.auth.jwt_secret = Some(SECRET.into());
+            cfg.server.log = std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "warn".into());
+            f(cfg);
+        })
+        .await;
         Broker {
-            addr,
-            shutdown,
-            task: Some(task),
-            dir,
+            addr: srv.addr,
+            srv,
             http: reqwest::Client::new(),
         }
     }
 
     pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(15), t)
-                .await
-                .expect("shutdown in time")
-                .expect("join")
-                .expect("run");
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.srv.stop().await;
     }
 }
 
@@ -66,11 +44,7 @@ pub struct Proc {
 impl Proc {
     pub async fn start(data: &std::path::Path, extra: &[&str]) -> Proc {
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .expect("bind")
-                .local_addr()
-                .expect("addr")
-                .port();
+            let port = free_port();
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
                 .arg("--listen")
