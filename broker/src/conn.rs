@@ -1,14 +1,26 @@
-//! One WebSocket connection after the upgrade: the reader loop (frame
-//! assembly, limits, decoding, dispatch) and the session state it owns.
+//! One WebSocket connection after the upgrade: its task (reading, frame
+//! assembly, limits, decoding, dispatch, pings and timeouts, and on plain
+//! TCP its writes) and the session state it owns.
 //!
-//! The reader runs in the connection's task; a separate writer task (see
-//! `outbound`) owns the socket's write half. Both stop when the
-//! connection's cancellation token fires; the first close code set wins.
+//! Rules:
+//! - **One task per plain-TCP connection, no buffer while idle.** The task
+//!   waits for readiness and reads with `try_read` into a buffer its
+//!   runtime thread owns; the connection keeps bytes only for a frame not
+//!   complete yet (`wsframe` parses heads; fastwebsockets unmasks). Its
+//!   writes are direct (see `outbound`); the task drains only what the
+//!   socket did not take. TLS connections read the same way from their
+//!   stream and write through a writer task.
+//! - Messages are handled one at a time, in order; a direct connection's
+//!   queue keeps draining while one is handled.
+//! - One timer per connection, moved only when it fires: pings, the idle
+//!   timeout, the token's expiry.
+//! - The connection ends when its cancellation token fires; the first
+//!   close code set wins and is the one sent.
 
-use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use fastwebsockets::{after_handshake_split, OpCode, Role, WebSocketError};
+use fastwebsockets::OpCode;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use shoal_proto::{names::RoomName, ClientFrame, CloseCode, Encoding, ErrorCode, ServerFrame};
@@ -19,7 +31,7 @@ use crate::{
     hub::{Attach, HubError, Pending, Reply, Room},
     limiter::TokenBucket,
     metrics::client_kind_index,
-    outbound::{run_socket_writer, ws_frame, ConnCtl, ConnHandle, WriterOpts},
+    outbound::{run_socket_writer, ws_frame, ConnHandle},
     state::AppState,
 };
 
@@ -40,9 +52,10 @@ pub enum Step {
     Close(CloseCode),
 }
 
-/// Reassembles fragmented messages under the message size cap
-/// (fastwebsockets caps each frame, not a reassembled message) and enforces
-/// the fragmentation rules of RFC 6455 §5.4.
+/// Reassembles fragmented messages under the message size cap (the frame
+/// parser caps each frame, not a reassembled message), enforces the
+/// fragmentation rules of RFC 6455 §5.4, and checks that text messages are
+/// UTF-8.
 pub struct Assembler {
     max: usize,
     message: Option<(OpCode, BytesMut)>,
@@ -68,6 +81,10 @@ impl Assembler {
                     return Step::Close(CloseCode::TooBig);
                 }
                 if fin {
+                    // A text message must be UTF-8 (RFC 6455 §8.1): 1007.
+                    if opcode == OpCode::Text && std::str::from_utf8(payload).is_err() {
+                        return Step::Close(CloseCode::InvalidPayload);
+                    }
                     return Step::Whole;
                 }
                 let mut buf = BytesMut::with_capacity((payload.len() * 2).min(self.max));
@@ -140,46 +157,201 @@ struct Session {
     last_typing: HashMap<Arc<str>, Instant>,
 }
 
+/// How a connection's bytes travel after the upgrade.
+pub enum Transport {
+    /// Plain TCP, recovered from hyper after the upgrade (its buffers
+    /// released): read on readiness into a per-thread scratch buffer,
+    /// written directly, one task for everything.
+    Plain {
+        /// The socket.
+        sock: Arc<tokio::net::TcpStream>,
+        /// Bytes hyper had read past the handshake.
+        early: bytes::Bytes,
+    },
+    /// Any other stream (TLS): buffered reads in the connection's task,
+    /// every write in a writer task.
+    Stream(TokioIo<Upgraded>),
+}
+
+impl Transport {
+    /// Recover the TCP socket from an upgraded plain connection; any other
+    /// stream stays as it is.
+    pub fn from_upgraded(up: Upgraded) -> Self {
+        type PlainIo = TokioIo<crate::httpconn::WriteDeadline<tokio::net::TcpStream>>;
+        match up.downcast::<PlainIo>() {
+            Ok(parts) => Transport::Plain {
+                sock: Arc::new(parts.io.into_inner().into_inner()),
+                // A copy, so that hyper's read buffer is not pinned.
+                early: bytes::Bytes::copy_from_slice(&parts.read_buf),
+            },
+            Err(up) => Transport::Stream(TokioIo::new(up)),
+        }
+    }
+}
+
+/// Bytes read from a client per read call, into a buffer each runtime
+/// thread owns; a connection keeps bytes only for a frame not complete yet.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The read side of one connection: the bytes of a frame not complete
+/// yet, and fragment assembly.
+struct Reader {
+    /// Empty (no allocation) between frames.
+    partial: Vec<u8>,
+    assembler: Assembler,
+    /// Largest payload of one frame.
+    max_payload: usize,
+}
+
+/// What reading produced.
+enum Read {
+    /// Messages to dispatch, in order (possibly none).
+    Messages(Vec<ClientFrame>),
+    /// The peer closed the TCP connection, or reading failed.
+    Eof,
+}
+
+impl Reader {
+    /// Parse every complete frame in `data` (unmasking in place), act on
+    /// control frames, and collect the messages; returns how many bytes
+    /// were consumed, or false in `go_on` if the connection must end.
+    fn frames(
+        &mut self,
+        data: &mut [u8],
+        session: &mut Session,
+        out: &mut Vec<ClientFrame>,
+    ) -> (usize, bool) {
+        let mut off = 0;
+        loop {
+            let rest = &mut data[off..];
+            let head = match crate::wsframe::parse_head(rest, self.max_payload) {
+                Ok(Some(h)) if h.frame_len() <= rest.len() => h,
+                Ok(_) => return (off, true),
+                Err(e) => {
+                    tracing::debug!(conn = session.handle.id, error = %e, "websocket protocol error");
+                    session.handle.close(e.close_code());
+                    return (off, false);
+                }
+            };
+            let payload = &mut rest[head.head_len..head.frame_len()];
+            crate::wsframe::unmask(payload, head.mask);
+            off += head.frame_len();
+            let step = self.assembler.feed(head.fin, head.opcode, payload);
+            // Every inbound frame takes a token, whatever it is: pongs and
+            // fragments cost the broker as much as messages do. A complete
+            // message takes its token in `accept`.
+            if matches!(step, Step::Pending | Step::Pong | Step::Ping) {
+                match session.admit() {
+                    Admit::Yes => {}
+                    Admit::Refused => continue,
+                    Admit::Close => return (off, false),
+                }
+            }
+            match step {
+                Step::Pending | Step::Pong => {}
+                Step::Close(code) => {
+                    session.handle.close(code);
+                    return (off, false);
+                }
+                Step::Ping => {
+                    // Best effort, like other ephemeral frames.
+                    let _ = session.handle.push(ws_frame(OpCode::Pong, payload), true);
+                }
+                Step::Whole => {
+                    if let Some(f) = session.accept(payload) {
+                        out.push(f);
+                    } else if session.handle.is_closing() {
+                        return (off, false);
+                    }
+                }
+                Step::Reassembled(buf) => {
+                    if let Some(f) = session.accept(&buf) {
+                        out.push(f);
+                    } else if session.handle.is_closing() {
+                        return (off, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parse what arrived (`n` new bytes at the start of `fresh`), keeping
+    /// the bytes of an incomplete frame.
+    fn ingest(&mut self, fresh: &mut [u8], session: &mut Session) -> Option<Vec<ClientFrame>> {
+        let mut out = Vec::new();
+        let go_on = if self.partial.is_empty() {
+            let (used, go_on) = self.frames(fresh, session, &mut out);
+            if go_on {
+                self.partial.extend_from_slice(&fresh[used..]);
+            }
+            go_on
+        } else {
+            self.partial.extend_from_slice(fresh);
+            let mut buf = std::mem::take(&mut self.partial);
+            let (used, go_on) = self.frames(&mut buf, session, &mut out);
+            if go_on && used < buf.len() {
+                buf.drain(..used);
+                self.partial = buf;
+            }
+            go_on
+        };
+        go_on.then_some(out)
+    }
+
+    /// Read what a plain socket has (it was reported readable) and parse it.
+    fn read_plain(&mut self, sock: &tokio::net::TcpStream, session: &mut Session) -> Option<Read> {
+        SCRATCH_BUF.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < SCRATCH {
+                scratch.resize(SCRATCH, 0);
+            }
+            match sock.try_read(&mut scratch[..]) {
+                Ok(0) => Some(Read::Eof),
+                Ok(n) => self.ingest(&mut scratch[..n], session).map(Read::Messages),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    Some(Read::Messages(vec![]))
+                }
+                Err(_) => Some(Read::Eof),
+            }
+        })
+    }
+}
+
 /// Serve an upgraded connection until it ends.
-pub async fn serve(
-    state: Arc<AppState>,
-    io: TokioIo<Upgraded>,
-    claims: Claims,
-    encoding: Encoding,
-) {
+pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, encoding: Encoding) {
     let cfg = &state.cfg.conn;
     let metrics = state.metrics.clone();
-    let ctl = Arc::new(ConnCtl::new(&state.shutdown));
-    let (handle, rx) = ConnHandle::new(
+    let (sink, mut early, mut stream) = match transport {
+        Transport::Plain { sock, early } => (crate::outbound::Sink::Direct(sock), early, None),
+        Transport::Stream(io) => (
+            crate::outbound::Sink::Drained,
+            bytes::Bytes::new(),
+            Some(io),
+        ),
+    };
+    let handle = ConnHandle::new(
         claims.sub.as_str().into(),
         claims.jti.as_str().into(),
         encoding,
-        cfg.outbound_queue,
-        ctl.clone(),
+        (cfg.outbound_queue, cfg.write_batch),
+        sink,
+        &state.shutdown,
         metrics.clone(),
     );
-    let (r, w) = tokio::io::split(io);
-    let unmasked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let r = crate::maskcheck::MaskCheck::new(r, unmasked.clone());
-    let (mut rd, _) = after_handshake_split(r, tokio::io::sink(), Role::Server);
-    rd.set_auto_close(false);
-    // Pings are answered here, not by fastwebsockets, so that they count
-    // against the frame rate limit (a ping flood is a flood).
-    rd.set_auto_pong(false);
-    // fastwebsockets rejects a frame when `len >= limit`, before reading its payload.
-    rd.set_max_message_size(cfg.max_message_size + 1);
-
-    let writer = tokio::spawn(run_socket_writer(
-        w,
-        rx,
-        ctl.clone(),
-        WriterOpts {
-            batch: cfg.write_batch,
-            write_timeout: cfg.write_timeout,
-            ping_interval: cfg.ping_interval,
-        },
-        metrics.clone(),
-    ));
+    // TLS: reads here, every write in a writer task.
+    let (mut tls_read, writer) = match stream.take() {
+        Some(io) => {
+            let (r, w) = tokio::io::split(io);
+            let writer = tokio::spawn(run_socket_writer(w, handle.clone(), cfg.write_timeout));
+            (Some(r), Some(writer))
+        }
+        None => (None, None),
+    };
+    let sock = handle.socket().cloned();
     state.hub.register(&handle);
     state.directory.seen(&handle.user);
     handle.send(&ServerFrame::Hello {
@@ -202,90 +374,196 @@ pub async fn serve(
         strike_window_start: Instant::now(),
         last_typing: HashMap::new(),
     };
+    let mut reader = Reader {
+        partial: Vec::new(),
+        assembler: Assembler::new(cfg.max_message_size),
+        // fastwebsockets' limit was `len >= max + 1`: the same cap.
+        max_payload: cfg.max_message_size,
+    };
 
     // `exp` is the peer's (signed, but any u64): no arithmetic on it may
     // overflow. A deadline past MAX_TOKEN_WAIT is as good as never.
     let expires_in = Duration::from_secs(claims.exp.saturating_sub(crate::clock::now_secs()))
         .min(MAX_TOKEN_WAIT);
-    let token_deadline = Instant::now()
+    let now = Instant::now();
+    let token_deadline = now
         .checked_add(expires_in)
-        .unwrap_or_else(|| Instant::now() + MAX_TOKEN_WAIT);
-    // Auto-close and auto-pong are off, so fastwebsockets never has
-    // anything to send on our behalf.
-    let mut send_fn = |_f: fastwebsockets::Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
-    let mut assembler = Assembler::new(cfg.max_message_size);
-    loop {
-        let idle_deadline = Instant::now() + cfg.idle_timeout;
-        // read_frame is not cancel-safe; every branch that wins over it
-        // ends the connection, so no partial frame is ever resumed.
-        let frame = tokio::select! {
-            biased;
-            _ = ctl.cancel.cancelled() => break,
-            _ = tokio::time::sleep_until(token_deadline) => {
-                handle.close(CloseCode::TokenExpired);
-                break;
+        .unwrap_or_else(|| now + MAX_TOKEN_WAIT);
+    // One timer for pings, the idle timeout and the token's expiry; it is
+    // moved only when it fires (a read just records when it happened).
+    let mut last_read = now;
+    let mut next_ping = now + cfg.ping_interval;
+    let timer = tokio::time::sleep_until(next_ping.min(token_deadline));
+    tokio::pin!(timer);
+    let mut blocked_since: Option<Instant> = None;
+    let mut tls_buf = bytes::BytesMut::new();
+    let mut pending: Vec<ClientFrame> = Vec::new();
+    if !early.is_empty() {
+        let mut first = early.to_vec();
+        early = bytes::Bytes::new();
+        match reader.ingest(&mut first, &mut session) {
+            Some(m) => pending = m,
+            None => return Box::pin(finish(session, handle, writer, cfg.write_timeout)).await,
+        }
+    }
+    drop(early);
+    'conn: loop {
+        // Messages first, one at a time, in order.
+        for frame in std::mem::take(&mut pending) {
+            // Boxed: handling a message (a join with replay, a history
+            // query) takes far more state than waiting does, and every
+            // idle connection's task would otherwise carry it.
+            if !Box::pin(session.run(frame)).await {
+                break 'conn;
             }
-            r = tokio::time::timeout_at(idle_deadline, rd.read_frame(&mut send_fn)) => match r {
-                Err(_) => {
+        }
+        // Drain what is queued (a direct connection's own writes).
+        let blocked = match handle.drain_now() {
+            Ok(crate::outbound::Drained::Empty) => {
+                blocked_since = None;
+                false
+            }
+            Ok(crate::outbound::Drained::Blocked) => {
+                if blocked_since.is_none() {
+                    let now = Instant::now();
+                    blocked_since = Some(now);
+                    // The timer fires by the write deadline at the latest.
+                    let stalled = now + cfg.write_timeout;
+                    if stalled < timer.deadline() {
+                        timer.as_mut().reset(stalled);
+                    }
+                }
+                true
+            }
+            Err(_) => break,
+        };
+        let wait_writable = async {
+            match (&sock, blocked) {
+                (Some(s), true) => {
+                    let _ = s.writable().await;
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        let readable = async {
+            match (&sock, &mut tls_read) {
+                (Some(s), _) => s.readable().await.is_ok(),
+                (None, Some(r)) => {
+                    tls_buf.reserve(4096);
+                    matches!(tokio::io::AsyncReadExt::read_buf(r, &mut tls_buf).await, Ok(n) if n > 0)
+                }
+                (None, None) => false,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = handle.cancelled() => break,
+            _ = handle.queued(), if sock.is_some() => {}
+            _ = wait_writable => {}
+            ok = readable => {
+                if !ok {
+                    break;
+                }
+                last_read = Instant::now();
+                let got = match &sock {
+                    Some(s) => reader.read_plain(s, &mut session),
+                    None => {
+                        let mut data = tls_buf.split().to_vec();
+                        reader.ingest(&mut data, &mut session).map(Read::Messages)
+                    }
+                };
+                match got {
+                    Some(Read::Messages(m)) => pending = m,
+                    Some(Read::Eof) | None => break,
+                }
+                if tls_buf.is_empty() && tls_buf.capacity() > 0 {
+                    tls_buf = bytes::BytesMut::new();
+                }
+            }
+            _ = &mut timer => {
+                let now = Instant::now();
+                if blocked_since.is_some_and(|t| now.duration_since(t) >= cfg.write_timeout) {
+                    // The peer takes nothing: a slow consumer.
+                    handle.close(CloseCode::SlowConsumer);
+                    break;
+                }
+                if now >= token_deadline {
+                    handle.close(CloseCode::TokenExpired);
+                    break;
+                }
+                if now.duration_since(last_read) >= cfg.idle_timeout {
                     handle.close(CloseCode::IdleTimeout);
                     break;
                 }
-                Ok(Err(_)) if unmasked.load(std::sync::atomic::Ordering::Acquire) => {
-                    handle.close(CloseCode::Protocol);
-                    break;
+                if now >= next_ping {
+                    let _ = handle.push(ws_frame(OpCode::Ping, b""), true);
+                    next_ping = now + cfg.ping_interval;
                 }
-                Ok(Err(e)) => {
-                    if let Some(code) = close_code_for(&e) {
-                        tracing::debug!(conn = handle.id, error = %e, "websocket protocol error");
-                        handle.close(code);
-                    }
-                    break;
+                let mut next = next_ping.min(last_read + cfg.idle_timeout).min(token_deadline);
+                if let Some(t) = blocked_since {
+                    next = next.min(t + cfg.write_timeout);
                 }
-                Ok(Ok(f)) => f,
-            },
-        };
-        let step = assembler.feed(frame.fin, frame.opcode, &frame.payload);
-        // Every inbound frame takes a token, whatever it is: pongs and
-        // fragments cost the broker as much as messages do. A complete
-        // message takes its token in `on_message`.
-        if matches!(step, Step::Pending | Step::Pong | Step::Ping) {
-            match session.admit() {
-                Admit::Yes => {}
-                Admit::Refused => continue,
-                Admit::Close => break,
-            }
-        }
-        match step {
-            Step::Pending | Step::Pong => {}
-            Step::Close(code) => {
-                handle.close(code);
-                break;
-            }
-            Step::Ping => {
-                // Best effort, like other ephemeral frames.
-                let _ = handle.push(ws_frame(OpCode::Pong, &frame.payload), true);
-            }
-            // Boxed: the handlers' futures (joins with replay, history
-            // queries) would otherwise be part of every idle connection's
-            // state, which waits at the read above.
-            Step::Whole => {
-                if !Box::pin(session.on_message(&frame.payload)).await {
-                    break;
-                }
-            }
-            Step::Reassembled(buf) => {
-                if !Box::pin(session.on_message(&buf)).await {
-                    break;
-                }
+                timer.as_mut().reset(next);
             }
         }
     }
+    Box::pin(finish(session, handle, writer, cfg.write_timeout)).await
+}
 
-    // Cleanup (see `Drop for Session`), then give the writer time to send
-    // the close frame.
+/// End a connection: clean up its session, then send the close frame (a
+/// direct connection here, a TLS one through its writer).
+async fn finish(
+    session: Session,
+    handle: ConnHandle,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    write_timeout: Duration,
+) {
+    // Cleanup (see `Drop for Session`) cancels the connection.
     drop(session);
-    let _ = tokio::time::timeout(cfg.write_timeout + Duration::from_secs(1), writer).await;
-    tracing::debug!(conn = handle.id, code = ?ctl.code(), "disconnected");
+    match writer {
+        Some(w) => {
+            let _ = tokio::time::timeout(write_timeout + Duration::from_secs(1), w).await;
+        }
+        None => {
+            // The peer gets the write timeout to take the close frame
+            // (a slow consumer must read what is before it first).
+            handle.finish(write_timeout).await;
+            if let Some(sock) = handle.socket() {
+                let _ = tokio::time::timeout(LINGER, linger(sock)).await;
+            }
+        }
+    }
+    tracing::debug!(conn = handle.id, code = ?handle.close_code(), "disconnected");
+}
+
+/// Longest a closed connection's input is read and discarded.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Read and discard until the client closes its side (its answer to our
+/// close frame and FIN). Closing a socket with unread input sends RST,
+/// and a client that receives RST may discard our close frame unread (a
+/// client flooding us when we close it for the flood would never learn
+/// why).
+async fn linger(sock: &tokio::net::TcpStream) {
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        let done = SCRATCH_BUF.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < SCRATCH {
+                scratch.resize(SCRATCH, 0);
+            }
+            match sock.try_read(&mut scratch[..]) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        });
+        if done {
+            return;
+        }
+    }
 }
 
 /// Longest a connection waits for its token to expire; a later `exp`
@@ -303,24 +581,6 @@ impl Drop for Session {
         self.state.hub.unregister(&self.handle);
         self.handle.cancel_token().cancel();
         self.state.metrics.connections.dec();
-    }
-}
-
-fn close_code_for(e: &WebSocketError) -> Option<CloseCode> {
-    use WebSocketError::*;
-    match e {
-        FrameTooLarge => Some(CloseCode::TooBig),
-        InvalidUTF8 => Some(CloseCode::InvalidPayload),
-        InvalidFragment
-        | InvalidContinuationFrame
-        | ReservedBitsNotZero
-        | ControlFrameFragmented
-        | PingFrameTooLarge
-        | InvalidCloseFrame
-        | InvalidCloseCode
-        | InvalidValue => Some(CloseCode::Protocol),
-        // EOF, IO errors: the peer is gone; nothing to send.
-        _ => None,
     }
 }
 
@@ -351,27 +611,51 @@ impl Session {
         Admit::Refused
     }
 
-    async fn on_message(&mut self, payload: &[u8]) -> bool {
+    /// Take a complete message: its rate token, then decode it. None if
+    /// refused (answered with an error frame) or the connection must end
+    /// (then it is closing).
+    fn accept(&mut self, payload: &[u8]) -> Option<ClientFrame> {
         match self.admit() {
             Admit::Yes => {}
-            Admit::Refused => return true,
-            Admit::Close => return false,
+            Admit::Refused | Admit::Close => return None,
         }
         let m = &self.state.metrics;
-        let frame = match self.handle.encoding.decode_client(payload) {
-            Ok(f) => f,
+        match self.handle.encoding.decode_client(payload) {
+            Ok(f) => {
+                m.frame_in(client_kind_index(f.kind()));
+                Some(f)
+            }
             Err(e) => {
                 m.frame_in(client_kind_index("invalid"));
                 self.reply_err(None, ErrorCode::BadRequest, e.to_string());
-                return true;
+                None
+            }
+        }
+    }
+
+    /// Handle one decoded message. Returns false if the connection must
+    /// end. While it runs (a request may wait on the store), a direct
+    /// connection's queue keeps draining, and a closing connection stops
+    /// it.
+    async fn run(&mut self, frame: ClientFrame) -> bool {
+        let handle = self.handle.clone();
+        let write_timeout = self.state.cfg.conn.write_timeout;
+        let drain = async {
+            if handle.socket().is_none() {
+                return std::future::pending().await;
+            }
+            loop {
+                if handle.drain(write_timeout).await.is_err() {
+                    handle.cancel_token().cancel();
+                    return;
+                }
+                handle.queued().await;
             }
         };
-        m.frame_in(client_kind_index(frame.kind()));
-        let cancel = self.handle.cancel_token();
-        // A request may wait on the store; a closing connection stops it.
         tokio::select! {
             _ = self.dispatch(frame) => {}
-            _ = cancel.cancelled() => {}
+            _ = handle.cancelled() => {}
+            _ = drain => {}
         }
         !self.handle.is_closing()
     }
@@ -848,10 +1132,11 @@ mod tests {
     #[test]
     fn an_idle_connection_state_stays_small() {
         // Every connection's task holds this state machine for its whole
-        // life (2.7 KB before the message handlers were boxed). A large
-        // future awaited inline in `serve` would grow it for every
-        // connection, idle or not.
+        // life: its session, reader, timer and what it waits on (it
+        // replaced two tasks and an 8 KiB read buffer). A large future
+        // awaited inline in `serve` would grow it for every connection,
+        // idle or not; message handling and the final close are boxed.
         let n = future_size(super::serve);
-        assert!(n <= 1536, "conn::serve future is {n} bytes");
+        assert!(n <= 1600, "conn::serve future is {n} bytes");
     }
 }

@@ -919,7 +919,10 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
                 )
                 .await;
             }
-            Ok(Ok(ws)) => crate::conn::serve(st, ws.into_inner(), claims, encoding).await,
+            Ok(Ok(ws)) => {
+                let transport = crate::conn::Transport::from_upgraded(ws.into_inner().into_inner());
+                crate::conn::serve(st, transport, claims, encoding).await
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 st.metrics.handshake("failed");

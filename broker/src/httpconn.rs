@@ -230,6 +230,12 @@ impl<T> WriteDeadline<T> {
         }
     }
 
+    /// The wrapped IO (a WebSocket connection takes over its own write
+    /// timeouts after the upgrade).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<R>> {
         let timeout = self.timeout;
         let sleep = self

@@ -18,7 +18,6 @@ pub mod http;
 pub(crate) mod httpconn;
 pub(crate) mod hub;
 pub(crate) mod limiter;
-pub mod maskcheck;
 pub(crate) mod metrics;
 pub(crate) mod outbound;
 pub(crate) mod persist;
@@ -29,5 +28,6 @@ pub mod store;
 pub mod testing;
 pub(crate) mod tls;
 pub(crate) mod webhook;
+pub mod wsframe;
 
 pub use config::Config;

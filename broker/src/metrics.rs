@@ -135,11 +135,15 @@ pub struct Metrics {
     pub publish_seconds: Histogram,
     /// Time to queue one message to every recipient connection.
     pub fanout_seconds: Histogram,
-    /// Frames waiting in a connection's outbound queue, sampled each time
-    /// its writer wakes.
+    /// Frames waiting in a connection's outbound queue, sampled when a
+    /// frame has to wait (the socket did not take it at once) and when a
+    /// drain finds the socket full.
     pub outbound_queue_depth: Histogram,
-    /// Frames per vectored socket write.
+    /// Frames per drained (vectored) socket write.
     pub write_batch_frames: Histogram,
+    /// Frames written straight to the socket by the task that produced
+    /// them (no queue, no wake-up).
+    pub direct_writes: Counter,
     /// Publishes answered from the idempotency window (retried cid).
     pub idempotent_retries: Counter,
     /// Operations per group-commit transaction.
@@ -330,14 +334,20 @@ impl Metrics {
         let outbound_queue_depth = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register(
             "outbound_queue_depth",
-            "Frames waiting in a connection's outbound queue when its writer wakes",
+            "Frames waiting in a connection's outbound queue when a frame has to wait",
             outbound_queue_depth.clone(),
         );
         let write_batch_frames = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         registry.register(
             "write_batch_frames",
-            "Frames per socket write",
+            "Frames per drained (vectored) socket write",
             write_batch_frames.clone(),
+        );
+        let direct_writes = Counter::default();
+        registry.register(
+            "direct_writes",
+            "Frames written straight to the socket by the task that produced them",
+            direct_writes.clone(),
         );
         let idempotent_retries = Counter::default();
         registry.register(
@@ -578,6 +588,7 @@ impl Metrics {
             files_expired,
             webhook,
             bytes_out,
+            direct_writes,
             bus_inbound_dropped,
             bus_bad_payloads,
             bus_undeliverable,

@@ -1,22 +1,38 @@
-//! Per-connection outbound queue and its single writer task.
+//! What goes out to one connection: its outbound queue, the direct write
+//! path, and the drain.
 //!
-//! Frames are queued as complete, pre-framed WebSocket messages (`Bytes`,
-//! header and payload together). Server frames are unmasked, so one
-//! `Bytes` built for a room message is shared by every recipient: the
-//! payload is encoded once per encoding and never copied per recipient.
+//! Frames are complete, pre-framed WebSocket messages (`Bytes`, header and
+//! payload together). Server frames are unmasked, so one `Bytes` built for
+//! a room message is shared by every recipient: the payload is encoded
+//! once per encoding and never copied per recipient.
 //!
-//! Queue bound and overflow policy (`--outbound-queue`, default 1024
-//! frames): when a connection's queue is full, an *ephemeral* frame
-//! (typing, presence) is dropped and counted; any other frame closes the
-//! connection with 4003 (slow consumer), because skipping a sequenced
-//! message would break the no-gap guarantee. The client recovers with
-//! `join {since}`.
-//!
-//! The writer drains up to `--write-batch` frames per wake-up and writes
-//! them with one vectored write, so a busy connection costs one syscall per
-//! batch rather than per message.
+//! Rules:
+//! - **Direct write first.** On a plain TCP connection whose queue is
+//!   empty, [`ConnHandle::push`] writes the frame to the socket at once
+//!   (`try_write`, never blocking), from whichever task produced it: a
+//!   delivery costs one syscall and no task wake-up. Only what the socket
+//!   does not take (`WouldBlock`, or the rest of a partial write) is
+//!   queued, and the connection's drainer is woken for it.
+//! - **One order.** Every write, direct or drained, happens under the
+//!   queue's lock, and a frame is written directly only when nothing is
+//!   queued before it, so a connection sees frames in the order they were
+//!   pushed.
+//! - **A queue that costs nothing when empty.** The queue allocates on
+//!   first use and is freed when drained.
+//! - **Bound and overflow policy** (`--outbound-queue`, default 1024
+//!   frames): when a connection's queue is full, an *ephemeral* frame
+//!   (typing, presence, pong) is dropped and counted; any other frame
+//!   closes the connection with 4003 (slow consumer), because skipping a
+//!   sequenced message would break the no-gap guarantee. The client
+//!   recovers with `join {since}`.
+//! - **The drain** takes up to `--write-batch` frames per vectored write:
+//!   on plain TCP the connection's own task does it when the socket is
+//!   writable again; on TLS (whose writes need the stream) a writer task
+//!   ([`run_socket_writer`]) does all of a connection's writes. A drain
+//!   that makes no progress for `--write-timeout` drops the connection.
 
 use std::{
+    collections::VecDeque,
     io::IoSlice,
     sync::{
         atomic::{AtomicU16, Ordering},
@@ -27,10 +43,12 @@ use std::{
 
 use bytes::{BufMut, Bytes, BytesMut};
 use fastwebsockets::{Frame, OpCode, Payload};
+use parking_lot::Mutex;
 use shoal_proto::{CloseCode, Encoding, ServerFrame};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
+    net::TcpStream,
+    sync::Notify,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -103,40 +121,68 @@ impl<'a> SharedFrame<'a> {
     }
 }
 
-/// Shared close state of a connection: the first close code set wins, and
-/// cancelling the token wakes both the reader and the writer.
-#[derive(Default)]
-pub struct ConnCtl {
-    code: AtomicU16,
-    /// Cancelled when the connection must end.
-    pub cancel: CancellationToken,
+/// Most frames in one vectored write (a stack array of slices).
+const MAX_WRITE_BATCH: usize = 64;
+
+/// Where a connection's bytes go.
+pub enum Sink {
+    /// A plain TCP socket, written directly (see the module docs).
+    Direct(Arc<TcpStream>),
+    /// Queued only; another task drains the queue (a TLS writer task, or
+    /// a test's [`Inbox`]).
+    Drained,
 }
 
-impl ConnCtl {
-    /// New control block whose token is a child of `parent` (server shutdown).
-    pub fn new(parent: &CancellationToken) -> Self {
-        ConnCtl {
-            code: AtomicU16::new(0),
-            cancel: parent.child_token(),
-        }
-    }
+/// The queue and what the drain needs to know about its front.
+#[derive(Default)]
+struct Outbox {
+    queue: VecDeque<Bytes>,
+    /// The front frame was partly written: it must be finished before
+    /// anything else (a close frame included) goes out.
+    front_started: bool,
+    /// No more frames are accepted (closing).
+    closed: bool,
+}
 
-    /// The close code chosen, if any.
-    pub fn code(&self) -> Option<CloseCode> {
-        let c = self.code.load(Ordering::Acquire);
-        CloseCode::ALL.into_iter().find(|k| k.as_u16() == c)
-    }
+/// What every handle of a connection shares.
+struct Shared {
+    /// The first close code chosen (0: none yet).
+    code: AtomicU16,
+    /// Cancelled when the connection must end; a child of the server's
+    /// shutdown token.
+    cancel: CancellationToken,
+    out: Mutex<Outbox>,
+    /// Wakes the drainer when the queue becomes non-empty (a permit is
+    /// kept if it is not waiting).
+    wake: Notify,
+    /// Wakes senders waiting for room in the queue ([`ConnHandle::send_wait`]).
+    space: Notify,
+    sock: Option<Arc<TcpStream>>,
+    /// `--outbound-queue`.
+    limit: usize,
+    /// `--write-batch`, at most [`MAX_WRITE_BATCH`].
+    batch: usize,
+    metrics: Arc<Metrics>,
 }
 
 /// Outcome of queueing a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    /// Queued.
+    /// Written or queued.
     Queued,
     /// Ephemeral frame dropped: queue full.
     Dropped,
     /// The connection is gone or was just closed as a slow consumer.
     Closed,
+}
+
+/// What a drain step left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// The queue is empty.
+    Empty,
+    /// The socket takes no more now; wait until it is writable.
+    Blocked,
 }
 
 /// Cheap, clonable handle to a live connection, kept in rooms and the user
@@ -151,60 +197,106 @@ pub struct ConnHandle {
     pub jti: Arc<str>,
     /// Wire encoding.
     pub encoding: Encoding,
-    tx: mpsc::Sender<Bytes>,
-    ctl: Arc<ConnCtl>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
 }
 
 impl ConnHandle {
-    /// Create a handle and the receiving end for its writer.
+    /// A handle writing to `sink`, closed when `parent` (server shutdown)
+    /// is cancelled. `queue`: `--outbound-queue`; `batch`: `--write-batch`.
     pub fn new(
         user: Arc<str>,
         jti: Arc<str>,
         encoding: Encoding,
-        queue: usize,
-        ctl: Arc<ConnCtl>,
+        (queue, batch): (usize, usize),
+        sink: Sink,
+        parent: &CancellationToken,
         metrics: Arc<Metrics>,
-    ) -> (Self, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(queue);
-        (
-            ConnHandle {
-                id: crate::metrics::next_id(),
-                user,
-                jti,
-                encoding,
-                tx,
-                ctl,
+    ) -> Self {
+        ConnHandle {
+            id: crate::metrics::next_id(),
+            user,
+            jti,
+            encoding,
+            shared: Arc::new(Shared {
+                code: AtomicU16::new(0),
+                cancel: parent.child_token(),
+                out: Mutex::new(Outbox::default()),
+                wake: Notify::new(),
+                space: Notify::new(),
+                sock: match sink {
+                    Sink::Direct(s) => Some(s),
+                    Sink::Drained => None,
+                },
+                limit: queue.max(1),
+                batch: batch.clamp(1, MAX_WRITE_BATCH),
                 metrics,
-            },
-            rx,
-        )
+            }),
+        }
     }
 
-    /// Queue a pre-framed message under the slow-consumer policy.
+    /// Queue a pre-framed message under the slow-consumer policy, writing
+    /// it at once where the socket allows (see the module docs).
     pub fn push(&self, frame: Bytes, ephemeral: bool) -> Pushed {
-        match self.tx.try_send(frame) {
-            Ok(()) => Pushed::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) if ephemeral => {
-                self.metrics.ephemeral_dropped.inc();
-                Pushed::Dropped
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CloseCode::SlowConsumer);
-                Pushed::Closed
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Pushed::Closed,
+        let s = &*self.shared;
+        let mut o = s.out.lock();
+        if o.closed {
+            return Pushed::Closed;
         }
+        if o.queue.is_empty() {
+            let written = match &s.sock {
+                None => 0,
+                Some(sock) => match sock.try_write(&frame) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                    Err(_) => {
+                        // The peer is gone; its reader sees it too.
+                        o.closed = true;
+                        drop(o);
+                        s.cancel.cancel();
+                        return Pushed::Closed;
+                    }
+                },
+            };
+            if written > 0 {
+                s.metrics.bytes_out.inc_by(written as u64);
+            }
+            if written == frame.len() {
+                s.metrics.direct_writes.inc();
+                return Pushed::Queued;
+            }
+            o.front_started = written > 0;
+            o.queue.push_back(frame.slice(written..));
+            drop(o);
+            s.metrics.outbound_queue_depth.observe(1.0);
+            s.wake.notify_one();
+            return Pushed::Queued;
+        }
+        if o.queue.len() >= s.limit {
+            drop(o);
+            if ephemeral {
+                s.metrics.ephemeral_dropped.inc();
+                return Pushed::Dropped;
+            }
+            self.close(CloseCode::SlowConsumer);
+            return Pushed::Closed;
+        }
+        // The drainer was woken when the queue became non-empty and keeps
+        // going until it is empty again.
+        o.queue.push_back(frame);
+        let depth = o.queue.len();
+        drop(o);
+        s.metrics.outbound_queue_depth.observe(depth as f64);
+        Pushed::Queued
     }
 
     /// Encode and queue a frame for this connection alone.
     pub fn send(&self, frame: &ServerFrame) -> Pushed {
         match encode_ws(self.encoding, frame) {
             Some(b) => {
-                self.metrics.frames_out(frame.kind(), 1);
+                self.shared.metrics.frames_out(frame.kind(), 1);
                 if let ServerFrame::Error { code, .. } = frame {
                     if let Some(c) = error_code(*code) {
-                        self.metrics.error(c);
+                        self.shared.metrics.error(c);
                     }
                 }
                 self.push(b, frame.is_ephemeral())
@@ -214,41 +306,200 @@ impl ConnHandle {
     }
 
     /// Encode and queue a frame, waiting while the queue is full (replay:
-    /// the reader of this connection is the one waiting, so a client that
-    /// asks for a long replay is paced by its own reading). False if the
-    /// connection is gone.
+    /// the connection's own task is the one waiting, so a client that asks
+    /// for a long replay is paced by its own reading; its drain runs
+    /// meanwhile, see `conn`). False if the connection is gone.
     pub async fn send_wait(&self, frame: &ServerFrame) -> bool {
         let Some(b) = encode_ws(self.encoding, frame) else {
             return false;
         };
-        self.metrics.frames_out(frame.kind(), 1);
-        tokio::select! {
-            r = self.tx.send(b) => r.is_ok(),
-            _ = self.ctl.cancel.cancelled() => false,
+        self.shared.metrics.frames_out(frame.kind(), 1);
+        loop {
+            let space = self.shared.space.notified();
+            tokio::pin!(space);
+            // Registered before the check, so a drain between the check
+            // and the wait is not missed.
+            space.as_mut().enable();
+            {
+                let o = self.shared.out.lock();
+                if o.closed {
+                    return false;
+                }
+                if o.queue.len() < self.shared.limit {
+                    drop(o);
+                    return self.push(b, false) == Pushed::Queued;
+                }
+            }
+            tokio::select! {
+                _ = space => {}
+                _ = self.shared.cancel.cancelled() => return false,
+            }
         }
     }
 
-    /// Close the connection with `code` (first caller wins).
+    /// Close the connection with `code` (first caller wins): no frame is
+    /// accepted after it, and the drainer sends the close frame.
     pub fn close(&self, code: CloseCode) {
         if self
-            .ctl
+            .shared
             .code
             .compare_exchange(0, code.as_u16(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.metrics.close(code);
-            self.ctl.cancel.cancel();
+            self.shared.out.lock().closed = true;
+            self.shared.metrics.close(code);
+            self.shared.cancel.cancel();
         }
+    }
+
+    /// The close code chosen, if any.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        let c = self.shared.code.load(Ordering::Acquire);
+        CloseCode::ALL.into_iter().find(|k| k.as_u16() == c)
     }
 
     /// Token cancelled when the connection ends.
     pub fn cancel_token(&self) -> CancellationToken {
-        self.ctl.cancel.clone()
+        self.shared.cancel.clone()
+    }
+
+    /// Resolves when the connection must end.
+    pub async fn cancelled(&self) {
+        self.shared.cancel.cancelled().await
+    }
+
+    /// Resolves when frames were queued for the drainer.
+    pub async fn queued(&self) {
+        self.shared.wake.notified().await
     }
 
     /// True once the connection is closing.
     pub fn is_closing(&self) -> bool {
-        self.ctl.cancel.is_cancelled()
+        self.shared.cancel.is_cancelled()
+    }
+
+    /// The socket of a direct connection.
+    pub fn socket(&self) -> Option<&Arc<TcpStream>> {
+        self.shared.sock.as_ref()
+    }
+
+    /// Write what is queued to a direct connection's socket without
+    /// blocking, up to `--write-batch` frames per vectored write. Err: the
+    /// socket failed.
+    pub fn drain_now(&self) -> std::io::Result<Drained> {
+        let s = &*self.shared;
+        let Some(sock) = &s.sock else {
+            return Ok(Drained::Empty);
+        };
+        let mut o = s.out.lock();
+        let mut wrote = false;
+        let r = loop {
+            if o.queue.is_empty() {
+                // Free the queue's buffer: an idle connection holds none.
+                o.queue = VecDeque::new();
+                break Ok(Drained::Empty);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_WRITE_BATCH];
+            let k = o.queue.len().min(s.batch);
+            for (slot, b) in slices.iter_mut().zip(o.queue.iter()) {
+                *slot = IoSlice::new(b);
+            }
+            match sock.try_write_vectored(&slices[..k]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    s.metrics.write_batch_frames.observe(k as f64);
+                    s.metrics.bytes_out.inc_by(n as u64);
+                    advance(&mut o, n);
+                    wrote = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    s.metrics.outbound_queue_depth.observe(o.queue.len() as f64);
+                    break Ok(Drained::Blocked);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        drop(o);
+        if wrote {
+            s.space.notify_waiters();
+        }
+        r
+    }
+
+    /// Drain a direct connection until its queue is empty, waiting for the
+    /// socket; fails if the socket takes nothing for `timeout`.
+    pub async fn drain(&self, timeout: Duration) -> std::io::Result<()> {
+        let Some(sock) = self.socket().cloned() else {
+            return Ok(());
+        };
+        while self.drain_now()? == Drained::Blocked {
+            tokio::time::timeout(timeout, sock.writable())
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        }
+        Ok(())
+    }
+
+    /// Queue the close frame (after what is queued, or for a slow consumer
+    /// after only the frame already begun), then drain a direct connection
+    /// for at most `timeout` and shut its socket down. Drained connections
+    /// are finished by their writer.
+    pub async fn finish(&self, timeout: Duration) {
+        let code = self.close_frame_queued();
+        if let Some(sock) = &self.shared.sock {
+            let _ = tokio::time::timeout(timeout, self.drain(timeout)).await;
+            // FIN after the close frame, now: the socket itself closes only
+            // when the last handle is dropped, and closing a socket with
+            // unread input would send RST, which can make the client
+            // discard the close frame.
+            let _ = socket2::SockRef::from(sock.as_ref()).shutdown(std::net::Shutdown::Write);
+        }
+        tracing::trace!(conn = self.id, ?code, "close frame queued");
+    }
+
+    /// Mark closed and queue the close frame; the code it carries.
+    fn close_frame_queued(&self) -> CloseCode {
+        let code = self.close_code().unwrap_or(CloseCode::GoingAway);
+        let mut o = self.shared.out.lock();
+        o.closed = true;
+        if code == CloseCode::SlowConsumer {
+            let keep = usize::from(o.front_started);
+            o.queue.truncate(keep);
+        }
+        o.queue.push_back(close_frame(code));
+        code
+    }
+
+    /// Take up to `--write-batch` whole frames off the queue (a drained
+    /// connection's writer).
+    fn take_batch(&self, into: &mut Vec<Bytes>) {
+        let mut o = self.shared.out.lock();
+        let k = o.queue.len().min(self.shared.batch);
+        into.extend(o.queue.drain(..k));
+        if o.queue.is_empty() {
+            o.queue = VecDeque::new();
+        }
+        o.front_started = false;
+        drop(o);
+        self.shared.space.notify_waiters();
+    }
+}
+
+/// Drop `n` written bytes from the front of the queue.
+fn advance(o: &mut Outbox, mut n: usize) {
+    while n > 0 {
+        let Some(front) = o.queue.front_mut() else {
+            return;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            o.queue.pop_front();
+            o.front_started = false;
+        } else {
+            bytes::Buf::advance(front, n);
+            o.front_started = true;
+            return;
+        }
     }
 }
 
@@ -269,84 +520,50 @@ fn error_code(c: u16) -> Option<shoal_proto::ErrorCode> {
     .find(|e| e.as_u16() == c)
 }
 
-/// Socket writer settings.
-#[derive(Debug, Clone, Copy)]
-pub struct WriterOpts {
-    /// Frames per vectored write.
-    pub batch: usize,
-    /// Longest a write may take.
-    pub write_timeout: Duration,
-    /// Server ping interval.
-    pub ping_interval: Duration,
-}
-
-/// Drain the queue into the socket until the connection is cancelled, then
-/// send the close frame. On a normal close or shutdown what is already
-/// queued is flushed first (bounded by the queue size and write timeout);
-/// a slow consumer is closed without draining.
+/// Do every write of a drained connection (TLS) until it is cancelled,
+/// then send the close frame. On a normal close or shutdown what is
+/// already queued is flushed first (bounded by the queue size and the
+/// write timeout); a slow consumer is closed without draining.
 pub async fn run_socket_writer<W: AsyncWrite + Unpin>(
     mut io: W,
-    mut rx: mpsc::Receiver<Bytes>,
-    ctl: Arc<ConnCtl>,
-    opts: WriterOpts,
-    metrics: Arc<Metrics>,
+    conn: ConnHandle,
+    write_timeout: Duration,
 ) {
+    let metrics = conn.shared.metrics.clone();
     // Grown on first use: an idle connection holds no batch buffer.
     let mut batch: Vec<Bytes> = Vec::new();
-    let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + opts.ping_interval,
-        opts.ping_interval,
-    );
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // One cancellation future for the connection's life, polled only when
-    // the queue is empty: polling it takes the token's mutex, which showed
-    // in profiles of wide fan-outs as much as the write itself. A close
-    // (its code is set before the token is cancelled) is seen at the next
-    // batch through the atomic; a server shutdown once the queue is empty.
-    let cancelled = ctl.cancel.cancelled();
-    tokio::pin!(cancelled);
     loop {
         tokio::select! {
             biased;
-            n = rx.recv_many(&mut batch, opts.batch) => {
-                if n == 0 || ctl.code.load(Ordering::Acquire) != 0 {
-                    // Frames already taken stay in `batch`, ahead of the
-                    // rest of the queue, for the drain below.
-                    break;
-                }
-                metrics.outbound_queue_depth.observe((n + rx.len()) as f64);
-                if write_batch(&mut io, &mut batch, opts.write_timeout, &metrics).await.is_err() {
-                    ctl.cancel.cancel();
-                    return;
-                }
+            _ = conn.cancelled() => break,
+            _ = conn.queued() => {}
+        }
+        loop {
+            conn.take_batch(&mut batch);
+            if batch.is_empty() {
+                break;
             }
-            _ = &mut cancelled => break,
-            _ = ping.tick() => {
-                batch.push(ws_frame(OpCode::Ping, b""));
-                if write_batch(&mut io, &mut batch, opts.write_timeout, &metrics).await.is_err() {
-                    ctl.cancel.cancel();
-                    return;
-                }
+            if write_batch(&mut io, &mut batch, write_timeout, &metrics)
+                .await
+                .is_err()
+            {
+                conn.shared.cancel.cancel();
+                return;
             }
         }
     }
-    let code = ctl.code().unwrap_or(CloseCode::GoingAway);
-    if code == CloseCode::SlowConsumer {
-        batch.clear();
-    } else {
-        while let Ok(b) = rx.try_recv() {
-            batch.push(b);
+    conn.close_frame_queued();
+    let last = Duration::from_secs(2).min(write_timeout);
+    loop {
+        conn.take_batch(&mut batch);
+        if batch.is_empty()
+            || write_batch(&mut io, &mut batch, last, &metrics)
+                .await
+                .is_err()
+        {
+            break;
         }
     }
-    rx.close();
-    batch.push(close_frame(code));
-    let _ = write_batch(
-        &mut io,
-        &mut batch,
-        Duration::from_secs(2).min(opts.write_timeout),
-        &metrics,
-    )
-    .await;
     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
 }
 
@@ -374,8 +591,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         tokio::pin!(write);
         // Usually the socket takes the whole batch (and the flush TLS
         // needs) at the first poll: only a write that has to wait arms the
-        // timeout (a timer entry per write is measurable at hundreds of
-        // thousands of writes a second).
+        // timeout.
         match futures_util::FutureExt::now_or_never(&mut write) {
             Some(r) => Ok(r),
             None => tokio::time::timeout(timeout, write).await,
@@ -389,6 +605,54 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// The receiving end of a [`Sink::Drained`] connection for tests: takes
+/// frames off the queue as a writer would.
+#[cfg(test)]
+pub struct Inbox(ConnHandle);
+
+#[cfg(test)]
+impl Inbox {
+    /// A handle with no socket and its inbox.
+    pub fn pair(user: &str, enc: Encoding, queue: usize, m: Arc<Metrics>) -> (ConnHandle, Inbox) {
+        let h = ConnHandle::new(
+            user.into(),
+            "j".into(),
+            enc,
+            (queue, 64),
+            Sink::Drained,
+            &CancellationToken::new(),
+            m,
+        );
+        (h.clone(), Inbox(h))
+    }
+
+    /// The next queued frame, if any.
+    pub fn try_recv(&mut self) -> Result<Bytes, ()> {
+        let mut o = self.0.shared.out.lock();
+        let b = o.queue.pop_front().ok_or(())?;
+        drop(o);
+        self.0.shared.space.notify_waiters();
+        Ok(b)
+    }
+
+    /// The next frame, waiting for one; None once the connection is closed
+    /// and nothing is left.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        loop {
+            if let Ok(b) = self.try_recv() {
+                return Some(b);
+            }
+            if self.0.is_closing() {
+                return None;
+            }
+            tokio::select! {
+                _ = self.0.queued() => {}
+                _ = self.0.cancelled() => {}
+            }
+        }
     }
 }
 
@@ -409,39 +673,27 @@ mod tests {
     #[tokio::test]
     async fn slow_consumer_policy() {
         let m = Arc::new(Metrics::new("t"));
-        let ctl = Arc::new(ConnCtl::default());
-        let (h, _rx) = ConnHandle::new("u".into(), "j".into(), Encoding::Json, 2, ctl.clone(), m);
+        let (h, _rx) = Inbox::pair("u", Encoding::Json, 2, m);
         assert_eq!(h.push(Bytes::from_static(b"1"), false), Pushed::Queued);
         assert_eq!(h.push(Bytes::from_static(b"2"), false), Pushed::Queued);
         assert_eq!(h.push(Bytes::from_static(b"e"), true), Pushed::Dropped);
         assert!(!h.is_closing());
         assert_eq!(h.push(Bytes::from_static(b"3"), false), Pushed::Closed);
         assert!(h.is_closing());
-        assert_eq!(ctl.code(), Some(CloseCode::SlowConsumer));
+        assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));
+        // Nothing is accepted after the close.
+        assert_eq!(h.push(Bytes::from_static(b"4"), true), Pushed::Closed);
     }
 
     #[tokio::test]
     async fn writer_batches_and_closes() {
         let m = Arc::new(Metrics::new("t"));
-        let ctl = Arc::new(ConnCtl::default());
-        let (h, rx) = ConnHandle::new(
-            "u".into(),
-            "j".into(),
-            Encoding::Json,
-            16,
-            ctl.clone(),
-            m.clone(),
-        );
+        let (h, _inbox) = Inbox::pair("u", Encoding::Json, 16, m);
         for i in 0..5u8 {
             h.push(ws_frame(OpCode::Text, &[b'a' + i]), false);
         }
         let (client, server) = tokio::io::duplex(4096);
-        let opts = WriterOpts {
-            batch: 64,
-            write_timeout: Duration::from_secs(1),
-            ping_interval: Duration::from_secs(60),
-        };
-        let w = tokio::spawn(run_socket_writer(server, rx, ctl, opts, m));
+        let w = tokio::spawn(run_socket_writer(server, h.clone(), Duration::from_secs(1)));
         tokio::time::sleep(Duration::from_millis(20)).await;
         h.close(CloseCode::GoingAway);
         w.await.expect("writer");
@@ -452,5 +704,137 @@ mod tests {
             .expect("read");
         assert!(out.starts_with(b"\x81\x01a\x81\x01b\x81\x01c\x81\x01d\x81\x01e"));
         assert_eq!(&out[15..19], &[0x88, 10, 0x03, 0xe9]);
+    }
+
+    /// A loopback pair whose server side is a direct handle.
+    async fn direct_pair(queue: usize) -> (ConnHandle, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = l.accept().await.expect("accept");
+        let h = ConnHandle::new(
+            "u".into(),
+            "j".into(),
+            Encoding::Json,
+            (queue, 8),
+            Sink::Direct(Arc::new(server)),
+            &CancellationToken::new(),
+            Arc::new(Metrics::new("t")),
+        );
+        (h, client)
+    }
+
+    /// Server frames (unmasked) read off `c` until a close frame: each
+    /// frame's opcode and payload.
+    async fn read_frames(c: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut out = vec![];
+        loop {
+            let mut h = [0u8; 2];
+            c.read_exact(&mut h).await.expect("head");
+            let len = match h[1] & 0x7f {
+                126 => {
+                    let mut n = [0u8; 2];
+                    c.read_exact(&mut n).await.expect("len");
+                    usize::from(u16::from_be_bytes(n))
+                }
+                127 => {
+                    let mut n = [0u8; 8];
+                    c.read_exact(&mut n).await.expect("len");
+                    u64::from_be_bytes(n) as usize
+                }
+                n => usize::from(n),
+            };
+            let mut p = vec![0u8; len];
+            c.read_exact(&mut p).await.expect("payload");
+            let op = h[0] & 0x0f;
+            out.push((op, p));
+            if op == 8 {
+                return out;
+            }
+        }
+    }
+
+    fn numbered(i: u32, size: usize) -> Bytes {
+        let mut p = vec![(i % 251) as u8; size];
+        p[..4].copy_from_slice(&i.to_be_bytes());
+        ws_frame(OpCode::Binary, &p)
+    }
+
+    #[tokio::test]
+    async fn direct_writes_keep_order_through_a_full_socket_and_its_drain() {
+        let (h, mut client) = direct_pair(100_000).await;
+        // Nobody reads: the socket fills, the rest queues behind it.
+        let mut n = 0u32;
+        while h.drain_now().expect("drain") == Drained::Empty || n < 50 {
+            assert_eq!(h.push(numbered(n, 16 * 1024), false), Pushed::Queued);
+            n += 1;
+            assert!(n < 20_000, "the socket never filled");
+        }
+        for _ in 0..50 {
+            assert_eq!(h.push(numbered(n, 16 * 1024), false), Pushed::Queued);
+            n += 1;
+        }
+        // The connection's drainer, as `conn` runs it.
+        let d = h.clone();
+        let drainer = tokio::spawn(async move {
+            loop {
+                d.drain(Duration::from_secs(5)).await.expect("drain");
+                tokio::select! {
+                    _ = d.queued() => {}
+                    _ = d.cancelled() => break,
+                }
+            }
+            d.finish(Duration::from_secs(5)).await;
+        });
+        let reader = tokio::spawn(async move { read_frames(&mut client).await });
+        // More while it drains: still in order.
+        for _ in 0..50 {
+            assert_eq!(h.push(numbered(n, 1000), false), Pushed::Queued);
+            n += 1;
+            tokio::task::yield_now().await;
+        }
+        h.close(CloseCode::GoingAway);
+        drainer.await.expect("drainer");
+        let frames = reader.await.expect("reader");
+        let (close, data) = frames.split_last().expect("frames");
+        assert_eq!(close.0, 8);
+        assert_eq!(&close.1[..2], &1001u16.to_be_bytes());
+        assert_eq!(data.len(), n as usize);
+        for (i, (op, p)) in data.iter().enumerate() {
+            assert_eq!(*op, 2);
+            assert_eq!(&p[..4], &(i as u32).to_be_bytes(), "frame {i} out of order");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_a_slow_consumer_with_4003_after_the_frame_begun() {
+        let (h, mut client) = direct_pair(8).await;
+        let mut n = 0u32;
+        let pushed = loop {
+            match h.push(numbered(n, 16 * 1024), false) {
+                Pushed::Queued => n += 1,
+                other => break other,
+            }
+            assert!(n < 20_000, "never closed");
+        };
+        assert_eq!(pushed, Pushed::Closed);
+        assert_eq!(h.close_code(), Some(CloseCode::SlowConsumer));
+        let reader = tokio::spawn(async move { read_frames(&mut client).await });
+        h.finish(Duration::from_secs(5)).await;
+        drop(h);
+        let frames = reader.await.expect("reader");
+        let (close, data) = frames.split_last().expect("frames");
+        assert_eq!(&close.1[..2], &4003u16.to_be_bytes());
+        // What reached the client is a prefix, in order, whole frames only
+        // (the queued rest was dropped, the frame begun was finished).
+        assert!(!data.is_empty() && data.len() < n as usize);
+        for (i, (_, p)) in data.iter().enumerate() {
+            assert_eq!(p.len(), 16 * 1024);
+            assert_eq!(&p[..4], &(i as u32).to_be_bytes());
+        }
     }
 }

@@ -293,7 +293,7 @@ mod tests {
     use crate::{
         config::NamespaceTable,
         hub::{Attach, HubError},
-        outbound::{ConnCtl, ConnHandle},
+        outbound::Inbox,
         store::{
             sqlite::SqliteStore, Replay, RetentionPolicy, RoomHead, RoomSummary, StoreError,
             UserRecord,
@@ -433,14 +433,7 @@ mod tests {
             }
             .run(rx, stop.clone()),
         );
-        let (member, mut inbox) = ConnHandle::new(
-            "bob".into(),
-            "j".into(),
-            Encoding::Json,
-            64,
-            Arc::new(ConnCtl::default()),
-            metrics.clone(),
-        );
+        let (member, mut inbox) = Inbox::pair("bob", Encoding::Json, 64, metrics.clone());
         let room = hub
             .ensure_room(&RoomName::parse("r").expect("name"))
             .await

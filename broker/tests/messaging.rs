@@ -529,6 +529,11 @@ async fn slow_consumer_is_closed_and_others_keep_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(b.metrics().await.contains("reason=\"slow_consumer\"} 1"));
+    // The backlog was queued and drained in batches (the fast consumer's
+    // writes did not all go straight to its socket).
+    let m = b.metrics().await;
+    assert!(sample(&m, "shoal_outbound_queue_depth_count") > 0.0);
+    assert!(sample(&m, "shoal_write_batch_frames_count") > 0.0);
     assert_eq!(
         slow.closed().await,
         End::Closed(Some(CloseCode::SlowConsumer.as_u16()))

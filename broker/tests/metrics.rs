@@ -114,8 +114,7 @@ async fn every_family_is_exposed_and_counters_move() {
         "shoal_fanout_seconds_count",
         "shoal_store_batch_ops_count",
         "shoal_store_commit_seconds_count",
-        "shoal_write_batch_frames_count",
-        "shoal_outbound_queue_depth_count",
+        "shoal_direct_writes_total",
         "shoal_ws_out_bytes_total",
         "shoal_http_requests_total{route=\"login\",status=\"200\"",
     ] {

@@ -824,23 +824,15 @@ fn broadcast(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{outbound::ConnCtl, persist::GroupCommit, store::sqlite::SqliteStore};
+    use crate::{outbound::Inbox, persist::GroupCommit, store::sqlite::SqliteStore};
     use shoal_proto::Encoding;
-    use tokio::sync::mpsc::Receiver;
     use tokio_util::sync::CancellationToken;
 
-    fn conn(user: &str, m: &Arc<Metrics>) -> (ConnHandle, Receiver<bytes::Bytes>) {
-        ConnHandle::new(
-            user.into(),
-            "j".into(),
-            Encoding::Json,
-            64,
-            Arc::new(ConnCtl::default()),
-            m.clone(),
-        )
+    fn conn(user: &str, m: &Arc<Metrics>) -> (ConnHandle, Inbox) {
+        Inbox::pair(user, Encoding::Json, 64, m.clone())
     }
 
-    fn drain(rx: &mut Receiver<bytes::Bytes>) -> Vec<ServerFrame> {
+    fn drain(rx: &mut Inbox) -> Vec<ServerFrame> {
         let mut out = vec![];
         while let Ok(b) = rx.try_recv() {
             // strip the 2-byte header of small text frames
@@ -1049,7 +1041,7 @@ mod tests {
         (f, bus)
     }
 
-    async fn recv_seqs(rx: &mut Receiver<bytes::Bytes>, n: usize) -> Vec<u64> {
+    async fn recv_seqs(rx: &mut Inbox, n: usize) -> Vec<u64> {
         let mut out = vec![];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while out.len() < n {
