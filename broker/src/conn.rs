@@ -179,11 +179,23 @@ impl Transport {
     pub fn from_upgraded(up: Upgraded) -> Self {
         type PlainIo = TokioIo<crate::httpconn::WriteDeadline<tokio::net::TcpStream>>;
         match up.downcast::<PlainIo>() {
-            Ok(parts) => Transport::Plain {
-                sock: Arc::new(parts.io.into_inner().into_inner()),
-                // A copy, so that hyper's read buffer is not pinned.
-                early: bytes::Bytes::copy_from_slice(&parts.read_buf),
-            },
+            Ok(parts) => {
+                let sock = parts.io.into_inner().into_inner();
+                // The socket's read and write waker slots still hold the
+                // HTTP connection task's wakers, and a waker keeps its
+                // task's memory (~5 KB, sized for hyper's connection
+                // future) allocated. This engine waits with `readable()`
+                // and `writable()`, which never overwrite those slots, so
+                // replace them with no-op wakers now.
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                let _ = sock.poll_read_ready(&mut cx);
+                let _ = sock.poll_write_ready(&mut cx);
+                Transport::Plain {
+                    sock: Arc::new(sock),
+                    // A copy, so that hyper's read buffer is not pinned.
+                    early: bytes::Bytes::copy_from_slice(&parts.read_buf),
+                }
+            }
             Err(up) => Transport::Stream(TokioIo::new(up)),
         }
     }

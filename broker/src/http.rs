@@ -905,7 +905,7 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
     let st = state.clone();
     let timeout = state.cfg.conn.handshake_timeout;
     state.tracker.spawn(async move {
-        let _permit = permit;
+        let permit = permit;
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(mut ws)) if !admitted => {
                 let code = shoal_proto::CloseCode::TryAgainLater;
@@ -921,7 +921,15 @@ async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Resu
             }
             Ok(Ok(ws)) => {
                 let transport = crate::conn::Transport::from_upgraded(ws.into_inner().into_inner());
-                crate::conn::serve(st, transport, claims, encoding).await
+                // A task of its own: this one's state (the upgrade, its
+                // timer) ends here instead of staying beside the
+                // connection's for its whole life.
+                let tracker = st.tracker.clone();
+                tracker.spawn(async move {
+                    // The connection holds its `--max-connections` permit.
+                    let _permit = permit;
+                    crate::conn::serve(st, transport, claims, encoding).await
+                });
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "upgrade failed");
