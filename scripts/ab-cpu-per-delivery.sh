@@ -6,8 +6,12 @@
 # delivery, delivery p50/p99 and loss. Alternate the two builds' runs:
 # this VM drifts by ~15% over an hour.
 #
+# The scenario can be changed with ROOMS, MEMBERS, RATE (messages/s) and
+# ENCODING; `loadgen floor` gives the kernel's floor for the same writes.
+#
 # usage: scripts/ab-cpu-per-delivery.sh <shoal-binary> <loadgen-binary> <label>
 set -u
+rooms=${ROOMS:-50}; members=${MEMBERS:-10}; rate=${RATE:-4000}; enc=${ENCODING:-json}
 bin=$1; lg=$2; label=$3
 dir=$(mktemp -d); port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 secret=ab-secret-ab-secret-ab-secret-ab-0123
@@ -16,8 +20,8 @@ SHOAL_JWT_SECRET=$secret taskset -c 0 $bin --listen 127.0.0.1:$port --data $dir 
 pid=$!
 for i in $(seq 100); do curl -sf http://127.0.0.1:$port/health >/dev/null && break; sleep 0.1; done
 read -r u0 s0 < <(awk '{print $14, $15}' /proc/$pid/stat)
-SHOAL_JWT_SECRET=$secret taskset -c 1 $lg fanout --url http://127.0.0.1:$port --rooms 50 --members 10 --rate 4000 \
-  --encoding json --namespace live --duration 20 --warmup 3 --pid $pid --out $dir/r.json --quiet > $dir/out.txt 2>&1
+SHOAL_JWT_SECRET=$secret taskset -c 1 $lg fanout --url http://127.0.0.1:$port --rooms "$rooms" --members "$members" --rate "$rate" \
+  --encoding "$enc" --namespace live --duration 20 --warmup 3 --pid $pid --out $dir/r.json --quiet > $dir/out.txt 2>&1
 read -r u1 s1 < <(awk '{print $14, $15}' /proc/$pid/stat)
 kill $pid; wait $pid 2>/dev/null
 tck=$(getconf CLK_TCK)

@@ -11,6 +11,7 @@ pub mod capacity;
 pub mod client;
 pub mod connect;
 pub mod fanout;
+pub mod floor;
 pub mod gate;
 pub mod live;
 pub mod report;

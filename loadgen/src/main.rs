@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_loadgen::{capacity, connect, fanout, gate, report};
+use shoal_loadgen::{capacity, connect, fanout, floor, gate, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,6 +38,10 @@ enum Cmd {
     /// Compare a result with a baseline and absolute bounds; exits 1 on
     /// regression with a table of what moved.
     Gate(gate::GateOpts),
+    /// The kernel's floor for a fan-out's writes, with no broker: a pinned
+    /// thread writes pre-encoded frames to N loopback sockets at a rate;
+    /// reports its CPU per frame.
+    Floor(floor::FloorOpts),
     /// Render SVG charts from result files: percentile spectrum (overlaid),
     /// latency over time, throughput against p99 across a capacity ramp.
     Report(report::ReportOpts),
@@ -60,6 +64,17 @@ fn main() -> anyhow::Result<()> {
             for p in report::render(o)? {
                 println!("{}", p.display());
             }
+            return Ok(());
+        }
+        Cmd::Floor(o) => {
+            let r = floor::run(o)?;
+            if let Some(path) = &o.out {
+                report::write_json(path, &r)?;
+            }
+            println!(
+                "floor: {} frames of {} B to {} sockets, {} per write: writer {:.2} s CPU, {:.2} us per frame",
+                r.frames, r.frame_size, r.sockets, r.batch, r.writer_cpu_seconds, r.cpu_us_per_frame
+            );
             return Ok(());
         }
         _ => {}
@@ -128,7 +143,7 @@ fn main() -> anyhow::Result<()> {
                 println!("results: {}", path.display());
                 Ok(r.failures.is_empty())
             }
-            Cmd::Gate(_) | Cmd::Report(_) => Ok(true),
+            Cmd::Gate(_) | Cmd::Report(_) | Cmd::Floor(_) => Ok(true),
         }
     })?;
     if !passed {
