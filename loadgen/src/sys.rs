@@ -73,14 +73,17 @@ pub async fn scrape(http: &reqwest::Client, urls: &[String], pids: &[u32]) -> Ve
     }
     let mut out = Vec::with_capacity(urls.len());
     for u in urls {
-        let text = match http
-            .get(format!("{}/metrics", u.trim_end_matches('/')))
-            .send()
-            .await
-        {
+        let url = metrics_url(u);
+        let text = match http.get(&url).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "cannot read the broker's metrics: its CPU and memory will read 0");
+                String::new()
+            }
         };
+        if !text.is_empty() && metric_value(&text, "shoal_process_cpu_seconds_total").is_none() {
+            tracing::warn!(%url, "no shoal_process_cpu_seconds_total there: broker CPU will read 0 (not Shoal? pass --pid)");
+        }
         out.push(BrokerSample {
             cpu_seconds: metric_value(&text, "shoal_process_cpu_seconds_total").unwrap_or(0.0),
             rss_bytes: metric_value(&text, "shoal_process_resident_memory_bytes").unwrap_or(0.0),
@@ -90,8 +93,26 @@ pub async fn scrape(http: &reqwest::Client, urls: &[String], pids: &[u32]) -> Ve
     out
 }
 
+/// The `/metrics` URL of a server given as a base URL in any of the forms
+/// `--url` takes (`http://h:p`, `ws://h:p/ws`, `wss://h:p/`).
+pub fn metrics_url(url: &str) -> String {
+    let scheme = match url.split_once("://").map(|(s, _)| s) {
+        Some("wss" | "https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{}/metrics", crate::client::host_port(url))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn metrics_are_found_whatever_form_the_url_takes() {
+        for u in ["http://h:1", "http://h:1/", "ws://h:1/ws", "ws://h:1"] {
+            assert_eq!(super::metrics_url(u), "http://h:1/metrics", "{u}");
+        }
+        assert_eq!(super::metrics_url("wss://h:1/ws"), "https://h:1/metrics");
+    }
+
     #[test]
     fn parses_metric_lines() {
         let t = "# HELP x\nshoal_connections{node=\"a\"} 12\nshoal_connections_extra 5\nshoal_process_cpu_seconds_total{node=\"a\"} 1.5\n";
