@@ -223,6 +223,8 @@ struct Reader {
 enum Read {
     /// Messages to dispatch, in order (possibly none).
     Messages(Vec<ClientFrame>),
+    /// Readiness without data (it happens): not activity.
+    Nothing,
     /// The peer closed the TCP connection, or reading failed.
     Eof,
 }
@@ -324,9 +326,7 @@ impl Reader {
             match sock.try_read(&mut scratch[..]) {
                 Ok(0) => Some(Read::Eof),
                 Ok(n) => self.ingest(&mut scratch[..n], session).map(Read::Messages),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    Some(Read::Messages(vec![]))
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(Read::Nothing),
                 Err(_) => Some(Read::Eof),
             }
         })
@@ -476,7 +476,6 @@ pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, e
                 if !ok {
                     break;
                 }
-                last_read = Instant::now();
                 let got = match &sock {
                     Some(s) => reader.read_plain(s, &mut session),
                     None => {
@@ -485,7 +484,11 @@ pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, e
                     }
                 };
                 match got {
-                    Some(Read::Messages(m)) => pending = m,
+                    Some(Read::Messages(m)) => {
+                        last_read = Instant::now();
+                        pending = m;
+                    }
+                    Some(Read::Nothing) => {}
                     Some(Read::Eof) | None => break,
                 }
                 if tls_buf.is_empty() && tls_buf.capacity() > 0 {
