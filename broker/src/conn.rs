@@ -337,7 +337,7 @@ impl Reader {
 pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, encoding: Encoding) {
     let cfg = &state.cfg.conn;
     let metrics = state.metrics.clone();
-    let (sink, mut early, mut stream) = match transport {
+    let (sink, early, stream) = match transport {
         Transport::Plain { sock, early } => (crate::outbound::Sink::Direct(sock), early, None),
         Transport::Stream(io) => (
             crate::outbound::Sink::Drained,
@@ -355,7 +355,7 @@ pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, e
         metrics.clone(),
     );
     // TLS: reads here, every write in a writer task.
-    let (mut tls_read, writer) = match stream.take() {
+    let (mut tls_read, writer) = match stream {
         Some(io) => {
             let (r, w) = tokio::io::split(io);
             let writer = tokio::spawn(run_socket_writer(w, handle.clone(), cfg.write_timeout));
@@ -412,13 +412,12 @@ pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, e
     let mut pending: Vec<ClientFrame> = Vec::new();
     if !early.is_empty() {
         let mut first = early.to_vec();
-        early = bytes::Bytes::new();
+        drop(early);
         match reader.ingest(&mut first, &mut session) {
             Some(m) => pending = m,
             None => return Box::pin(finish(session, handle, writer, cfg.write_timeout)).await,
         }
     }
-    drop(early);
     'conn: loop {
         // Messages first, one at a time, in order.
         for frame in std::mem::take(&mut pending) {
