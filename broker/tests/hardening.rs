@@ -16,16 +16,6 @@ use tokio::{
     time::Instant,
 };
 
-/// A bystander joins a room, publishes and receives its own message.
-async fn bystander_served(e: &impl Endpoint) {
-    let mut c = e.connect(&token_for("bystander"), Encoding::Json).await;
-    c.join("calm").await;
-    assert!(matches!(
-        c.publish("calm", json!("still here")).await,
-        ServerFrame::Ack { .. }
-    ));
-}
-
 /// A TCP connection to `to` from the loopback address `from`.
 async fn tcp_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
     let s = TcpSocket::new_v4().expect("socket");

@@ -36,6 +36,17 @@ pub use redis::*;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
+/// The check after every hostile input: a bystander joins a room,
+/// publishes and is acked.
+pub async fn bystander_served(e: &impl Endpoint) {
+    let mut c = e.connect(&token_for("bystander"), Encoding::Json).await;
+    c.join("calm").await;
+    assert!(matches!(
+        c.publish("calm", json!("still here")).await,
+        ServerFrame::Ack { .. }
+    ));
+}
+
 /// The seq of a `msg` frame.
 pub fn msg_seq(f: &ServerFrame) -> Option<u64> {
     match f {
