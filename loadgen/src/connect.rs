@@ -111,6 +111,7 @@ pub async fn run(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
         return run_children(opts).await;
     }
     let c = &opts.common;
+    let source_ips = c.source_ips_for(opts.connections);
     let wire = Arc::new(c.wire()?);
     let prefix = c.prefix();
     let http = reqwest::Client::new();
@@ -132,7 +133,7 @@ pub async fn run(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
         tokio::time::sleep_until(start + interval * i as u32).await;
         let url = c.urls[gi % c.urls.len()].clone();
         let user = format!("{prefix}-c{gi}");
-        let src = client::source_ip(gi, c.source_ips);
+        let src = client::source_ip(gi, source_ips);
         let (wire, est, fails, hist, mut stop) = (
             wire.clone(),
             established.clone(),
@@ -255,6 +256,8 @@ async fn run_children(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
     let dir = std::env::temp_dir().join(format!("shoal-loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let prefix = opts.common.prefix();
+    // Decided on the total: the children share the ports of each address.
+    let source_ips = opts.common.source_ips_for(opts.connections);
     let mut children = Vec::new();
     for p in 0..k {
         let n = opts.connections / k + usize::from(p < opts.connections % k);
@@ -272,7 +275,7 @@ async fn run_children(opts: &ConnectOpts) -> anyhow::Result<ConnectReport> {
                 "--offset",
                 &(opts.offset + p * (opts.connections / k + 1)).to_string(),
             ])
-            .args(["--source-ips", &opts.common.source_ips.to_string()])
+            .args(["--source-ips", &source_ips.to_string()])
             .args(["--encoding", opts.common.encoding.name()])
             .args(["--secret-file", &opts.common.secret_file.to_string_lossy()])
             .args(["--prefix", &prefix])

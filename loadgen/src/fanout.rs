@@ -345,6 +345,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
     let wire = Arc::new(c.wire()?);
     let prefix = c.prefix();
     let n = opts.rooms * opts.members;
+    let source_ips = c.source_ips_for(n);
 
     // Set-up: connect and join, bounded concurrency.
     let sem = Arc::new(Semaphore::new(opts.connect_concurrency.max(1)));
@@ -357,7 +358,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             Some(ns) => format!("{ns}:{prefix}-r{}", i % opts.rooms),
             None => format!("{prefix}-r{}", i % opts.rooms),
         };
-        let src = client::source_ip(i, c.source_ips);
+        let src = client::source_ip(i, source_ips);
         let sem = sem.clone();
         joins.push(tokio::spawn(async move {
             let _p = sem.acquire_owned().await;

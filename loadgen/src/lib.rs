@@ -24,6 +24,11 @@ pub mod wire;
 use clap::Args;
 use serde::Serialize;
 
+/// Connections per source address that `--source-ips` plans for by
+/// default (well under the ~14,000 where one address starts to slow
+/// connect()).
+pub const CONNECTIONS_PER_SOURCE: usize = 10_000;
+
 /// Options shared by every scenario.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct CommonOpts {
@@ -69,9 +74,12 @@ pub struct CommonOpts {
     pub pids: Vec<u32>,
 
     /// Number of local source addresses (127.0.0.1, .2, ...) to spread client
-    /// sockets over; each allows ~28k connections to one broker port.
-    #[arg(long, default_value_t = 1)]
-    pub source_ips: u8,
+    /// sockets over. Default: one per 10,000 connections to each loopback
+    /// broker address (past ~14,000 connections from one address to one
+    /// port, Linux's ephemeral-port search adds ~200 ms to every connect);
+    /// 1 for a broker that is not on loopback.
+    #[arg(long)]
+    pub source_ips: Option<u8>,
 
     /// Prefix for synthetic user and room names (unique per run by default).
     #[arg(long)]
@@ -131,10 +139,87 @@ impl CommonOpts {
         })
     }
 
+    /// Source addresses for `connections` client sockets in all: the
+    /// `--source-ips` given, or one per [`CONNECTIONS_PER_SOURCE`]
+    /// connections to each broker address when every broker is on
+    /// loopback (said in the log when more than one).
+    pub fn source_ips_for(&self, connections: usize) -> u8 {
+        if let Some(n) = self.source_ips {
+            return n.max(1);
+        }
+        let loopback = self.urls.iter().all(|u| {
+            crate::client::host_port(u).starts_with("127.")
+                || crate::client::host_port(u).starts_with("localhost")
+        });
+        let per_url = connections.div_ceil(self.urls.len().max(1));
+        let n = if loopback {
+            per_url.div_ceil(CONNECTIONS_PER_SOURCE).clamp(1, 250) as u8
+        } else {
+            1
+        };
+        if n > 1 {
+            tracing::info!(
+                connections,
+                source_ips = n,
+                "spreading client sockets over 127.0.0.1..127.0.0.{n} (one address slows connect() past ~14,000 connections to one port)"
+            );
+        }
+        n
+    }
+
     /// Run-unique name prefix.
     pub fn prefix(&self) -> String {
         self.prefix
             .clone()
             .unwrap_or_else(|| format!("lg{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(urls: &[&str], source_ips: Option<u8>) -> CommonOpts {
+        CommonOpts {
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            jwt_secret: None,
+            secret_file: "unused".into(),
+            encoding: shoal_proto::Encoding::Json,
+            protocol: crate::wire::Protocol::Shoal,
+            pusher_key: String::new(),
+            pusher_secret: String::new(),
+            pids: vec![],
+            source_ips,
+            prefix: None,
+            out: None,
+            quiet: true,
+            metrics_listen: None,
+        }
+    }
+
+    #[test]
+    fn source_addresses_spread_before_one_address_slows_connect() {
+        let one = opts(&["http://127.0.0.1:8080"], None);
+        assert_eq!(one.source_ips_for(5_000), 1);
+        assert_eq!(one.source_ips_for(10_000), 1);
+        assert_eq!(one.source_ips_for(10_001), 2);
+        assert_eq!(one.source_ips_for(19_000), 2);
+        assert_eq!(one.source_ips_for(100_000), 10);
+        // Per broker address: five brokers share 100,000 connections.
+        let five: Vec<String> = (0..5)
+            .map(|i| format!("http://127.0.0.1:{}", 8080 + i))
+            .collect();
+        let five: Vec<&str> = five.iter().map(String::as_str).collect();
+        assert_eq!(opts(&five, None).source_ips_for(100_000), 2);
+        // Not loopback: the local addresses would not route there.
+        assert_eq!(
+            opts(&["http://10.0.0.5:8080"], None).source_ips_for(50_000),
+            1
+        );
+        // Given explicitly: as given.
+        assert_eq!(
+            opts(&["http://127.0.0.1:8080"], Some(4)).source_ips_for(10),
+            4
+        );
     }
 }

@@ -11,7 +11,7 @@ use common::broker;
 
 fn common(url: &str, dir: &std::path::Path, name: &str) -> CommonOpts {
     CommonOpts {
-        source_ips: 2,
+        source_ips: Some(2),
         out: Some(dir.join(format!("{name}.json"))),
         ..common::common(url)
     }

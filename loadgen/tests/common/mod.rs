@@ -33,7 +33,7 @@ pub fn common(url: &str) -> CommonOpts {
         pusher_key: String::new(),
         pusher_secret: String::new(),
         pids: vec![],
-        source_ips: 1,
+        source_ips: None,
         prefix: None,
         out: None,
         quiet: true,
