@@ -36,7 +36,8 @@ start_broker() {
     url="http://127.0.0.1:$port"
     # Reused when already set, so several brokers accept the same tokens.
     secret="${secret:-run-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
-    SHOAL_JWT_SECRET="$secret" "$bin" --listen "127.0.0.1:$port" --data "$data" --log warn "$@" &
+    # BROKER_PREFIX: a command to run it under, e.g. `taskset -c 0`.
+    SHOAL_JWT_SECRET="$secret" ${BROKER_PREFIX:-} "$bin" --listen "127.0.0.1:$port" --data "$data" --log warn "$@" &
     pid=$!
     wait_http "$url/health"
 }

@@ -155,6 +155,11 @@ pub struct FanoutReport {
     pub loadgen_cpu_percent: f64,
     /// Each broker's CPU use, percent of one core (from its /metrics).
     pub broker_cpu_percent: Vec<f64>,
+    /// All brokers' CPU time per delivery, in microseconds: the figure to
+    /// compare builds and servers by (it does not depend on how many
+    /// cores the box has, only on what each delivery costs). Pin broker
+    /// and loadgen to separate cores for it to mean that.
+    pub broker_cpu_us_per_delivery: f64,
     /// Each broker's resident memory at the end, bytes.
     pub broker_rss_bytes: Vec<f64>,
     /// Gate failures; empty when the run passed.
@@ -213,12 +218,13 @@ impl FanoutReport {
         s += &self.send_lag.row("sender lag");
         s += "\n";
         s += &format!(
-            "cpu: loadgen {:.0}%, broker {:?}%\n",
+            "cpu: loadgen {:.0}%, broker {:?}%, broker {:.2} us per delivery\n",
             self.loadgen_cpu_percent,
             self.broker_cpu_percent
                 .iter()
                 .map(|c| c.round())
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>(),
+            self.broker_cpu_us_per_delivery
         );
         if !self.failures.is_empty() {
             s += &format!("FAILED: {}\n", self.failures.join("; "));
@@ -614,6 +620,20 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
             .zip(&after)
             .map(|(b, a)| 100.0 * (a.cpu_seconds - b.cpu_seconds) / wall)
             .collect(),
+        broker_cpu_us_per_delivery: {
+            let cpu: f64 = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| a.cpu_seconds - b.cpu_seconds)
+                .sum();
+            // The CPU window spans the warm-up too: divide by every
+            // delivery, not only the measured ones.
+            if received > 0 {
+                cpu * 1e6 / received as f64
+            } else {
+                0.0
+            }
+        },
         broker_rss_bytes: after.iter().map(|a| a.rss_bytes).collect(),
         failures,
         latency_curve: stats::curve(&hist),
