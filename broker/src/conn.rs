@@ -209,6 +209,18 @@ thread_local! {
     static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Run `f` on this thread's scratch buffer (allocated on first use). `f`
+/// is synchronous: the buffer is never held across an `.await`.
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        if scratch.len() < SCRATCH {
+            scratch.resize(SCRATCH, 0);
+        }
+        f(&mut scratch[..])
+    })
+}
+
 /// The read side of one connection: the bytes of a frame not complete
 /// yet, and fragment assembly.
 struct Reader {
@@ -318,17 +330,11 @@ impl Reader {
 
     /// Read what a plain socket has (it was reported readable) and parse it.
     fn read_plain(&mut self, sock: &tokio::net::TcpStream, session: &mut Session) -> Option<Read> {
-        SCRATCH_BUF.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            if scratch.len() < SCRATCH {
-                scratch.resize(SCRATCH, 0);
-            }
-            match sock.try_read(&mut scratch[..]) {
-                Ok(0) => Some(Read::Eof),
-                Ok(n) => self.ingest(&mut scratch[..n], session).map(Read::Messages),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(Read::Nothing),
-                Err(_) => Some(Read::Eof),
-            }
+        with_scratch(|scratch| match sock.try_read(scratch) {
+            Ok(0) => Some(Read::Eof),
+            Ok(n) => self.ingest(&mut scratch[..n], session).map(Read::Messages),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(Read::Nothing),
+            Err(_) => Some(Read::Eof),
         })
     }
 }
@@ -563,16 +569,10 @@ async fn linger(sock: &tokio::net::TcpStream) {
         if sock.readable().await.is_err() {
             return;
         }
-        let done = SCRATCH_BUF.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            if scratch.len() < SCRATCH {
-                scratch.resize(SCRATCH, 0);
-            }
-            match sock.try_read(&mut scratch[..]) {
-                Ok(0) => true,
-                Ok(_) => false,
-                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-            }
+        let done = with_scratch(|scratch| match sock.try_read(scratch) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
         });
         if done {
             return;

@@ -265,7 +265,11 @@ impl ConnHandle {
                 return Pushed::Queued;
             }
             o.front_started = written > 0;
-            o.queue.push_back(frame.slice(written..));
+            o.queue.push_back(if written > 0 {
+                frame.slice(written..)
+            } else {
+                frame
+            });
             drop(o);
             s.metrics.outbound_queue_depth.observe(1.0);
             s.wake.notify_one();

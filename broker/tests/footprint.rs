@@ -25,11 +25,8 @@ static ALLOC: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, u
 /// Open an upgraded connection and read its `hello`.
 async fn idle_conn(addr: std::net::SocketAddr, token: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.expect("tcp");
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: shoal.v1.msgpack\r\nAuthorization: Bearer {token}\r\n\r\n"
-    );
+    // Not `Raw`: its read buffer would count against the broker.
+    let req = upgrade_request(addr, token, "shoal.v1.msgpack");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = [0u8; 1024];
     let mut got = Vec::new();

@@ -74,19 +74,6 @@ pub struct FloorResult {
     pub cpu_us_per_frame: f64,
 }
 
-/// CPU seconds (user + system) of the calling thread.
-fn thread_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
-        return 0.0;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
-}
-
 fn pin(core: usize) {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         tracing::warn!(
@@ -168,7 +155,7 @@ pub fn run(opts: &FloorOpts) -> anyhow::Result<FloorResult> {
     let writes_per_sec = opts.rate / opts.batch as f64;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(opts.duration);
-    let cpu0 = thread_cpu_seconds();
+    let cpu0 = crate::sys::cpu_seconds_of("thread-self");
     let (mut writes, mut next) = (0u64, 0usize);
     // Open loop in 1 ms ticks: write what is due, then sleep.
     while Instant::now() < end {
@@ -185,7 +172,7 @@ pub fn run(opts: &FloorOpts) -> anyhow::Result<FloorResult> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let cpu = thread_cpu_seconds() - cpu0;
+    let cpu = crate::sys::cpu_seconds_of("thread-self") - cpu0;
     let seconds = start.elapsed().as_secs_f64();
     drop(socks);
     stop.store(true, std::sync::atomic::Ordering::Release);

@@ -7,8 +7,9 @@ pub fn own_cpu_seconds() -> f64 {
     cpu_seconds_of("self")
 }
 
-/// CPU seconds used by process `pid` ("self" for this one), 0 if unknown.
-fn cpu_seconds_of(pid: &str) -> f64 {
+/// CPU seconds used by process `pid` ("self" for this one,
+/// "thread-self" for the calling thread), 0 if unknown.
+pub fn cpu_seconds_of(pid: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };

@@ -206,16 +206,53 @@ pub struct Raw {
     pub buf: Vec<u8>,
 }
 
+/// The HTTP request that upgrades to a WebSocket on `/ws`.
+pub fn upgrade_request(addr: SocketAddr, token: &str, proto: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: {proto}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+}
+
+/// One client frame's bytes. `first` is the whole first byte (FIN, RSV,
+/// opcode); `masked` applies a fixed masking key.
+pub fn client_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut f = vec![first];
+    let m = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n < 65536 => {
+            f.push(m | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [0x11, 0x22, 0x33, 0x44];
+    if masked {
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
 impl Raw {
     pub async fn connect(b: &impl Endpoint, token: &str, proto: &str) -> Raw {
+        Self::connect_with(b, token, proto, &[]).await
+    }
+
+    /// Like [`Raw::connect`], with `first` written in the same write as
+    /// the upgrade request.
+    pub async fn connect_with(b: &impl Endpoint, token: &str, proto: &str, first: &[u8]) -> Raw {
         let mut s = TcpStream::connect(b.addr()).await.expect("tcp");
-        let req = format!(
-            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Protocol: {proto}\r\nAuthorization: Bearer {token}\r\n\r\n",
-            b.addr()
-        );
-        s.write_all(req.as_bytes()).await.expect("write");
+        let mut req = upgrade_request(b.addr(), token, proto).into_bytes();
+        req.extend_from_slice(first);
+        s.write_all(&req).await.expect("write");
         let mut r = Raw { s, buf: vec![] };
         // Read the 101 response headers.
         loop {
@@ -233,34 +270,17 @@ impl Raw {
         r
     }
 
-    /// Write one frame. `first` is the whole first byte (FIN, RSV, opcode).
+    /// Write one frame (see [`client_frame`]).
     pub async fn frame(&mut self, first: u8, payload: &[u8], masked: bool) {
-        let mut f = vec![first];
-        let m = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(m | n as u8),
-            n if n < 65536 => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(m | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let key = [0x11, 0x22, 0x33, 0x44];
-        if masked {
-            f.extend_from_slice(&key);
-            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        } else {
-            f.extend_from_slice(payload);
-        }
-        let _ = self.s.write_all(&f).await;
+        let _ = self
+            .s
+            .write_all(&client_frame(first, payload, masked))
+            .await;
     }
 
-    /// Read server frames until a close frame (its code) or EOF (None).
-    pub async fn close_code(&mut self) -> Option<u16> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    /// The next server frame (opcode, payload), or None on EOF or when
+    /// nothing complete arrives before `deadline`.
+    pub async fn next_frame(&mut self, deadline: tokio::time::Instant) -> Option<(u8, Vec<u8>)> {
         loop {
             if self.buf.len() >= 2 {
                 let op = self.buf[0] & 0x0f;
@@ -279,11 +299,7 @@ impl Raw {
                 if len != usize::MAX && self.buf.len() >= off + len {
                     let payload: Vec<u8> = self.buf[off..off + len].to_vec();
                     self.buf.drain(..off + len);
-                    if op == 0x8 {
-                        return (payload.len() >= 2)
-                            .then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                    }
-                    continue;
+                    return Some((op, payload));
                 }
             }
             let mut tmp = [0u8; 8192];
@@ -295,6 +311,17 @@ impl Raw {
                 return None;
             }
             self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Read server frames until a close frame (its code) or EOF (None).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (op, payload) = self.next_frame(deadline).await?;
+            if op == 0x8 {
+                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
         }
     }
 }
