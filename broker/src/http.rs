@@ -598,7 +598,7 @@ async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result
     let before = num::<u64>(&q, "before")?;
     let limit = num::<u32>(&q, "limit")?
         .unwrap_or(50)
-        .clamp(1, crate::conn::MAX_HISTORY_PAGE) as usize;
+        .clamp(1, crate::session::MAX_HISTORY_PAGE) as usize;
     let (messages, more) = state.hub.history(room, before, limit).await?;
     Ok(json_response(
         StatusCode::OK,

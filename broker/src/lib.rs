@@ -22,6 +22,8 @@ pub(crate) mod metrics;
 pub(crate) mod outbound;
 pub(crate) mod persist;
 pub mod server;
+pub(crate) mod session;
+pub(crate) mod sio;
 pub(crate) mod state;
 pub mod store;
 #[cfg(feature = "testing")]

@@ -117,6 +117,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bucket_limits_burst() {
+        let mut b = TokenBucket::new(1.0, 3.0);
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+    }
+
+    #[test]
     fn burst_then_refusal_with_a_wait_per_key() {
         let l = KeyedLimiter::new(6);
         for _ in 0..6 {

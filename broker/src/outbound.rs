@@ -90,11 +90,13 @@ pub fn encode_ws(enc: Encoding, frame: &ServerFrame) -> Option<Bytes> {
     }
 }
 
-/// A server frame encoded lazily, at most once per encoding, and shared by
-/// every recipient that uses that encoding.
+/// A server frame encoded lazily, at most once per encoding (and once per
+/// Socket.IO namespace for Socket.IO recipients), and shared by every
+/// recipient that uses that encoding.
 pub struct SharedFrame<'a> {
     frame: &'a ServerFrame,
     cache: [Option<Bytes>; 2],
+    sio: Vec<(Option<Arc<str>>, Arc<crate::sio::Payload>)>,
 }
 
 impl<'a> SharedFrame<'a> {
@@ -103,6 +105,7 @@ impl<'a> SharedFrame<'a> {
         SharedFrame {
             frame,
             cache: [None, None],
+            sio: Vec::new(),
         }
     }
 
@@ -119,6 +122,17 @@ impl<'a> SharedFrame<'a> {
         }
         slot.clone()
     }
+
+    /// The frame as a Socket.IO event in the namespace whose room prefix
+    /// is `prefix`.
+    pub fn sio(&mut self, prefix: &Option<Arc<str>>) -> Arc<crate::sio::Payload> {
+        if let Some((_, p)) = self.sio.iter().find(|(k, _)| k == prefix) {
+            return p.clone();
+        }
+        let p = Arc::new(crate::sio::Payload::event(self.frame, prefix.as_deref()));
+        self.sio.push((prefix.clone(), p.clone()));
+        p
+    }
 }
 
 /// Most frames in one vectored write (a stack array of slices).
@@ -131,6 +145,9 @@ pub enum Sink {
     /// Queued only; another task drains the queue (a TLS writer task, or
     /// a test's [`Inbox`]).
     Drained,
+    /// A Socket.IO socket: frames become events on socketioxide's own
+    /// bounded per-socket queue (see `sio`).
+    SocketIo(Box<crate::sio::SioOut>),
 }
 
 /// The queue and what the drain needs to know about its front.
@@ -158,6 +175,8 @@ struct Shared {
     /// Wakes senders waiting for room in the queue ([`ConnHandle::send_wait`]).
     space: Notify,
     sock: Option<Arc<TcpStream>>,
+    /// A Socket.IO socket's output (then `out` stays empty).
+    sio: Option<Box<crate::sio::SioOut>>,
     /// `--outbound-queue`.
     limit: usize,
     /// `--write-batch`, at most [`MAX_WRITE_BATCH`].
@@ -223,9 +242,13 @@ impl ConnHandle {
                 out: Mutex::new(Outbox::default()),
                 wake: Notify::new(),
                 space: Notify::new(),
-                sock: match sink {
-                    Sink::Direct(s) => Some(s),
-                    Sink::Drained => None,
+                sock: match &sink {
+                    Sink::Direct(s) => Some(s.clone()),
+                    _ => None,
+                },
+                sio: match sink {
+                    Sink::SocketIo(o) => Some(o),
+                    _ => None,
                 },
                 limit: queue.max(1),
                 batch: batch.clamp(1, MAX_WRITE_BATCH),
@@ -293,16 +316,50 @@ impl ConnHandle {
         Pushed::Queued
     }
 
+    /// Queue a frame shared by many recipients (encoded once per
+    /// encoding, see [`SharedFrame`]). False if it could not be encoded.
+    pub fn deliver(&self, shared: &mut SharedFrame<'_>, ephemeral: bool) -> bool {
+        if let Some(sio) = &self.shared.sio {
+            let p = shared.sio(sio.prefix());
+            self.after(sio.emit(&p, ephemeral));
+            return true;
+        }
+        match shared.get(self.encoding) {
+            Some(bytes) => {
+                self.push(bytes, ephemeral);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Apply the slow-consumer policy to a Socket.IO send's outcome.
+    fn after(&self, p: Pushed) -> Pushed {
+        match p {
+            Pushed::Dropped => {
+                self.shared.metrics.ephemeral_dropped.inc();
+            }
+            Pushed::Closed if !self.is_closing() => self.close(CloseCode::SlowConsumer),
+            _ => {}
+        }
+        p
+    }
+
     /// Encode and queue a frame for this connection alone.
     pub fn send(&self, frame: &ServerFrame) -> Pushed {
+        let m = &self.shared.metrics;
+        if let ServerFrame::Error { code, .. } = frame {
+            if let Some(c) = error_code(*code) {
+                m.error(c);
+            }
+        }
+        if let Some(sio) = &self.shared.sio {
+            m.frames_out(frame.kind(), 1);
+            return self.after(sio.send(frame));
+        }
         match encode_ws(self.encoding, frame) {
             Some(b) => {
-                self.shared.metrics.frames_out(frame.kind(), 1);
-                if let ServerFrame::Error { code, .. } = frame {
-                    if let Some(c) = error_code(*code) {
-                        self.shared.metrics.error(c);
-                    }
-                }
+                m.frames_out(frame.kind(), 1);
                 self.push(b, frame.is_ephemeral())
             }
             None => Pushed::Closed,
@@ -314,6 +371,10 @@ impl ConnHandle {
     /// for a long replay is paced by its own reading; its drain runs
     /// meanwhile, see `conn`). False if the connection is gone.
     pub async fn send_wait(&self, frame: &ServerFrame) -> bool {
+        if let Some(sio) = &self.shared.sio {
+            self.shared.metrics.frames_out(frame.kind(), 1);
+            return sio.send_wait(frame, &self.shared.cancel).await;
+        }
         let Some(b) = encode_ws(self.encoding, frame) else {
             return false;
         };
@@ -380,6 +441,11 @@ impl ConnHandle {
     /// True once the connection is closing.
     pub fn is_closing(&self) -> bool {
         self.shared.cancel.is_cancelled()
+    }
+
+    /// A Socket.IO socket's output.
+    pub fn sio(&self) -> Option<&crate::sio::SioOut> {
+        self.shared.sio.as_deref()
     }
 
     /// The socket of a direct connection.

@@ -11,6 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
+use http_body_util::{BodyExt, Either};
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
@@ -183,7 +184,9 @@ pub(crate) async fn build_state(
         (None, None) => None,
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     };
-    Ok(Arc::new(AppState {
+    let sio = crate::sio::Endpoints::new(&cfg.conn);
+    let state = Arc::new(AppState {
+        sio,
         tls,
         handshake_bucket,
         conn_permits: Arc::new(Semaphore::new(cfg.conn.max_connections)),
@@ -205,7 +208,9 @@ pub(crate) async fn build_state(
         shutdown,
         tracker: TaskTracker::new(),
         writer_stop,
-    }))
+    });
+    state.sio.attach(Arc::downgrade(&state));
+    Ok(state)
 }
 
 /// Background WAL checkpoints, off the group-commit path.
@@ -392,7 +397,13 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<AppState>) -> anyhow
     drop(listener);
     tracing::info!("shutting down: closing connections with 1001");
     state.tracker.close();
-    if tokio::time::timeout(state.cfg.server.shutdown_timeout, state.tracker.wait())
+    let drained = async {
+        // Socket.IO sockets are told why (1001) before their engine.io
+        // sessions (and the long-polls holding HTTP connections) close.
+        state.sio.shutdown().await;
+        state.tracker.wait().await
+    };
+    if tokio::time::timeout(state.cfg.server.shutdown_timeout, drained)
         .await
         .is_err()
     {
@@ -421,7 +432,16 @@ where
     let svc_state = st.clone();
     let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(crate::http::Peer(peer));
-        crate::http::handle(svc_state.clone(), req)
+        let st = svc_state.clone();
+        async move {
+            if let Some(sio) = st.sio.route(req.uri().path()) {
+                let resp = hyper::service::Service::call(sio, req).await?;
+                st.metrics.http("socketio", resp.status().as_u16());
+                return Ok(resp.map(|b| Either::Right(BodyExt::boxed_unsync(b))));
+            }
+            let resp = crate::http::handle(st, req).await?;
+            Ok::<_, std::convert::Infallible>(resp.map(Either::Left))
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

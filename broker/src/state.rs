@@ -21,6 +21,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The Socket.IO endpoints.
+    pub sio: crate::sio::Endpoints,
     /// Native TLS, when configured.
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// Admits handshakes at `--handshake-rate` (None: unlimited).

@@ -1,5 +1,6 @@
 //! Shoal wire protocol: every frame a client or server sends, its two
-//! encodings (MessagePack and JSON, chosen by WebSocket subprotocol), the
+//! encodings (MessagePack and JSON, chosen by WebSocket subprotocol), their
+//! Socket.IO event form (`sio`), the
 //! error and close codes, and the naming rules for rooms and users.
 //!
 //! This crate does no IO. Decoding untrusted bytes returns a typed
@@ -12,6 +13,7 @@ pub mod codec;
 pub mod codes;
 pub mod frame;
 pub mod names;
+pub mod sio;
 
 pub use body::{check_body, BodyError, MAX_BODY_DEPTH};
 pub use codec::{DecodeError, EncodeError, Encoding, DEFAULT_MAX_DEPTH};

@@ -632,8 +632,7 @@ impl Hub {
         let users = self.users[self.shard(user)].lock();
         let mut n = 0;
         for c in users.get(user).into_iter().flatten().filter(|c| filter(c)) {
-            if let Some(bytes) = shared.get(c.encoding) {
-                c.push(bytes, ephemeral);
+            if c.deliver(shared, ephemeral) {
                 n += 1;
             }
         }
@@ -812,8 +811,7 @@ fn broadcast(
     let mut shared = SharedFrame::new(f);
     let mut n = 0;
     for m in st.members.values().filter(|m| filter(m)) {
-        if let Some(bytes) = shared.get(m.encoding) {
-            m.push(bytes, ephemeral);
+        if m.deliver(&mut shared, ephemeral) {
             n += 1;
         }
     }
