@@ -29,7 +29,9 @@ fi
 
 # npm packages of the browser tests (playwright-core drives the system
 # Chromium; no browser download), pinned by web-tests/package-lock.json.
-if [ ! -d "$(dirname "$0")/../web-tests/node_modules/playwright-core" ]; then
+# socket.io-client and its msgpack parser drive the Socket.IO tests.
+if [ ! -d "$(dirname "$0")/../web-tests/node_modules/playwright-core" ] ||
+    [ ! -d "$(dirname "$0")/../web-tests/node_modules/socket.io-msgpack-parser" ]; then
     npm ci --prefix "$(dirname "$0")/../web-tests" --no-audit --no-fund
 fi
 

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 # `make test` has just built the binaries with `cargo test` (SKIP_BUILD=1);
 # building again here with another feature set would rebuild half the tree.
 [ -n "${SKIP_BUILD:-}" ] || cargo build -p shoal-broker
-[ -d web-tests/node_modules/playwright-core ] || npm ci --prefix web-tests --no-audit --no-fund
+[ -d web-tests/node_modules/socket.io-msgpack-parser ] || npm ci --prefix web-tests --no-audit --no-fund
 SHOAL_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/shoal" node web-tests/e2e.mjs

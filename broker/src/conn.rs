@@ -249,7 +249,7 @@ impl Reader {
             // fragments cost the broker as much as messages do. A complete
             // message takes its token in `accept`.
             if matches!(step, Step::Pending | Step::Pong | Step::Ping) {
-                match session.admit() {
+                match session.admit(None) {
                     Admit::Yes => {}
                     Admit::Refused => continue,
                     Admit::Close => return (off, false),

@@ -79,8 +79,9 @@ impl Session {
     }
 
     /// Take a token for one incoming frame (data or ping). Over the rate:
-    /// `error 429` and a strike; too many strikes: close 1008.
-    pub(crate) fn admit(&mut self) -> Admit {
+    /// `error 429` (to request `id`) and a strike; too many strikes: close
+    /// 1008.
+    pub(crate) fn admit(&mut self, id: Option<u64>) -> Admit {
         if self.bucket.take() {
             return Admit::Yes;
         }
@@ -95,11 +96,7 @@ impl Session {
             self.handle.close(CloseCode::Policy);
             return Admit::Close;
         }
-        self.reply_err(
-            None,
-            ErrorCode::RateLimited,
-            "rate limit exceeded; slow down",
-        );
+        self.reply_err(id, ErrorCode::RateLimited, "rate limit exceeded; slow down");
         Admit::Refused
     }
 
@@ -122,7 +119,7 @@ impl Session {
         decoded: Result<ClientFrame, String>,
         id: Option<u64>,
     ) -> Option<ClientFrame> {
-        match self.admit() {
+        match self.admit(id) {
             Admit::Yes => {}
             Admit::Refused | Admit::Close => return None,
         }

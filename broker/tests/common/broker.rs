@@ -44,41 +44,61 @@ pub struct Proc {
 impl Proc {
     pub async fn start(data: &std::path::Path, extra: &[&str]) -> Proc {
         for _ in 0..5 {
-            let port = free_port();
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--data")
-                .arg(data)
-                .arg("--log")
-                .arg("warn")
-                .args(extra)
-                .env("SHOAL_JWT_SECRET", SECRET)
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn shoal");
-            let mut p = Proc {
-                child,
-                addr,
-                http: reqwest::Client::new(),
-            };
-            for _ in 0..100 {
-                if let Ok(Some(_)) = p.child.try_wait() {
-                    break; // port taken meanwhile: try another
-                }
-                if p.http
-                    .get(format!("http://{addr}/health"))
-                    .send()
-                    .await
-                    .is_ok()
-                {
-                    return p;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            if let Some(p) = Self::try_start_at(addr, data, extra).await {
+                return p;
             }
         }
         panic!("broker process did not start");
+    }
+
+    /// A broker on `addr` (a restart on the address clients know).
+    pub async fn start_at(addr: SocketAddr, data: &std::path::Path, extra: &[&str]) -> Proc {
+        for _ in 0..5 {
+            if let Some(p) = Self::try_start_at(addr, data, extra).await {
+                return p;
+            }
+        }
+        panic!("broker process did not start on {addr}");
+    }
+
+    async fn try_start_at(
+        addr: SocketAddr,
+        data: &std::path::Path,
+        extra: &[&str],
+    ) -> Option<Proc> {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data")
+            .arg(data)
+            .arg("--log")
+            .arg("warn")
+            .args(extra)
+            .env("SHOAL_JWT_SECRET", SECRET)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn shoal");
+        let mut p = Proc {
+            child,
+            addr,
+            http: reqwest::Client::new(),
+        };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return None; // port taken meanwhile
+            }
+            if p.http
+                .get(format!("http://{addr}/health"))
+                .send()
+                .await
+                .is_ok()
+            {
+                return Some(p);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
     }
 
     /// SIGKILL: no shutdown code runs.

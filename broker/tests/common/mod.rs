@@ -26,6 +26,7 @@ mod nginx;
 mod partition;
 mod postgres;
 mod redis;
+mod sio;
 
 pub use broker::*;
 pub use client::*;
@@ -33,6 +34,7 @@ pub use nginx::*;
 pub use partition::*;
 pub use postgres::*;
 pub use redis::*;
+pub use sio::*;
 
 pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 
