@@ -235,6 +235,45 @@ async function main() {
       await b.waitForFunction(() => ![...document.querySelectorAll('#log .msg .text')].some((e) => e.textContent === 'delete me'), null, { timeout: T });
     });
 
+    await check('WebSocket blocked: the page chats over Socket.IO long-polling and says so', async () => {
+      // As behind a proxy that refuses upgrades: every WebSocket fails
+      // before it opens.
+      const ctxC = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+      await ctxC.addInitScript(() => {
+        window.WebSocket = class {
+          constructor() {
+            this.readyState = 3;
+            setTimeout(() => {
+              if (this.onerror) this.onerror(new Event('error'));
+              if (this.onclose) this.onclose({ code: 1006, reason: '' });
+            }, 10);
+          }
+          send() {}
+          close() {}
+        };
+        window.WebSocket.OPEN = 1;
+      });
+      const c = await ctxC.newPage();
+      c.on('pageerror', (e) => { failures++; console.log('page error: ' + e.message); });
+      try {
+        await signUp(c, broker.url, 'carol');
+        await c.waitForFunction(() => document.getElementById('conn').textContent.includes('long-polling'), null, { timeout: T });
+        await openRoom(c, 'general');
+        await openRoom(b, 'general');
+        await say(c, 'over long-polling');
+        await expectText(b, 'over long-polling');
+        await say(b, 'heard you, carol');
+        await expectText(c, 'heard you, carol');
+        // Its own message was acked (no pending or failed mark left).
+        await c.waitForFunction(() => {
+          const own = [...document.querySelectorAll('#log .msg.own')].find((m) => m.querySelector('.text').textContent === 'over long-polling');
+          return own && !own.classList.contains('pending') && !own.classList.contains('failed');
+        }, null, { timeout: T });
+      } finally {
+        await ctxC.close();
+      }
+    });
+
     await check('narrow phone-sized window stays usable', async () => {
       await a.setViewportSize({ width: 380, height: 740 });
       await say(a, 'from my phone');

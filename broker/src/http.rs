@@ -196,6 +196,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
             Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
         ),
         (&Method::GET, "/style.css") => ("static", Ok(asset(STYLE_CSS, "text/css; charset=utf-8"))),
+        (&Method::GET, "/vendor/socket.io.min.js") => (
+            "static",
+            Ok(asset(SOCKET_IO_JS, "text/javascript; charset=utf-8")),
+        ),
         (
             _,
             "/ws" | "/health" | "/metrics" | "/api/register" | "/api/login" | "/api/logout"
@@ -220,6 +224,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const APP_JS: &str = include_str!("../static/app.js");
 const STYLE_CSS: &str = include_str!("../static/style.css");
+// The stock socket.io-client 4.8.4 bundle (MIT; its source map reference
+// removed), loaded by the web client only for its long-polling fallback.
+const SOCKET_IO_JS: &str = include_str!("../static/vendor/socket.io.min.js");
 
 fn asset(body: &'static str, content_type: &'static str) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));

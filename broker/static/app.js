@@ -8,6 +8,9 @@ const S = {
   token: sessionStorage.getItem('shoal.token'),
   user: sessionStorage.getItem('shoal.user'),
   ws: null,
+  sio: null,            // Socket.IO socket when on the long-polling fallback
+  polling: false,       // a WebSocket could not be opened: use long-polling
+  closeCode: 0,         // the close code a Socket.IO `close` event gave
   connected: false,
   attempt: 0,
   nextId: 1,
@@ -86,6 +89,7 @@ function stop() {
   S.token = S.user = null;
   clearTimeout(S.reconnectTimer);
   if (S.ws) { S.ws.onclose = null; S.ws.close(1000); S.ws = null; }
+  if (S.sio) { S.sio.off(); S.sio.offAny(); S.sio.disconnect(); S.sio = null; }
   S.rooms.clear(); S.pending.clear(); S.active = null;
   $('app').hidden = true; $('auth').hidden = false; $('logout').hidden = true;
   $('me').textContent = ''; $('log').replaceChildren(); $('rooms').replaceChildren();
@@ -120,28 +124,91 @@ async function refreshUsers() {
 // ---------- WebSocket ----------
 function setConn(cls, text) { const c = $('conn'); c.className = 'conn ' + cls; c.textContent = text; }
 
+// The native WebSocket (/ws, JSON frames) first. If a WebSocket cannot be
+// opened at all (a proxy that blocks upgrades), fall back to Socket.IO
+// long-polling (/socket.io/, the stock client the broker serves), which
+// carries the same frames as events (PROTOCOL.md, "Socket.IO clients").
 function connect() {
+  if (S.polling) return connectPolling();
   const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
   const ws = new WebSocket(`${proto}//${location.host}/ws?token=${encodeURIComponent(S.token)}`, 'shoal.v1.json');
   S.ws = ws;
+  let opened = false;
   setConn('reconnecting', S.attempt ? 'reconnecting…' : 'connecting…');
+  ws.onopen = () => { opened = true; };
   ws.onmessage = (ev) => { let f; try { f = JSON.parse(ev.data); } catch (_) { return; } onFrame(f); };
   ws.onclose = (ev) => {
-    S.connected = false;
-    for (const w of S.waiting.values()) w.reject(new Error('disconnected'));
-    S.waiting.clear();
-    for (const r of S.rooms.values()) { r.joined = false; r.joining = null; r.online.clear(); }
-    for (const [cid, p] of S.pending) if (!p.failed) failPending(cid, 'connection lost');
-    if (ev.code === 4001 || ev.code === 4002) { stop(); $('auth-error').textContent = 'Session ended; please log in again.'; return; }
-    // Backoff with full jitter: 0.5 s doubling to 15 s.
-    const cap = Math.min(15000, 500 * 2 ** S.attempt++);
-    const delay = cap / 2 + Math.random() * cap / 2;
-    setConn('reconnecting', `reconnecting in ${(delay / 1000).toFixed(1)} s…`);
-    S.reconnectTimer = setTimeout(connect, delay);
+    S.ws = null;
+    // Never opened, and the server answers HTTP: WebSocket is blocked on
+    // the way, not the server down. Try long-polling at once.
+    if (!opened && ev.code === 1006 && !S.polling) {
+      fetch('/health').then((r) => {
+        if (r.ok || r.status === 503) { S.polling = true; connect(); } else closed(ev.code);
+      }, () => closed(ev.code));
+      return;
+    }
+    closed(ev.code);
   };
 }
 
+// What a request's ack callback answers with, as the native reply frame.
+const REPLY = { join: 'joined', leave: 'left', pub: 'ack', members: 'members', history: 'history', delete: 'deleted', ping: 'pong' };
+
+function connectPolling() {
+  if (!window.io) {
+    const sc = document.createElement('script');
+    sc.src = '/vendor/socket.io.min.js';
+    sc.onload = connectPolling;
+    sc.onerror = () => closed(1006);
+    document.head.appendChild(sc);
+    return;
+  }
+  setConn('reconnecting', S.attempt ? 'reconnecting (long-polling)…' : 'connecting (long-polling)…');
+  S.closeCode = 0;
+  // One sticky key per tab, so a load balancer keeps every poll on one node.
+  let key = sessionStorage.getItem('shoal.sid');
+  if (!key) { key = Math.random().toString(36).slice(2); sessionStorage.setItem('shoal.sid', key); }
+  const s = window.io({ path: '/socket.io', transports: ['polling'], auth: { token: S.token },
+    query: { shoal_sid: key }, reconnection: false });
+  S.sio = s;
+  s.onAny((name, payload) => {
+    if (name === 'close') { S.closeCode = payload.code; return; }
+    onFrame({ ...payload, t: name });
+  });
+  s.on('connect_error', (e) => {
+    S.sio = null;
+    closed(/revoked|expired/.test(e.message) ? 4002 : 1006);
+  });
+  s.on('disconnect', () => { S.sio = null; closed(S.closeCode || 1006); });
+}
+
+// The connection is gone: fail what waited, then reconnect with backoff
+// (or sign out when the session ended).
+function closed(code) {
+  S.connected = false;
+  for (const w of S.waiting.values()) w.reject(new Error('disconnected'));
+  S.waiting.clear();
+  for (const r of S.rooms.values()) { r.joined = false; r.joining = null; r.online.clear(); }
+  for (const [cid, p] of S.pending) if (!p.failed) failPending(cid, 'connection lost');
+  if (code === 4001 || code === 4002) { stop(); $('auth-error').textContent = 'Session ended; please log in again.'; return; }
+  // Backoff with full jitter: 0.5 s doubling to 15 s.
+  const cap = Math.min(15000, 500 * 2 ** S.attempt++);
+  const delay = cap / 2 + Math.random() * cap / 2;
+  setConn('reconnecting', `reconnecting in ${(delay / 1000).toFixed(1)} s…`);
+  S.reconnectTimer = setTimeout(connect, delay);
+}
+
 function send(frame) {
+  if (S.sio) {
+    if (!S.sio.connected) return false;
+    const { t, id, ...fields } = frame;
+    if (id === undefined) { S.sio.emit(t, fields); return true; }
+    S.sio.emit(t, fields, (reply) => {
+      if (reply && reply.error) onFrame({ t: 'error', id, ...reply.error });
+      else if (REPLY[t]) onFrame({ ...reply, t: REPLY[t], id });
+    });
+    return true;
+  }
   if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return false;
   S.ws.send(JSON.stringify(frame));
   return true;
@@ -164,7 +231,7 @@ function onFrame(f) {
   switch (f.t) {
     case 'hello':
       S.connected = true; S.attempt = 0;
-      setConn('connected', 'connected');
+      setConn('connected', S.sio ? 'connected (long-polling)' : 'connected');
       // Re-join everything we had, from the last seq we saw: nothing missed.
       for (const r of S.rooms.values()) if (r.wanted) joinRoom(r.name);
       for (const [cid, p] of S.pending) if (p.auto) sendPending(cid);
