@@ -4,7 +4,7 @@
 //
 //   SHOAL_BIN=target/debug/shoal node web-tests/e2e.mjs
 import { spawn } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync, copyFileSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, rmSync, copyFileSync, readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -271,6 +271,34 @@ async function main() {
         }, null, { timeout: T });
       } finally {
         await ctxC.close();
+      }
+    });
+
+    await check("PROTOCOL.md's Socket.IO snippet works as written", async () => {
+      // The snippet is read from the document, so it cannot rot.
+      const md = readFileSync(join(repo, 'proto/PROTOCOL.md'), 'utf8');
+      const html = md.split('## 8. Socket.IO clients')[1].split('```html')[1].split('```')[0];
+      const code = [...html.matchAll(/<script>([\s\S]*?)<\/script>/g)].map((m) => m[1]).join('\n');
+      assert(code.includes("socket.emit('pub'"), 'snippet found');
+      const reg = await fetch(broker.url + '/api/register', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ username: 'dora', password: 'password123' }) });
+      assert(reg.ok, 'register dora');
+      const login = await (await fetch(broker.url + '/api/login', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ username: 'dora', password: 'password123' }) })).json();
+      const ctxD = await browser.newContext({ bypassCSP: true });
+      const d = await ctxD.newPage();
+      const logs = [];
+      d.on('console', (m) => logs.push(m.text()));
+      try {
+        await d.goto(broker.url);
+        await d.addScriptTag({ url: '/vendor/socket.io.min.js' });
+        await d.evaluate(([src, token]) => { new Function('TOKEN', src)(token); }, [code, login.token]);
+        const deadline = Date.now() + T;
+        while (Date.now() < deadline && !(logs.some((l) => /^stored as #\d+$/.test(l)) && logs.some((l) => /^#\d+ dora: \{"text":"hello"\}$/.test(l)))) await sleep(50);
+        assert(logs.some((l) => /^stored as #\d+$/.test(l)), 'acked: ' + JSON.stringify(logs));
+        assert(logs.some((l) => /^#\d+ dora: \{"text":"hello"\}$/.test(l)), 'received: ' + JSON.stringify(logs));
+      } finally {
+        await ctxD.close();
       }
     });
 
