@@ -10,9 +10,11 @@
 # scripts/compare/package-lock.json) from npm into a temp dir, starts
 # NODES (1 or 2) Socket.IO servers and NODES Shoal brokers on loopback
 # (with 2: both on one redis-server, the Redis adapter against Shoal's
-# Redis bus), runs `loadgen fanout` on each with clients spread over the
-# nodes, and writes results/compare-socketio-<time>.json (both runs, each
-# with its server's CPU read from /proc) and a percentile chart beside it.
+# Redis bus), runs `loadgen fanout` with clients spread over the nodes
+# three times: Shoal's native protocol, the same Shoal brokers through
+# their Socket.IO endpoint (--protocol socketio with a token), and the
+# Node Socket.IO servers; writes results/compare-socketio-<time>.json
+# (every run, each with its server's CPU) and a percentile chart beside it.
 #
 # TARGET=sockudo: sockudo 5.2.0, the nearest Rust peer (Pusher protocol),
 # built once with `cargo install --locked` into ~/.cache/shoal/sockudo
@@ -132,6 +134,16 @@ outdir=results
 echo "== shoal ($nodes node(s))"
 SHOAL_JWT_SECRET="$secret" "$bin/loadgen" fanout "${shoal_urls[@]}" --namespace live --encoding json \
     --quiet "${defaults[@]}" "$@" --out "$tmp/shoal.json" || true
+runs=(shoal "$tmp/shoal.json")
+if [ "$target" = socketio ]; then
+    # The same Shoal brokers through their Socket.IO endpoint: what a
+    # Socket.IO app gets from moving to Shoal without touching its client.
+    echo "== shoal via socket.io ($nodes node(s))"
+    SHOAL_JWT_SECRET="$secret" "$bin/loadgen" fanout --protocol socketio "${shoal_urls[@]}" --namespace live \
+        --quiet "${defaults[@]}" "$@" --out "$tmp/shoal-sio.json" || true
+    runs+=(shoal-sio "$tmp/shoal-sio.json")
+fi
+runs+=("$target" "$tmp/$target.json")
 echo "== $target ($nodes node(s))"
 peer_flags=(--protocol socketio)
 [ "$target" = sockudo ] && peer_flags=(--protocol pusher --pusher-key "$app_key" --pusher-secret "$app_secret")
@@ -139,11 +151,12 @@ peer_flags=(--protocol socketio)
     --quiet "${defaults[@]}" "$@" --out "$tmp/$target.json" || true
 
 out="$outdir/compare-$target-$stamp"
-python3 - "$tmp/shoal.json" "$tmp/$target.json" "$out.json" "$nodes" "$check" "$target" <<'PY'
+python3 - "$out.json" "$nodes" "$check" "$target" "${runs[@]}" <<'PY'
 import json, sys
-shoal, peer, out, nodes, check, target = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
+out, nodes, check, target = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+pairs = sys.argv[5:]
 runs = {}
-for name, path in (("shoal", shoal), (target, peer)):
+for name, path in zip(pairs[0::2], pairs[1::2]):
     try:
         runs[name] = json.load(open(path))
     except (OSError, ValueError) as e:
@@ -161,6 +174,8 @@ bad = [f"{n}: {'; '.join(r['failures'])}" for n, r in runs.items() if r["failure
 if check and bad:
     sys.exit("compare check failed: " + " | ".join(bad))
 PY
-"$bin/loadgen" report "$tmp/shoal.json" "$tmp/$target.json" --out "$out-charts" >/dev/null
-[ "$check" = 1 ] && echo "compare check passed (shoal and $target: every message delivered)"
+files=()
+for ((i = 1; i < ${#runs[@]}; i += 2)); do files+=("${runs[i]}"); done
+"$bin/loadgen" report "${files[@]}" --out "$out-charts" >/dev/null
+[ "$check" = 1 ] && echo "compare check passed (every run delivered every message)"
 exit 0

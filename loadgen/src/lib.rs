@@ -131,7 +131,8 @@ impl CommonOpts {
         use crate::wire::{Protocol, PusherApp, Wire};
         Ok(match self.protocol {
             Protocol::Shoal => Wire::shoal(self.encoding, self.secret()?),
-            Protocol::Socketio => Wire::socketio(),
+            // Shoal's Socket.IO endpoint needs a token; a peer does not.
+            Protocol::Socketio => Wire::socketio(self.secret().ok()),
             Protocol::Pusher => Wire::pusher(PusherApp {
                 key: self.pusher_key.clone(),
                 secret: self.pusher_secret.clone(),

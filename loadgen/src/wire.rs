@@ -125,12 +125,14 @@ impl Wire {
         }
     }
 
-    /// Socket.IO (no authentication).
-    pub fn socketio() -> Wire {
+    /// Socket.IO. With a secret, each client puts a token signed with it
+    /// in its CONNECT (Shoal's own `/socket.io/` endpoint needs one; the
+    /// Node peer ignores it).
+    pub fn socketio(secret: Option<Vec<u8>>) -> Wire {
         Wire {
             protocol: Protocol::Socketio,
             enc: Encoding::Json,
-            shoal_secret: None,
+            shoal_secret: secret,
             pusher: None,
         }
     }
@@ -191,7 +193,15 @@ impl Wire {
                     client::open(url, "/socket.io/?EIO=4&transport=websocket", &[], source).await?;
                 // Engine.IO open packet, then the Socket.IO namespace connect.
                 self.expect_text(&mut ws, |t| t.starts_with('0')).await?;
-                write_text(&mut ws, b"40".to_vec()).await?;
+                let connect = match &self.shoal_secret {
+                    Some(secret) => {
+                        let token = client::mint_token(secret, user, 3600)
+                            .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+                        format!("40{}", json!({ "token": token }))
+                    }
+                    None => "40".to_string(),
+                };
+                write_text(&mut ws, connect.into_bytes()).await?;
                 self.expect_text(&mut ws, |t| t.starts_with("40")).await?;
                 Ok((ws, Session::default()))
             }
@@ -347,11 +357,25 @@ fn decode_socketio(payload: &[u8]) -> Incoming {
         let Ok(Value::Array(a)) = serde_json::from_str::<Value>(rest) else {
             return Incoming::Undecodable;
         };
-        if a.first().and_then(Value::as_str) == Some("msg") && a.len() == 3 {
-            return Incoming::Msg {
-                seq: None,
-                body: Stamp::of(&a[2]),
-            };
+        if a.first().and_then(Value::as_str) == Some("msg") {
+            // The Node peer emits msg(room, body); Shoal's endpoint emits
+            // msg({room, seq, from, ts, body}). Completion is tracked per
+            // publisher either way (the peer has no seqs).
+            match a.len() {
+                3 => {
+                    return Incoming::Msg {
+                        seq: None,
+                        body: Stamp::of(&a[2]),
+                    }
+                }
+                2 if a[1].get("seq").is_some() => {
+                    return Incoming::Msg {
+                        seq: None,
+                        body: Stamp::of(&a[1]["body"]),
+                    }
+                }
+                _ => {}
+            }
         }
         return Incoming::Other;
     }
@@ -455,7 +479,7 @@ mod tests {
 
     #[test]
     fn socketio_packets() {
-        let w = Wire::socketio();
+        let w = Wire::socketio(None);
         let f = w.publish("r", 7, json!({"n": 7})).expect("frame");
         assert_eq!(&*f.payload, br#"427["pub","r",{"n":7}]"#);
         assert_eq!(w.decode(b"2"), Incoming::Reply(b"3".to_vec()));
@@ -465,6 +489,17 @@ mod tests {
                 seq: None,
                 body: Stamp {
                     n: Some(1),
+                    ..Stamp::default()
+                }
+            }
+        );
+        // Shoal's endpoint: one object with the frame's fields.
+        assert_eq!(
+            w.decode(br#"42["msg",{"room":"r","seq":4,"from":"a","ts":1,"body":{"n":2}}]"#),
+            Incoming::Msg {
+                seq: None,
+                body: Stamp {
+                    n: Some(2),
                     ..Stamp::default()
                 }
             }
