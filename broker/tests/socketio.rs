@@ -581,3 +581,140 @@ async fn two_nodes_behind_nginx_with_long_polling_deliver_once_in_order() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_are_admitted_like_websockets() {
+    // --max-connections counts Socket.IO sockets too.
+    let b = Broker::start_with(|c| c.conn.max_connections = 1).await;
+    let mut agent = SioAgent::start().await;
+    let u = url(&b);
+    let t = token_for("ada");
+    assert_eq!(
+        agent.connect("one", &u, &t, json!({})).await["ok"],
+        json!(true)
+    );
+    let r = agent.connect("two", &u, &t, json!({})).await;
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connection limit")),
+        "{r}"
+    );
+    // A socket that leaves gives its place back.
+    agent.close("one").await;
+    let mut admitted = false;
+    for i in 0..50 {
+        if agent.connect(&format!("three{i}"), &u, &t, json!({})).await["ok"] == json!(true) {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the freed place is taken");
+    b.stop().await;
+    // The handshake rate (reconnection storms) too.
+    let b = Broker::start_with(|c| c.conn.handshake_rate = 1.0).await;
+    let u = url(&b);
+    assert_eq!(
+        agent.connect("first", &u, &t, json!({})).await["ok"],
+        json!(true)
+    );
+    let r = agent.connect("storm", &u, &t, json!({})).await;
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("retry later")),
+        "{r}"
+    );
+    assert!(
+        b.metric("shoal_rate_limited_total{kind=\"handshake\"")
+            .await
+            >= 1.0
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_stops_polling_is_a_slow_consumer_and_costs_nobody_else() {
+    let b = Broker::start_with(|c| {
+        c.conn.outbound_queue = 16;
+        c.conn.rate_limit = 100_000.0;
+        c.conn.rate_burst = 100_000.0;
+    })
+    .await;
+    // A long-polling socket joins, then never polls again.
+    let sid = polling_session(&b, &token_for("sloth")).await;
+    post(&b, &sid, "420[\"join\",\"firehose\"]").await;
+    assert!(next_packet(&b, &sid, "430").await.is_some(), "joined");
+    let mut agent = SioAgent::start().await;
+    let r = agent
+        .connect("fast", &url(&b), &token_for("fast"), json!({}))
+        .await;
+    assert_eq!(r["ok"], json!(true));
+    agent.ask("fast", "join", json!(["firehose"])).await;
+    let mut publisher = b.connect(&token_for("pub"), Encoding::MsgPack).await;
+    publisher.join("firehose").await;
+    for i in 1..=100u64 {
+        let ack = publisher.publish("firehose", json!(i)).await;
+        assert!(
+            matches!(ack, ServerFrame::Ack { seq, .. } if seq == i),
+            "{ack:?}"
+        );
+    }
+    // The reader that keeps up got everything, in order.
+    let got = event_seqs(&agent.events("fast", "msg", 100, 10_000).await);
+    assert_eq!(got, (1..=100).collect::<Vec<_>>());
+    // The one that stopped reading was closed as a slow consumer, never
+    // skipped past a message it still holds.
+    let mut closed = 0.0;
+    for _ in 0..50 {
+        closed = b
+            .metric("shoal_closes_total{reason=\"slow_consumer\"")
+            .await;
+        if closed >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(closed, 1.0, "one slow consumer");
+    // Its queue held at most --outbound-queue messages, then it ended.
+    let mut seqs = vec![];
+    loop {
+        let r = b
+            .http
+            .get(format!(
+                "{}/socket.io/?EIO=4&transport=polling&sid={sid}",
+                url(&b)
+            ))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        let Ok(r) = r else { break };
+        if r.status() != 200 {
+            break;
+        }
+        let text = r.text().await.unwrap_or_default();
+        let mut ended = false;
+        for p in text.split('\u{1e}') {
+            if let Some(rest) = p.strip_prefix("42") {
+                if let Ok(v) = serde_json::from_str::<Value>(rest) {
+                    if v[0] == "msg" {
+                        seqs.push(v[1]["seq"].as_u64().unwrap_or(0));
+                    }
+                }
+            }
+            ended |= p == "1" || p.starts_with("41");
+        }
+        if ended {
+            break;
+        }
+    }
+    assert!(seqs.len() <= 16, "{} queued", seqs.len());
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "a prefix, in order"
+    );
+    bystander_served(&b).await;
+    b.stop().await;
+}
