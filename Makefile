@@ -9,7 +9,7 @@ FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 10
 
-.PHONY: run build check test test-deps lint fmt fuzz bench profile smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
+.PHONY: plan run build check test test-deps lint fmt fuzz bench profile smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
 NODES ?= 3
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
@@ -37,6 +37,7 @@ test: test-deps lint
 	SKIP_BUILD=1 ./scripts/web-tests.sh
 	SKIP_BUILD=1 ./scripts/smoke.sh
 	COMPARE_CHECK=1 SKIP_BUILD=1 ./scripts/compare.sh
+	SKIP_BUILD=1 ./scripts/plan-check.sh
 	./scripts/cluster-check.sh
 	./scripts/deploy-check.sh
 	FUZZ_DEV=1 ./scripts/fuzz.sh $(FUZZ_TEST_SECONDS)
@@ -49,6 +50,13 @@ web-test:
 ## or unbounded RSS growth (SOAK_SECONDS=600 for the short version).
 soak:
 	./scripts/soak.sh
+
+## Capacity plans for the example workloads (release build), each with
+## --verify: calibrates once (cached in results/calibration-<host>.json),
+## writes results/plan-<workload>/. Other workloads:
+## make plan WORKLOADS="--workload my.toml"
+plan:
+	./scripts/plan.sh $(WORKLOADS)
 
 ## Shoal against Socket.IO (one node; NODES=2: the Redis adapter against
 ## Shoal's Redis bus), same scenario

@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod floor;
 pub mod gate;
 pub mod live;
+pub mod plan;
 pub mod report;
 #[cfg(feature = "rest")]
 pub mod rest;

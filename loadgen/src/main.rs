@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use shoal_loadgen::{capacity, connect, fanout, floor, gate, report};
+use shoal_loadgen::{capacity, connect, fanout, floor, gate, plan, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -45,6 +45,14 @@ enum Cmd {
     /// Render SVG charts from result files: percentile spectrum (overlaid),
     /// latency over time, throughput against p99 across a capacity ramp.
     Report(report::ReportOpts),
+    /// Capacity planning: how many nodes a workload needs and what limits
+    /// them, from costs measured here (brokers it starts, pinned apart
+    /// from loadgen; cached). --verify checks the model against a
+    /// scaled-down run. Examples: `loadgen plan --example chat-200k`
+    /// (200,000 users in rooms of ~20, a message a minute, 30% stored),
+    /// `--example live-wide` (rooms of 1,000), `--example support-stored`
+    /// (small rooms, all stored), or `--workload my.toml`.
+    Plan(plan::PlanOpts),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +86,15 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         _ => {}
+    }
+    if matches!(opt.cmd, Cmd::Plan(_))
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+    {
+        // Before the runtime starts: its threads inherit this affinity,
+        // and the brokers plan starts run on core 0.
+        if let Some(core) = core_affinity::get_core_ids().and_then(|c| c.into_iter().nth(1)) {
+            core_affinity::set_for_current(core);
+        }
     }
     tracing_subscriber::fmt()
         .with_target(false)
@@ -142,6 +159,39 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", r.table());
                 println!("results: {}", path.display());
                 Ok(r.failures.is_empty())
+            }
+            Cmd::Plan(o) => {
+                let (r, dir) = plan::run(&o).await?;
+                let p = &r.plan;
+                println!(
+                    "{}: {} node(s) of {} cores / {} GiB, limited by {:?}; per node {:.0} connections, {:.2} cores, {:.0} MiB; headroom {:.2}x",
+                    r.workload.name,
+                    p.nodes,
+                    r.workload.node.cores,
+                    r.workload.node.memory_gib,
+                    p.limited_by,
+                    p.load.connections_per_node,
+                    p.load.cores_per_node,
+                    p.load.rss_per_node_bytes / (1u64 << 20) as f64,
+                    p.headroom
+                );
+                for w in &p.warnings {
+                    println!("warning: {w}");
+                }
+                if let Some(v) = &r.verification {
+                    println!(
+                        "verify ({} connections, {} node(s)): CPU {:+.1}%, memory {:+.1}%: {}",
+                        v.connections,
+                        v.nodes,
+                        v.cpu_error * 100.0,
+                        v.memory_error * 100.0,
+                        if v.agrees { "within 20%" } else { "NOT within 20%" }
+                    );
+                }
+                println!("report: {}", dir.join("plan.md").display());
+                // --quick runs are too short for the 20% bound: they check
+                // that planning works end to end, not the model.
+                Ok(o.quick || r.verification.as_ref().is_none_or(|v| v.agrees))
             }
             Cmd::Gate(_) | Cmd::Report(_) | Cmd::Floor(_) => Ok(true),
         }

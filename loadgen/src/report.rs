@@ -18,7 +18,7 @@ pub fn default_path(scenario: &str) -> PathBuf {
 
 /// Where and with what a run was made, so a result can be compared with
 /// another knowingly.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Env {
     /// CPU model (`/proc/cpuinfo`).
     pub cpu_model: String,
@@ -29,7 +29,7 @@ pub struct Env {
     /// `git rev-parse HEAD` of the working directory, if any.
     pub git_revision: Option<String>,
     /// loadgen version.
-    pub loadgen_version: &'static str,
+    pub loadgen_version: String,
     /// When the result was written, seconds since the epoch.
     pub written_at: u64,
 }
@@ -55,12 +55,18 @@ impl Env {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
         Env {
             cpu_model,
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // The machine's CPUs, not this thread's affinity (plan pins
+            // itself to one core).
+            cpus: std::fs::read_to_string("/proc/cpuinfo")
+                .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
+                .ok()
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into()),
             git_revision,
-            loadgen_version: env!("CARGO_PKG_VERSION"),
+            loadgen_version: env!("CARGO_PKG_VERSION").into(),
             written_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

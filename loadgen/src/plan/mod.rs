@@ -1,0 +1,526 @@
+//! `plan`: capacity planning. For a workload (connections, room sizes,
+//! message rates, stored share, the nodes to run on) it answers how many
+//! nodes, what limits them, and what Redis and PostgreSQL must carry, from
+//! costs measured on this machine (`calibrate`) through a model (`model`),
+//! and with `--verify` it checks the model against a scaled-down run of
+//! the workload here.
+//!
+//! Examples (`--example`, files in `loadgen/workloads/`): `chat-200k` (the
+//! 200,000 users in rooms of about 20 sending a message a minute),
+//! `live-wide` (rooms of 1,000), `support-stored` (small rooms, every
+//! message stored).
+
+pub mod calibrate;
+pub mod model;
+pub mod workload;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+
+use self::{
+    calibrate::{Calibration, Effort},
+    model::{Limit, Plan},
+    workload::Workload,
+};
+
+/// Options of `plan`.
+#[derive(Debug, Clone, Args)]
+pub struct PlanOpts {
+    /// Workload file (TOML; see loadgen/workloads/ for the fields).
+    #[arg(long, conflicts_with = "example")]
+    pub workload: Option<PathBuf>,
+
+    /// A shipped example workload: chat-200k, live-wide or support-stored.
+    #[arg(long)]
+    pub example: Option<String>,
+
+    /// Calibration cache: read if present (unless --recalibrate), written
+    /// after measuring. Default: results/calibration-<host>.json.
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+
+    /// Measure again even if the cache exists.
+    #[arg(long)]
+    pub recalibrate: bool,
+
+    /// Short calibration and verification runs (seconds, not a minute;
+    /// figures within tens of percent): what `make test` runs.
+    #[arg(long)]
+    pub quick: bool,
+
+    /// Skip the two-node (Redis) calibration.
+    #[arg(long)]
+    pub no_cluster: bool,
+
+    /// The `shoal` binary to calibrate (default: beside this loadgen).
+    #[arg(long)]
+    pub shoal_bin: Option<PathBuf>,
+
+    /// Also run the workload scaled down on this machine and compare the
+    /// model's broker CPU and memory with what was measured.
+    #[arg(long)]
+    pub verify: bool,
+
+    /// Connections of the scaled-down verification run (enough that what
+    /// they add to each node's memory is measurable).
+    #[arg(long, default_value_t = 8000)]
+    pub verify_connections: usize,
+
+    /// Broker nodes of the verification run (2 uses a redis-server).
+    #[arg(long, default_value_t = 2)]
+    pub verify_nodes: usize,
+
+    /// Broker CPU (cores, all nodes) the verification aims at: the
+    /// scaled workload's message rate is multiplied to reach it, so the
+    /// measurement is well above noise.
+    #[arg(long, default_value_t = 0.5)]
+    pub verify_cores: f64,
+
+    /// Output directory for plan.md, plan.json and the charts (default
+    /// results/plan-<workload>-<time>/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One verification run against the model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What ran.
+    pub run: String,
+    /// Broker CPU the model predicts, cores (all nodes).
+    pub predicted_cores: f64,
+    /// Broker CPU measured, cores.
+    pub measured_cores: f64,
+    /// Broker RSS per node the model predicts, bytes.
+    pub predicted_rss_bytes: f64,
+    /// Broker RSS per node measured (mean), bytes.
+    pub measured_rss_bytes: f64,
+    /// What the run's connections add per node, predicted, bytes.
+    pub predicted_growth_bytes: f64,
+    /// What they added, measured (RSS at the end of the run − before it,
+    /// mean over nodes), bytes.
+    pub measured_growth_bytes: f64,
+}
+
+/// The verification's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// Nodes and connections it ran with.
+    pub nodes: usize,
+    /// Connections.
+    pub connections: usize,
+    /// Factor the per-connection message rate was multiplied by.
+    pub rate_factor: f64,
+    /// Each run.
+    pub checks: Vec<Check>,
+    /// Total predicted / measured broker CPU − 1.
+    pub cpu_error: f64,
+    /// Predicted / measured memory the connections add per node − 1 (all
+    /// runs together): base RSS aside, which would hide the
+    /// per-connection figure at this scale.
+    pub memory_error: f64,
+    /// Both within ±20%.
+    pub agrees: bool,
+}
+
+/// What `plan` writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    /// The workload.
+    pub workload: Workload,
+    /// The plan.
+    pub plan: Plan,
+    /// The calibration it used.
+    pub calibration: Calibration,
+    /// Where the calibration came from (measured now, or the cache file).
+    pub calibration_source: String,
+    /// The verification, if run.
+    pub verification: Option<Verification>,
+}
+
+/// Room sizes calibrated whatever the workload (so one calibration serves
+/// the examples, and the line through them spans small to wide rooms).
+pub const STANDARD_SIZES: [usize; 4] = [2, 10, 100, 1000];
+
+/// Room sizes to calibrate: the workload's and the standard ones.
+fn sizes_for(w: &Workload, quick: bool) -> Vec<usize> {
+    let mut s: Vec<usize> = w.rooms.iter().map(|r| r.size).collect();
+    // Quick runs measure only what the workload needs, and 10 for the line.
+    if quick {
+        s.push(10);
+    } else {
+        s.extend(STANDARD_SIZES);
+    }
+    s.sort_unstable();
+    s.dedup();
+    s
+}
+
+/// Run `plan`.
+pub async fn run(o: &PlanOpts) -> anyhow::Result<(PlanReport, PathBuf)> {
+    let w = match (&o.workload, &o.example) {
+        (Some(p), _) => Workload::read(p)?,
+        (None, Some(e)) => Workload::example(e)?,
+        (None, None) => anyhow::bail!("give --workload FILE or --example NAME"),
+    };
+    let shoal = o.shoal_bin.clone().unwrap_or_else(calibrate::default_shoal);
+    let cache = o.calibration.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "host".into());
+        PathBuf::from(format!("results/calibration-{}.json", host.trim()))
+    });
+    let effort = if o.quick {
+        Effort::quick()
+    } else {
+        Effort::full()
+    };
+    let wanted = sizes_for(&w, o.quick);
+    let cached = if o.recalibrate {
+        None
+    } else {
+        Calibration::read(&cache).ok().filter(|c| {
+            // A cache missing a size of this workload is measured again.
+            wanted
+                .iter()
+                .all(|s| c.costs.sizes.iter().any(|k| k.size == *s))
+        })
+    };
+    let (cal, source) = match cached {
+        Some(c) => (c, format!("cache {}", cache.display())),
+        None => {
+            anyhow::ensure!(
+                shoal.is_file(),
+                "no shoal binary at {} (cargo build --release, or --shoal-bin)",
+                shoal.display()
+            );
+            tracing::info!(sizes = ?wanted, "calibrating {}", shoal.display());
+            let c = calibrate::calibrate(&shoal, &wanted, w.rooms[0].size, &effort, !o.no_cluster)
+                .await?;
+            // Not write_json: the calibration carries its own `env`.
+            if let Some(d) = cache.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d)?;
+            }
+            std::fs::write(&cache, serde_json::to_vec_pretty(&c)?)
+                .with_context(|| format!("writing {}", cache.display()))?;
+            (c, format!("measured now, cached in {}", cache.display()))
+        }
+    };
+    let plan = model::plan(&w, &cal.costs, &w.node);
+    let verification = if o.verify {
+        Some(verify(o, &w, &cal, &shoal, &effort).await?)
+    } else {
+        None
+    };
+    let report = PlanReport {
+        workload: w,
+        plan,
+        calibration: cal,
+        calibration_source: source,
+        verification,
+    };
+    let dir = o.out.clone().unwrap_or_else(|| {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from(format!("results/plan-{}-{stamp}", report.workload.name))
+    });
+    write(&report, &dir)?;
+    Ok((report, dir))
+}
+
+/// Run the workload scaled down here and compare with the model.
+async fn verify(
+    o: &PlanOpts,
+    w: &Workload,
+    cal: &Calibration,
+    shoal: &std::path::Path,
+    effort: &Effort,
+) -> anyhow::Result<Verification> {
+    let nodes = if o.verify_nodes > 1 && calibrate::redis_available() {
+        o.verify_nodes
+    } else {
+        1
+    };
+    let connections = if o.quick {
+        o.verify_connections.min(200)
+    } else {
+        o.verify_connections
+    };
+    // The scaled workload without typing (fanout sends messages only)
+    // and handshakes (they happen before the measured window).
+    let mut small = w.scaled(connections as f64);
+    small.typing_per_message = 0.0;
+    small.reconnects_per_connection_per_hour = 0.0;
+    let base = model::load(&small, &cal.costs, nodes)
+        .broker_cores
+        .max(1e-9);
+    let target = if o.quick {
+        o.verify_cores.min(0.2)
+    } else {
+        o.verify_cores
+    };
+    let rate_factor = target / base;
+    small.messages_per_connection_per_minute *= rate_factor;
+    let fleet = calibrate::Fleet::start(shoal, nodes).await?;
+    let scratch = tempfile::tempdir()?;
+    let mut checks = vec![];
+    let seconds = effort.seconds.max(if o.quick { 1.0 } else { 8.0 });
+    for r in &small.rooms {
+        for (stored, share) in [
+            (false, 1.0 - small.stored_share),
+            (true, small.stored_share),
+        ] {
+            if share <= 0.0 {
+                continue;
+            }
+            // This class's connections and messages, as a workload of its own.
+            let mut part = small.clone();
+            part.connections = (connections as f64 * r.share * share).max(r.size as f64);
+            part.rooms = vec![workload::RoomClass {
+                size: r.size,
+                share: 1.0,
+            }];
+            part.stored_share = if stored { 1.0 } else { 0.0 };
+            let members = ((part.connections as usize) / r.size).max(1) * r.size;
+            let msgs = part.connections * part.messages_per_connection_per_minute / 60.0;
+            let name = format!(
+                "verify-{}-{}",
+                r.size,
+                if stored { "stored" } else { "live" }
+            );
+            let (_, before) = fleet.sample().await;
+            let rep = calibrate::fanout_run(
+                &fleet.urls,
+                scratch.path(),
+                calibrate::Run {
+                    name: name.clone(),
+                    size: r.size,
+                    members,
+                    deliveries: msgs * r.size as f64,
+                    seconds,
+                    namespace: (!stored).then_some("live"),
+                },
+            )
+            .await
+            .with_context(|| name.clone())?;
+            let measured: f64 = rep.broker_cpu_percent.iter().sum::<f64>() / 100.0;
+            let rss =
+                rep.broker_rss_bytes.iter().sum::<f64>() / rep.broker_rss_bytes.len().max(1) as f64;
+            let rss0 = before.iter().sum::<f64>() / before.len().max(1) as f64;
+            // The model for exactly what ran (room rounding, achieved rate).
+            let mut ran = part.clone();
+            ran.connections = members as f64;
+            ran.messages_per_connection_per_minute = rep.achieved_rate * 60.0 / members as f64;
+            let predicted_ran = model::load(&ran, &cal.costs, nodes);
+            checks.push(Check {
+                run: format!(
+                    "{name}: {members} connections in rooms of {}, {:.0} msg/s, {} node(s)",
+                    r.size, rep.achieved_rate, nodes
+                ),
+                predicted_cores: predicted_ran.broker_cores,
+                measured_cores: measured,
+                predicted_rss_bytes: predicted_ran.rss_per_node_bytes,
+                measured_rss_bytes: rss,
+                predicted_growth_bytes: predicted_ran.rss_per_node_bytes - cal.costs.base_rss_bytes,
+                measured_growth_bytes: rss - rss0,
+            });
+        }
+    }
+    drop(fleet);
+    let (p, m): (f64, f64) = checks.iter().fold((0.0, 0.0), |(p, m), c| {
+        (p + c.predicted_cores, m + c.measured_cores)
+    });
+    let cpu_error = p / m.max(1e-9) - 1.0;
+    let (pg, mg): (f64, f64) = checks.iter().fold((0.0, 0.0), |(p, m), c| {
+        (p + c.predicted_growth_bytes, m + c.measured_growth_bytes)
+    });
+    let memory_error = pg / mg.max(1.0) - 1.0;
+    Ok(Verification {
+        nodes,
+        connections,
+        rate_factor,
+        checks,
+        cpu_error,
+        memory_error,
+        agrees: cpu_error.abs() <= 0.2 && memory_error.abs() <= 0.2,
+    })
+}
+
+fn limit_name(l: Limit) -> &'static str {
+    match l {
+        Limit::Cpu => "broker CPU",
+        Limit::Memory => "broker memory",
+        Limit::Connections => "connections per node (file descriptors)",
+    }
+}
+
+fn mib(b: f64) -> f64 {
+    b / (1u64 << 20) as f64
+}
+
+/// Write plan.md, plan.json and the charts into `dir`.
+fn write(r: &PlanReport, dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    crate::report::write_json(&dir.join("plan.json"), r)?;
+    let (w, p, c) = (&r.workload, &r.plan, &r.calibration.costs);
+    let l = &p.load;
+    // CPU and memory per node against the number of nodes.
+    let top = (p.nodes * 2).max(4);
+    let cpu: Vec<(f64, f64)> = (1..=top)
+        .map(|n| (n as f64, model::load(w, c, n).cores_per_node))
+        .collect();
+    let cap: Vec<(f64, f64)> = (1..=top)
+        .map(|n| (n as f64, w.node.cores * w.node.target_cpu))
+        .collect();
+    crate::report::plot_xy(
+        &dir.join("cpu.svg"),
+        &format!("{}: broker CPU per node", w.name),
+        "nodes",
+        "cores",
+        &[("CPU per node".into(), cpu), ("target".into(), cap)],
+    )?;
+    let mem: Vec<(f64, f64)> = (1..=top)
+        .map(|n| (n as f64, mib(model::load(w, c, n).rss_per_node_bytes)))
+        .collect();
+    let mcap: Vec<(f64, f64)> = (1..=top)
+        .map(|n| (n as f64, w.node.memory_gib * 1024.0 * model::MEMORY_SHARE))
+        .collect();
+    crate::report::plot_xy(
+        &dir.join("memory.svg"),
+        &format!("{}: broker memory per node", w.name),
+        "nodes",
+        "MiB",
+        &[("RSS per node".into(), mem), ("80% of memory".into(), mcap)],
+    )?;
+    let mut md = String::new();
+    md += &format!("# Capacity plan: {}\n\n", w.name);
+    md += &format!(
+        "**{} node(s) of {} cores and {} GiB**, limited by **{}** (CPU alone needs {}, memory {}, connections {}). Headroom: {:.2}× this workload before the first limit.\n\n",
+        p.nodes,
+        w.node.cores,
+        w.node.memory_gib,
+        limit_name(p.limited_by),
+        p.nodes_for_cpu,
+        p.nodes_for_memory,
+        p.nodes_for_connections,
+        p.headroom
+    );
+    md += "| per node at the peak | value |\n|---|---|\n";
+    md += &format!(
+        "| connections | {:.0} |\n| broker CPU | {:.2} cores ({:.0}% of {}; target {:.0}%) |\n| broker memory | {:.0} MiB ({:.0}% of {} GiB) |\n",
+        l.connections_per_node,
+        l.cores_per_node,
+        p.cpu_utilisation * 100.0,
+        w.node.cores,
+        w.node.target_cpu * 100.0,
+        mib(l.rss_per_node_bytes),
+        p.memory_utilisation * 100.0,
+        w.node.memory_gib
+    );
+    md += "\n| whole deployment | value |\n|---|---|\n";
+    md += &format!(
+        "| messages published | {:.0}/s |\n| deliveries | {:.0}/s |\n| broker CPU | {:.2} cores: messages {:.2}, group commit {:.2}, bus {:.2}, handshakes {:.3} |\n",
+        l.publishes_per_sec, l.deliveries_per_sec, l.broker_cores, l.message_cores, l.commit_cores, l.bus_cores, l.handshake_cores
+    );
+    if l.nodes > 1 {
+        md += &format!(
+            "| Redis | {:.0} commands/s (one script per publish or typing relay), {:.0} messages pushed to nodes/s, {:.2} cores of redis-server |\n| PostgreSQL (shared store) | {:.0} message rows/s (group-committed) |\n",
+            l.redis_commands_per_sec, l.redis_pushes_per_sec, l.redis_cores, l.store_rows_per_sec
+        );
+    } else {
+        md += "| Redis, PostgreSQL | none: one node runs on its embedded store and in-process bus |\n";
+    }
+    for warn in &p.warnings {
+        md += &format!("\n> **Warning:** {warn}\n");
+    }
+    md += "\n![CPU per node](cpu.svg) ![memory per node](memory.svg)\n";
+    md += "\n## Workload (input)\n\n";
+    md += &format!(
+        "- {:.0} concurrent connections, {} message(s) per connection per minute, {} B bodies, {:.0}% stored, {} typing events per message, {} reconnects per connection per hour\n",
+        w.connections,
+        w.messages_per_connection_per_minute,
+        w.payload_bytes,
+        w.stored_share * 100.0,
+        w.typing_per_message,
+        w.reconnects_per_connection_per_hour
+    );
+    for rc in &w.rooms {
+        md += &format!(
+            "- {:.0}% of connections in rooms of {}\n",
+            rc.share * 100.0,
+            rc.size
+        );
+    }
+    md += &format!(
+        "- nodes: {} cores, {} GiB, up to {:.0}% CPU and 80% memory, at most {:.0} connections each\n",
+        w.node.cores,
+        w.node.memory_gib,
+        w.node.target_cpu * 100.0,
+        w.node.max_connections_per_node
+    );
+    md += "\n## Measured inputs and assumptions\n\n";
+    let e = &r.calibration.env;
+    md += &format!(
+        "Calibration: {} — on {} ({} CPUs, kernel {}, revision {}), broker pinned to core 0 and loadgen to core 1.\n\n",
+        r.calibration_source,
+        e.cpu_model,
+        e.cpus,
+        e.kernel,
+        e.git_revision.as_deref().unwrap_or("unknown")
+    );
+    md += "| input | value |\n|---|---|\n";
+    md += &format!(
+        "| broker base RSS | {:.1} MiB |\n| memory per idle connection | {:.0} B |\n| memory per connection in rooms under traffic | {:.0} B |\n| broker CPU per handshake | {:.0} µs |\n| group commit per stored message | {:.1} µs |\n",
+        mib(c.base_rss_bytes),
+        c.idle_conn_bytes,
+        c.member_conn_bytes,
+        c.handshake_cpu_us,
+        c.commit_cpu_us_per_msg
+    );
+    for s in &c.sizes {
+        md += &format!(
+            "| broker CPU per message, rooms of {} | {:.1} µs ({:.2} µs per delivery; p99 {:.2} ms at {:.0} deliveries/s) |\n",
+            s.size, s.cpu_us_per_msg, s.cpu_us_per_delivery, s.p99_ms, s.deliveries_per_sec
+        );
+    }
+    let (a, b) = c.line();
+    md += &format!("| line through them (other sizes) | {a:.1} µs + {b:.2} µs × members |\n");
+    if let Some(cl) = &c.cluster {
+        md += &format!(
+            "| bus, per message per node with members | {:.1} µs |\n| redis-server per message | {:.1} µs |\n",
+            cl.bus_cpu_us_per_msg_per_node, cl.redis_cpu_us_per_msg
+        );
+    }
+    md += "\nSources:\n\n";
+    for s in &r.calibration.sources {
+        md += &format!("- {s}\n");
+    }
+    md += "\nAssumptions: each message fans out to every member of its room (members spread over the nodes); typing events cost what a message to the same room costs, unstored; CPU per event does not depend on the rate (calibrated at tens of thousands of deliveries/s, where batching is modest); latency is not modelled, the calibration's p99 at its load is shown instead; a node's file-descriptor and `--max-connections` limit is `max_connections_per_node`.\n";
+    if let Some(v) = &r.verification {
+        md += &format!(
+            "\n## Verification on this machine\n\nThe workload scaled to {} connections on {} node(s), its message rate ×{:.2} to load the brokers measurably (typing and reconnects left out): predicted against measured broker CPU **{:+.1}%**, memory the connections add per node **{:+.1}%** — {}.\n\n| run | CPU predicted | CPU measured | RSS/node predicted | RSS/node measured | growth/node predicted | growth/node measured |\n|---|---|---|---|---|---|---|\n",
+            v.connections,
+            v.nodes,
+            v.rate_factor,
+            v.cpu_error * 100.0,
+            v.memory_error * 100.0,
+            if v.agrees { "within 20%" } else { "**not within 20%**" }
+        );
+        for ch in &v.checks {
+            md += &format!(
+                "| {} | {:.3} cores | {:.3} cores | {:.1} MiB | {:.1} MiB | {:.2} MiB | {:.2} MiB |\n",
+                ch.run,
+                ch.predicted_cores,
+                ch.measured_cores,
+                mib(ch.predicted_rss_bytes),
+                mib(ch.measured_rss_bytes),
+                mib(ch.predicted_growth_bytes),
+                mib(ch.measured_growth_bytes)
+            );
+        }
+    }
+    std::fs::write(dir.join("plan.md"), md)?;
+    Ok(())
+}
