@@ -9,7 +9,7 @@ FEATURES ?= --features shoal-loadgen/rest
 FUZZ_SECONDS ?= 60
 FUZZ_TEST_SECONDS ?= 10
 
-.PHONY: plan run build check test test-deps lint fmt fuzz bench profile smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
+.PHONY: plan hundred-k run build check test test-deps lint fmt fuzz bench profile smoke soak observe web-test cluster cluster-down compare compare-sockudo clean
 NODES ?= 3
 
 ## Start the broker (release build) on 127.0.0.1:8080 with data in ./data.
@@ -57,6 +57,13 @@ soak:
 ## make plan WORKLOADS="--workload my.toml"
 plan:
 	./scripts/plan.sh $(WORKLOADS)
+
+## 100,000 concurrent connections on this box: 6 brokers on the Redis bus,
+## loadgen connect in 6 processes, a fanout through rooms spanning the
+## nodes while all are held; writes results/hundred-k-<time>/.
+hundred-k:
+	./scripts/install-test-deps.sh >/dev/null
+	./scripts/hundred-k.sh
 
 ## Shoal against Socket.IO (one node; NODES=2: the Redis adapter against
 ## Shoal's Redis bus), same scenario
