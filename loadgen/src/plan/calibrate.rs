@@ -27,7 +27,7 @@ use anyhow::Context;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use super::model::{ClusterCost, Costs, SizeCost};
+use super::model::{ClusterCost, Costs, RateFactor, SizeCost};
 use crate::{connect, fanout, report::Env, sys};
 
 /// How long and how hard calibration runs go.
@@ -85,6 +85,14 @@ impl Calibration {
         serde_json::from_str(&text).with_context(|| format!("calibration {}", path.display()))
     }
 }
+
+/// How long a started broker is left before its base RSS is read.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+/// Most messages per second a calibration run publishes: small rooms
+/// reach the deliveries target at a lower rate, not by saturating the
+/// broker with publishes.
+const MAX_PUBLISH_RATE: f64 = 4000.0;
 
 /// The JWT secret of the brokers `plan` starts.
 pub const SECRET: &str = "loadgen-plan-calibration-secret-0123456789";
@@ -212,6 +220,23 @@ impl Fleet {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        // Start-up allocations (the store's, the runtime's) are returned
+        // to the OS only once the broker's threads allocate and free again:
+        // a burst of short-lived connections, then a pause, and the base
+        // RSS read after that is the one load adds to.
+        let scratch = tempfile::tempdir()?;
+        let mut a = common(&fleet.urls, scratch.path(), "warmup");
+        a.extend([
+            "--connections".to_string(),
+            "200".into(),
+            "--connect-rate".into(),
+            "2000".into(),
+            "--hold".into(),
+            "0.2".into(),
+        ]);
+        let o: connect::ConnectOpts = opts(&a)?;
+        connect::run(&o).await?;
+        tokio::time::sleep(SETTLE).await;
         Ok(fleet)
     }
 
@@ -298,7 +323,7 @@ pub async fn fanout_run(
     } = run;
     let name = name.as_str();
     let rooms = (members / size).max(1);
-    let rate = (deliveries / size as f64).max(1.0);
+    let rate = (deliveries / size as f64).clamp(1.0, MAX_PUBLISH_RATE);
     let mut a = common(urls, dir, name);
     a.extend([
         "--rooms".to_string(),
@@ -327,6 +352,74 @@ pub async fn fanout_run(
         r.lost
     );
     Ok(r)
+}
+
+/// Broker CPU per message for each room size (persist=off), and the most
+/// memory a connection in a room under traffic added.
+async fn measure_sizes(
+    one: &Fleet,
+    dir: &Path,
+    sizes: &[usize],
+    effort: &Effort,
+    sources: &mut Vec<String>,
+) -> anyhow::Result<(Vec<SizeCost>, f64)> {
+    let mut costs = vec![];
+    let mut member_bytes: f64 = 0.0;
+    for &size in sizes {
+        let members = effort.members.max(size);
+        let name = format!("size-{size}");
+        let (_, before) = one.sample().await;
+        let r = fanout_run(
+            &one.urls,
+            dir,
+            Run {
+                name: name.clone(),
+                size,
+                members,
+                deliveries: effort.deliveries_per_sec,
+                seconds: effort.seconds,
+                namespace: Some("live"),
+            },
+        )
+        .await?;
+        let per_delivery = r.broker_cpu_us_per_delivery;
+        let conns = ((members / size).max(1) * size) as f64;
+        let rss = r.broker_rss_bytes.first().copied().unwrap_or(0.0);
+        let rss0 = before.first().copied().unwrap_or(rss);
+        member_bytes = member_bytes.max((rss - rss0) / conns);
+        sources.push(format!(
+            "rooms of {size}: fanout, {} rooms, {:.0} msg/s = {:.0} deliveries/s for {} s, persist=off: {per_delivery:.2} µs broker CPU per delivery, p99 {:.2} ms",
+            (members / size).max(1),
+            r.achieved_rate,
+            r.deliveries_per_sec,
+            effort.seconds,
+            r.latency.p99
+        ));
+        costs.push(SizeCost {
+            size,
+            cpu_us_per_msg: per_delivery * size as f64,
+            cpu_us_per_delivery: per_delivery,
+            p99_ms: r.latency.p99,
+            deliveries_per_sec: r.deliveries_per_sec,
+        });
+    }
+    Ok((costs, member_bytes))
+}
+
+/// Measure room sizes a cached calibration lacks, and add them to it.
+pub async fn extend(
+    shoal: &Path,
+    cal: &mut Calibration,
+    sizes: &[usize],
+) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let one = Fleet::start(shoal, 1).await?;
+    let (more, member_bytes) =
+        measure_sizes(&one, scratch.path(), sizes, &cal.effort, &mut cal.sources).await?;
+    cal.costs.sizes.extend(more);
+    cal.costs.sizes.sort_by_key(|c| c.size);
+    cal.costs.member_conn_bytes = cal.costs.member_conn_bytes.max(member_bytes);
+    Ok(())
 }
 
 /// Measure everything (see the module docs).
@@ -359,57 +452,55 @@ pub async fn calibrate(
     let cr = connect::run(&co).await?;
     let (cpu1, _) = one.sample().await;
     anyhow::ensure!(cr.established > 0, "no connection established");
-    let idle_bytes = cr
-        .steps
-        .last()
-        .map_or(0.0, |s| s.bytes_per_connection)
-        .max(0.0);
+    // The slope between the ramp's steps: the base (and whatever the
+    // allocator returns meanwhile) cancels out.
+    let idle_bytes = match cr.steps.as_slice() {
+        [.., a, b] if b.connections > a.connections => {
+            (b.broker_rss_bytes - a.broker_rss_bytes) / (b.connections - a.connections)
+        }
+        _ => cr.steps.last().map_or(0.0, |s| s.bytes_per_connection),
+    }
+    .max(0.0);
     let handshake_us = (cpu1 - cpu0) / cr.established as f64 * 1e6;
     sources.push(format!(
-        "idle memory and handshakes: connect ramp to {} connections at 2,000/s: RSS slope {:.0} B/connection, {:.0} µs broker CPU per handshake (hold included)",
+        "idle memory and handshakes: connect ramp to {} connections at 2,000/s: RSS slope between its two steps {:.0} B/connection, {:.0} µs broker CPU per handshake (hold included)",
         cr.established, idle_bytes, handshake_us
     ));
     // Per room size, unstored.
-    let mut costs = vec![];
-    let mut member_bytes: f64 = 0.0;
-    for &size in sizes {
-        let members = effort.members.max(size);
-        let name = format!("size-{size}");
-        let (_, before) = one.sample().await;
-        let r = fanout_run(
-            &one.urls,
-            dir,
-            Run {
-                name: name.clone(),
-                size,
-                members,
-                deliveries: effort.deliveries_per_sec,
-                seconds: effort.seconds,
-                namespace: Some("live"),
-            },
-        )
-        .await?;
-        let per_delivery = r.broker_cpu_us_per_delivery;
-        let conns = ((members / size).max(1) * size) as f64;
-        let rss = r.broker_rss_bytes.first().copied().unwrap_or(0.0);
-        let rss0 = before.first().copied().unwrap_or(rss);
-        member_bytes = member_bytes.max((rss - rss0) / conns);
-        sources.push(format!(
-            "rooms of {size}: fanout, {} rooms, {:.0} deliveries/s for {} s, persist=off: {per_delivery:.2} µs broker CPU per delivery, p99 {:.2} ms",
-            (members / size).max(1),
-            r.deliveries_per_sec,
-            effort.seconds,
-            r.latency.p99
-        ));
-        costs.push(SizeCost {
-            size,
-            cpu_us_per_msg: per_delivery * size as f64,
-            cpu_us_per_delivery: per_delivery,
-            p99_ms: r.latency.p99,
-            deliveries_per_sec: r.deliveries_per_sec,
-        });
-    }
+    let (mut costs, member_bytes) = measure_sizes(&one, dir, sizes, effort, &mut sources).await?;
     costs.sort_by_key(|c| c.size);
+    // The rate dependence: rooms of 10 at a tenth of the deliveries (fewer
+    // frames per wake-up and write cost more each).
+    let reference = costs.iter().find(|c| c.size == 10).cloned();
+    let low_rate = match &reference {
+        Some(high) => {
+            let low = effort.deliveries_per_sec / 10.0;
+            let r = fanout_run(
+                &one.urls,
+                dir,
+                Run {
+                    name: "size-10-low".into(),
+                    size: 10,
+                    members: effort.members.max(10),
+                    deliveries: low,
+                    seconds: effort.seconds,
+                    namespace: Some("live"),
+                },
+            )
+            .await?;
+            let factor = r.broker_cpu_us_per_delivery / high.cpu_us_per_delivery.max(1e-9);
+            sources.push(format!(
+                "rate dependence: rooms of 10 at {:.0} deliveries/s: {:.2} µs per delivery, {factor:.2}× the figure at {:.0}/s (interpolated in log(deliveries/s per node) between the two, clamped outside)",
+                r.deliveries_per_sec, r.broker_cpu_us_per_delivery, high.deliveries_per_sec
+            ));
+            Some(RateFactor {
+                low_deliveries_per_sec: r.deliveries_per_sec,
+                low_factor: factor.max(1.0),
+                high_deliveries_per_sec: high.deliveries_per_sec,
+            })
+        }
+        None => None,
+    };
     // Group commit: the same load, stored.
     let live = costs
         .iter()
@@ -465,10 +556,31 @@ pub async fn calibrate(
         sources.push(format!(
             "cluster: two nodes on one redis-server, rooms of {size} spread over both: {both:.1} µs broker CPU per message (both nodes) against {live:.1} on one node: {per_node:.1} µs per message per node; redis-server {redis_us:.1} µs per message (connects and joins included)"
         ));
+        // Stored in a cluster: the hot history is Redis's stream and each
+        // node archives, a different path from one node's group commit.
+        let r = fanout_run(
+            &two.urls,
+            dir,
+            Run {
+                name: "cluster-stored".into(),
+                size,
+                members,
+                deliveries: effort.deliveries_per_sec,
+                seconds: effort.seconds,
+                namespace: None,
+            },
+        )
+        .await?;
+        let stored_both = r.broker_cpu_us_per_delivery * size as f64;
+        let store_us = (stored_both - both).max(0.0);
+        sources.push(format!(
+            "cluster, stored: the same two-node run in a stored namespace: {stored_both:.1} µs per message (both nodes), {store_us:.1} µs per stored message over the unstored run"
+        ));
         Some(ClusterCost {
             size,
             bus_cpu_us_per_msg_per_node: per_node,
             redis_cpu_us_per_msg: redis_us,
+            store_cpu_us_per_msg: store_us,
         })
     } else {
         sources.push("cluster: not measured (no redis-server, or --no-cluster)".into());
@@ -485,6 +597,7 @@ pub async fn calibrate(
             sizes: costs,
             commit_cpu_us_per_msg: commit,
             cluster,
+            rate: low_rate,
         },
         sources,
     })

@@ -73,11 +73,11 @@ pub struct PlanOpts {
     #[arg(long, default_value_t = 2)]
     pub verify_nodes: usize,
 
-    /// Broker CPU (cores, all nodes) the verification aims at: the
-    /// scaled workload's message rate is multiplied to reach it, so the
-    /// measurement is well above noise.
-    #[arg(long, default_value_t = 0.5)]
-    pub verify_cores: f64,
+    /// Deliveries per second of each verification run (one per room
+    /// class and stored/unstored part): above measurement noise, within
+    /// what loadgen's core reads.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub verify_deliveries: f64,
 
     /// Output directory for plan.md, plan.json and the charts (default
     /// results/plan-<workload>-<time>/).
@@ -112,8 +112,8 @@ pub struct Verification {
     pub nodes: usize,
     /// Connections.
     pub connections: usize,
-    /// Factor the per-connection message rate was multiplied by.
-    pub rate_factor: f64,
+    /// Deliveries per second of each run.
+    pub deliveries_per_sec: f64,
     /// Each run.
     pub checks: Vec<Check>,
     /// Total predicted / measured broker CPU − 1.
@@ -180,15 +180,35 @@ pub async fn run(o: &PlanOpts) -> anyhow::Result<(PlanReport, PathBuf)> {
     let cached = if o.recalibrate {
         None
     } else {
-        Calibration::read(&cache).ok().filter(|c| {
-            // A cache missing a size of this workload is measured again.
-            wanted
-                .iter()
-                .all(|s| c.costs.sizes.iter().any(|k| k.size == *s))
-        })
+        // A cache of the other effort (quick or full) is not this one's.
+        Calibration::read(&cache)
+            .ok()
+            .filter(|c| c.effort.seconds == effort.seconds)
     };
     let (cal, source) = match cached {
-        Some(c) => (c, format!("cache {}", cache.display())),
+        Some(mut c) => {
+            let missing: Vec<usize> = wanted
+                .iter()
+                .copied()
+                .filter(|s| !c.costs.sizes.iter().any(|k| k.size == *s))
+                .collect();
+            if missing.is_empty() {
+                (c, format!("cache {}", cache.display()))
+            } else {
+                anyhow::ensure!(
+                    shoal.is_file(),
+                    "no shoal binary at {} to measure rooms of {missing:?} (cargo build --release, or --shoal-bin)",
+                    shoal.display()
+                );
+                tracing::info!(sizes = ?missing, "calibrating the sizes the cache lacks");
+                calibrate::extend(&shoal, &mut c, &missing).await?;
+                save(&cache, &c)?;
+                (
+                    c,
+                    format!("cache {} (rooms of {missing:?} measured now and added)", cache.display()),
+                )
+            }
+        }
         None => {
             anyhow::ensure!(
                 shoal.is_file(),
@@ -196,14 +216,15 @@ pub async fn run(o: &PlanOpts) -> anyhow::Result<(PlanReport, PathBuf)> {
                 shoal.display()
             );
             tracing::info!(sizes = ?wanted, "calibrating {}", shoal.display());
-            let c = calibrate::calibrate(&shoal, &wanted, w.rooms[0].size, &effort, !o.no_cluster)
-                .await?;
-            // Not write_json: the calibration carries its own `env`.
-            if let Some(d) = cache.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(d)?;
-            }
-            std::fs::write(&cache, serde_json::to_vec_pretty(&c)?)
-                .with_context(|| format!("writing {}", cache.display()))?;
+            let c = calibrate::calibrate(
+                &shoal,
+                &wanted,
+                w.rooms[0].size,
+                &effort,
+                !o.no_cluster,
+            )
+            .await?;
+            save(&cache, &c)?;
             (c, format!("measured now, cached in {}", cache.display()))
         }
     };
@@ -230,6 +251,16 @@ pub async fn run(o: &PlanOpts) -> anyhow::Result<(PlanReport, PathBuf)> {
     Ok((report, dir))
 }
 
+/// Write the calibration cache (not with write_json: it carries its own
+/// `env`).
+fn save(path: &std::path::Path, c: &Calibration) -> anyhow::Result<()> {
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(c)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Run the workload scaled down here and compare with the model.
 async fn verify(
     o: &PlanOpts,
@@ -249,21 +280,13 @@ async fn verify(
         o.verify_connections
     };
     // The scaled workload without typing (fanout sends messages only)
-    // and handshakes (they happen before the measured window).
+    // and handshakes (they happen before the measured window). Each room
+    // class (and its stored part) runs on its own at a fixed load, well
+    // above noise and within what loadgen's one core reads.
     let mut small = w.scaled(connections as f64);
     small.typing_per_message = 0.0;
     small.reconnects_per_connection_per_hour = 0.0;
-    let base = model::load(&small, &cal.costs, nodes)
-        .broker_cores
-        .max(1e-9);
-    let target = if o.quick {
-        o.verify_cores.min(0.2)
-    } else {
-        o.verify_cores
-    };
-    let rate_factor = target / base;
-    small.messages_per_connection_per_minute *= rate_factor;
-    let fleet = calibrate::Fleet::start(shoal, nodes).await?;
+    let deliveries = if o.quick { 1000.0 } else { o.verify_deliveries };
     let scratch = tempfile::tempdir()?;
     let mut checks = vec![];
     let seconds = effort.seconds.max(if o.quick { 1.0 } else { 8.0 });
@@ -284,12 +307,15 @@ async fn verify(
             }];
             part.stored_share = if stored { 1.0 } else { 0.0 };
             let members = ((part.connections as usize) / r.size).max(1) * r.size;
-            let msgs = part.connections * part.messages_per_connection_per_minute / 60.0;
+            let msgs = deliveries / r.size as f64;
             let name = format!(
                 "verify-{}-{}",
                 r.size,
                 if stored { "stored" } else { "live" }
             );
+            // A fresh fleet per run: its settled base RSS is what the
+            // run's connections add to.
+            let fleet = calibrate::Fleet::start(shoal, nodes).await?;
             let (_, before) = fleet.sample().await;
             let rep = calibrate::fanout_run(
                 &fleet.urls,
@@ -328,7 +354,6 @@ async fn verify(
             });
         }
     }
-    drop(fleet);
     let (p, m): (f64, f64) = checks.iter().fold((0.0, 0.0), |(p, m), c| {
         (p + c.predicted_cores, m + c.measured_cores)
     });
@@ -340,7 +365,7 @@ async fn verify(
     Ok(Verification {
         nodes,
         connections,
-        rate_factor,
+        deliveries_per_sec: deliveries,
         checks,
         cpu_error,
         memory_error,
@@ -500,10 +525,10 @@ fn write(r: &PlanReport, dir: &std::path::Path) -> anyhow::Result<()> {
     md += "\nAssumptions: each message fans out to every member of its room (members spread over the nodes); typing events cost what a message to the same room costs, unstored; CPU per event does not depend on the rate (calibrated at tens of thousands of deliveries/s, where batching is modest); latency is not modelled, the calibration's p99 at its load is shown instead; a node's file-descriptor and `--max-connections` limit is `max_connections_per_node`.\n";
     if let Some(v) = &r.verification {
         md += &format!(
-            "\n## Verification on this machine\n\nThe workload scaled to {} connections on {} node(s), its message rate ×{:.2} to load the brokers measurably (typing and reconnects left out): predicted against measured broker CPU **{:+.1}%**, memory the connections add per node **{:+.1}%** — {}.\n\n| run | CPU predicted | CPU measured | RSS/node predicted | RSS/node measured | growth/node predicted | growth/node measured |\n|---|---|---|---|---|---|---|\n",
+            "\n## Verification on this machine\n\nThe workload scaled to {} connections on {} node(s), each room class (and its stored part) run on its own at {:.0} deliveries/s on fresh brokers (typing and reconnects left out): predicted against measured broker CPU **{:+.1}%**, memory the connections add per node **{:+.1}%** — {}.\n\n| run | CPU predicted | CPU measured | RSS/node predicted | RSS/node measured | growth/node predicted | growth/node measured |\n|---|---|---|---|---|---|---|\n",
             v.connections,
             v.nodes,
-            v.rate_factor,
+            v.deliveries_per_sec,
             v.cpu_error * 100.0,
             v.memory_error * 100.0,
             if v.agrees { "within 20%" } else { "**not within 20%**" }

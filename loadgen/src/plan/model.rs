@@ -53,6 +53,37 @@ pub struct Costs {
     pub commit_cpu_us_per_msg: f64,
     /// Cluster costs, if a two-node calibration ran.
     pub cluster: Option<ClusterCost>,
+    /// How per-delivery cost grows at lower rates, if measured.
+    #[serde(default)]
+    pub rate: Option<RateFactor>,
+}
+
+/// Per-delivery cost against the deliveries per second a node handles:
+/// at lower rates each wake-up and write carries fewer frames.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RateFactor {
+    /// The low rate measured, deliveries/s.
+    pub low_deliveries_per_sec: f64,
+    /// Cost there over the cost at the high rate.
+    pub low_factor: f64,
+    /// The high rate (where `sizes` were measured), deliveries/s.
+    pub high_deliveries_per_sec: f64,
+}
+
+impl RateFactor {
+    /// The factor at `d` deliveries/s per node: 1 at or above the high
+    /// rate, `low_factor` at or below the low one, linear in log(d) between.
+    pub fn at(&self, d: f64) -> f64 {
+        let (lo, hi) = (
+            self.low_deliveries_per_sec.max(1.0).ln(),
+            self.high_deliveries_per_sec.max(2.0).ln(),
+        );
+        if hi <= lo {
+            return 1.0;
+        }
+        let t = ((d.max(1.0).ln() - lo) / (hi - lo)).clamp(0.0, 1.0);
+        self.low_factor + (1.0 - self.low_factor) * t
+    }
 }
 
 /// What the Redis bus adds, from a two-node run.
@@ -64,6 +95,11 @@ pub struct ClusterCost {
     pub bus_cpu_us_per_msg_per_node: f64,
     /// redis-server CPU per message (its fan-out to nodes included), µs.
     pub redis_cpu_us_per_msg: f64,
+    /// Extra broker CPU per stored message in a cluster (all nodes), µs:
+    /// the hot stream in Redis and each node's archive, instead of one
+    /// node's group commit.
+    #[serde(default)]
+    pub store_cpu_us_per_msg: f64,
 }
 
 impl Costs {
@@ -198,8 +234,16 @@ pub fn load(w: &Workload, c: &Costs, nodes: usize) -> Load {
             }
         }
     }
+    // Fewer deliveries per node cost more each.
+    if let Some(rf) = &c.rate {
+        message_us *= rf.at(deliveries / n);
+    }
     let stored = publishes * w.stored_share;
-    let commit_us = stored * c.commit_cpu_us_per_msg;
+    let commit_us = stored
+        * match (&c.cluster, nodes > 1) {
+            (Some(cl), true) => cl.store_cpu_us_per_msg,
+            _ => c.commit_cpu_us_per_msg,
+        };
     let handshakes = w.connections * w.reconnects_per_connection_per_hour / 3600.0;
     let handshake_us = handshakes * c.handshake_cpu_us;
     let broker_cores = (message_us + commit_us + bus_us + handshake_us) / 1e6;
@@ -368,7 +412,9 @@ mod tests {
                 size: 10,
                 bus_cpu_us_per_msg_per_node: 10.0,
                 redis_cpu_us_per_msg: 15.0,
+                store_cpu_us_per_msg: 30.0,
             }),
+            rate: None,
         }
     }
 
@@ -441,6 +487,25 @@ mod tests {
         assert!((l.handshake_cores - 0.001).abs() < 1e-9);
         assert!((l.broker_cores - base - 0.021).abs() < 1e-9);
         assert_eq!(l.store_rows_per_sec, 0.0, "one node: embedded store");
-        assert_eq!(load(&w, &costs(), 2).store_rows_per_sec, 1000.0);
+        let two = load(&w, &costs(), 2);
+        assert_eq!(two.store_rows_per_sec, 1000.0);
+        assert!((two.commit_cores - 0.03).abs() < 1e-9, "the cluster's store cost");
+    }
+
+    #[test]
+    fn lower_rates_cost_more_per_delivery() {
+        let rf = RateFactor {
+            low_deliveries_per_sec: 1000.0,
+            low_factor: 1.5,
+            high_deliveries_per_sec: 100_000.0,
+        };
+        assert_eq!(rf.at(100.0), 1.5);
+        assert_eq!(rf.at(1e6), 1.0);
+        assert!((rf.at(10_000.0) - 1.25).abs() < 1e-9);
+        let mut c = costs();
+        c.rate = Some(rf);
+        let w = work(6000.0, 10, 1.0);
+        // 100 msg/s, 1,000 deliveries/s on one node: the low-rate factor.
+        assert!((load(&w, &c, 1).message_cores - 1.5 * 100.0 * 110.0 / 1e6).abs() < 1e-9);
     }
 }
