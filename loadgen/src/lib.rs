@@ -143,7 +143,7 @@ impl CommonOpts {
 
     /// Source addresses for `connections` client sockets in all: the
     /// `--source-ips` given, or one per [`CONNECTIONS_PER_SOURCE`]
-    /// connections to each broker address when every broker is on
+    /// connections (to all brokers together) when every broker is on
     /// loopback (said in the log when more than one).
     pub fn source_ips_for(&self, connections: usize) -> u8 {
         if let Some(n) = self.source_ips {
@@ -153,9 +153,14 @@ impl CommonOpts {
             crate::client::host_port(u).starts_with("127.")
                 || crate::client::host_port(u).starts_with("localhost")
         });
-        let per_url = connections.div_ceil(self.urls.len().max(1));
+        // Counted over all brokers, not per broker: a socket bound to a
+        // source address before connect() takes its port from that
+        // address's one pool (bind() cannot share a port between
+        // destinations), so ~28,000 sockets per address in all, and the
+        // search slows long before that (make hundred-k: 100,000 sockets
+        // over 6 brokers on 2 addresses ramped at a fifth of the rate).
         let n = if loopback {
-            per_url.div_ceil(CONNECTIONS_PER_SOURCE).clamp(1, 250) as u8
+            connections.div_ceil(CONNECTIONS_PER_SOURCE).clamp(1, 250) as u8
         } else {
             1
         };
@@ -207,12 +212,13 @@ mod tests {
         assert_eq!(one.source_ips_for(10_001), 2);
         assert_eq!(one.source_ips_for(19_000), 2);
         assert_eq!(one.source_ips_for(100_000), 10);
-        // Per broker address: five brokers share 100,000 connections.
+        // Over all brokers: a bound source address has one port pool,
+        // whatever the destination.
         let five: Vec<String> = (0..5)
             .map(|i| format!("http://127.0.0.1:{}", 8080 + i))
             .collect();
         let five: Vec<&str> = five.iter().map(String::as_str).collect();
-        assert_eq!(opts(&five, None).source_ips_for(100_000), 2);
+        assert_eq!(opts(&five, None).source_ips_for(100_000), 10);
         // Not loopback: the local addresses would not route there.
         assert_eq!(
             opts(&["http://10.0.0.5:8080"], None).source_ips_for(50_000),

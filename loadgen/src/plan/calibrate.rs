@@ -191,7 +191,11 @@ impl Fleet {
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--data")
                 .arg(&data)
-                .args(["--log", "warn", "--namespace", "live:persist=off"])
+                // Presence off: a room's joins would otherwise cost a frame
+                // to every member already in it (n² for a room filling up
+                // at once), a join-time cost the model leaves out.
+                .args(["--log", "warn", "--namespace", "live:persist=off,presence=off"])
+                .args(["--namespace", "stored:presence=off"])
                 .args(["--rate-limit", "1000000", "--rate-burst", "1000000"])
                 .args(["--handshake-rate", "0", "--node-id", &format!("plan{i}")])
                 .args(&bus)
@@ -264,7 +268,7 @@ async fn wait_port(port: u16) -> anyhow::Result<()> {
 }
 
 /// Parse a subcommand's options from arguments, as the CLI would.
-fn opts<T: clap::Args>(args: &[String]) -> anyhow::Result<T> {
+pub fn opts<T: clap::Args>(args: &[String]) -> anyhow::Result<T> {
     #[derive(Parser)]
     struct Wrap<A: clap::Args> {
         #[command(flatten)]
@@ -303,7 +307,7 @@ pub struct Run<'a> {
     pub deliveries: f64,
     /// Seconds measured.
     pub seconds: f64,
-    /// Namespace (None: the default, stored).
+    /// Namespace: `live` (unstored) or `stored`, both without presence.
     pub namespace: Option<&'a str>,
 }
 
@@ -516,7 +520,7 @@ pub async fn calibrate(
             members,
             deliveries: effort.deliveries_per_sec,
             seconds: effort.seconds,
-            namespace: None,
+            namespace: Some("stored"),
         },
     )
     .await?;
@@ -556,6 +560,32 @@ pub async fn calibrate(
         sources.push(format!(
             "cluster: two nodes on one redis-server, rooms of {size} spread over both: {both:.1} µs broker CPU per message (both nodes) against {live:.1} on one node: {per_node:.1} µs per message per node; redis-server {redis_us:.1} µs per message (connects and joins included)"
         ));
+        // Memory per connection on a cluster node (each user also holds
+        // a bus subscription): the slope of a ramp over both nodes.
+        let mut a = common(&two.urls, dir, "cluster-connect");
+        a.extend([
+            "--connections".to_string(),
+            effort.idle_connections.to_string(),
+            "--connect-rate".into(),
+            "2000".into(),
+            "--step".into(),
+            (effort.idle_connections / 2).max(1).to_string(),
+            "--hold".into(),
+            "1".into(),
+        ]);
+        let co: connect::ConnectOpts = opts(&a)?;
+        let cr = connect::run(&co).await?;
+        let conn_bytes = match cr.steps.as_slice() {
+            [.., a, b] if b.connections > a.connections => {
+                (b.broker_rss_bytes - a.broker_rss_bytes) / (b.connections - a.connections)
+            }
+            _ => 0.0,
+        }
+        .max(0.0);
+        sources.push(format!(
+            "cluster memory: connect ramp to {} connections over both nodes: RSS slope {conn_bytes:.0} B per connection",
+            cr.established
+        ));
         // Stored in a cluster: the hot history is Redis's stream and each
         // node archives, a different path from one node's group commit.
         let r = fanout_run(
@@ -567,7 +597,7 @@ pub async fn calibrate(
                 members,
                 deliveries: effort.deliveries_per_sec,
                 seconds: effort.seconds,
-                namespace: None,
+                namespace: Some("stored"),
             },
         )
         .await?;
@@ -581,6 +611,7 @@ pub async fn calibrate(
             bus_cpu_us_per_msg_per_node: per_node,
             redis_cpu_us_per_msg: redis_us,
             store_cpu_us_per_msg: store_us,
+            conn_bytes,
         })
     } else {
         sources.push("cluster: not measured (no redis-server, or --no-cluster)".into());

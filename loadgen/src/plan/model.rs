@@ -15,7 +15,7 @@
 //!   rest is the OS's and the page cache's), and hold at most
 //!   `max_connections_per_node` connections (file descriptors).
 //! - The nodes needed are the fewest that meet all three; the limiting
-//!   resource is the one that needs the most nodes.
+//!   resource is the one with the least headroom on that many nodes.
 
 use serde::{Deserialize, Serialize};
 
@@ -100,6 +100,9 @@ pub struct ClusterCost {
     /// node's group commit.
     #[serde(default)]
     pub store_cpu_us_per_msg: f64,
+    /// Memory per connection on a cluster node, bytes (0: not measured).
+    #[serde(default)]
+    pub conn_bytes: f64,
 }
 
 impl Costs {
@@ -112,6 +115,16 @@ impl Costs {
         }
         let (a, b) = self.line();
         (a + b * size as f64).max(0.0)
+    }
+
+    /// Memory per connection on a node of a deployment of `nodes`: a
+    /// cluster node's figure when measured (its users' bus subscriptions
+    /// included), else one node's (in rooms under traffic, or idle).
+    pub fn conn_bytes(&self, nodes: usize) -> f64 {
+        match &self.cluster {
+            Some(cl) if nodes > 1 && cl.conn_bytes > 0.0 => cl.conn_bytes,
+            _ => self.member_conn_bytes.max(self.idle_conn_bytes),
+        }
     }
 
     /// Least-squares fit of cpu_us_per_msg = a + b × size.
@@ -248,7 +261,7 @@ pub fn load(w: &Workload, c: &Costs, nodes: usize) -> Load {
     let handshake_us = handshakes * c.handshake_cpu_us;
     let broker_cores = (message_us + commit_us + bus_us + handshake_us) / 1e6;
     let conns = w.connections / n;
-    let per_conn = c.member_conn_bytes.max(c.idle_conn_bytes);
+    let per_conn = c.conn_bytes(nodes);
     let (redis_cores, redis_commands) = match (&c.cluster, nodes > 1) {
         (Some(cl), true) => (
             (publishes + typing) * cl.redis_cpu_us_per_msg / 1e6,
@@ -292,7 +305,7 @@ pub enum Limit {
 pub struct Plan {
     /// Nodes needed.
     pub nodes: usize,
-    /// The resource that needs the most nodes.
+    /// The resource with the least headroom on that many nodes.
     pub limited_by: Limit,
     /// Nodes each resource alone would need.
     pub nodes_for_cpu: usize,
@@ -323,23 +336,26 @@ pub fn plan(w: &Workload, c: &Costs, node: &NodeSpec) -> Plan {
     let first = |ok: &dyn Fn(usize) -> bool| (1..=MAX_NODES).find(|&n| ok(n)).unwrap_or(MAX_NODES);
     let (nc, nm, nf) = (first(&fits_cpu), first(&fits_mem), first(&fits_conns));
     let nodes = nc.max(nm).max(nf);
-    let limited_by = if nodes == nc && nc >= nm && nc >= nf {
-        Limit::Cpu
-    } else if nodes == nm && nm >= nf {
-        Limit::Memory
-    } else {
-        Limit::Connections
-    };
     let l = load(w, c, nodes);
     let cpu_u = l.cores_per_node / node.cores;
     let mem_u = l.rss_per_node_bytes / (node.memory_gib * (1u64 << 30) as f64);
-    let headroom = [
-        cpu_cap / l.cores_per_node.max(1e-12),
-        (mem_cap - c.base_rss_bytes).max(0.0) / (l.rss_per_node_bytes - c.base_rss_bytes).max(1e-9),
-        node.max_connections_per_node / l.connections_per_node.max(1e-9),
-    ]
-    .into_iter()
-    .fold(f64::INFINITY, f64::min);
+    // How much more of the workload each resource takes at `nodes`; the
+    // limit is the resource with the least.
+    let room = [
+        (Limit::Cpu, cpu_cap / l.cores_per_node.max(1e-12)),
+        (
+            Limit::Memory,
+            (mem_cap - c.base_rss_bytes).max(0.0)
+                / (l.rss_per_node_bytes - c.base_rss_bytes).max(1e-9),
+        ),
+        (
+            Limit::Connections,
+            node.max_connections_per_node / l.connections_per_node.max(1e-9),
+        ),
+    ];
+    let (limited_by, headroom) = room
+        .into_iter()
+        .fold((Limit::Cpu, f64::INFINITY), |best, (k, h)| if h < best.1 { (k, h) } else { best });
     let mut warnings = vec![];
     if l.redis_cores > 0.7 {
         warnings.push(format!(
@@ -413,6 +429,7 @@ mod tests {
                 bus_cpu_us_per_msg_per_node: 10.0,
                 redis_cpu_us_per_msg: 15.0,
                 store_cpu_us_per_msg: 30.0,
+                conn_bytes: 0.0,
             }),
             rate: None,
         }
@@ -473,6 +490,15 @@ mod tests {
         let p = plan(&w, &costs(), &w.node);
         assert_eq!(p.limited_by, Limit::Memory);
         assert!(p.load.rss_per_node_bytes <= 0.5 * (1u64 << 30) as f64 * MEMORY_SHARE);
+    }
+
+    #[test]
+    fn the_limit_is_the_resource_with_least_headroom() {
+        // One node carries it all, connections at exactly the cap.
+        let w = work(100_000.0, 10, 0.01);
+        let p = plan(&w, &costs(), &w.node);
+        assert_eq!((p.nodes, p.limited_by), (1, Limit::Connections));
+        assert!((p.headroom - 1.0).abs() < 1e-9);
     }
 
     #[test]
