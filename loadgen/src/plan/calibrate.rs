@@ -47,7 +47,7 @@ impl Effort {
     /// The default: long enough for CPU figures within a few percent.
     pub fn full() -> Effort {
         Effort {
-            idle_connections: 4000,
+            idle_connections: 8000,
             members: 1000,
             deliveries_per_sec: 20_000.0,
             seconds: 6.0,
@@ -92,7 +92,7 @@ const SETTLE: Duration = Duration::from_millis(1500);
 /// Most messages per second a calibration run publishes: small rooms
 /// reach the deliveries target at a lower rate, not by saturating the
 /// broker with publishes.
-const MAX_PUBLISH_RATE: f64 = 4000.0;
+const MAX_PUBLISH_RATE: f64 = 2000.0;
 
 /// The JWT secret of the brokers `plan` starts.
 pub const SECRET: &str = "loadgen-plan-calibration-secret-0123456789";
@@ -266,6 +266,25 @@ async fn wait_port(port: u16) -> anyhow::Result<()> {
     }
     anyhow::bail!("nothing listens on port {port}")
 }
+
+/// Bytes per connection: the least-squares slope of broker RSS against
+/// open connections over a ramp's steps (the base, and the megabytes the
+/// allocator hands back now and then, fall out of it).
+pub fn rss_slope(steps: &[connect::ConnectStep]) -> Option<f64> {
+    let n = steps.len() as f64;
+    if steps.len() < 2 {
+        return None;
+    }
+    let sx: f64 = steps.iter().map(|s| s.connections).sum();
+    let sy: f64 = steps.iter().map(|s| s.broker_rss_bytes).sum();
+    let sxx: f64 = steps.iter().map(|s| s.connections * s.connections).sum();
+    let sxy: f64 = steps.iter().map(|s| s.connections * s.broker_rss_bytes).sum();
+    let d = n * sxx - sx * sx;
+    (d > 0.0).then(|| ((n * sxy - sx * sy) / d).max(0.0))
+}
+
+/// Steps of a memory ramp.
+pub const RAMP_STEPS: usize = 4;
 
 /// Parse a subcommand's options from arguments, as the CLI would.
 pub fn opts<T: clap::Args>(args: &[String]) -> anyhow::Result<T> {
@@ -448,7 +467,7 @@ pub async fn calibrate(
         "--connect-rate".into(),
         "2000".into(),
         "--step".into(),
-        (effort.idle_connections / 2).max(1).to_string(),
+        (effort.idle_connections / RAMP_STEPS).max(1).to_string(),
         "--hold".into(),
         "1".into(),
     ]);
@@ -456,19 +475,11 @@ pub async fn calibrate(
     let cr = connect::run(&co).await?;
     let (cpu1, _) = one.sample().await;
     anyhow::ensure!(cr.established > 0, "no connection established");
-    // The slope between the ramp's steps: the base (and whatever the
-    // allocator returns meanwhile) cancels out.
-    let idle_bytes = match cr.steps.as_slice() {
-        [.., a, b] if b.connections > a.connections => {
-            (b.broker_rss_bytes - a.broker_rss_bytes) / (b.connections - a.connections)
-        }
-        _ => cr.steps.last().map_or(0.0, |s| s.bytes_per_connection),
-    }
-    .max(0.0);
+    let idle_bytes = rss_slope(&cr.steps).unwrap_or(0.0);
     let handshake_us = (cpu1 - cpu0) / cr.established as f64 * 1e6;
     sources.push(format!(
-        "idle memory and handshakes: connect ramp to {} connections at 2,000/s: RSS slope between its two steps {:.0} B/connection, {:.0} µs broker CPU per handshake (hold included)",
-        cr.established, idle_bytes, handshake_us
+        "idle memory and handshakes: connect ramp to {} connections at 2,000/s: RSS slope over its {} steps {:.0} B/connection, {:.0} µs broker CPU per handshake (hold included)",
+        cr.established, cr.steps.len(), idle_bytes, handshake_us
     ));
     // Per room size, unstored.
     let (mut costs, member_bytes) = measure_sizes(&one, dir, sizes, effort, &mut sources).await?;
@@ -569,19 +580,13 @@ pub async fn calibrate(
             "--connect-rate".into(),
             "2000".into(),
             "--step".into(),
-            (effort.idle_connections / 2).max(1).to_string(),
+            (effort.idle_connections / RAMP_STEPS).max(1).to_string(),
             "--hold".into(),
             "1".into(),
         ]);
         let co: connect::ConnectOpts = opts(&a)?;
         let cr = connect::run(&co).await?;
-        let conn_bytes = match cr.steps.as_slice() {
-            [.., a, b] if b.connections > a.connections => {
-                (b.broker_rss_bytes - a.broker_rss_bytes) / (b.connections - a.connections)
-            }
-            _ => 0.0,
-        }
-        .max(0.0);
+        let conn_bytes = rss_slope(&cr.steps).unwrap_or(0.0);
         sources.push(format!(
             "cluster memory: connect ramp to {} connections over both nodes: RSS slope {conn_bytes:.0} B per connection",
             cr.established

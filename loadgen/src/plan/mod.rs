@@ -66,7 +66,7 @@ pub struct PlanOpts {
 
     /// Connections of the scaled-down verification run (enough that what
     /// they add to each node's memory is measurable).
-    #[arg(long, default_value_t = 8000)]
+    #[arg(long, default_value_t = 12000)]
     pub verify_connections: usize,
 
     /// Broker nodes of the verification run (2 uses a redis-server).
@@ -394,7 +394,7 @@ async fn verify(
         "--connect-rate".into(),
         "2000".into(),
         "--step".into(),
-        (connections / 2).max(1).to_string(),
+        (connections / calibrate::RAMP_STEPS).max(1).to_string(),
         "--hold".into(),
         "1".into(),
     ]);
@@ -402,18 +402,15 @@ async fn verify(
     let cr = crate::connect::run(&co).await?;
     drop(fleet);
     let per_conn = cal.costs.conn_bytes(nodes);
-    let (slope, top) = match cr.steps.as_slice() {
-        [.., x, y] if y.connections > x.connections => (
-            (y.broker_rss_bytes - x.broker_rss_bytes) / (y.connections - x.connections),
-            y.clone(),
-        ),
-        _ => anyhow::bail!("the memory ramp reported fewer than two steps"),
-    };
+    let slope = calibrate::rss_slope(&cr.steps)
+        .context("the memory ramp reported fewer than two steps")?;
+    let top = cr.steps.last().cloned().context("no ramp step")?;
     let memory_error = per_conn / slope.max(1.0) - 1.0;
     let memory = MemoryCheck {
         run: format!(
-            "{} connections on {nodes} fresh node(s), ramped in two steps and held",
-            cr.established
+            "{} connections on {nodes} fresh node(s), ramped in {} steps and held",
+            cr.established,
+            cr.steps.len()
         ),
         predicted_bytes_per_connection: per_conn,
         measured_bytes_per_connection: slope,
