@@ -194,7 +194,12 @@ impl Fleet {
                 // Presence off: a room's joins would otherwise cost a frame
                 // to every member already in it (n² for a room filling up
                 // at once), a join-time cost the model leaves out.
-                .args(["--log", "warn", "--namespace", "live:persist=off,presence=off"])
+                .args([
+                    "--log",
+                    "warn",
+                    "--namespace",
+                    "live:persist=off,presence=off",
+                ])
                 .args(["--namespace", "stored:presence=off"])
                 .args(["--rate-limit", "1000000", "--rate-burst", "1000000"])
                 .args(["--handshake-rate", "0", "--node-id", &format!("plan{i}")])
@@ -278,7 +283,10 @@ pub fn rss_slope(steps: &[connect::ConnectStep]) -> Option<f64> {
     let sx: f64 = steps.iter().map(|s| s.connections).sum();
     let sy: f64 = steps.iter().map(|s| s.broker_rss_bytes).sum();
     let sxx: f64 = steps.iter().map(|s| s.connections * s.connections).sum();
-    let sxy: f64 = steps.iter().map(|s| s.connections * s.broker_rss_bytes).sum();
+    let sxy: f64 = steps
+        .iter()
+        .map(|s| s.connections * s.broker_rss_bytes)
+        .sum();
     let d = n * sxx - sx * sx;
     (d > 0.0).then(|| ((n * sxy - sx * sy) / d).max(0.0))
 }
@@ -430,11 +438,7 @@ async fn measure_sizes(
 }
 
 /// Measure room sizes a cached calibration lacks, and add them to it.
-pub async fn extend(
-    shoal: &Path,
-    cal: &mut Calibration,
-    sizes: &[usize],
-) -> anyhow::Result<()> {
+pub async fn extend(shoal: &Path, cal: &mut Calibration, sizes: &[usize]) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let one = Fleet::start(shoal, 1).await?;
     let (more, member_bytes) =

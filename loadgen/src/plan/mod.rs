@@ -221,7 +221,10 @@ pub async fn run(o: &PlanOpts) -> anyhow::Result<(PlanReport, PathBuf)> {
                 save(&cache, &c)?;
                 (
                     c,
-                    format!("cache {} (rooms of {missing:?} measured now and added)", cache.display()),
+                    format!(
+                        "cache {} (rooms of {missing:?} measured now and added)",
+                        cache.display()
+                    ),
                 )
             }
         }
@@ -232,14 +235,8 @@ pub async fn run(o: &PlanOpts) -> anyhow::Result<(PlanReport, PathBuf)> {
                 shoal.display()
             );
             tracing::info!(sizes = ?wanted, "calibrating {}", shoal.display());
-            let c = calibrate::calibrate(
-                &shoal,
-                &wanted,
-                w.rooms[0].size,
-                &effort,
-                !o.no_cluster,
-            )
-            .await?;
+            let c = calibrate::calibrate(&shoal, &wanted, w.rooms[0].size, &effort, !o.no_cluster)
+                .await?;
             save(&cache, &c)?;
             (c, format!("measured now, cached in {}", cache.display()))
         }
@@ -324,7 +321,8 @@ async fn verify(
             part.stored_share = if stored { 1.0 } else { 0.0 };
             // At most VERIFY_MAX_MEMBERS in a run: past a few thousand
             // members in a handful of rooms, loadgen's own publishers lag.
-            let members = ((part.connections as usize).min(VERIFY_MAX_MEMBERS) / r.size).max(1) * r.size;
+            let members =
+                ((part.connections as usize).min(VERIFY_MAX_MEMBERS) / r.size).max(1) * r.size;
             // Small rooms reach the deliveries at a publish rate the
             // stored cluster path on one shared core can take.
             let msgs = (deliveries / r.size as f64).min(VERIFY_MAX_PUBLISH_RATE);
@@ -402,8 +400,8 @@ async fn verify(
     let cr = crate::connect::run(&co).await?;
     drop(fleet);
     let per_conn = cal.costs.conn_bytes(nodes);
-    let slope = calibrate::rss_slope(&cr.steps)
-        .context("the memory ramp reported fewer than two steps")?;
+    let slope =
+        calibrate::rss_slope(&cr.steps).context("the memory ramp reported fewer than two steps")?;
     let top = cr.steps.last().cloned().context("no ramp step")?;
     let memory_error = per_conn / slope.max(1.0) - 1.0;
     let memory = MemoryCheck {

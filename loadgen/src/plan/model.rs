@@ -353,9 +353,15 @@ pub fn plan(w: &Workload, c: &Costs, node: &NodeSpec) -> Plan {
             node.max_connections_per_node / l.connections_per_node.max(1e-9),
         ),
     ];
-    let (limited_by, headroom) = room
-        .into_iter()
-        .fold((Limit::Cpu, f64::INFINITY), |best, (k, h)| if h < best.1 { (k, h) } else { best });
+    let (limited_by, headroom) =
+        room.into_iter()
+            .fold((Limit::Cpu, f64::INFINITY), |best, (k, h)| {
+                if h < best.1 {
+                    (k, h)
+                } else {
+                    best
+                }
+            });
     let mut warnings = vec![];
     if l.redis_cores > 0.7 {
         warnings.push(format!(
@@ -515,7 +521,10 @@ mod tests {
         assert_eq!(l.store_rows_per_sec, 0.0, "one node: embedded store");
         let two = load(&w, &costs(), 2);
         assert_eq!(two.store_rows_per_sec, 1000.0);
-        assert!((two.commit_cores - 0.03).abs() < 1e-9, "the cluster's store cost");
+        assert!(
+            (two.commit_cores - 0.03).abs() < 1e-9,
+            "the cluster's store cost"
+        );
     }
 
     #[test]
