@@ -234,17 +234,7 @@ impl Fleet {
         // a burst of short-lived connections, then a pause, and the base
         // RSS read after that is the one load adds to.
         let scratch = tempfile::tempdir()?;
-        let mut a = common(&fleet.urls, scratch.path(), "warmup");
-        a.extend([
-            "--connections".to_string(),
-            "200".into(),
-            "--connect-rate".into(),
-            "2000".into(),
-            "--hold".into(),
-            "0.2".into(),
-        ]);
-        let o: connect::ConnectOpts = opts(&a)?;
-        connect::run(&o).await?;
+        ramp(&fleet.urls, scratch.path(), "warmup", 200, 1, 0.2).await?;
         tokio::time::sleep(SETTLE).await;
         Ok(fleet)
     }
@@ -295,7 +285,7 @@ pub fn rss_slope(steps: &[connect::ConnectStep]) -> Option<f64> {
 pub const RAMP_STEPS: usize = 4;
 
 /// Parse a subcommand's options from arguments, as the CLI would.
-pub fn opts<T: clap::Args>(args: &[String]) -> anyhow::Result<T> {
+fn opts<T: clap::Args>(args: &[String]) -> anyhow::Result<T> {
     #[derive(Parser)]
     struct Wrap<A: clap::Args> {
         #[command(flatten)]
@@ -320,6 +310,31 @@ fn common(urls: &[String], dir: &Path, name: &str) -> Vec<String> {
         dir.join(format!("{name}.json")).display().to_string(),
     ]);
     a
+}
+
+/// A connect ramp to `connections` at 2,000/s in `steps` steps, held
+/// `hold` seconds: its report.
+pub async fn ramp(
+    urls: &[String],
+    dir: &Path,
+    name: &str,
+    connections: usize,
+    steps: usize,
+    hold: f64,
+) -> anyhow::Result<connect::ConnectReport> {
+    let mut a = common(urls, dir, name);
+    a.extend([
+        "--connections".to_string(),
+        connections.to_string(),
+        "--connect-rate".into(),
+        "2000".into(),
+        "--step".into(),
+        (connections / steps.max(1)).max(1).to_string(),
+        "--hold".into(),
+        format!("{hold}"),
+    ]);
+    let o: connect::ConnectOpts = opts(&a)?;
+    connect::run(&o).await
 }
 
 /// One fanout run of calibration or verification.
@@ -464,19 +479,15 @@ pub async fn calibrate(
     // Idle connections: RSS slope and handshake CPU.
     let (cpu0, rss0) = one.sample().await;
     let base_rss = rss0.first().copied().unwrap_or(0.0);
-    let mut a = common(&one.urls, dir, "connect");
-    a.extend([
-        "--connections".to_string(),
-        effort.idle_connections.to_string(),
-        "--connect-rate".into(),
-        "2000".into(),
-        "--step".into(),
-        (effort.idle_connections / RAMP_STEPS).max(1).to_string(),
-        "--hold".into(),
-        "1".into(),
-    ]);
-    let co: connect::ConnectOpts = opts(&a)?;
-    let cr = connect::run(&co).await?;
+    let cr = ramp(
+        &one.urls,
+        dir,
+        "connect",
+        effort.idle_connections,
+        RAMP_STEPS,
+        1.0,
+    )
+    .await?;
     let (cpu1, _) = one.sample().await;
     anyhow::ensure!(cr.established > 0, "no connection established");
     let idle_bytes = rss_slope(&cr.steps).unwrap_or(0.0);
@@ -577,19 +588,15 @@ pub async fn calibrate(
         ));
         // Memory per connection on a cluster node (each user also holds
         // a bus subscription): the slope of a ramp over both nodes.
-        let mut a = common(&two.urls, dir, "cluster-connect");
-        a.extend([
-            "--connections".to_string(),
-            effort.idle_connections.to_string(),
-            "--connect-rate".into(),
-            "2000".into(),
-            "--step".into(),
-            (effort.idle_connections / RAMP_STEPS).max(1).to_string(),
-            "--hold".into(),
-            "1".into(),
-        ]);
-        let co: connect::ConnectOpts = opts(&a)?;
-        let cr = connect::run(&co).await?;
+        let cr = ramp(
+            &two.urls,
+            dir,
+            "cluster-connect",
+            effort.idle_connections,
+            RAMP_STEPS,
+            1.0,
+        )
+        .await?;
         let conn_bytes = rss_slope(&cr.steps).unwrap_or(0.0);
         sources.push(format!(
             "cluster memory: connect ramp to {} connections over both nodes: RSS slope {conn_bytes:.0} B per connection",

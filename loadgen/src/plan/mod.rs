@@ -377,27 +377,15 @@ async fn verify(
     // measured as a slope within one ramp: fresh brokers, all the
     // verification's connections in two steps, held.
     let fleet = calibrate::Fleet::start(shoal, nodes).await?;
-    let mut a = vec![];
-    for u in &fleet.urls {
-        a.extend(["--url".to_string(), u.clone()]);
-    }
-    a.extend([
-        "--jwt-secret".to_string(),
-        calibrate::SECRET.into(),
-        "--quiet".into(),
-        "--out".into(),
-        scratch.path().join("memory.json").display().to_string(),
-        "--connections".into(),
-        connections.to_string(),
-        "--connect-rate".into(),
-        "2000".into(),
-        "--step".into(),
-        (connections / calibrate::RAMP_STEPS).max(1).to_string(),
-        "--hold".into(),
-        "1".into(),
-    ]);
-    let co: crate::connect::ConnectOpts = calibrate::opts(&a)?;
-    let cr = crate::connect::run(&co).await?;
+    let cr = calibrate::ramp(
+        &fleet.urls,
+        scratch.path(),
+        "memory",
+        connections,
+        calibrate::RAMP_STEPS,
+        1.0,
+    )
+    .await?;
     drop(fleet);
     let per_conn = cal.costs.conn_bytes(nodes);
     let slope =
