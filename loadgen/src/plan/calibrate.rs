@@ -351,6 +351,8 @@ pub struct Run<'a> {
     pub seconds: f64,
     /// Namespace: `live` (unstored) or `stored`, both without presence.
     pub namespace: Option<&'a str>,
+    /// JSON frames instead of MessagePack.
+    pub json: bool,
 }
 
 /// Run `run` against the brokers at `urls`, results in `dir`.
@@ -366,6 +368,7 @@ pub async fn fanout_run(
         deliveries,
         seconds,
         namespace,
+        json,
     } = run;
     let name = name.as_str();
     let rooms = (members / size).max(1);
@@ -387,6 +390,9 @@ pub async fn fanout_run(
         "--prefix".into(),
         format!("{name}-{}", std::process::id()),
     ]);
+    if json {
+        a.extend(["--encoding".to_string(), "json".into()]);
+    }
     if let Some(ns) = namespace {
         a.extend(["--namespace".to_string(), ns.to_string()]);
     }
@@ -425,6 +431,7 @@ async fn measure_sizes(
                 deliveries: effort.deliveries_per_sec,
                 seconds: effort.seconds,
                 namespace: Some("live"),
+                json: false,
             },
         )
         .await?;
@@ -515,6 +522,7 @@ pub async fn calibrate(
                     deliveries: low,
                     seconds: effort.seconds,
                     namespace: Some("live"),
+                    json: false,
                 },
             )
             .await?;
@@ -528,6 +536,32 @@ pub async fn calibrate(
                 low_factor: factor.max(1.0),
                 high_deliveries_per_sec: high.deliveries_per_sec,
             })
+        }
+        None => None,
+    };
+    // JSON clients: rooms of 10 again with JSON frames.
+    let json_factor = match &reference {
+        Some(high) => {
+            let r = fanout_run(
+                &one.urls,
+                dir,
+                Run {
+                    name: "size-10-json".into(),
+                    size: 10,
+                    members: effort.members.max(10),
+                    deliveries: effort.deliveries_per_sec,
+                    seconds: effort.seconds,
+                    namespace: Some("live"),
+                    json: true,
+                },
+            )
+            .await?;
+            let f = r.broker_cpu_us_per_delivery / high.cpu_us_per_delivery.max(1e-9);
+            sources.push(format!(
+                "JSON: rooms of 10 with JSON frames: {:.2} µs per delivery, {f:.2}× MessagePack",
+                r.broker_cpu_us_per_delivery
+            ));
+            Some(f)
         }
         None => None,
     };
@@ -547,6 +581,7 @@ pub async fn calibrate(
             deliveries: effort.deliveries_per_sec,
             seconds: effort.seconds,
             namespace: Some("stored"),
+            json: false,
         },
     )
     .await?;
@@ -573,6 +608,7 @@ pub async fn calibrate(
                 deliveries: effort.deliveries_per_sec,
                 seconds: effort.seconds,
                 namespace: Some("live"),
+                json: false,
             },
         )
         .await?;
@@ -614,6 +650,7 @@ pub async fn calibrate(
                 deliveries: effort.deliveries_per_sec,
                 seconds: effort.seconds,
                 namespace: Some("stored"),
+                json: false,
             },
         )
         .await?;
@@ -645,6 +682,7 @@ pub async fn calibrate(
             commit_cpu_us_per_msg: commit,
             cluster,
             rate: low_rate,
+            json_factor,
         },
         sources,
     })

@@ -292,13 +292,15 @@ async fn verify(
     } else {
         o.verify_connections
     };
-    // The scaled workload without typing (fanout sends messages only)
-    // and handshakes (they happen before the measured window). Each room
+    // The scaled workload without typing (fanout sends messages only),
+    // handshakes (they happen before the measured window) and JSON
+    // clients (the runs speak MessagePack). Each room
     // class (and its stored part) runs on its own at a fixed load, well
     // above noise and within what loadgen's one core reads.
     let mut small = w.scaled(connections as f64);
     small.typing_per_message = 0.0;
     small.reconnects_per_connection_per_hour = 0.0;
+    small.json_share = 0.0;
     let deliveries = if o.quick { 1000.0 } else { o.verify_deliveries };
     let scratch = tempfile::tempdir()?;
     let mut checks = vec![];
@@ -344,6 +346,7 @@ async fn verify(
                     deliveries: msgs * r.size as f64,
                     seconds,
                     namespace: Some(if stored { "stored" } else { "live" }),
+                    json: false,
                 },
             )
             .await
@@ -506,13 +509,15 @@ fn write(r: &PlanReport, dir: &std::path::Path) -> anyhow::Result<()> {
     md += "\n![CPU per node](cpu.svg) ![memory per node](memory.svg)\n";
     md += "\n## Workload (input)\n\n";
     md += &format!(
-        "- {:.0} concurrent connections, {} message(s) per connection per minute, {} B bodies, {:.0}% stored, {} typing events per message, {} reconnects per connection per hour\n",
+        "- {:.0} concurrent connections ({:.0}% JSON), {} message(s) per connection per minute, {} B bodies, {:.0}% stored, {} typing events per message, {} reconnects per connection per hour{}\n",
         w.connections,
+        w.json_share * 100.0,
         w.messages_per_connection_per_minute,
         w.payload_bytes,
         w.stored_share * 100.0,
         w.typing_per_message,
-        w.reconnects_per_connection_per_hour
+        w.reconnects_per_connection_per_hour,
+        w.p99_ms.map_or(String::new(), |p| format!(", delivery p99 target {p} ms"))
     );
     for rc in &w.rooms {
         md += &format!(
@@ -555,6 +560,9 @@ fn write(r: &PlanReport, dir: &std::path::Path) -> anyhow::Result<()> {
     }
     let (a, b) = c.line();
     md += &format!("| line through them (other sizes) | {a:.1} µs + {b:.2} µs × members |\n");
+    if let Some(f) = c.json_factor {
+        md += &format!("| JSON clients, per delivery | {f:.2}× MessagePack |\n");
+    }
     if let Some(cl) = &c.cluster {
         md += &format!(
             "| bus, per message per node with members | {:.1} µs |\n| redis-server per message | {:.1} µs |\n| stored in a cluster, per message | {:.1} µs |\n| memory per connection on a cluster node | {:.0} B |\n",

@@ -56,6 +56,10 @@ pub struct Costs {
     /// How per-delivery cost grows at lower rates, if measured.
     #[serde(default)]
     pub rate: Option<RateFactor>,
+    /// Broker CPU per delivery to JSON clients over MessagePack clients
+    /// (rooms of 10), if measured; the sizes are measured in MessagePack.
+    #[serde(default)]
+    pub json_factor: Option<f64>,
 }
 
 /// Per-delivery cost against the deliveries per second a node handles:
@@ -251,6 +255,8 @@ pub fn load(w: &Workload, c: &Costs, nodes: usize) -> Load {
     if let Some(rf) = &c.rate {
         message_us *= rf.at(deliveries / n);
     }
+    // JSON clients' share of the deliveries costs what JSON costs.
+    message_us *= 1.0 + w.json_share * (c.json_factor.unwrap_or(1.0) - 1.0);
     let stored = publishes * w.stored_share;
     let commit_us = stored
         * match (&c.cluster, nodes > 1) {
@@ -370,11 +376,29 @@ pub fn plan(w: &Workload, c: &Costs, node: &NodeSpec) -> Plan {
             (l.redis_cores / 0.7).ceil()
         ));
     }
+    if w.json_share > 0.0 && c.json_factor.is_none() {
+        warnings.push(
+            "JSON clients' cost not calibrated (an older calibration): counted as MessagePack; --recalibrate"
+                .into(),
+        );
+    }
     if nodes > 1 && c.cluster.is_none() {
         warnings.push(
             "no two-node calibration: the bus's cost per node and Redis's CPU are not counted"
                 .into(),
         );
+    }
+    if let Some(target) = w.p99_ms {
+        for r in &w.rooms {
+            if let Some(cal) = c.sizes.iter().find(|s| s.size == r.size) {
+                if cal.p99_ms > target {
+                    warnings.push(format!(
+                        "rooms of {}: p99 was {:.1} ms at {:.0} deliveries/s in calibration, over the {target} ms target (latency is not modelled; check with `loadgen capacity --slo-p99-ms {target}`)",
+                        r.size, cal.p99_ms, cal.deliveries_per_sec
+                    ));
+                }
+            }
+        }
     }
     let (lo, hi) = (
         c.sizes.first().map_or(0, |s| s.size),
@@ -438,6 +462,7 @@ mod tests {
                 conn_bytes: 0.0,
             }),
             rate: None,
+            json_factor: Some(1.2),
         }
     }
 
@@ -450,6 +475,8 @@ mod tests {
             stored_share: 0.0,
             typing_per_message: 0.0,
             reconnects_per_connection_per_hour: 0.0,
+            json_share: 0.0,
+            p99_ms: None,
             rooms: vec![RoomClass { size, share: 1.0 }],
             node: NodeSpec {
                 cores: 4.0,
@@ -525,6 +552,15 @@ mod tests {
             (two.commit_cores - 0.03).abs() < 1e-9,
             "the cluster's store cost"
         );
+    }
+
+    #[test]
+    fn json_clients_cost_their_factor() {
+        let mut w = work(6000.0, 10, 60.0);
+        let msgpack = load(&w, &costs(), 1).message_cores;
+        w.json_share = 0.5;
+        let mixed = load(&w, &costs(), 1).message_cores;
+        assert!((mixed / msgpack - 1.1).abs() < 1e-9);
     }
 
     #[test]

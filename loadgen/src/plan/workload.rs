@@ -38,6 +38,13 @@ pub struct Workload {
     /// Reconnections per connection per hour (handshakes).
     #[serde(default)]
     pub reconnects_per_connection_per_hour: f64,
+    /// Share of connections speaking JSON frames (the rest MessagePack).
+    #[serde(default)]
+    pub json_share: f64,
+    /// Delivery p99 target, ms: latency is not modelled; the report warns
+    /// where calibration already exceeded it.
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
     /// Room sizes and their shares.
     pub rooms: Vec<RoomClass>,
     /// The nodes to run on.
@@ -91,6 +98,10 @@ impl Workload {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.stored_share),
             "stored_share is a share, 0 to 1"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.json_share),
+            "json_share is a share, 0 to 1"
         );
         anyhow::ensure!(!self.rooms.is_empty(), "rooms: at least one size");
         for r in &self.rooms {
