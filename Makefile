@@ -35,6 +35,7 @@ cluster-down:
 test: test-deps lint
 	$(CARGO) test --workspace --all-targets $(FEATURES)
 	SKIP_BUILD=1 ./scripts/web-tests.sh
+	SHOAL_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/shoal npm test --prefix clients/js
 	SKIP_BUILD=1 ./scripts/smoke.sh
 	COMPARE_CHECK=1 SKIP_BUILD=1 ./scripts/compare.sh
 	SKIP_BUILD=1 ./scripts/plan-check.sh

@@ -35,5 +35,10 @@ if [ ! -d "$(dirname "$0")/../web-tests/node_modules/playwright-core" ] ||
     npm ci --prefix "$(dirname "$0")/../web-tests" --no-audit --no-fund
 fi
 
+# The JS client library's test dependencies (pinned by its package-lock).
+if [ ! -d "$(dirname "$0")/../clients/js/node_modules/ws" ]; then
+    npm ci --prefix "$(dirname "$0")/../clients/js" --no-audit --no-fund
+fi
+
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 echo "test dependencies ready"

@@ -1,0 +1,79 @@
+// Types of @shoal/client (Shoal protocol shoal.v1; see proto/PROTOCOL.md).
+
+export type Encoding = 'msgpack' | 'json';
+export type Body = null | boolean | number | string | Body[] | { [key: string]: Body };
+
+export interface ConnectOptions {
+  /** Broker base URL: http(s)://host:port or ws(s)://host:port/ws. */
+  url: string;
+  /** A token (from POST /api/login or your issuer). */
+  token?: string;
+  /** Called for a token before each connect that has none (after 4001). */
+  getToken?: () => Promise<string> | string;
+  /** Frames on the wire (default msgpack). */
+  encoding?: Encoding;
+  /** A WebSocket constructor where there is no global one (Node: `ws`). */
+  WebSocket?: unknown;
+  /** Publishes that may wait for their ack at once (default 1000). */
+  maxPending?: number;
+  /** Request timeout, ms (default 10000). */
+  requestTimeout?: number;
+  /** Reconnect backoff bounds, ms (default 500 and 15000). */
+  backoffMin?: number;
+  backoffMax?: number;
+}
+
+export interface Msg { room: string; seq: number; from: string; ts: number; body: Body; }
+export interface Gap { room: string; from: number; to: number; }
+export interface Typing { room: string; user: string; }
+export interface Presence { room: string; user: string; online: boolean; }
+export interface Mark { room: string; user: string; seq: number; state: 'delivered' | 'read'; }
+export interface Deleted { room: string; seq: number; }
+export interface Receipt { user: string; delivered: number; read: number; }
+export interface Ack { room: string; seq: number; ts: number; }
+export interface Disconnected { code: number; reason?: string; willRetry: boolean; }
+
+export class ShoalError extends Error {
+  /** The error code (PROTOCOL.md §3) or close code. */
+  code: number;
+}
+
+export interface Room {
+  readonly name: string;
+  /** Resolves when the broker joined the room (after the replay). */
+  readonly ready: Promise<{ seq: number }>;
+  /** Last seq delivered to the app. */
+  readonly lastSeq: number;
+  on(event: 'message', fn: (m: Msg) => void): () => void;
+  on(event: 'typing', fn: (t: Typing) => void): () => void;
+  on(event: 'presence', fn: (p: Presence) => void): () => void;
+  on(event: 'mark', fn: (m: Mark) => void): () => void;
+  on(event: 'deleted', fn: (d: Deleted) => void): () => void;
+  on(event: 'gap', fn: (g: Gap) => void): () => void;
+  on(event: 'joined', fn: (j: { seq: number }) => void): () => void;
+  on(event: 'error', fn: (e: Error) => void): () => void;
+  publish(body: Body): Promise<Ack>;
+  typing(): void;
+  mark(seq: number, state?: 'delivered' | 'read'): void;
+  history(opts?: { before?: number; limit?: number }): Promise<{ messages: Omit<Msg, 'room'>[]; more: boolean }>;
+  members(): Promise<{ users: string[]; receipts: Receipt[] }>;
+  delete(seq: number): Promise<void>;
+  leave(): Promise<void>;
+}
+
+export class Client {
+  readonly state: 'connecting' | 'connected' | 'disconnected' | 'closed';
+  readonly user: string | null;
+  readonly rooms: Map<string, Room>;
+  on(event: 'connecting', fn: () => void): () => void;
+  on(event: 'connected', fn: (c: { user: string; node: string }) => void): () => void;
+  on(event: 'disconnected', fn: (d: Disconnected) => void): () => void;
+  on(event: 'dm', fn: (m: Msg) => void): () => void;
+  on(event: 'error', fn: (e: ShoalError) => void): () => void;
+  /** Join at once (attach handlers, then `await room.ready`). */
+  join(room: string, opts?: { since?: number }): Room;
+  dm(user: string, body: Body): Promise<Ack>;
+  close(): void;
+}
+
+export function connect(opts: ConnectOptions): Client;

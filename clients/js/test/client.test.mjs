@@ -1,0 +1,245 @@
+// @shoal/client against a real broker (the debug `shoal` binary, or
+// SHOAL_BIN) on a free loopback port in a temp dir, stopped by PID.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import WebSocket from 'ws';
+import { connect, ShoalError } from '../src/index.js';
+
+const repo = join(dirname(fileURLToPath(import.meta.url)), '../../..');
+const BIN = process.env.SHOAL_BIN || join(repo, 'target/debug/shoal');
+const SECRET = 'js-client-test-secret-0123456789-abcdef';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => res(p)); });
+    s.on('error', rej);
+  });
+}
+
+class Broker {
+  constructor(port, data) { this.port = port; this.data = data; this.proc = null; }
+  get url() { return `http://127.0.0.1:${this.port}`; }
+  async start() {
+    this.proc = spawn(BIN, ['--listen', `127.0.0.1:${this.port}`, '--data', this.data, '--log', 'warn',
+      '--rate-limit', '100000', '--rate-burst', '100000', '--namespace', 'short:retain_messages=5', '--retention-interval', '1'], {
+      env: { ...process.env, SHOAL_JWT_SECRET: SECRET },
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    for (let i = 0; i < 100; i++) {
+      try { if ((await fetch(this.url + '/health')).ok) return; } catch (_) { /* not up yet */ }
+      await sleep(100);
+    }
+    throw new Error('broker did not start');
+  }
+  async stop(signal = 'SIGTERM') {
+    if (!this.proc) return;
+    const p = this.proc;
+    this.proc = null;
+    const done = new Promise((r) => p.once('exit', r));
+    p.kill(signal);
+    await Promise.race([done, sleep(15000)]);
+    if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
+  }
+}
+
+let broker;
+let tmp;
+const users = new Map();
+
+async function token(user) {
+  if (!users.has(user)) {
+    const body = JSON.stringify({ username: user, password: 'password123' });
+    const headers = { 'Content-Type': 'application/json' };
+    await fetch(broker.url + '/api/register', { method: 'POST', headers, body });
+    const r = await fetch(broker.url + '/api/login', { method: 'POST', headers, body });
+    users.set(user, (await r.json()).token);
+  }
+  return users.get(user);
+}
+
+async function client(user, opts = {}) {
+  const c = connect({ url: broker.url, token: await token(user), WebSocket, backoffMin: 100, backoffMax: 500, ...opts });
+  await until(() => c.state === 'connected', `${user} connected`);
+  return c;
+}
+
+async function until(pred, what, ms = 10000) {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`timed out: ${what}`);
+    await sleep(10);
+  }
+}
+
+before(async () => {
+  tmp = mkdtempSync(join(tmpdir(), 'shoal-js-'));
+  broker = new Broker(await freePort(), join(tmp, 'data'));
+  await broker.start();
+});
+
+after(async () => {
+  await broker.stop();
+  rmSync(tmp, { recursive: true, force: true });
+});
+
+for (const encoding of ['msgpack', 'json']) {
+  test(`every API call over ${encoding}`, async () => {
+    const a = await client(`ann${encoding}`, { encoding });
+    const b = await client(`bob${encoding}`, { encoding });
+    const room = `api-${encoding}`;
+    const ra = a.join(room);
+    const rb = b.join(room);
+    await Promise.all([ra.ready, rb.ready]);
+    const got = [];
+    rb.on('message', (m) => got.push(m));
+    const typing = [];
+    ra.on('typing', (t) => typing.push(t));
+    const marks = [];
+    ra.on('mark', (m) => marks.push(m));
+    const ack = await ra.publish({ text: 'hello' });
+    assert.equal(ack.room, room);
+    assert.equal(ack.seq, 1);
+    await until(() => got.length === 1, 'bob got it');
+    assert.deepEqual(got[0].body, { text: 'hello' });
+    assert.equal(got[0].from, `ann${encoding}`);
+    rb.typing();
+    await until(() => typing.length === 1, 'typing');
+    rb.mark(1, 'read');
+    await until(() => marks.length === 1, 'mark');
+    const m = await ra.members();
+    assert.deepEqual(m.users, [`ann${encoding}`, `bob${encoding}`]);
+    assert.equal(m.receipts.find((r) => r.user === `bob${encoding}`).read, 1);
+    await ra.publish('two');
+    const h = await rb.history({ limit: 1 });
+    assert.equal(h.messages.length, 1);
+    assert.equal(h.messages[0].seq, 2);
+    assert.equal(h.more, true);
+    const deleted = [];
+    rb.on('deleted', (d) => deleted.push(d));
+    await ra.delete(2);
+    await until(() => deleted.length === 1, 'deleted');
+    await assert.rejects(rb.delete(1), (e) => e instanceof ShoalError && e.code === 404);
+    const dms = [];
+    b.on('dm', (d) => dms.push(d));
+    const dm = await a.dm(`bob${encoding}`, 'psst');
+    assert.ok(dm.room.startsWith('dm:'));
+    await until(() => dms.length === 1, 'dm');
+    await assert.rejects(a.dm('nobody-here', 'x'), (e) => e.code === 404);
+    await rb.leave();
+    a.close();
+    b.close();
+  });
+}
+
+test('a broker restart mid-stream: every seq exactly once, in order', async () => {
+  const sub = await client('sub');
+  const pub = await client('pub');
+  const room = 'restart';
+  const seen = [];
+  const rs = sub.join(room);
+  rs.on('message', (m) => seen.push(m.seq));
+  const rp = pub.join(room);
+  await Promise.all([rs.ready, rp.ready]);
+  const states = [];
+  sub.on('disconnected', (d) => states.push(d));
+  const n = 60;
+  const acks = [];
+  for (let i = 1; i <= n; i++) {
+    acks.push(rp.publish(i).then((a) => a.seq));
+    if (i === 25) {
+      await broker.stop('SIGKILL');
+      await broker.start();
+    }
+    await sleep(5);
+  }
+  const seqs = await Promise.all(acks);
+  assert.equal(new Set(seqs).size, n, 'every publish acked with its own seq');
+  await until(() => seen.length >= n, `subscriber saw ${seen.length} of ${n}`, 20000);
+  await sleep(200);
+  assert.deepEqual(seen, Array.from({ length: n }, (_, i) => i + 1));
+  assert.ok(states.length >= 1 && states[0].willRetry, 'told it was disconnected and will retry');
+  sub.close();
+  pub.close();
+});
+
+test('a publish retried after a dropped connection is one message', async () => {
+  const c = await client('retry');
+  const watcher = await client('watcher');
+  const room = 'cid';
+  const seen = [];
+  const rw = watcher.join(room);
+  rw.on('message', (m) => seen.push(m));
+  const r = c.join(room);
+  await Promise.all([rw.ready, r.ready]);
+  // Send, then drop the socket before the ack can arrive.
+  const p = r.publish('once');
+  c._ws.terminate();
+  const ack = await p;
+  await until(() => seen.length >= 1, 'delivered');
+  await sleep(300);
+  assert.equal(seen.length, 1, 'delivered once');
+  assert.equal(seen[0].seq, ack.seq);
+  c.close();
+  watcher.close();
+});
+
+test('a revoked token stops retrying', async () => {
+  const t = await token('leaver');
+  const c = connect({ url: broker.url, token: t, WebSocket, backoffMin: 50, backoffMax: 100 });
+  await until(() => c.state === 'connected', 'connected');
+  const ends = [];
+  c.on('disconnected', (d) => ends.push(d));
+  const r = await fetch(broker.url + '/api/logout', { method: 'POST', headers: { Authorization: `Bearer ${t}` } });
+  assert.equal(r.status, 200);
+  await until(() => ends.length === 1, 'disconnected');
+  assert.deepEqual([ends[0].code, ends[0].willRetry], [4002, false]);
+  await sleep(500);
+  assert.equal(c.state, 'closed');
+  assert.equal(ends.length, 1, 'no reconnect attempt');
+});
+
+test('a gap surfaces to the app', async () => {
+  const w = await client('writer');
+  const room = 'short:gappy';
+  const rw = w.join(room);
+  await rw.ready;
+  for (let i = 1; i <= 20; i++) await rw.publish(i);
+  // Retention (every second here) keeps the newest 5.
+  await sleep(1500);
+  const late = await client('late');
+  const gaps = [];
+  const msgs = [];
+  const r = late.join(room, { since: 0 });
+  r.on('gap', (g) => gaps.push(g));
+  r.on('message', (m) => msgs.push(m.seq));
+  await r.ready;
+  await until(() => gaps.length >= 1, 'gap');
+  assert.equal(gaps[0].from, 1);
+  assert.ok(gaps[0].to >= 1 && gaps[0].to < 20);
+  await until(() => msgs.length >= 1, 'replay after the gap');
+  assert.equal(msgs[msgs.length - 1], 20);
+  assert.ok(msgs[0] > gaps[0].to, 'the replay starts after the gap');
+  // A room the user may not join: its `ready` rejects with 403.
+  await assert.rejects(late.join('dm:aaa:bbb').ready, (e) => e.code === 403);
+  w.close();
+  late.close();
+});
+
+test('bounded: publishes past maxPending are refused at once', async () => {
+  const c = connect({ url: broker.url, token: await token('bounded'), WebSocket, maxPending: 2 });
+  await until(() => c.state === 'connected', 'connected');
+  const r = c.join('bounded');
+  await r.ready;
+  const ps = [r.publish(1), r.publish(2)];
+  await assert.rejects(r.publish(3), /already wait/);
+  await Promise.all(ps);
+  c.close();
+});
