@@ -15,7 +15,13 @@
 //   the original seq and does not deliver twice).
 // - Bounded: at most `maxPending` publishes wait for their ack (past it,
 //   `publish` rejects), requests time out after `requestTimeout`.
-import { encode, decode } from '@msgpack/msgpack';
+// MessagePack is loaded only when used, so a page on JSON frames needs no
+// bundler or import map for it.
+let msgpack = null;
+async function loadMsgpack() {
+  msgpack ??= await import('@msgpack/msgpack');
+  return msgpack;
+}
 
 const SUBPROTOCOL = { msgpack: 'shoal.v1.msgpack', json: 'shoal.v1.json' };
 
@@ -163,6 +169,7 @@ export class Client extends Emitter {
   async _open() {
     if (this.state === 'closed') return;
     this._setState('connecting');
+    if (this.encoding === 'msgpack') await loadMsgpack();
     if (!this.token && this.getToken) {
       try { this.token = await this.getToken(); } catch (e) { return this._closed(4001, `getToken failed: ${e.message}`); }
     }
@@ -178,7 +185,7 @@ export class Client extends Emitter {
       let f;
       try {
         f = this.encoding === 'json' ? JSON.parse(typeof ev.data === 'string' ? ev.data : new TextDecoder().decode(ev.data))
-          : decode(new Uint8Array(ev.data));
+          : msgpack.decode(new Uint8Array(ev.data));
       } catch (_) { return; }
       this._frame(f);
     };
@@ -281,7 +288,7 @@ export class Client extends Emitter {
   }
 
   _encode(frame) {
-    return this.encoding === 'json' ? JSON.stringify(frame) : encode(frame);
+    return this.encoding === 'json' ? JSON.stringify(frame) : msgpack.encode(frame);
   }
 
   _send(frame) {
