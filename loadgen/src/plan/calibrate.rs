@@ -355,6 +355,33 @@ pub struct Run<'a> {
     pub json: bool,
 }
 
+impl Run<'static> {
+    /// A calibration run: `effort`'s deliveries/s and seconds, in
+    /// MessagePack.
+    pub fn calibration(
+        name: impl Into<String>,
+        size: usize,
+        members: usize,
+        effort: &Effort,
+        namespace: &'static str,
+    ) -> Run<'static> {
+        Run {
+            name: name.into(),
+            size,
+            members,
+            deliveries: effort.deliveries_per_sec,
+            seconds: effort.seconds,
+            namespace: Some(namespace),
+            json: false,
+        }
+    }
+
+    /// The same run with JSON frames.
+    pub fn json(self) -> Run<'static> {
+        Run { json: true, ..self }
+    }
+}
+
 /// Run `run` against the brokers at `urls`, results in `dir`.
 pub async fn fanout_run(
     urls: &[String],
@@ -424,15 +451,7 @@ async fn measure_sizes(
         let r = fanout_run(
             &one.urls,
             dir,
-            Run {
-                name: name.clone(),
-                size,
-                members,
-                deliveries: effort.deliveries_per_sec,
-                seconds: effort.seconds,
-                namespace: Some("live"),
-                json: false,
-            },
+            Run::calibration(name.clone(), size, members, effort, "live"),
         )
         .await?;
         let per_delivery = r.broker_cpu_us_per_delivery;
@@ -516,13 +535,8 @@ pub async fn calibrate(
                 &one.urls,
                 dir,
                 Run {
-                    name: "size-10-low".into(),
-                    size: 10,
-                    members: effort.members.max(10),
                     deliveries: low,
-                    seconds: effort.seconds,
-                    namespace: Some("live"),
-                    json: false,
+                    ..Run::calibration("size-10-low", 10, effort.members.max(10), effort, "live")
                 },
             )
             .await?;
@@ -545,15 +559,7 @@ pub async fn calibrate(
             let r = fanout_run(
                 &one.urls,
                 dir,
-                Run {
-                    name: "size-10-json".into(),
-                    size: 10,
-                    members: effort.members.max(10),
-                    deliveries: effort.deliveries_per_sec,
-                    seconds: effort.seconds,
-                    namespace: Some("live"),
-                    json: true,
-                },
+                Run::calibration("size-10-json", 10, effort.members.max(10), effort, "live").json(),
             )
             .await?;
             let f = r.broker_cpu_us_per_delivery / high.cpu_us_per_delivery.max(1e-9);
@@ -574,15 +580,7 @@ pub async fn calibrate(
     let r = fanout_run(
         &one.urls,
         dir,
-        Run {
-            name: "stored".into(),
-            size: stored_size,
-            members,
-            deliveries: effort.deliveries_per_sec,
-            seconds: effort.seconds,
-            namespace: Some("stored"),
-            json: false,
-        },
+        Run::calibration("stored", stored_size, members, effort, "stored"),
     )
     .await?;
     let stored = r.broker_cpu_us_per_delivery * stored_size as f64;
@@ -601,15 +599,7 @@ pub async fn calibrate(
         let r = fanout_run(
             &two.urls,
             dir,
-            Run {
-                name: "cluster".into(),
-                size,
-                members,
-                deliveries: effort.deliveries_per_sec,
-                seconds: effort.seconds,
-                namespace: Some("live"),
-                json: false,
-            },
+            Run::calibration("cluster", size, members, effort, "live"),
         )
         .await?;
         let redis1 = two
@@ -643,15 +633,7 @@ pub async fn calibrate(
         let r = fanout_run(
             &two.urls,
             dir,
-            Run {
-                name: "cluster-stored".into(),
-                size,
-                members,
-                deliveries: effort.deliveries_per_sec,
-                seconds: effort.seconds,
-                namespace: Some("stored"),
-                json: false,
-            },
+            Run::calibration("cluster-stored", size, members, effort, "stored"),
         )
         .await?;
         let stored_both = r.broker_cpu_us_per_delivery * size as f64;
