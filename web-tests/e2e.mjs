@@ -302,6 +302,35 @@ async function main() {
       }
     });
 
+    await check('@shoal/client in a browser page (served at /vendor/shoal-client.js, JSON frames)', async () => {
+      const ctxE = await browser.newContext({ bypassCSP: true });
+      const e = await ctxE.newPage();
+      try {
+        await e.goto(broker.url);
+        const reg = await fetch(broker.url + '/api/register', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ username: 'erin', password: 'password123' }) });
+        assert(reg.ok, 'register erin');
+        const login = await (await fetch(broker.url + '/api/login', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ username: 'erin', password: 'password123' }) })).json();
+        const got = await e.evaluate(async ([url, token]) => {
+          const { connect } = await import('/vendor/shoal-client.js');
+          const c = connect({ url, token, encoding: 'json' });
+          const room = c.join('browser-lib');
+          const seen = [];
+          room.on('message', (m) => seen.push(m.body));
+          await room.ready;
+          const ack = await room.publish({ text: 'from the library' });
+          for (let i = 0; i < 100 && seen.length === 0; i++) await new Promise((r) => setTimeout(r, 20));
+          c.close();
+          return { seq: ack.seq, seen };
+        }, [broker.url, login.token]);
+        assert(got.seq === 1, 'acked as seq 1: ' + JSON.stringify(got));
+        assert(JSON.stringify(got.seen) === JSON.stringify([{ text: 'from the library' }]), 'received: ' + JSON.stringify(got));
+      } finally {
+        await ctxE.close();
+      }
+    });
+
     await check('narrow phone-sized window stays usable', async () => {
       await a.setViewportSize({ width: 380, height: 740 });
       await say(a, 'from my phone');

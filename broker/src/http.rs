@@ -196,6 +196,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
             Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
         ),
         (&Method::GET, "/style.css") => ("static", Ok(asset(STYLE_CSS, "text/css; charset=utf-8"))),
+        (&Method::GET, "/vendor/shoal-client.js") => (
+            "static",
+            Ok(asset(SHOAL_CLIENT_JS, "text/javascript; charset=utf-8")),
+        ),
         (&Method::GET, "/vendor/socket.io.min.js") => (
             "static",
             Ok(asset(SOCKET_IO_JS, "text/javascript; charset=utf-8")),
@@ -224,6 +228,8 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const APP_JS: &str = include_str!("../static/app.js");
 const STYLE_CSS: &str = include_str!("../static/style.css");
+// @shoal/client (clients/js), an ES module: pages import it from here.
+const SHOAL_CLIENT_JS: &str = include_str!("../../clients/js/src/index.js");
 // The stock socket.io-client 4.8.4 bundle (MIT; its source map reference
 // removed), loaded by the web client only for its long-polling fallback.
 const SOCKET_IO_JS: &str = include_str!("../static/vendor/socket.io.min.js");
