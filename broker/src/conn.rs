@@ -369,14 +369,8 @@ pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, e
         max_payload: cfg.max_message_size,
     };
 
-    // `exp` is the peer's (signed, but any u64): no arithmetic on it may
-    // overflow. A deadline past MAX_TOKEN_WAIT is as good as never.
-    let expires_in = Duration::from_secs(claims.exp.saturating_sub(crate::clock::now_secs()))
-        .min(MAX_TOKEN_WAIT);
+    let token_deadline = token_deadline(claims.exp);
     let now = Instant::now();
-    let token_deadline = now
-        .checked_add(expires_in)
-        .unwrap_or_else(|| now + MAX_TOKEN_WAIT);
     // One timer for pings, the idle timeout and the token's expiry; it is
     // moved only when it fires (a read just records when it happened).
     let mut last_read = now;
@@ -552,7 +546,18 @@ async fn linger(sock: &tokio::net::TcpStream) {
 
 /// Longest a connection waits for its token to expire; a later `exp`
 /// (up to `u64::MAX`) means the same.
-pub(crate) const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const MAX_TOKEN_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// When a connection whose token has `exp` must end (4001). `exp` is the
+/// peer's (signed, but any u64): no arithmetic on it may overflow, and a
+/// deadline past [`MAX_TOKEN_WAIT`] is as good as never.
+pub(crate) fn token_deadline(exp: u64) -> Instant {
+    let expires_in =
+        Duration::from_secs(exp.saturating_sub(crate::clock::now_secs())).min(MAX_TOKEN_WAIT);
+    let now = Instant::now();
+    now.checked_add(expires_in)
+        .unwrap_or_else(|| now + MAX_TOKEN_WAIT)
+}
 
 #[cfg(test)]
 mod tests {

@@ -838,28 +838,31 @@ async fn user_rooms(state: &AppState, req: Request<Incoming>) -> Result<Resp, Ap
     Ok(json_response(StatusCode::OK, &json!({"rooms": rooms})))
 }
 
+/// Whether a connection's `Origin` passes `--allowed-origin` (for `/ws`
+/// and Socket.IO alike). No list: all pass. Absent: not a browser,
+/// allowed. Present: it must be readable and on the list (an unreadable
+/// Origin is not an absent one).
+pub(crate) fn origin_allowed(state: &AppState, headers: &hyper::HeaderMap) -> bool {
+    let list = &state.cfg.auth.allowed_origins;
+    list.is_empty()
+        || headers
+            .get(header::ORIGIN)
+            .is_none_or(|o| o.to_str().is_ok_and(|o| list.iter().any(|a| a == o)))
+}
+
 async fn ws_handshake(state: &Arc<AppState>, mut req: Request<Incoming>) -> Result<Resp, ApiError> {
     let m = &state.metrics;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         m.handshake("bad_request");
         return Err(ApiError::bad_request("expected a WebSocket upgrade"));
     }
-    if !state.cfg.auth.allowed_origins.is_empty() {
-        // Absent: not a browser, allowed. Present: it must be readable
-        // and on the list (an unreadable Origin is not an absent one).
-        if let Some(origin) = req.headers().get(header::ORIGIN) {
-            let allowed = origin
-                .to_str()
-                .is_ok_and(|o| state.cfg.auth.allowed_origins.iter().any(|a| a == o));
-            if !allowed {
-                m.handshake("forbidden_origin");
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "origin not allowed",
-                ));
-            }
-        }
+    if !origin_allowed(state, req.headers()) {
+        m.handshake("forbidden_origin");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "origin not allowed",
+        ));
     }
     // A node cut off from the bus cannot deliver; a 503 sends the client
     // (or nginx's `proxy_next_upstream http_503`) to another node.

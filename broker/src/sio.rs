@@ -219,16 +219,9 @@ async fn admit(
         Refusal::Namespace(e)
     })?;
     let parts = s.req_parts();
-    if !state.cfg.auth.allowed_origins.is_empty() {
-        if let Some(origin) = parts.headers.get(hyper::header::ORIGIN) {
-            let allowed = origin
-                .to_str()
-                .is_ok_and(|o| state.cfg.auth.allowed_origins.iter().any(|a| a == o));
-            if !allowed {
-                m.handshake("forbidden_origin");
-                return Err(Refusal::Origin);
-            }
-        }
+    if !crate::http::origin_allowed(&state, &parts.headers) {
+        m.handshake("forbidden_origin");
+        return Err(Refusal::Origin);
     }
     if state.hub.cluster_health() == Some(false) {
         m.handshake("bus_down");
@@ -394,13 +387,7 @@ async fn serve(state: Arc<AppState>, socket: SocketRef, admitted: Admitted) {
     tracing::debug!(conn = handle.id, user = %handle.user, ns = socket.ns(), transport = ?socket.transport_type(), "socket.io connected");
     state.metrics.connections.inc();
     let mut session = Session::new(state.clone(), handle.clone());
-    let expires_in = Duration::from_secs(claims.exp.saturating_sub(crate::clock::now_secs()))
-        .min(crate::conn::MAX_TOKEN_WAIT);
-    let now = Instant::now();
-    let expiry = tokio::time::sleep_until(
-        now.checked_add(expires_in)
-            .unwrap_or(now + crate::conn::MAX_TOKEN_WAIT),
-    );
+    let expiry = tokio::time::sleep_until(crate::conn::token_deadline(claims.exp));
     tokio::pin!(expiry);
     loop {
         tokio::select! {
@@ -510,11 +497,15 @@ impl SioOut {
 
     /// Emit a shared payload.
     pub fn emit(&self, p: &Payload, ephemeral: bool) -> Pushed {
-        let r = match (&p.json, self.json) {
+        outcome(self.emit_raw(p), ephemeral)
+    }
+
+    /// Emit in this socket's parser: the shared JSON text, or the value.
+    fn emit_raw(&self, p: &Payload) -> Result<(), SendError> {
+        match (&p.json, self.json) {
             (Some(raw), true) => self.socket.emit(p.name, &**raw),
             _ => self.socket.emit(p.name, &p.value),
-        };
-        outcome(r, ephemeral)
+        }
     }
 
     /// Send one frame to this socket: a reply to the request's ack
@@ -541,11 +532,7 @@ impl SioOut {
         let p = Payload::event(frame, self.prefix.as_deref());
         let deadline = Instant::now() + self.write_timeout;
         loop {
-            let r = match (&p.json, self.json) {
-                (Some(raw), true) => self.socket.emit(p.name, &**raw),
-                _ => self.socket.emit(p.name, &p.value),
-            };
-            match r {
+            match self.emit_raw(&p) {
                 Ok(()) => return true,
                 Err(SendError::Socket(SocketError::InternalChannelFull))
                     if Instant::now() < deadline =>
