@@ -36,7 +36,8 @@ if [ ! -d "$(dirname "$0")/../web-tests/node_modules/playwright-core" ] ||
 fi
 
 # The JS client library's test dependencies (pinned by its package-lock).
-if [ ! -d "$(dirname "$0")/../clients/js/node_modules/ws" ]; then
+if [ ! -d "$(dirname "$0")/../clients/js/node_modules/ws" ] ||
+    [ ! -d "$(dirname "$0")/../clients/js/node_modules/socket.io-client" ]; then
     npm ci --prefix "$(dirname "$0")/../clients/js" --no-audit --no-fund
 fi
 

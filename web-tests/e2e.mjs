@@ -198,6 +198,8 @@ async function main() {
       // Bob logs out; alice writes; bob logs back in and finds it.
       await b.click('#logout');
       await b.waitForSelector('#auth:not([hidden])', { timeout: T });
+      // Signed out, only the sign-in card shows (no empty chat layout under it).
+      assert(!(await b.isVisible('#app')), 'the chat layout is still shown after logout');
       await say(a, 'while you were away');
       await expectText(a, 'while you were away');
       await logIn(b, broker.url, 'bob');

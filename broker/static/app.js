@@ -1,33 +1,30 @@
-// Shoal web chat: plain JavaScript over shoal.v1.json (see proto/PROTOCOL.md).
+// Shoal web chat: the page's UI over @shoal/client (clients/js, served at
+// /vendor/shoal-client.js), JSON frames. The library owns the connection:
+// reconnect with backoff, re-join with `since`, publishes retried with
+// their `cid`, and the Socket.IO long-polling fallback when a WebSocket
+// cannot open. This file keeps only what the page shows.
 // Every piece of peer-supplied text goes into the page with textContent,
 // never innerHTML, so messages can't inject markup or scripts.
-'use strict';
+import { connect, ShoalError } from '/vendor/shoal-client.js';
 
 const $ = (id) => document.getElementById(id);
 const S = {
   token: sessionStorage.getItem('shoal.token'),
   user: sessionStorage.getItem('shoal.user'),
-  ws: null,
-  sio: null,            // Socket.IO socket when on the long-polling fallback
-  polling: false,       // a WebSocket could not be opened: use long-polling
-  closeCode: 0,         // the close code a Socket.IO `close` event gave
-  connected: false,
-  attempt: 0,
-  nextId: 1,
-  waiting: new Map(),   // request id -> {resolve, reject}
-  rooms: new Map(),     // name -> room state
+  client: null,         // @shoal/client connection while signed in
+  rooms: new Map(),     // name -> room state (the page's view of it)
   active: null,
-  pending: new Map(),   // cid -> {room, body, el, id, timer}
+  pending: new Map(),   // local id -> {room, body, el} publishes not acked yet
+  nextLocal: 1,
   users: [],
   lastTypingSent: 0,
-  reconnectTimer: null,
 };
 
 function room(name) {
   let r = S.rooms.get(name);
   if (!r) {
     r = { name, msgs: new Map(), lastSeq: 0, oldest: null, more: true, unread: 0,
-          joined: false, joining: null, online: new Set(), receipts: new Map(), typing: new Map() };
+          handle: null, online: new Set(), receipts: new Map(), typing: new Map() };
     S.rooms.set(name, r);
   }
   return r;
@@ -79,17 +76,17 @@ async function auth(register) {
 }
 
 async function logout() {
-  try { await api('POST', '/api/logout'); } catch (_) { /* token may be gone already */ }
+  const token = S.token;
   stop();
+  // Revoke after closing, so the 4002 that follows is not "session ended".
+  await fetch('/api/logout', { method: 'POST', headers: { Authorization: 'Bearer ' + token } }).catch(() => {});
 }
 
 function stop() {
   sessionStorage.removeItem('shoal.token');
   sessionStorage.removeItem('shoal.user');
   S.token = S.user = null;
-  clearTimeout(S.reconnectTimer);
-  if (S.ws) { S.ws.onclose = null; S.ws.close(1000); S.ws = null; }
-  if (S.sio) { S.sio.off(); S.sio.offAny(); S.sio.disconnect(); S.sio = null; }
+  if (S.client) { S.client.close(); S.client = null; }
   S.rooms.clear(); S.pending.clear(); S.active = null;
   $('app').hidden = true; $('auth').hidden = false; $('logout').hidden = true;
   $('me').textContent = ''; $('log').replaceChildren(); $('rooms').replaceChildren();
@@ -99,7 +96,7 @@ function stop() {
 function start() {
   $('auth').hidden = true; $('app').hidden = false; $('logout').hidden = false;
   $('me').textContent = S.user;
-  connect();
+  openConnection();
   refreshRooms();
   refreshUsers();
 }
@@ -121,176 +118,88 @@ async function refreshUsers() {
   try { S.users = (await api('GET', '/api/users')).users; renderUsers(); } catch (_) { /* retry later */ }
 }
 
-// ---------- WebSocket ----------
+// ---------- connection ----------
 function setConn(cls, text) { const c = $('conn'); c.className = 'conn ' + cls; c.textContent = text; }
 
-// The native WebSocket (/ws, JSON frames) first. If a WebSocket cannot be
-// opened at all (a proxy that blocks upgrades), fall back to Socket.IO
-// long-polling (/socket.io/, the stock client the broker serves), which
-// carries the same frames as events (PROTOCOL.md, "Socket.IO clients").
-function connect() {
-  if (S.polling) return connectPolling();
-  const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  const ws = new WebSocket(`${proto}//${location.host}/ws?token=${encodeURIComponent(S.token)}`, 'shoal.v1.json');
-  S.ws = ws;
-  let opened = false;
-  setConn('reconnecting', S.attempt ? 'reconnecting…' : 'connecting…');
-  ws.onopen = () => { opened = true; };
-  ws.onmessage = (ev) => { let f; try { f = JSON.parse(ev.data); } catch (_) { return; } onFrame(f); };
-  ws.onclose = (ev) => {
-    S.ws = null;
-    // Never opened, and the server answers HTTP: WebSocket is blocked on
-    // the way, not the server down. Try long-polling at once.
-    if (!opened && ev.code === 1006 && !S.polling) {
-      fetch('/health').then((r) => {
-        if (r.ok || r.status === 503) { S.polling = true; connect(); } else closed(ev.code);
-      }, () => closed(ev.code));
-      return;
-    }
-    closed(ev.code);
-  };
-}
-
-// What a request's ack callback answers with, as the native reply frame.
-const REPLY = { join: 'joined', leave: 'left', pub: 'ack', members: 'members', history: 'history', delete: 'deleted', ping: 'pong' };
-
-function connectPolling() {
-  if (!window.io) {
+// socket.io-client for the long-polling fallback, loaded only when needed.
+function loadIo() {
+  if (window.io) return window.io;
+  return new Promise((resolve, reject) => {
     const sc = document.createElement('script');
     sc.src = '/vendor/socket.io.min.js';
-    sc.onload = connectPolling;
-    sc.onerror = () => closed(1006);
+    sc.onload = () => resolve(window.io);
+    sc.onerror = () => reject(new Error('socket.io-client did not load'));
     document.head.appendChild(sc);
-    return;
-  }
-  setConn('reconnecting', S.attempt ? 'reconnecting (long-polling)…' : 'connecting (long-polling)…');
-  S.closeCode = 0;
-  // One sticky key per tab, so a load balancer keeps every poll on one node.
-  let key = sessionStorage.getItem('shoal.sid');
-  if (!key) { key = Math.random().toString(36).slice(2); sessionStorage.setItem('shoal.sid', key); }
-  const s = window.io({ path: '/socket.io', transports: ['polling'], auth: { token: S.token },
-    query: { shoal_sid: key }, reconnection: false });
-  S.sio = s;
-  s.onAny((name, payload) => {
-    if (name === 'close') { S.closeCode = payload.code; return; }
-    onFrame({ ...payload, t: name });
-  });
-  s.on('connect_error', (e) => {
-    S.sio = null;
-    closed(/revoked|expired/.test(e.message) ? 4002 : 1006);
-  });
-  s.on('disconnect', () => { S.sio = null; closed(S.closeCode || 1006); });
-}
-
-// The connection is gone: fail what waited, then reconnect with backoff
-// (or sign out when the session ended).
-function closed(code) {
-  S.connected = false;
-  for (const w of S.waiting.values()) w.reject(new Error('disconnected'));
-  S.waiting.clear();
-  for (const r of S.rooms.values()) { r.joined = false; r.joining = null; r.online.clear(); }
-  for (const [cid, p] of S.pending) if (!p.failed) failPending(cid, 'connection lost');
-  if (code === 4001 || code === 4002) { stop(); $('auth-error').textContent = 'Session ended; please log in again.'; return; }
-  // Backoff with full jitter: 0.5 s doubling to 15 s.
-  const cap = Math.min(15000, 500 * 2 ** S.attempt++);
-  const delay = cap / 2 + Math.random() * cap / 2;
-  setConn('reconnecting', `reconnecting in ${(delay / 1000).toFixed(1)} s…`);
-  S.reconnectTimer = setTimeout(connect, delay);
-}
-
-function send(frame) {
-  if (S.sio) {
-    if (!S.sio.connected) return false;
-    const { t, id, ...fields } = frame;
-    if (id === undefined) { S.sio.emit(t, fields); return true; }
-    S.sio.emit(t, fields, (reply) => {
-      if (reply && reply.error) onFrame({ t: 'error', id, ...reply.error });
-      else if (REPLY[t]) onFrame({ ...reply, t: REPLY[t], id });
-    });
-    return true;
-  }
-  if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return false;
-  S.ws.send(JSON.stringify(frame));
-  return true;
-}
-
-function request(frame) {
-  const id = S.nextId++;
-  frame.id = id;
-  return new Promise((resolve, reject) => {
-    S.waiting.set(id, { resolve, reject });
-    if (!send(frame)) { S.waiting.delete(id); reject(new Error('offline')); }
   });
 }
 
-function onFrame(f) {
-  if (f.id !== undefined && S.waiting.has(f.id) && f.t !== 'ack') {
-    const w = S.waiting.get(f.id); S.waiting.delete(f.id);
-    if (f.t === 'error') w.reject(new Error(f.message)); else w.resolve(f);
-  }
-  switch (f.t) {
-    case 'hello':
-      S.connected = true; S.attempt = 0;
-      setConn('connected', S.sio ? 'connected (long-polling)' : 'connected');
-      // Re-join everything we had, from the last seq we saw: nothing missed.
-      for (const r of S.rooms.values()) if (r.wanted) joinRoom(r.name);
-      for (const [cid, p] of S.pending) if (p.auto) sendPending(cid);
-      refreshRooms(); refreshUsers();
-      break;
-    case 'msg': onMsg(f); break;
-    case 'ack': onAck(f); break;
-    case 'error': onError(f); break;
-    case 'deleted': onDeleted(f); break;
-    case 'mark': onMark(f); break;
-    case 'typing': onTyping(f); break;
-    case 'presence': onPresence(f); break;
-    case 'gap': addNotice(f.room, `Messages ${f.from}–${f.to} are no longer available.`); break;
-    default: break;
-  }
+function openConnection() {
+  const c = connect({ url: location.origin, token: S.token, encoding: 'json', transports: ['websocket', 'polling'], io: loadIo });
+  S.client = c;
+  const via = () => (c.transport === 'polling' ? ' (long-polling)' : '');
+  setConn('reconnecting', 'connecting…');
+  c.on('connecting', () => { if (S.client === c) setConn('reconnecting', `connecting${via()}…`); });
+  c.on('connected', () => {
+    if (S.client !== c) return;
+    setConn('connected', 'connected' + via());
+    for (const p of S.pending.values()) if (!p.failed) pendingStatus(p, 'sending…');
+    refreshRooms(); refreshUsers();
+  });
+  c.on('disconnected', (d) => {
+    if (S.client !== c) return;
+    for (const r of S.rooms.values()) r.online.clear();
+    if (S.active) renderMembers();
+    if (!d.willRetry) { stop(); $('auth-error').textContent = 'Session ended; please log in again.'; return; }
+    setConn('reconnecting', 'reconnecting…');
+    // The library sends these again (same cid) once reconnected.
+    for (const p of S.pending.values()) if (!p.failed) pendingStatus(p, 'waiting for the connection…');
+  });
+  // DMs reach us whether or not the room is joined.
+  c.on('dm', onMsg);
 }
 
-async function joinRoom(name) {
+// Join through the library once per room; it re-joins with `since` after
+// every reconnect, so the handlers below see each message once, in order.
+function joinRoom(name) {
   const r = room(name);
-  r.wanted = true;
-  if (r.joined) return;
-  if (r.joining) return r.joining;
-  const fresh = r.lastSeq === 0;
-  r.joining = (async () => {
-    const frame = { t: 'join', room: name };
-    if (!fresh) frame.since = r.lastSeq;
-    const j = await request(frame);
-    r.joined = true;
-    if (fresh) r.lastSeq = Math.max(r.lastSeq, j.seq);
-    if (r.msgs.size < 30) await loadOlder(name);
-    const m = await request({ t: 'members', room: name });
+  if (r.handle) return r.handle.ready.catch(() => {});
+  const h = S.client.join(name);
+  r.handle = h;
+  h.on('message', onMsg);
+  h.on('typing', onTyping);
+  h.on('presence', onPresence);
+  h.on('mark', onMark);
+  h.on('deleted', onDeleted);
+  h.on('gap', (g) => addNotice(name, `Messages ${g.from}–${g.to} are no longer available.`));
+  h.on('joined', () => loadMembers(name));
+  h.on('error', (e) => { r.handle = null; addNotice(name, 'Could not join: ' + e.message); });
+  return h.ready.then(() => { if (r.msgs.size < 30) return loadOlder(name); }).catch(() => {});
+}
+
+async function loadMembers(name) {
+  const r = room(name);
+  try {
+    const m = await r.handle.members();
     r.online = new Set(m.users);
-    for (const rc of m.receipts || []) r.receipts.set(rc.user, rc);
+    for (const rc of m.receipts) r.receipts.set(rc.user, rc);
     if (S.active === name) { renderMembers(); renderStatuses(name); }
-  })().catch((e) => {
-    // Disconnected meanwhile: `hello` re-joins everything still wanted.
-    if (!S.connected) return;
-    addNotice(name, 'Could not join: ' + e.message);
-    r.wanted = false;
-  })
-    .finally(() => { r.joining = null; });
-  return r.joining;
+  } catch (_) { /* disconnected meanwhile: the next join asks again */ }
 }
 
 async function loadOlder(name) {
   const r = room(name);
-  if (!r.more || r.loadingOlder) return;
+  if (!r.handle || !r.more || r.loadingOlder) return;
   r.loadingOlder = true;
   try {
-    const frame = { t: 'history', room: name, limit: 30 };
-    if (r.oldest !== null) frame.before = r.oldest;
-    const h = await request(frame);
+    const before = r.oldest === null ? undefined : r.oldest;
+    const h = await r.handle.history({ before, limit: 30 });
     r.more = h.more;
     const log = $('log');
-    const before = log.scrollHeight;
+    const height = log.scrollHeight;
     for (const m of h.messages) addMsg(name, { seq: m.seq, from: m.from, ts: m.ts, body: m.body }, false);
     if (S.active === name) {
-      if (frame.before === undefined) log.scrollTop = log.scrollHeight;
-      else log.scrollTop += log.scrollHeight - before;
+      if (before === undefined) log.scrollTop = log.scrollHeight;
+      else log.scrollTop += log.scrollHeight - height;
     }
   } catch (_) { /* offline; scrolling up again retries */ }
   r.loadingOlder = false;
@@ -310,7 +219,10 @@ function msgEl(name, m) {
     const del = el('button', 'del', 'Delete');
     del.type = 'button';
     del.setAttribute('aria-label', 'Delete this message');
-    del.onclick = () => request({ t: 'delete', room: name, seq: m.seq }).catch((e) => addNotice(name, e.message));
+    del.onclick = () => {
+      const h = room(name).handle;
+      (h ? h.delete(m.seq) : Promise.reject(new Error('not joined'))).catch((e) => addNotice(name, e.message));
+    };
     meta.append(del);
   }
   d.append(meta);
@@ -347,7 +259,7 @@ function onMsg(f) {
   else {
     r.unread++;
     // Tell the sender it reached a device (✓✓), even if not read yet.
-    if (r.joined) send({ t: 'mark', room: f.room, seq: f.seq, state: 'delivered' });
+    if (r.handle?.joined) r.handle.mark(f.seq, 'delivered');
   }
   r.typing.delete(f.from); renderTyping();
   renderRooms();
@@ -358,9 +270,9 @@ function markRead(name) {
   clearTimeout(readTimer);
   readTimer = setTimeout(() => {
     const r = room(name);
-    if (!r.joined || r.lastSeq === 0 || r.readSent >= r.lastSeq) return;
+    if (!r.handle?.joined || r.lastSeq === 0 || r.readSent >= r.lastSeq) return;
     r.readSent = r.lastSeq;
-    send({ t: 'mark', room: name, seq: r.lastSeq, state: 'read' });
+    r.handle.mark(r.lastSeq, 'read');
   }, 150);
 }
 
@@ -397,11 +309,10 @@ function renderStatuses(name) {
   for (const node of $('log').querySelectorAll('.msg.own[data-seq]')) updateStatus(name, node, Number(node.dataset.seq));
 }
 
-// ---------- sending (optimistic, idempotent retry with cid) ----------
+// ---------- sending (optimistic; the library retries with the same cid) ----------
 function sendText(text) {
   const name = S.active;
   if (!name || !text.trim()) return;
-  const cid = (crypto.randomUUID ? crypto.randomUUID() : String(Math.random())).replace(/-/g, '').slice(0, 32);
   const d = el('div', 'msg own pending');
   d.append(el('div', 'text', text));
   const meta = el('div', 'meta');
@@ -409,57 +320,45 @@ function sendText(text) {
   d.append(meta);
   $('log').append(d);
   $('log').scrollTop = $('log').scrollHeight;
-  S.pending.set(cid, { room: name, body: { text }, el: d, auto: true });
-  sendPending(cid);
+  const key = S.nextLocal++;
+  S.pending.set(key, { room: name, body: { text }, el: d });
+  sendPending(key);
 }
 
-function sendPending(cid) {
-  const p = S.pending.get(cid);
+function pendingStatus(p, text) { p.el.querySelector('.status').textContent = text; }
+
+function sendPending(key) {
+  const p = S.pending.get(key);
   if (!p) return;
   p.failed = false;
   p.el.className = 'msg own pending';
-  const st = p.el.querySelector('.status'); st.textContent = 'sending…';
+  pendingStatus(p, S.client?.state === 'connected' ? 'sending…' : 'waiting for the connection…');
   p.el.querySelector('.retry')?.remove();
-  p.id = S.nextId++;
   const peer = dmPeer(p.room);
-  const frame = { t: 'pub', id: p.id, cid, body: p.body };
-  if (peer) frame.to = peer; else frame.room = p.room;
-  clearTimeout(p.timer);
-  p.timer = setTimeout(() => failPending(cid, 'no answer'), 10000);
-  if (!send(frame)) failPending(cid, 'offline');
+  const h = room(p.room).handle;
+  const sent = peer ? S.client.dm(peer, p.body)
+    : h ? h.publish(p.body) : Promise.reject(new Error('not joined'));
+  sent.then((ack) => {
+    if (!S.pending.delete(key)) return;
+    p.el.remove();
+    // In a DM we may not have joined: show our own message from the ack.
+    addMsg(ack.room, { seq: ack.seq, from: S.user, ts: ack.ts, body: p.body }, true);
+    renderRooms();
+  }, (e) => failPending(key, e instanceof ShoalError ? e.message : 'not sent'));
 }
 
-function failPending(cid, why) {
-  const p = S.pending.get(cid);
+function failPending(key, why) {
+  const p = S.pending.get(key);
   if (!p) return;
-  clearTimeout(p.timer);
-  p.failed = true; p.auto = false;
+  p.failed = true;
   p.el.className = 'msg own failed';
-  p.el.querySelector('.status').textContent = 'not sent (' + why + ')';
+  pendingStatus(p, 'not sent (' + why + ')');
   if (!p.el.querySelector('.retry')) {
     const b = el('button', 'retry', 'Retry');
     b.type = 'button';
-    b.onclick = () => sendPending(cid);
+    b.onclick = () => sendPending(key);
     p.el.querySelector('.meta').append(b);
   }
-}
-
-function onAck(f) {
-  for (const [cid, p] of S.pending) {
-    if (p.id === f.id) {
-      clearTimeout(p.timer);
-      S.pending.delete(cid);
-      p.el.remove();
-      // In a DM we may not have joined: show our own message from the ack.
-      addMsg(f.room, { seq: f.seq, from: S.user, ts: f.ts, body: p.body }, true);
-      renderRooms();
-      return;
-    }
-  }
-}
-
-function onError(f) {
-  for (const [cid, p] of S.pending) if (p.id === f.id && f.id !== undefined) return failPending(cid, f.message);
 }
 
 // ---------- typing and presence ----------
@@ -573,7 +472,8 @@ async function search(q) {
 }
 
 // ---------- wiring ----------
-document.addEventListener('DOMContentLoaded', () => {
+// A module runs after the document is parsed.
+{
   $('auth-form').addEventListener('submit', (e) => { e.preventDefault(); auth(false); });
   $('register').addEventListener('click', () => { if ($('auth-form').reportValidity()) auth(true); });
   $('logout').addEventListener('click', logout);
@@ -590,13 +490,14 @@ document.addEventListener('DOMContentLoaded', () => {
   });
   $('text').addEventListener('input', () => {
     const now = Date.now();
-    if (S.active && room(S.active).joined && now - S.lastTypingSent > 2000) {
+    const h = S.active && room(S.active).handle;
+    if (h?.joined && now - S.lastTypingSent > 2000) {
       S.lastTypingSent = now;
-      send({ t: 'typing', room: S.active });
+      h.typing();
     }
   });
   $('search-form').addEventListener('submit', (e) => { e.preventDefault(); search($('search-q').value); });
   $('log').addEventListener('scroll', () => { if ($('log').scrollTop < 20 && S.active) loadOlder(S.active); });
   document.addEventListener('visibilitychange', () => { if (document.visibilityState === 'visible' && S.active) markRead(S.active); });
   if (S.token && S.user) start();
-});
+}

@@ -21,6 +21,14 @@ export interface ConnectOptions {
   /** Reconnect backoff bounds, ms (default 500 and 15000). */
   backoffMin?: number;
   backoffMax?: number;
+  /**
+   * Transports in order of preference (default ['websocket']). With
+   * 'polling' listed, a WebSocket that cannot open while the server answers
+   * HTTP switches to Socket.IO long-polling (JSON frames as events).
+   */
+  transports?: Array<'websocket' | 'polling'>;
+  /** Loads socket.io-client's `io` (needed when 'polling' is listed). */
+  io?: () => unknown | Promise<unknown>;
 }
 
 export interface Msg { room: string; seq: number; from: string; ts: number; body: Body; }
@@ -63,6 +71,8 @@ export interface Room {
 
 export class Client {
   readonly state: 'connecting' | 'connected' | 'disconnected' | 'closed';
+  /** The transport in use: 'websocket' or 'polling'. */
+  readonly transport: 'websocket' | 'polling';
   readonly user: string | null;
   readonly rooms: Map<string, Room>;
   on(event: 'connecting', fn: () => void): () => void;

@@ -15,6 +15,12 @@
 //   the original seq and does not deliver twice).
 // - Bounded: at most `maxPending` publishes wait for their ack (past it,
 //   `publish` rejects), requests time out after `requestTimeout`.
+// - Transports: the WebSocket at /ws first. With `transports` listing
+//   'polling' and an `io` loader (socket.io-client's `io`), a WebSocket
+//   that closes before it opens while the server answers HTTP (a proxy
+//   that refuses upgrades) switches the client to Socket.IO long-polling
+//   at /socket.io/ (PROTOCOL.md §8), which carries the same frames as
+//   events; the app sees no difference. Long-polling speaks JSON.
 // MessagePack is loaded only when used, so a page on JSON frames needs no
 // bundler or import map for it.
 let msgpack = null;
@@ -24,6 +30,9 @@ async function loadMsgpack() {
 }
 
 const SUBPROTOCOL = { msgpack: 'shoal.v1.msgpack', json: 'shoal.v1.json' };
+
+// The native reply frame a Socket.IO request's ack callback stands for.
+const REPLY = { join: 'joined', leave: 'left', pub: 'ack', members: 'members', history: 'history', delete: 'deleted', ping: 'pong' };
 
 /** A small event emitter (no dependency on Node's or the DOM's). */
 class Emitter {
@@ -105,12 +114,20 @@ class Room extends Emitter {
 export class Client extends Emitter {
   constructor(opts) {
     super();
-    this.url = opts.url.replace(/^http/, 'ws').replace(/\/(ws)?$/, '') + '/ws';
+    const base = opts.url.replace(/\/(ws)?$/, '');
+    this.url = base.replace(/^http/, 'ws') + '/ws';
+    this.httpUrl = base.replace(/^ws/, 'http');
+    /** Transports to use, in order of preference: 'websocket', 'polling'. */
+    this.transports = opts.transports || ['websocket'];
+    /** The transport in use (or next to be tried). */
+    this.transport = this.transports[0];
+    this.io = opts.io;
+    if (this.transports.includes('polling') && !this.io) throw new Error("the 'polling' transport needs `io` (a loader of socket.io-client's io)");
     this.encoding = opts.encoding || 'msgpack';
     this.token = opts.token;
     this.getToken = opts.getToken;
     this.WebSocket = opts.WebSocket || globalThis.WebSocket;
-    if (!this.WebSocket) throw new Error('no WebSocket: pass `WebSocket` (e.g. the `ws` package) in Node');
+    if (!this.WebSocket && this.transport === 'websocket') throw new Error('no WebSocket: pass `WebSocket` (e.g. the `ws` package) in Node');
     this.maxPending = opts.maxPending ?? 1000;
     this.requestTimeout = opts.requestTimeout ?? 10000;
     this.backoff = { min: opts.backoffMin ?? 500, max: opts.backoffMax ?? 15000 };
@@ -120,6 +137,9 @@ export class Client extends Emitter {
     this.state = 'connecting';
     this.user = null;
     this._ws = null;
+    this._sio = null;
+    // One sticky key per client, so a load balancer keeps its polls on one node.
+    this._sticky = Math.random().toString(36).slice(2, 12);
     this._attempt = 0;
     this._nextId = 1;
     this._waiting = new Map(); // request id -> {resolve, reject, timer}
@@ -159,6 +179,7 @@ export class Client extends Emitter {
     this.state = 'closed';
     clearTimeout(this._timer);
     if (this._ws) this._ws.close(1000);
+    if (this._sio) { const s = this._sio; this._sio = null; s.disconnect(); }
     this._failAll(new Error('closed'));
     for (const p of this._pending.values()) p.reject(new Error('closed'));
     this._pending.clear();
@@ -173,6 +194,7 @@ export class Client extends Emitter {
     if (!this.token && this.getToken) {
       try { this.token = await this.getToken(); } catch (e) { return this._closed(4001, `getToken failed: ${e.message}`); }
     }
+    if (this.transport === 'polling') return this._openPolling();
     let ws;
     try {
       ws = new this.WebSocket(`${this.url}?token=${encodeURIComponent(this.token || '')}`, SUBPROTOCOL[this.encoding]);
@@ -181,6 +203,8 @@ export class Client extends Emitter {
     }
     ws.binaryType = 'arraybuffer';
     this._ws = ws;
+    let opened = false;
+    ws.onopen = () => { opened = true; };
     ws.onmessage = (ev) => {
       let f;
       try {
@@ -189,8 +213,61 @@ export class Client extends Emitter {
       } catch (_) { return; }
       this._frame(f);
     };
-    ws.onclose = (ev) => { if (this._ws === ws) { this._ws = null; this._closed(ev.code, ev.reason); } };
+    ws.onclose = (ev) => {
+      if (this._ws !== ws) return;
+      this._ws = null;
+      if (!opened && ev.code === 1006 && this.transports.includes('polling')) this._probe();
+      else this._closed(ev.code, ev.reason);
+    };
     ws.onerror = () => {};
+  }
+
+  // The WebSocket never opened. If the server answers HTTP, something on
+  // the way refuses upgrades: long-polling from now on.
+  async _probe() {
+    let up = false;
+    try {
+      const r = await fetch(this.httpUrl + '/health');
+      up = r.ok || r.status === 503;
+    } catch (_) { /* the server is down: back off as usual */ }
+    if (!up) return this._closed(1006, 'unreachable');
+    if (this.state === 'closed') return;
+    this.transport = 'polling';
+    this._open();
+  }
+
+  async _openPolling() {
+    let io;
+    try {
+      io = await this.io();
+    } catch (e) {
+      return this._closed(1006, `could not load socket.io-client: ${e.message}`);
+    }
+    if (this.state === 'closed') return;
+    const s = io(this.httpUrl, {
+      path: '/socket.io', transports: ['polling'], auth: { token: this.token || '' },
+      query: { shoal_sid: this._sticky }, reconnection: false, forceNew: true,
+    });
+    this._sio = s;
+    let code = 0;
+    let reason = '';
+    s.onAny((name, payload) => {
+      if (this._sio !== s) return;
+      if (name === 'close') { code = payload.code; reason = payload.reason; return; }
+      this._frame({ ...payload, t: name });
+    });
+    s.on('connect_error', (e) => {
+      if (this._sio !== s) return;
+      this._sio = null;
+      s.disconnect();
+      const m = String(e.message);
+      this._closed(/revoked/.test(m) ? 4002 : /expired/.test(m) ? 4001 : 1006, m);
+    });
+    s.on('disconnect', (why) => {
+      if (this._sio !== s) return;
+      this._sio = null;
+      this._closed(code || 1006, reason || why);
+    });
   }
 
   _setState(s, detail = {}) {
@@ -292,6 +369,18 @@ export class Client extends Emitter {
   }
 
   _send(frame) {
+    if (this._sio) {
+      if (!this._sio.connected) return false;
+      const { t, id, ...fields } = frame;
+      if (id === undefined) this._sio.emit(t, fields);
+      else {
+        this._sio.emit(t, fields, (reply) => {
+          if (reply && reply.error) this._frame({ ...reply.error, t: 'error', id });
+          else this._frame({ ...reply, t: REPLY[t] || t, id });
+        });
+      }
+      return true;
+    }
     if (!this._ws || this._ws.readyState !== 1) return false;
     this._ws.send(this._encode(frame));
     return true;

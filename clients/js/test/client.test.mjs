@@ -191,6 +191,64 @@ test('a publish retried after a dropped connection is one message', async () => 
   watcher.close();
 });
 
+// A WebSocket that fails before it opens, as behind a proxy refusing upgrades.
+class BlockedWebSocket {
+  constructor() {
+    this.readyState = 3;
+    setTimeout(() => this.onclose?.({ code: 1006, reason: '' }), 5);
+  }
+  send() {}
+  close() {}
+}
+const loadIo = async () => (await import('socket.io-client')).io;
+
+test('WebSocket blocked: falls back to Socket.IO long-polling; same API, recovery across a restart', async () => {
+  const p = await client('poller', { WebSocket: BlockedWebSocket, transports: ['websocket', 'polling'], io: loadIo, encoding: 'json' });
+  assert.equal(p.transport, 'polling');
+  const n = await client('native');
+  const room = 'polled';
+  const seen = [];
+  const rp = p.join(room);
+  rp.on('message', (m) => seen.push(m.seq));
+  const rn = n.join(room);
+  await Promise.all([rp.ready, rn.ready]);
+  const mine = await rp.publish({ text: 'over polling' });
+  assert.equal(mine.seq, 1);
+  await rn.publish('from native');
+  await until(() => seen.length === 2, 'both delivered to the poller');
+  const m = await rp.members();
+  assert.deepEqual(m.users, ['native', 'poller']);
+  const h = await rp.history({ limit: 5 });
+  assert.deepEqual(h.messages.map((x) => x.seq), [2, 1]);
+  await assert.rejects(rp.delete(2), (e) => e instanceof ShoalError && e.code === 404);
+  await assert.rejects(p.dm('nobody-here', 'x'), (e) => e.code === 404);
+  // kill -9 and restart: the poller re-joins with since and misses nothing.
+  await broker.stop('SIGKILL');
+  await broker.start();
+  await until(() => n.state === 'connected' && p.state === 'connected', 'both back');
+  await rn.ready;
+  for (let i = 0; i < 5; i++) await rn.publish(i);
+  await until(() => seen.length >= 7, `poller saw ${seen.length} of 7`, 15000);
+  await sleep(200);
+  assert.deepEqual(seen, [1, 2, 3, 4, 5, 6, 7]);
+  assert.equal(p.transport, 'polling');
+  p.close();
+  n.close();
+});
+
+test('over long-polling, a revoked token stops retrying', async () => {
+  const t = await token('pollleaver');
+  const c = connect({ url: broker.url, token: t, transports: ['polling'], io: loadIo, encoding: 'json', backoffMin: 50, backoffMax: 100 });
+  await until(() => c.state === 'connected', 'connected');
+  const ends = [];
+  c.on('disconnected', (d) => ends.push(d));
+  await fetch(broker.url + '/api/logout', { method: 'POST', headers: { Authorization: `Bearer ${t}` } });
+  await until(() => ends.length === 1, 'disconnected');
+  assert.deepEqual([ends[0].code, ends[0].willRetry], [4002, false]);
+  await sleep(300);
+  assert.equal(c.state, 'closed');
+});
+
 test('a revoked token stops retrying', async () => {
   const t = await token('leaver');
   const c = connect({ url: broker.url, token: t, WebSocket, backoffMin: 50, backoffMax: 100 });
