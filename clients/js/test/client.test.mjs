@@ -2,7 +2,8 @@
 // SHOAL_BIN) on a free loopback port in a temp dir, stopped by PID.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, execFileSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -249,6 +250,41 @@ test('over long-polling, a revoked token stops retrying', async () => {
   assert.equal(c.state, 'closed');
 });
 
+// An HS256 token signed with the broker's secret, as an issuer would.
+function mint(sub, ttlSecs) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+  const now = Math.floor(Date.now() / 1000);
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, iat: now, exp: now + ttlSecs })}`;
+  return `${head}.${createHmac('sha256', SECRET).update(head).digest('base64url')}`;
+}
+
+test('an expired token (4001) is refreshed through getToken; the room carries on', async () => {
+  await token('refresher');
+  let asked = 0;
+  const c = connect({ url: broker.url, WebSocket, backoffMin: 50, backoffMax: 100, getToken: () => { asked++; return mint('refresher', 2); } });
+  await until(() => c.state === 'connected', 'connected');
+  const ends = [];
+  c.on('disconnected', (d) => ends.push(d));
+  const r = c.join('refresh');
+  const seen = [];
+  r.on('message', (m) => seen.push(m.body));
+  await r.ready;
+  const w = await client('refreshwriter');
+  const rw = w.join('refresh');
+  await rw.ready;
+  await rw.publish('before');
+  await until(() => ends.length >= 1, 'closed when the token expired', 5000);
+  assert.deepEqual([ends[0].code, ends[0].willRetry], [4001, true]);
+  await rw.publish('during');
+  await until(() => c.state === 'connected', 'reconnected with a fresh token');
+  assert.ok(asked >= 2, `getToken asked ${asked} times`);
+  await rw.publish('after');
+  await until(() => seen.length >= 3, `saw ${JSON.stringify(seen)}`);
+  assert.deepEqual(seen.slice(0, 3), ['before', 'during', 'after']);
+  c.close();
+  w.close();
+});
+
 test('a revoked token stops retrying', async () => {
   const t = await token('leaver');
   const c = connect({ url: broker.url, token: t, WebSocket, backoffMin: 50, backoffMax: 100 });
@@ -300,4 +336,12 @@ test('bounded: publishes past maxPending are refused at once', async () => {
   await assert.rejects(r.publish(3), /already wait/);
   await Promise.all(ps);
   c.close();
+});
+
+test('npm pack ships the module, its types and README, and the exports resolve', () => {
+  const here = dirname(fileURLToPath(import.meta.url));
+  const [pack] = JSON.parse(execFileSync('npm', ['pack', '--dry-run', '--json'], { cwd: join(here, '..'), encoding: 'utf8' }));
+  const files = pack.files.map((f) => f.path).sort();
+  assert.deepEqual(files, ['README.md', 'index.d.ts', 'package.json', 'src/index.js']);
+  assert.equal(pack.name, '@shoal/client');
 });
