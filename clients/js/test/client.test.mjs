@@ -338,7 +338,11 @@ test('bounded: publishes past maxPending are refused at once', async () => {
   c.close();
 });
 
-test('npm pack ships the module, its types and README, and the exports resolve', () => {
+test('npm pack ships the module, its types and README, and the exports resolve', async () => {
+  // Self-reference through package.json's `exports`, as an app imports it.
+  const self = await import('@shoal/client');
+  assert.equal(typeof self.connect, 'function');
+  assert.equal(typeof self.ShoalError, 'function');
   const here = dirname(fileURLToPath(import.meta.url));
   const [pack] = JSON.parse(execFileSync('npm', ['pack', '--dry-run', '--json'], { cwd: join(here, '..'), encoding: 'utf8' }));
   const files = pack.files.map((f) => f.path).sort();
