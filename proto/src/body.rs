@@ -172,6 +172,11 @@ mod tests {
             from: "alice".into(),
             ts: 1,
             body: body.clone(),
+            edited_ts: None,
+            reply_to: None,
+            mentions: vec![],
+            reactions: vec![],
+            thread: None,
         };
         for enc in Encoding::ALL {
             let pubf = ClientFrame::Pub {
@@ -180,6 +185,7 @@ mod tests {
                 to: None,
                 cid: None,
                 body: body.clone(),
+                reply_to: None,
             };
             let b = enc.encode_client(&pubf).expect("encode");
             assert_eq!(enc.decode_client(&b), Ok(pubf));
@@ -190,6 +196,10 @@ mod tests {
                     from: "alice".into(),
                     ts: 1,
                     body: body.clone(),
+                    kind: None,
+                    target: None,
+                    reply_to: None,
+                    mentions: vec![],
                 },
                 ServerFrame::History {
                     id: Some(1),
@@ -206,6 +216,7 @@ mod tests {
             ts: 1,
             from: "alice".into(),
             body: body.clone(),
+            meta: Default::default(),
         };
         assert_eq!(bus::decode_record(&bus::encode_record(&rec)), Ok(rec));
         let stored = crate::codec::body_to_storage(&body);

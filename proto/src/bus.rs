@@ -35,6 +35,10 @@ pub struct BusRecord {
     pub from: String,
     /// Message body as the sender gave it.
     pub body: Body,
+    /// Event, reply and mention data (absent for a plain message, so
+    /// older nodes' records read as plain messages).
+    #[serde(default, skip_serializing_if = "crate::Meta::is_empty")]
+    pub meta: crate::Meta,
 }
 
 /// One payload received on a room's bus channel.
@@ -241,6 +245,7 @@ mod tests {
             ts: 17,
             from: "alice".into(),
             body: serde_json::json!({"text": "hi", "n": [1, 2]}),
+            meta: Default::default(),
         };
         let mut wire = b"42:".to_vec();
         wire.extend(encode_record(&r));

@@ -184,6 +184,35 @@ pub fn body_from_storage(text: &str) -> crate::Body {
     serde_json::from_str(text).unwrap_or(crate::Body::Null)
 }
 
+/// Serialise the reply and mention data of a log entry for storage (JSON
+/// text; None for an entry without any). Its event kind and target are
+/// stored in columns of their own.
+pub fn meta_to_storage(meta: &crate::Meta) -> Option<String> {
+    let rest = crate::Meta {
+        kind: None,
+        target: None,
+        reply_to: meta.reply_to.clone(),
+        mentions: meta.mentions.clone(),
+    };
+    (!rest.is_empty()).then(|| serde_json::to_string(&rest).unwrap_or_default())
+}
+
+/// Parse stored entry data back, with the kind and target from their
+/// columns. Damaged data reads as none (the entry stays a readable
+/// message).
+pub fn meta_from_storage(
+    text: Option<&str>,
+    kind: Option<&str>,
+    target: Option<u64>,
+) -> crate::Meta {
+    let mut m: crate::Meta = text
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    m.kind = kind.and_then(crate::EventKind::parse);
+    m.target = target.filter(|_| m.kind.is_some());
+    m
+}
+
 /// The searchable text of a body: a string body itself, else the `text`
 /// field of a map body, else nothing.
 pub fn body_text(body: &crate::Body) -> Option<&str> {
@@ -253,6 +282,7 @@ mod tests {
                 to: None,
                 cid: Some("c-1".into()),
                 body: json!("hi"),
+                reply_to: None,
             },
             C::Pub {
                 id: None,
@@ -260,6 +290,7 @@ mod tests {
                 to: Some("bob".into()),
                 cid: None,
                 body: json!({"text": "yo", "n": [1, 2.5, null, true]}),
+                reply_to: None,
             },
             C::Typing {
                 id: None,
@@ -326,6 +357,10 @@ mod tests {
                 from: "alice".into(),
                 ts: 1,
                 body: json!({"k": "v"}),
+                kind: None,
+                target: None,
+                reply_to: None,
+                mentions: vec![],
             },
             S::Typing {
                 room: "lobby".into(),
@@ -359,6 +394,11 @@ mod tests {
                     from: "bob".into(),
                     ts: 5,
                     body: json!({"text": "x"}),
+                    edited_ts: None,
+                    reply_to: None,
+                    mentions: vec![],
+                    reactions: vec![],
+                    thread: None,
                 }],
                 more: true,
             },
@@ -507,6 +547,10 @@ mod tests {
             from: "alice".into(),
             ts: 1,
             body: json!({"s": 42, "x": "padding", "deep": [1, {"a": 2}]}),
+            kind: None,
+            target: None,
+            reply_to: None,
+            mentions: vec![],
         };
         let ack = S::Ack {
             id: Some(3),

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::entry::{EventKind, Meta, Reaction, ReplyRef, ThreadSummary};
+
 /// A message body: any JSON-compatible value (string, number, bool, null,
 /// array, map with string keys). Binary MessagePack values are not accepted
 /// so that every message can be relayed to JSON clients unchanged.
@@ -52,6 +54,54 @@ pub enum ClientFrame {
         cid: Option<String>,
         /// Message body.
         body: Body,
+        /// Seq of the message this one replies to (in the same room).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<u64>,
+    },
+    /// Replace the body of one of your own messages. Sequenced: acked with
+    /// the seq of the edit event.
+    Edit {
+        /// Request id, echoed in the `ack` or `error`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Seq of the message.
+        seq: u64,
+        /// The new body.
+        body: Body,
+    },
+    /// Add (`on`, the default) or remove a reaction on a message.
+    /// Sequenced: acked with the seq of the event.
+    React {
+        /// Request id, echoed in the `ack` or `error`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Seq of the message.
+        seq: u64,
+        /// The reaction (an emoji, at most 32 bytes).
+        emoji: String,
+        /// True to add, false to remove.
+        #[serde(default = "yes")]
+        on: bool,
+    },
+    /// Page through the replies to a message, newest first.
+    Thread {
+        /// Request id, echoed in the reply.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Seq of the message whose replies to list.
+        seq: u64,
+        /// Only replies with a seq below this.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        /// Page size (default 50, at most 200).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     /// "I am typing" in a room. Forwarded, never stored.
     Typing {
@@ -125,6 +175,9 @@ impl ClientFrame {
             | ClientFrame::History { id, .. }
             | ClientFrame::Mark { id, .. }
             | ClientFrame::Delete { id, .. }
+            | ClientFrame::Edit { id, .. }
+            | ClientFrame::React { id, .. }
+            | ClientFrame::Thread { id, .. }
             | ClientFrame::Ping { id } => *id,
         }
     }
@@ -140,9 +193,16 @@ impl ClientFrame {
             ClientFrame::History { .. } => "history",
             ClientFrame::Mark { .. } => "mark",
             ClientFrame::Delete { .. } => "delete",
+            ClientFrame::Edit { .. } => "edit",
+            ClientFrame::React { .. } => "react",
+            ClientFrame::Thread { .. } => "thread",
             ClientFrame::Ping { .. } => "ping",
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Receipt state of a read/delivered watermark.
@@ -174,8 +234,40 @@ pub struct StoredMsg {
     pub from: String,
     /// Server timestamp, milliseconds since the Unix epoch.
     pub ts: u64,
-    /// Message body as the sender gave it.
+    /// Message body as the sender gave it (the latest edit's).
     pub body: Body,
+    /// When it was last edited (ms), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_ts: Option<u64>,
+    /// The message it replies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<ReplyRef>,
+    /// Members it mentions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
+    /// Reactions, most used first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<Reaction>,
+    /// Its replies, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<ThreadSummary>,
+}
+
+impl StoredMsg {
+    /// A plain message (no edit, reply, mention, reaction or thread yet).
+    pub fn new(seq: u64, from: String, ts: u64, body: Body) -> Self {
+        StoredMsg {
+            seq,
+            from,
+            ts,
+            body,
+            edited_ts: None,
+            reply_to: None,
+            mentions: Vec::new(),
+            reactions: Vec::new(),
+            thread: None,
+        }
+    }
 }
 
 /// A user's receipt watermarks in a room.
@@ -236,7 +328,8 @@ pub enum ServerFrame {
         /// Server timestamp, milliseconds since the Unix epoch.
         ts: u64,
     },
-    /// A message in a room.
+    /// An entry of a room's log: a message, or (with `kind`) an event on
+    /// the message `target` (see `entry`).
     Msg {
         /// Room name.
         room: String,
@@ -246,8 +339,21 @@ pub enum ServerFrame {
         from: String,
         /// Server timestamp, milliseconds since the Unix epoch.
         ts: u64,
-        /// Message body as the sender gave it.
+        /// Message body as the sender gave it (an edit: the new body; a
+        /// reaction: the reaction string; a deletion: null).
         body: Body,
+        /// Absent on messages; what the event does.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<EventKind>,
+        /// The message an event applies to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<u64>,
+        /// The message this one replies to, quoted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<ReplyRef>,
+        /// Members this message mentions.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        mentions: Vec<String>,
     },
     /// Someone is typing in a room.
     Typing {
@@ -302,6 +408,20 @@ pub enum ServerFrame {
         /// last seq of this page).
         more: bool,
     },
+    /// Reply to `thread`: one page of replies, newest first.
+    Thread {
+        /// Request id of the `thread`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Seq of the message whose replies these are.
+        seq: u64,
+        /// Replies, highest seq first; deleted ones are left out.
+        messages: Vec<StoredMsg>,
+        /// True if older replies exist.
+        more: bool,
+    },
     /// A user's receipt watermark moved.
     Mark {
         /// Room name.
@@ -342,6 +462,27 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
+    /// A log entry as delivered: a message or an event, with its metadata.
+    pub fn entry(room: String, seq: u64, from: String, ts: u64, body: Body, meta: Meta) -> Self {
+        let Meta {
+            kind,
+            target,
+            reply_to,
+            mentions,
+        } = meta;
+        ServerFrame::Msg {
+            room,
+            seq,
+            from,
+            ts,
+            body,
+            kind,
+            target,
+            reply_to,
+            mentions,
+        }
+    }
+
     /// The frame type as it appears in `"t"`; used as a metrics label.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -355,6 +496,7 @@ impl ServerFrame {
             ServerFrame::Members { .. } => "members",
             ServerFrame::Gap { .. } => "gap",
             ServerFrame::History { .. } => "history",
+            ServerFrame::Thread { .. } => "thread",
             ServerFrame::Mark { .. } => "mark",
             ServerFrame::Deleted { .. } => "deleted",
             ServerFrame::Pong { .. } => "pong",

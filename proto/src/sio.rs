@@ -95,6 +95,9 @@ pub fn frame_type(event: &str) -> Option<&'static str> {
         "history" => "history",
         "mark" => "mark",
         "delete" => "delete",
+        "edit" => "edit",
+        "react" => "react",
+        "thread" => "thread",
         "ping" => "ping",
         _ => return None,
     })
@@ -105,7 +108,10 @@ pub fn positional_fields(t: &str) -> &'static [&'static str] {
     match t {
         "join" => &["room", "since"],
         "leave" | "typing" | "members" => &["room"],
-        "pub" => &["room", "body", "cid"],
+        "pub" => &["room", "body", "cid", "reply_to"],
+        "edit" => &["room", "seq", "body"],
+        "react" => &["room", "seq", "emoji", "on"],
+        "thread" => &["room", "seq", "before", "limit"],
         "history" => &["room", "before", "limit"],
         "mark" => &["room", "seq", "state"],
         "delete" => &["room", "seq"],
@@ -215,6 +221,7 @@ pub fn reply_id(frame: &ServerFrame) -> Option<u64> {
         | ServerFrame::Ack { id, .. }
         | ServerFrame::Members { id, .. }
         | ServerFrame::History { id, .. }
+        | ServerFrame::Thread { id, .. }
         | ServerFrame::Deleted { id, .. }
         | ServerFrame::Pong { id }
         | ServerFrame::Error { id, .. } => *id,
@@ -276,6 +283,7 @@ mod tests {
                 to: None,
                 cid: None,
                 body: json!({"text": "hi"}),
+                reply_to: None,
             })
         );
         let f = client_frame("mark", args(json!(["r", 4, "read"])), None, None);
@@ -350,6 +358,10 @@ mod tests {
             from: "a".into(),
             ts: 2,
             body: json!("x"),
+            kind: None,
+            target: None,
+            reply_to: None,
+            mentions: vec![],
         };
         let (name, v) = server_event(&m, Some("chat:"));
         assert_eq!(name, "msg");
@@ -364,6 +376,10 @@ mod tests {
             from: "a".into(),
             ts: 2,
             body: json!("x"),
+            kind: None,
+            target: None,
+            reply_to: None,
+            mentions: vec![],
         };
         assert_eq!(server_event(&d, Some("chat:")).1["room"], json!("dm:a:b"));
     }
