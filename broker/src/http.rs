@@ -185,6 +185,18 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
                     let room = room.to_string();
                     ("search", search(&state, req, &room).await)
                 }
+                (&Method::GET, Some((head, what @ ("thread" | "edits")))) => {
+                    let parsed = head
+                        .rsplit_once("/messages/")
+                        .and_then(|(room, seq)| Some((room.to_string(), seq.parse::<u64>().ok()?)));
+                    match (parsed, what) {
+                        (Some((room, seq)), "thread") => {
+                            ("thread", thread(&state, req, &room, seq).await)
+                        }
+                        (Some((room, seq)), _) => ("edits", edits(&state, req, &room, seq).await),
+                        (None, _) => ("other", Err(ApiError::no_route())),
+                    }
+                }
                 _ => ("other", Err(ApiError::no_route())),
             }
         }
@@ -553,7 +565,7 @@ async fn api_publish(
     let from: Arc<str> = Arc::from(SERVER_SENDER);
     state
         .hub
-        .publish_async(&name, &from, p.body, p.cid, true, Reply::Chan(tx))
+        .publish_async(&name, &from, p.body.into(), p.cid, true, Reply::Chan(tx))
         .await;
     let out = rx
         .await
@@ -606,16 +618,66 @@ fn room_access(
 
 /// `GET /api/rooms/{room}/messages?before=&limit=`: a history page, newest first.
 async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
-    room_access(state, &req, room)?;
     let q = query(&req);
     let before = num::<u64>(&q, "before")?;
     let limit = num::<u32>(&q, "limit")?
         .unwrap_or(50)
         .clamp(1, crate::session::MAX_HISTORY_PAGE) as usize;
-    let (messages, more) = state.hub.history(room, before, limit).await?;
+    let claims = room_access(state, &req, room)?;
+    let (messages, more) = state.hub.history(room, before, limit, &claims.sub).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"room": room, "messages": messages, "more": more}),
+    ))
+}
+
+/// `GET /api/rooms/{room}/messages/{seq}/thread?before=&limit=`: the
+/// replies to a message, newest first, like history.
+async fn thread(
+    state: &AppState,
+    req: Request<Incoming>,
+    room: &str,
+    seq: u64,
+) -> Result<Resp, ApiError> {
+    let claims = room_access(state, &req, room)?;
+    let q = query(&req);
+    let before = num::<u64>(&q, "before")?;
+    let limit = num::<u32>(&q, "limit")?
+        .unwrap_or(50)
+        .clamp(1, crate::session::MAX_HISTORY_PAGE) as usize;
+    let (messages, more) = state
+        .hub
+        .thread(room, seq, before, limit, &claims.sub)
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"room": room, "seq": seq, "messages": messages, "more": more}),
+    ))
+}
+
+/// `GET /api/rooms/{room}/messages/{seq}/edits`: the previous versions of
+/// a message, oldest first (retention removes them with the message).
+async fn edits(
+    state: &AppState,
+    req: Request<Incoming>,
+    room: &str,
+    seq: u64,
+) -> Result<Resp, ApiError> {
+    let claims = room_access(state, &req, room)?;
+    match state.hub.target(room, seq, &claims.sub).await? {
+        Some(t) if !t.event => {}
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no message {seq} in `{room}`"),
+            ))
+        }
+    }
+    let versions = state.hub.edits(room, seq).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"room": room, "seq": seq, "versions": versions}),
     ))
 }
 

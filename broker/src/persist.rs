@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    hub::{Hub, HubError, Item, Job, Pending, Published, Reply},
+    hub::{Hub, HubError, Item, Job, Pending, Published},
     metrics::Metrics,
     store::{NewMsg, OpOutcome, Store, WriteOp},
     webhook::{preview, Offline, Webhook},
@@ -61,6 +61,7 @@ fn write_op(item: &Item, max_memberships: u64) -> Option<WriteOp> {
             ts,
             from,
             body,
+            meta,
             cid,
             ..
         } => WriteOp::Msg(NewMsg {
@@ -72,6 +73,7 @@ fn write_op(item: &Item, max_memberships: u64) -> Option<WriteOp> {
             text: body_text(body).map(str::to_string),
             cid: cid.clone(),
             parties: item.room.dm.clone(),
+            meta: meta.clone(),
         }),
         Pending::AckOnly { .. } => return None,
         Pending::Join(user) => WriteOp::Join {
@@ -88,11 +90,6 @@ fn write_op(item: &Item, max_memberships: u64) -> Option<WriteOp> {
             user: user.clone(),
             seq: *seq,
             state: *state,
-        },
-        Pending::Delete { user, seq, .. } => WriteOp::Delete {
-            room,
-            seq: *seq,
-            user: user.clone(),
         },
     })
 }
@@ -198,12 +195,23 @@ impl GroupCommit {
                 ts,
                 from,
                 body,
+                meta,
                 started,
                 ..
             } => {
-                if let (Some(w), Some((a, b))) = (&self.webhook, &room.dm) {
-                    for u in [a, b] {
-                        if *u != from && !self.hub.is_online(u) {
+                if let Some(w) = &self.webhook {
+                    // The other party of a DM, and mentioned members, who
+                    // have no connection here hear of it by webhook.
+                    let dm = room.dm.iter().flat_map(|(a, b)| [&**a, &**b]);
+                    let mentioned = meta.mentions.iter().map(String::as_str);
+                    let mut told: Vec<&str> = Vec::new();
+                    for u in dm.chain(mentioned) {
+                        if meta.kind.is_none()
+                            && u != &*from
+                            && !told.contains(&u)
+                            && !self.hub.is_online(u)
+                        {
+                            told.push(u);
                             w.notify(Offline {
                                 user: u.to_string(),
                                 room: room.name.to_string(),
@@ -214,7 +222,7 @@ impl GroupCommit {
                         }
                     }
                 }
-                let recipients = self.hub.deliver_committed(room, seq, ts, &from, body);
+                let recipients = self.hub.deliver_committed(room, seq, ts, &from, body, meta);
                 self.metrics
                     .publish_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -254,29 +262,6 @@ impl GroupCommit {
                     self.hub.notify(room, &f, None);
                 }
             }
-            Pending::Delete { seq, conn, .. } => match outcome {
-                OpOutcome::NotFound => it.reply.fail((
-                    ErrorCode::NotFound,
-                    format!("no message {seq} of yours in `{}`", room.name),
-                )),
-                _ => {
-                    if outcome == OpOutcome::Done {
-                        let f = ServerFrame::Deleted {
-                            id: None,
-                            room: room.name.to_string(),
-                            seq,
-                        };
-                        self.hub.notify(room, &f, conn);
-                    }
-                    if let Reply::Conn { conn, id } = it.reply {
-                        conn.send(&ServerFrame::Deleted {
-                            id,
-                            room: room.name.to_string(),
-                            seq,
-                        });
-                    }
-                }
-            },
         }
     }
 }
@@ -292,13 +277,14 @@ mod tests {
     use super::*;
     use crate::{
         config::NamespaceTable,
-        hub::{Attach, HubError},
+        hub::{Attach, HubError, Reply},
         outbound::Inbox,
         store::{
             sqlite::SqliteStore, Replay, RetentionPolicy, RoomHead, RoomSummary, StoreError,
-            UserRecord,
+            TargetInfo, UserRecord,
         },
     };
+    use shoal_proto::entry::Version;
 
     /// The embedded store, with writes that fail while `down` is set (a full
     /// disk, a lost database).
@@ -347,8 +333,30 @@ mod tests {
             r: &str,
             b: Option<u64>,
             l: usize,
+            v: &str,
         ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
-            self.inner.history(r, b, l).await
+            self.inner.history(r, b, l, v).await
+        }
+        async fn thread(
+            &self,
+            r: &str,
+            s: u64,
+            b: Option<u64>,
+            l: usize,
+            v: &str,
+        ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+            self.inner.thread(r, s, b, l, v).await
+        }
+        async fn edits(&self, r: &str, s: u64) -> Result<Vec<Version>, StoreError> {
+            self.inner.edits(r, s).await
+        }
+        async fn target(
+            &self,
+            r: &str,
+            s: u64,
+            v: &str,
+        ) -> Result<Option<TargetInfo>, StoreError> {
+            self.inner.target(r, s, v).await
         }
         async fn search(
             &self,
@@ -391,7 +399,7 @@ mod tests {
         hub.publish_async(
             &name,
             &Arc::from("alice"),
-            body.into(),
+            shoal_proto::Body::from(body).into(),
             None,
             false,
             Reply::Chan(tx),
@@ -470,7 +478,7 @@ mod tests {
             }
         }
         assert_eq!(got, vec![(1, "one".into()), (2, "two".into())]);
-        let (page, _) = store.history("r", None, 10).await.expect("history");
+        let (page, _) = store.history("r", None, 10, "alice").await.expect("history");
         assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2, 1]);
         stop.cancel();
     }

@@ -16,11 +16,16 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use shoal_proto::{names::RoomName, ClientFrame, CloseCode, ErrorCode, ServerFrame};
+use shoal_proto::{
+    entry::{self, EventKind},
+    names::RoomName,
+    Body, ClientFrame, CloseCode, ErrorCode, Meta, ServerFrame,
+};
 use tokio::time::Instant;
 
 use crate::{
-    hub::{Attach, HubError, Pending, Reply, Room},
+    hub::{Attach, HubError, Pending, Post, Reply, Room},
+    store::TargetInfo,
     limiter::TokenBucket,
     metrics::client_kind_index,
     outbound::ConnHandle,
@@ -235,6 +240,7 @@ impl Session {
                 to,
                 cid,
                 body,
+                reply_to,
             } => {
                 let reply = self.conn_reply(id);
                 let user = self.handle.user.clone();
@@ -243,7 +249,12 @@ impl Session {
                         let Some(r) = self.joined_room(id, &room) else {
                             return;
                         };
-                        hub.publish_to_room(&r, &user, body, cid, reply).await;
+                        let meta = match hub.message_meta(&r, &user, &body, reply_to).await {
+                            Ok(m) => m,
+                            Err(e) => return reply.fail(e),
+                        };
+                        hub.publish_to_room(&r, &user, Post { body, meta }, cid, reply)
+                            .await;
                     }
                     (None, Some(to)) => {
                         if let Err(e) = shoal_proto::names::validate_user(&to) {
@@ -271,13 +282,24 @@ impl Session {
                             }
                         }
                         let full = shoal_proto::names::dm_room(&user, &to);
-                        match RoomName::parse(&full) {
-                            Ok(name) => {
-                                hub.publish_async(&name, &user, body, cid, false, reply)
-                                    .await
+                        let name = match RoomName::parse(&full) {
+                            Ok(name) => name,
+                            Err(e) => return reply.fail((ErrorCode::BadRequest, e.to_string())),
+                        };
+                        let mut post = Post::from(body);
+                        if reply_to.is_some() {
+                            // A reply in a DM quotes from the DM room.
+                            let r = match hub.ensure_room(&name).await {
+                                Ok(r) => r,
+                                Err(e) => return reply.fail(e),
+                            };
+                            match hub.message_meta(&r, &user, &post.body, reply_to).await {
+                                Ok(m) => post.meta = m,
+                                Err(e) => return reply.fail(e),
                             }
-                            Err(e) => reply.fail((ErrorCode::BadRequest, e.to_string())),
                         }
+                        hub.publish_async(&name, &user, post, cid, false, reply)
+                            .await
                     }
                     _ => reply.fail((
                         ErrorCode::BadRequest,
@@ -342,7 +364,12 @@ impl Session {
                     );
                 }
                 let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize;
-                match self.state.hub.history(&room, before, limit).await {
+                match self
+                    .state
+                    .hub
+                    .history(&room, before, limit, &self.handle.user)
+                    .await
+                {
                     Ok((messages, more)) => self.reply(ServerFrame::History {
                         id,
                         room,
@@ -376,17 +403,101 @@ impl Session {
                 hub.enqueue(&r, op, self.conn_reply(id)).await;
             }
             ClientFrame::Delete { id, room, seq } => {
-                let Some(r) = self.stored_room(id, &room, "messages") else {
-                    return;
+                self.event(id, &room, seq, EventKind::Delete, Body::Null)
+                    .await;
+            }
+            ClientFrame::Edit {
+                id,
+                room,
+                seq,
+                body,
+            } => self.event(id, &room, seq, EventKind::Edit, body).await,
+            ClientFrame::React {
+                id,
+                room,
+                seq,
+                emoji,
+                on,
+            } => {
+                if let Err(e) = entry::check_reaction(&emoji) {
+                    return self.reply_err(id, ErrorCode::BadRequest, e.to_string());
+                }
+                let kind = if on {
+                    EventKind::React
+                } else {
+                    EventKind::Unreact
                 };
-                let op = Pending::Delete {
-                    user: self.handle.user.clone(),
-                    seq,
-                    conn: Some(self.handle.id),
+                self.event(id, &room, seq, kind, Body::String(emoji)).await;
+            }
+            ClientFrame::Thread {
+                id,
+                room,
+                seq,
+                before,
+                limit,
+            } => {
+                let name = match hub.check_access(&room, &self.handle.user) {
+                    Ok(n) => n,
+                    Err(e) => return self.reply_hub_err(id, e),
                 };
-                hub.enqueue(&r, op, self.conn_reply(id)).await;
+                if !hub.persists(&name) {
+                    return self.reply_err(
+                        id,
+                        ErrorCode::NotFound,
+                        "this namespace keeps no history",
+                    );
+                }
+                let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize;
+                match hub
+                    .thread(&room, seq, before, limit, &self.handle.user)
+                    .await
+                {
+                    Ok((messages, more)) => self.reply(ServerFrame::Thread {
+                        id,
+                        room,
+                        seq,
+                        messages,
+                        more,
+                    }),
+                    Err(e) => self.store_err(id, e),
+                }
             }
         }
+    }
+
+    /// An event on message `seq` of a joined, stored room: checked against
+    /// what is known of the message (see `shoal_proto::entry` for the
+    /// rules the store applies in log order), then sequenced like a
+    /// message and acked with its own seq.
+    async fn event(&self, id: Option<u64>, room: &str, seq: u64, kind: EventKind, body: Body) {
+        let Some(r) = self.stored_room(id, room, "messages") else {
+            return;
+        };
+        let hub = &self.state.hub;
+        let user = &self.handle.user;
+        let t = match hub.target(room, seq, user).await {
+            Ok(Some(t)) if !t.event => t,
+            Ok(_) => {
+                return self.reply_err(
+                    id,
+                    ErrorCode::NotFound,
+                    format!("no message {seq} in `{room}`"),
+                )
+            }
+            Err(e) => return self.store_err(id, e),
+        };
+        if let Err((code, why)) = event_allowed(&t, user, kind, &body) {
+            return self.reply_err(id, code, why.replace("{seq}", &seq.to_string()));
+        }
+        let mut meta = Meta::event(kind, seq);
+        if kind == EventKind::Edit {
+            meta.mentions = match hub.mentions(&r, user, &body).await {
+                Ok(m) => m,
+                Err(e) => return self.store_err(id, e),
+            };
+        }
+        hub.publish_to_room(&r, user, Post { body, meta }, None, self.conn_reply(id))
+            .await;
     }
 
     fn store_err(&self, id: Option<u64>, e: crate::store::StoreError) {
@@ -551,13 +662,14 @@ impl Session {
                         seq: e.msg.seq,
                     }
                 } else {
-                    ServerFrame::Msg {
-                        room: room.name.to_string(),
-                        seq: e.msg.seq,
-                        from: e.msg.from,
-                        ts: e.msg.ts,
-                        body: e.msg.body,
-                    }
+                    ServerFrame::entry(
+                        room.name.to_string(),
+                        e.msg.seq,
+                        e.msg.from,
+                        e.msg.ts,
+                        e.msg.body,
+                        e.meta,
+                    )
                 };
                 if !self.handle.send_wait(&f).await {
                     return Ok(());
@@ -566,6 +678,68 @@ impl Session {
             self.state.metrics.replayed.inc_by(n);
         }
         Ok(())
+    }
+}
+
+/// Whether `user` may do `kind` to a message as `t` describes it:
+/// refusals carry the error code and message (`{seq}` filled in by the
+/// caller). The same rules decide, in log order, whether a sequenced event
+/// has an effect (`shoal_proto::entry`); checking first gives the user a
+/// clear error instead of an event that does nothing.
+fn event_allowed(
+    t: &TargetInfo,
+    user: &str,
+    kind: EventKind,
+    body: &Body,
+) -> Result<(), (ErrorCode, String)> {
+    let mine = t.from == user;
+    match kind {
+        EventKind::Edit | EventKind::Delete if !mine => Err((
+            ErrorCode::Forbidden,
+            "message {seq} is not yours".to_string(),
+        )),
+        _ if t.deleted => Err((
+            ErrorCode::Conflict,
+            "message {seq} was deleted".to_string(),
+        )),
+        EventKind::React => {
+            let emoji = body.as_str().unwrap_or_default();
+            if t.mine.iter().any(|m| m == emoji) {
+                Err((
+                    ErrorCode::Conflict,
+                    format!("you already reacted with {emoji}"),
+                ))
+            } else if t.mine.len() >= entry::MAX_REACTIONS_PER_USER {
+                Err((
+                    ErrorCode::Conflict,
+                    format!(
+                        "at most {} reactions of yours per message",
+                        entry::MAX_REACTIONS_PER_USER
+                    ),
+                ))
+            } else if !t.reactions.iter().any(|r| r == emoji)
+                && t.reactions.len() >= entry::MAX_REACTIONS_PER_MESSAGE
+            {
+                Err((
+                    ErrorCode::Conflict,
+                    format!(
+                        "at most {} different reactions per message",
+                        entry::MAX_REACTIONS_PER_MESSAGE
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        EventKind::Unreact => {
+            let emoji = body.as_str().unwrap_or_default();
+            if t.mine.iter().any(|m| m == emoji) {
+                Ok(())
+            } else {
+                Err((ErrorCode::NotFound, format!("no {emoji} of yours to remove")))
+            }
+        }
+        EventKind::Edit | EventKind::Delete => Ok(()),
     }
 }
 

@@ -83,6 +83,7 @@ fn dm_frame(to: &str) -> ClientFrame {
         to: Some(to.into()),
         cid: None,
         body: json!(1),
+        reply_to: None,
     }
 }
 
@@ -101,6 +102,7 @@ fn pub_frame(room: &str) -> ClientFrame {
         to: None,
         cid: None,
         body: json!("x"),
+        reply_to: None,
     }
 }
 
@@ -298,7 +300,8 @@ async fn bad_input_catalogue() {
                 room: Some("a".into()),
                 to: Some("bystander".into()),
                 cid: None,
-                body: json!(1)
+                body: json!(1),
+                reply_to: None,
             }
         )
         .await
@@ -342,6 +345,7 @@ async fn bad_input_catalogue() {
                 to: None,
                 cid: Some("c".repeat(100)),
                 body: json!(1),
+                reply_to: None,
             }
         )
         .await

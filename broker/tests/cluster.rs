@@ -123,6 +123,7 @@ async fn nodes_share_rooms_in_one_order() {
                     to: None,
                     cid: None,
                     body: json!({"p": i, "k": k}),
+                    reply_to: None,
                 })
                 .await;
             }
@@ -310,6 +311,7 @@ async fn lost_subscriptions_are_recovered_from_the_hot_history() {
                     to: None,
                     cid: None,
                     body: json!(k),
+                    reply_to: None,
                 })
                 .await;
             if k % 50 == 0 {

@@ -874,6 +874,7 @@ async fn direct_messages_to_unknown_names_are_refused() {
         to: Some(to.into()),
         cid: None,
         body: json!("secret for you"),
+        reply_to: None,
     };
     alice.send(&dm("squatter", 1)).await;
     match alice

@@ -33,6 +33,7 @@ async fn acked_messages_survive_kill_9() {
             to: None,
             cid: None,
             body: json!({ "text": format!("entry {i}") }),
+            reply_to: None,
         })
         .await;
     }
@@ -80,6 +81,7 @@ async fn reconnect_with_since_misses_nothing_under_concurrent_publishing() {
                     to: None,
                     cid: None,
                     body: json!(i),
+                    reply_to: None,
                 })
                 .await;
             if i % 20 == 0 {
@@ -540,7 +542,11 @@ async fn soft_delete_own_messages_only() {
                     ServerFrame::Msg { ts, .. } => *ts,
                     _ => 0,
                 },
-                body: json!({"text": "fixed"})
+                body: json!({"text": "fixed"}),
+                kind: None,
+                target: None,
+                reply_to: None,
+                mentions: vec![],
             }
         ]
     );

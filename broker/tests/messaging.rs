@@ -50,6 +50,7 @@ async fn ordering_under_concurrent_publishers_both_encodings() {
                     to: None,
                     cid: None,
                     body: json!({"p": p, "i": i}),
+                    reply_to: None,
                 })
                 .await;
             }
@@ -122,6 +123,7 @@ async fn multi_tab_users_and_dms() {
         to: Some("bob".into()),
         cid: None,
         body: json!({"text": "psst"}),
+        reply_to: None,
     })
     .await;
     let ack = a1
@@ -162,6 +164,7 @@ async fn multi_tab_users_and_dms() {
             to: Some(to.into()),
             cid: None,
             body: json!(1),
+            reply_to: None,
         })
         .await;
         let f = a1
@@ -180,6 +183,7 @@ async fn multi_tab_users_and_dms() {
         to: Some("bob".into()),
         cid: None,
         body: json!(1),
+        reply_to: None,
     })
     .await;
     assert!(matches!(

@@ -184,6 +184,7 @@ async fn a_mixed_room_sees_one_order_with_the_same_seqs() {
                     to: None,
                     cid: None,
                     body: json!(format!("n{i}")),
+                    reply_to: None,
                 })
                 .await;
         }

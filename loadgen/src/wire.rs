@@ -300,6 +300,7 @@ impl Wire {
                     to: None,
                     cid: None,
                     body,
+                    reply_to: None,
                 };
                 return Ok(client::data_frame(self.enc, self.enc.encode_client(&f)?));
             }

@@ -165,6 +165,7 @@ impl Archiver {
                         body: body_to_storage(&e.msg.body),
                         cid: None,
                         parties: parties.clone(),
+                        meta: e.meta,
                     })
                 })
                 .collect();

@@ -319,13 +319,9 @@ impl Bus for MemoryBus {
             .filter(|(s, _)| *s > after && *s <= upto)
             .take(limit)
             .map(|(seq, r)| ReplayEntry {
-                msg: StoredMsg {
-                    seq: *seq,
-                    from: r.from.clone(),
-                    ts: r.ts,
-                    body: r.body.clone(),
-                },
+                msg: StoredMsg::new(*seq, r.from.clone(), r.ts, r.body.clone()),
                 deleted: false,
+                meta: r.meta.clone(),
             })
             .collect();
         Ok(Replay { floor, entries })

@@ -688,13 +688,9 @@ impl Bus for RedisBus {
             };
             match shoal_proto::bus::decode_record(raw) {
                 Ok(r) => entries.push(ReplayEntry {
-                    msg: StoredMsg {
-                        seq,
-                        from: r.from,
-                        ts: r.ts,
-                        body: r.body,
-                    },
+                    msg: StoredMsg::new(seq, r.from, r.ts, r.body),
                     deleted: false,
+                    meta: r.meta,
                 }),
                 Err(e) => {
                     // Left out of the page: readers announce the hole as

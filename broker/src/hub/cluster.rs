@@ -19,15 +19,15 @@ use std::{sync::Arc, time::Instant};
 use shoal_proto::{
     bus::{BusPayload, BusRecord},
     names::RoomName,
-    Body, ErrorCode, ServerFrame,
+    Body, ErrorCode, Meta, ServerFrame,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Inbound, InboundRx, RevokeHook, GLOBAL_CHANNEL};
 
 use super::{
-    broadcast, check_publish, cid_owner, now_ms, room::Accept, Bus, Hub, HubError, Published,
-    Reply, Room, SharedFrame,
+    broadcast, check_publish, cid_owner, now_ms, room::Accept, Bus, Hub, HubError, Post,
+    Published, Reply, Room, SharedFrame,
 };
 
 /// Hot-history entries read per gap-fill query.
@@ -50,11 +50,12 @@ impl Hub {
         bus: &dyn Bus,
         name: &RoomName<'_>,
         from: &Arc<str>,
-        body: Body,
+        post: Post,
         cid: Option<String>,
         via_api: bool,
         reply: Reply,
     ) {
+        let Post { body, meta } = post;
         let opts = self.namespaces.get(name.namespace);
         if let Err(e) = check_publish(&opts, cid.as_deref(), via_api, &body, self.max_body) {
             return reply.fail(e);
@@ -67,6 +68,7 @@ impl Hub {
             ts: now_ms(),
             from: from.to_string(),
             body,
+            meta,
         };
         let key = cid.as_deref().map(|c| (cid_owner(from, via_api), c));
         match bus.publish(name.full, &record, key, floor).await {
@@ -100,15 +102,20 @@ impl Hub {
     /// the hot history first; a repeat is ignored.
     pub(super) async fn bus_message(&self, bus: &dyn Bus, room: &str, seq: u64, record: BusRecord) {
         let Some(r) = self.room(room) else { return };
-        let BusRecord { ts, from, body } = record;
-        if let Some((committed, body)) = self.accept_bus(&r, seq, ts, &from, body) {
+        let BusRecord {
+            ts,
+            from,
+            body,
+            meta,
+        } = record;
+        if let Some((committed, body, meta)) = self.accept_bus(&r, seq, ts, &from, body, meta) {
             self.fill_gap(bus, &r, committed, seq - 1).await;
-            self.accept_bus(&r, seq, ts, &from, body);
+            self.accept_bus(&r, seq, ts, &from, body, meta);
         }
     }
 
     /// Deliver `seq` if it is next. On a gap, returns the committed seq and
-    /// hands the body back (so the common case never copies it).
+    /// hands the entry back (so the common case never copies it).
     pub(super) fn accept_bus(
         &self,
         room: &Room,
@@ -116,19 +123,20 @@ impl Hub {
         ts: u64,
         from: &str,
         body: Body,
-    ) -> Option<(u64, Body)> {
+        meta: Meta,
+    ) -> Option<(u64, Body, Meta)> {
         let mut st = room.state.lock();
         if st.evicted {
             return None;
         }
         match st.order.accept(seq) {
             Accept::Stale => return None,
-            Accept::Gap { committed } => return Some((committed, body)),
+            Accept::Gap { committed } => return Some((committed, body, meta)),
             Accept::Deliver => {}
         }
         // Direct messages reach the parties through their user channels.
         if room.dm.is_none() {
-            self.deliver_locked(room, &st, seq, ts, from, body);
+            self.deliver_locked(room, &st, seq, ts, from, body, meta);
         }
         None
     }
@@ -205,7 +213,7 @@ impl Hub {
                     self.skip_gap(room, e.msg.seq - 1);
                 }
                 after = after.max(e.msg.seq);
-                self.accept_bus(room, e.msg.seq, e.msg.ts, &e.msg.from, e.msg.body);
+                self.accept_bus(room, e.msg.seq, e.msg.ts, &e.msg.from, e.msg.body, e.meta);
             }
             self.metrics.bus_gap_filled.inc_by(n);
             if n == 0 {
@@ -288,13 +296,14 @@ impl Hub {
     /// to every local connection of that user (the other party's
     /// connections get it from their own channel).
     pub(super) fn bus_direct(&self, user: &str, room: &str, seq: u64, record: BusRecord) {
-        let f = ServerFrame::Msg {
-            room: room.to_string(),
+        let f = ServerFrame::entry(
+            room.to_string(),
             seq,
-            from: record.from,
-            ts: record.ts,
-            body: record.body,
-        };
+            record.from,
+            record.ts,
+            record.body,
+            record.meta,
+        );
         let n = self.bus_user_frame(user, &f);
         self.metrics.deliveries.inc_by(n as u64);
     }

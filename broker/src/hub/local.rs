@@ -11,11 +11,11 @@ use std::{sync::Arc, time::Instant};
 
 use tokio::sync::oneshot;
 
-use shoal_proto::{Body, ErrorCode, ServerFrame};
+use shoal_proto::{Body, ErrorCode, Meta, ServerFrame};
 
 use super::{
     check_publish, cid_key, cid_owner, now_ms, Hub, HubError, Item, Job, JobPermit, Pending,
-    Published, Reply, Room, RoomState,
+    Post, Published, Reply, Room, RoomState,
 };
 
 impl Hub {
@@ -70,12 +70,13 @@ impl Hub {
         &self,
         room: &Arc<Room>,
         from: &Arc<str>,
-        body: Body,
+        post: Post,
         cid: Option<String>,
         via_api: bool,
         reply: Reply,
         permit: Option<JobPermit>,
     ) -> Result<(), Reply> {
+        let Post { body, meta } = post;
         if let Err(e) = check_publish(&room.opts, cid.as_deref(), via_api, &body, self.max_body) {
             reply.fail(e);
             return Ok(());
@@ -130,6 +131,7 @@ impl Hub {
                     ts,
                     from: from.clone(),
                     body,
+                    meta,
                     cid,
                     started,
                 },
@@ -138,7 +140,7 @@ impl Hub {
             return Ok(());
         }
         st.order.commit(seq);
-        let recipients = self.deliver_locked(room, &st, seq, ts, from, body);
+        let recipients = self.deliver_locked(room, &st, seq, ts, from, body, meta);
         drop(st);
         self.metrics
             .publish_seconds
@@ -152,6 +154,7 @@ impl Hub {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn deliver_locked(
         &self,
         room: &Room,
@@ -160,15 +163,10 @@ impl Hub {
         ts: u64,
         from: &str,
         body: Body,
+        meta: Meta,
     ) -> usize {
         let started = Instant::now();
-        let f = ServerFrame::Msg {
-            room: room.name.to_string(),
-            seq,
-            from: from.to_string(),
-            ts,
-            body,
-        };
+        let f = ServerFrame::entry(room.name.to_string(), seq, from.to_string(), ts, body, meta);
         let n = self.send_to_room(room, st, &f, |_| true);
         self.metrics.deliveries.inc_by(n as u64);
         self.metrics
@@ -190,10 +188,11 @@ impl Hub {
         ts: u64,
         from: &str,
         body: Body,
+        meta: Meta,
     ) -> usize {
         let mut st = room.state.lock();
         st.order.commit(seq);
-        self.deliver_locked(room, &st, seq, ts, from, body)
+        self.deliver_locked(room, &st, seq, ts, from, body, meta)
     }
 
     /// Group-commit side: a commit failed; take back every seq not committed yet

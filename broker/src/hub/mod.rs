@@ -30,7 +30,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use shoal_proto::{names::RoomName, Body, ErrorCode, MarkState, ServerFrame};
+use shoal_proto::{names::RoomName, Body, ErrorCode, MarkState, Meta, ServerFrame};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -97,6 +97,25 @@ struct RoomShard {
 
 type UserShard = Mutex<HashMap<Arc<str>, Vec<ConnHandle>>>;
 
+/// What a publish carries: the body, and what makes the entry an event,
+/// a reply or a message with mentions (empty for a plain message).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Post {
+    /// Body.
+    pub body: Body,
+    /// Entry metadata (`shoal_proto::entry`).
+    pub meta: Meta,
+}
+
+impl From<Body> for Post {
+    fn from(body: Body) -> Self {
+        Post {
+            body,
+            meta: Meta::default(),
+        }
+    }
+}
+
 /// Where the outcome of a request goes.
 pub enum Reply {
     /// Nobody waits.
@@ -158,6 +177,8 @@ pub enum Pending {
         from: Arc<str>,
         /// Body.
         body: Body,
+        /// Entry metadata.
+        meta: Meta,
         /// Client message id.
         cid: Option<String>,
         /// When the publish was accepted (for `publish_seconds`).
@@ -183,15 +204,6 @@ pub enum Pending {
         seq: u64,
         /// Which.
         state: MarkState,
-    },
-    /// Soft-delete own message.
-    Delete {
-        /// Requesting user.
-        user: Arc<str>,
-        /// Seq.
-        seq: u64,
-        /// Connection to spare from the broadcast (it gets the reply).
-        conn: Option<u64>,
     },
 }
 
@@ -662,14 +674,14 @@ impl Hub {
         &self,
         name: &RoomName<'_>,
         from: &Arc<str>,
-        body: Body,
+        post: Post,
         cid: Option<String>,
         via_api: bool,
         mut reply: Reply,
     ) {
         if let Some(bus) = self.bus() {
             return self
-                .publish_bus(&**bus, name, from, body, cid, via_api, reply)
+                .publish_bus(&**bus, name, from, post, cid, via_api, reply)
                 .await;
         }
         for _ in 0..8 {
@@ -684,7 +696,7 @@ impl Hub {
             match self.publish(
                 &room,
                 from,
-                body.clone(),
+                post.clone(),
                 cid.clone(),
                 via_api,
                 reply,
@@ -912,7 +924,7 @@ mod tests {
         hub.publish_async(
             &name,
             &Arc::from(from),
-            "x".into(),
+            Body::from("x").into(),
             cid.map(String::from),
             false,
             Reply::Chan(tx),
@@ -1102,7 +1114,7 @@ mod tests {
             .publish_async(
                 &name,
                 &Arc::from("alice"),
-                "x".into(),
+                Body::from("x").into(),
                 None,
                 false,
                 Reply::Chan(tx),

@@ -9,12 +9,17 @@
 
 use std::sync::Arc;
 
-use shoal_proto::{names::RoomName, Body, ErrorCode, StoredMsg};
+use shoal_proto::{
+    codec::body_text,
+    entry::{self, ReplyRef, Version},
+    names::RoomName,
+    Body, ErrorCode, Meta, StoredMsg,
+};
 
-use super::{Hub, HubError, Reply, Room};
+use super::{Hub, HubError, Post, Reply, Room};
 use crate::{
     directory::Registry,
-    store::{Replay, StoreError},
+    store::{Replay, StoreError, TargetInfo},
 };
 
 /// Stored messages read per replay query.
@@ -27,7 +32,7 @@ impl Hub {
         &self,
         room: &Arc<Room>,
         from: &Arc<str>,
-        body: Body,
+        post: Post,
         cid: Option<String>,
         reply: Reply,
     ) {
@@ -36,7 +41,7 @@ impl Hub {
             // the subscription.
             return match RoomName::parse(&room.name) {
                 Ok(name) => {
-                    self.publish_async(&name, from, body, cid, false, reply)
+                    self.publish_async(&name, from, post, cid, false, reply)
                         .await
                 }
                 Err(e) => reply.fail(HubError::new(ErrorCode::BadRequest, e.to_string())),
@@ -46,7 +51,7 @@ impl Hub {
             Ok(p) => p,
             Err(e) => return reply.fail(e),
         };
-        if let Err(reply) = self.publish(room, from, body, cid, false, reply, permit) {
+        if let Err(reply) = self.publish(room, from, post, cid, false, reply, permit) {
             reply.fail(HubError::new(ErrorCode::Unavailable, "room is busy; retry"));
         }
     }
@@ -115,18 +120,21 @@ impl Hub {
     }
 
     /// A page of history below `before` (default: newest), newest first,
-    /// and whether older messages exist: from the store, or, where
-    /// messages live only in the bus, from its hot history (as far back as
-    /// `--redis-stream-len`), so a room that has messages never answers an
-    /// empty page.
+    /// messages in their current state for `viewer`, and whether older
+    /// ones exist: from the store, or, where messages live only in the
+    /// bus, from its hot history (as far back as `--redis-stream-len`), so
+    /// a room that has messages never answers an empty page. The hot
+    /// history holds the log as sent: events are left out of its pages
+    /// and reach clients through replay instead.
     pub async fn history(
         &self,
         room: &str,
         before: Option<u64>,
         limit: usize,
+        viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
         let Some(bus) = self.bus().filter(|_| self.history_is_hot_only()) else {
-            return self.store.history(room, before, limit).await;
+            return self.store.history(room, before, limit, viewer).await;
         };
         let unavailable = |e: crate::bus::BusError| StoreError::Unavailable(e.to_string());
         let head = bus.head(room).await.map_err(unavailable)?;
@@ -138,8 +146,184 @@ impl Hub {
             .map_err(unavailable)?;
         let oldest = page.entries.first().map_or(upto + 1, |e| e.msg.seq);
         let more = oldest > page.floor + 1;
-        let messages = page.entries.into_iter().rev().map(|e| e.msg).collect();
+        let messages = page
+            .entries
+            .into_iter()
+            .rev()
+            .filter(|e| e.meta.kind.is_none())
+            .map(|e| {
+                let mut m = e.msg;
+                m.reply_to = e.meta.reply_to;
+                m.mentions = e.meta.mentions;
+                m
+            })
+            .collect();
         Ok((messages, more))
+    }
+
+    /// A page of the replies to message `seq`, like [`Hub::history`]; where
+    /// messages live only in the bus, from the replies its hot history
+    /// still holds.
+    pub async fn thread(
+        &self,
+        room: &str,
+        seq: u64,
+        before: Option<u64>,
+        limit: usize,
+        viewer: &str,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+        let Some(bus) = self.bus().filter(|_| self.history_is_hot_only()) else {
+            return self.store.thread(room, seq, before, limit, viewer).await;
+        };
+        let unavailable = |e: crate::bus::BusError| StoreError::Unavailable(e.to_string());
+        let head = bus.head(room).await.map_err(unavailable)?;
+        let upto = before.map_or(head, |b| b.saturating_sub(1).min(head));
+        let mut replies = Vec::new();
+        let mut after = seq;
+        while after < upto {
+            let page = bus
+                .replay(room, after, upto, REPLAY_PAGE)
+                .await
+                .map_err(unavailable)?;
+            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
+                break;
+            };
+            replies.extend(
+                page.entries
+                    .into_iter()
+                    .filter(|e| e.meta.kind.is_none())
+                    .filter(|e| e.meta.reply_to.as_ref().is_some_and(|r| r.seq == seq))
+                    .map(|e| {
+                        let mut m = e.msg;
+                        m.reply_to = e.meta.reply_to;
+                        m.mentions = e.meta.mentions;
+                        m
+                    }),
+            );
+            after = last;
+        }
+        replies.reverse();
+        let more = replies.len() > limit;
+        replies.truncate(limit);
+        Ok((replies, more))
+    }
+
+    /// Previous versions of an edited message (none where messages live
+    /// only in the bus: it keeps the log, not versions).
+    pub async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError> {
+        if self.history_is_hot_only() {
+            return Ok(vec![]);
+        }
+        self.store.edits(room, seq).await
+    }
+
+    /// The metadata of a new message in `room` from `from`: the quoted
+    /// message if it replies to one (which must exist, not be deleted,
+    /// not be an event: else 404), and the members its text mentions
+    /// (`@name`: recognised here, not trusted from the client; a DM's
+    /// other party, or a durable member or present user of the room).
+    pub async fn message_meta(
+        &self,
+        room: &Arc<Room>,
+        from: &str,
+        body: &Body,
+        reply_to: Option<u64>,
+    ) -> Result<Meta, HubError> {
+        let store_err = |e: StoreError| {
+            tracing::warn!(error = %e, "store read failed");
+            HubError::new(ErrorCode::Unavailable, "storage unavailable; retry later")
+        };
+        let mut meta = Meta::default();
+        if let Some(seq) = reply_to {
+            match self.target(&room.name, seq, from).await.map_err(store_err)? {
+                Some(t) if !t.event && !t.deleted => {
+                    meta.reply_to = Some(ReplyRef {
+                        seq,
+                        preview: entry::preview(body_text(&t.body).unwrap_or("")),
+                        from: t.from,
+                    });
+                }
+                _ => {
+                    return Err(HubError::new(
+                        ErrorCode::NotFound,
+                        format!("no message {seq} to reply to in `{}`", room.name),
+                    ))
+                }
+            }
+        }
+        meta.mentions = self.mentions(room, from, body).await.map_err(store_err)?;
+        Ok(meta)
+    }
+
+    /// Members of `room` (other than `from`) named with `@name` in `body`'s
+    /// text, sorted.
+    pub async fn mentions(
+        &self,
+        room: &Arc<Room>,
+        from: &str,
+        body: &Body,
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(text) = body_text(body) else {
+            return Ok(vec![]);
+        };
+        let present = match self.present(room).await {
+            Ok(p) => p,
+            Err(_) => self.members(room),
+        };
+        let mut out = Vec::new();
+        for name in entry::mention_candidates(text, entry::MAX_MENTIONS) {
+            if name == from {
+                continue;
+            }
+            let member = match &room.dm {
+                Some((a, b)) => **a == *name || **b == *name,
+                None => {
+                    present.iter().any(|p| p == name)
+                        || (room.opts.persist && self.store.is_member(&room.name, name).await?)
+                }
+            };
+            if member {
+                out.push(name.to_string());
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// What is known of entry `seq` before an event on it is sequenced:
+    /// the store's view, or, for an entry the store does not have yet (a
+    /// cluster's archive lags the bus) or never gets (hot-only), the hot
+    /// history's (its sender and body as sent; deletions and reactions
+    /// there are not folded in, the rules of `shoal_proto::entry` settle
+    /// those when the event is applied).
+    pub async fn target(
+        &self,
+        room: &str,
+        seq: u64,
+        viewer: &str,
+    ) -> Result<Option<TargetInfo>, StoreError> {
+        if let Some(t) = self.store.target(room, seq, viewer).await? {
+            return Ok(Some(t));
+        }
+        let Some(bus) = self.bus() else {
+            return Ok(None);
+        };
+        let page = bus
+            .replay(room, seq.saturating_sub(1), seq, 1)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(page
+            .entries
+            .into_iter()
+            .find(|e| e.msg.seq == seq)
+            .map(|e| TargetInfo {
+                from: e.msg.from,
+                deleted: false,
+                event: e.meta.kind.is_some(),
+                body: e.msg.body,
+                reactions: vec![],
+                mine: vec![],
+            }))
     }
 
     /// The cluster's health: None on one node, else whether the bus is up

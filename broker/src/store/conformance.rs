@@ -5,7 +5,11 @@
 
 use std::sync::Arc;
 
-use shoal_proto::{codec::body_to_storage, MarkState, Receipt};
+use shoal_proto::{
+    codec::{body_text, body_to_storage},
+    entry::{Reaction, ReplyRef, ThreadSummary},
+    EventKind, MarkState, Meta, Receipt,
+};
 
 use super::{
     FileRecord, NewMsg, OpOutcome, Retention, RetentionPolicy, Store, StoreError, WriteOp,
@@ -67,6 +71,23 @@ pub fn msg(room: &str, seq: u64, from: &str, text: &str) -> WriteOp {
         text: Some(text.into()),
         cid: Some(format!("c{seq}")),
         parties: None,
+        meta: Meta::default(),
+    })
+}
+
+/// An entry with metadata: an event (body as given) or a message that
+/// replies or mentions.
+pub fn entry(room: &str, seq: u64, from: &str, body: serde_json::Value, meta: Meta) -> WriteOp {
+    WriteOp::Msg(NewMsg {
+        room: room.into(),
+        seq,
+        from: from.into(),
+        ts: seq * 1000,
+        text: body_text(&body).map(str::to_string),
+        body: body_to_storage(&body),
+        cid: None,
+        parties: None,
+        meta,
     })
 }
 
@@ -123,26 +144,20 @@ pub async fn messages(s: &dyn Store) {
     assert_eq!(s.room_head("nope", 0).await.expect("head").last_seq, 0);
 
     // History pages newest first, with a "more" flag.
-    let (p1, more) = s.history("r", None, 2).await.expect("h");
+    let (p1, more) = s.history("r", None, 2, "bob").await.expect("h");
     assert_eq!(p1.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![5, 4]);
     assert!(more);
-    let (p3, more) = s.history("r", Some(2), 2).await.expect("h");
+    let (p3, more) = s.history("r", Some(2), 2, "bob").await.expect("h");
     assert_eq!(p3.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1]);
     assert!(!more);
 
-    // Delete: only the sender; then out of history and search, flagged in replay.
+    // Delete (an event): only the sender's has an effect; then out of
+    // history and search, flagged in replay.
+    let del = |seq, from| entry("r", seq, from, serde_json::Value::Null, Meta::event(EventKind::Delete, 1));
     let out = s
         .write_batch(vec![
-            WriteOp::Delete {
-                room: "r".into(),
-                seq: 1,
-                user: "bob".into(),
-            },
-            WriteOp::Delete {
-                room: "r".into(),
-                seq: 1,
-                user: "alice".into(),
-            },
+            del(6, "bob"),
+            del(7, "alice"),
             WriteOp::Mark {
                 room: "r".into(),
                 user: "bob".into(),
@@ -161,7 +176,7 @@ pub async fn messages(s: &dyn Store) {
     assert_eq!(
         out,
         vec![
-            OpOutcome::NotFound,
+            OpOutcome::Done,
             OpOutcome::Done,
             OpOutcome::Done,
             OpOutcome::Unchanged
@@ -178,11 +193,16 @@ pub async fn messages(s: &dyn Store) {
         .await
         .expect("s")
         .is_empty());
-    let r = s.replay("r", 0, 5, 100).await.expect("replay");
-    assert_eq!(r.entries.len(), 5);
+    let r = s.replay("r", 0, 7, 100).await.expect("replay");
+    assert_eq!(r.entries.len(), 7);
     assert!(r.entries[0].deleted);
+    assert_eq!(r.entries[6].meta, Meta::event(EventKind::Delete, 1));
+    // History shows messages only, never events.
+    let (page, _) = s.history("r", None, 10, "bob").await.expect("h");
+    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![5, 4, 3, 2]);
 
-    // Receipts and unread: bob read up to 3; messages 4 (his own) and 5 remain.
+    // Receipts and unread: bob read up to 3; messages 4 (his own) and 5
+    // remain (the events 6 and 7 are not messages).
     let rec = s.receipts("r").await.expect("rec");
     assert_eq!(
         rec,
@@ -194,7 +214,7 @@ pub async fn messages(s: &dyn Store) {
     );
     let rooms = s.user_rooms("bob").await.expect("rooms");
     assert_eq!(rooms.len(), 1);
-    assert_eq!((rooms[0].last_seq, rooms[0].unread), (5, 1));
+    assert_eq!((rooms[0].last_seq, rooms[0].unread), (7, 1));
     assert!(s.is_member("r", "bob").await.expect("m"));
     assert!(!s.is_member("r", "alice").await.expect("m"));
 
@@ -205,14 +225,175 @@ pub async fn messages(s: &dyn Store) {
             min_ts: None,
         })
     });
-    assert_eq!(s.apply_retention(policy).await.expect("ret"), 3);
-    let r = s.replay("r", 0, 5, 100).await.expect("replay");
-    assert_eq!(r.floor, 3);
+    assert_eq!(s.apply_retention(policy).await.expect("ret"), 5);
+    let r = s.replay("r", 0, 7, 100).await.expect("replay");
+    assert_eq!(r.floor, 5);
     assert_eq!(
         r.entries.iter().map(|e| e.msg.seq).collect::<Vec<_>>(),
-        vec![4, 5]
+        vec![6, 7]
     );
     assert!(s.search("r", "apple", 10, 0).await.expect("s").is_empty());
+}
+
+/// Edits (versions kept, search follows), reactions (toggles, counts,
+/// `me`), replies and threads, mentions (counted as unread mentions), and
+/// the rules for events that break them, on an empty store.
+pub async fn events(s: &dyn Store) {
+    let text = |t: &str| serde_json::json!({ "text": t });
+    let ev = |seq, from, body, kind, target| entry("t", seq, from, body, Meta::event(kind, target));
+    let quote = ReplyRef {
+        seq: 1,
+        from: "alice".into(),
+        preview: "first draft".into(),
+    };
+    let ops = vec![
+        WriteOp::Join {
+            room: "t".into(),
+            user: "bob".into(),
+            max: 10,
+        },
+        entry("t", 1, "alice", text("first draft"), Meta::default()),
+        // 2: bob replies to 1 and mentions alice; 3: alice mentions bob.
+        entry(
+            "t",
+            2,
+            "bob",
+            text("@alice nice"),
+            Meta {
+                reply_to: Some(quote.clone()),
+                mentions: vec!["alice".into()],
+                ..Meta::default()
+            },
+        ),
+        entry(
+            "t",
+            3,
+            "alice",
+            text("thanks @bob"),
+            Meta {
+                mentions: vec!["bob".into()],
+                ..Meta::default()
+            },
+        ),
+        ev(4, "alice", text("second draft"), EventKind::Edit, 1),
+        ev(5, "alice", text("final words"), EventKind::Edit, 1),
+        // Not bob's message: no effect.
+        ev(6, "bob", text("hijacked"), EventKind::Edit, 1),
+        ev(7, "bob", "👍".into(), EventKind::React, 1),
+        ev(8, "alice", "👍".into(), EventKind::React, 1),
+        ev(9, "alice", "🎉".into(), EventKind::React, 1),
+        ev(10, "alice", "🎉".into(), EventKind::Unreact, 1),
+        // A second reply, then deleted: the thread counts one.
+        entry(
+            "t",
+            11,
+            "carol",
+            text("me too"),
+            Meta {
+                reply_to: Some(quote.clone()),
+                ..Meta::default()
+            },
+        ),
+        ev(12, "carol", serde_json::Value::Null, EventKind::Delete, 11),
+        // Events on a deleted message have no effect.
+        ev(13, "carol", text("ghost"), EventKind::Edit, 11),
+        ev(14, "bob", "👍".into(), EventKind::React, 11),
+    ];
+    let out = s.write_batch(ops).await.expect("batch");
+    assert!(out.iter().skip(1).all(|o| *o == OpOutcome::Done));
+
+    let (page, more) = s.history("t", None, 10, "bob").await.expect("h");
+    assert!(!more);
+    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 2, 1]);
+    let first = &page[2];
+    assert_eq!(first.body, text("final words"));
+    assert_eq!(first.edited_ts, Some(5000));
+    assert_eq!(
+        first.reactions,
+        vec![Reaction {
+            emoji: "👍".into(),
+            count: 2,
+            me: true
+        }]
+    );
+    assert_eq!(
+        first.thread,
+        Some(ThreadSummary {
+            count: 1,
+            last_seq: 2,
+            last_ts: 2000
+        })
+    );
+    assert_eq!(page[1].reply_to, Some(quote));
+    assert_eq!(page[1].mentions, vec!["alice".to_string()]);
+    let (as_carol, _) = s.history("t", None, 10, "carol").await.expect("h");
+    assert!(!as_carol[2].reactions[0].me);
+
+    // Previous versions, oldest first; search finds the current text only.
+    let versions = s.edits("t", 1).await.expect("edits");
+    assert_eq!(
+        versions.iter().map(|v| (v.ts, v.body.clone())).collect::<Vec<_>>(),
+        vec![(1000, text("first draft")), (4000, text("second draft"))]
+    );
+    assert!(s.edits("t", 2).await.expect("edits").is_empty());
+    assert_eq!(
+        s.search("t", "final", 10, 0)
+            .await
+            .expect("s")
+            .iter()
+            .map(|m| m.seq)
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert!(s.search("t", "draft", 10, 0).await.expect("s").is_empty());
+    assert!(s.search("t", "hijacked", 10, 0).await.expect("s").is_empty());
+
+    // The thread of 1: one reply left.
+    let (replies, more) = s.thread("t", 1, None, 10, "bob").await.expect("thread");
+    assert!(!more);
+    assert_eq!(replies.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2]);
+
+    // What events are checked against.
+    let t = s.target("t", 1, "alice").await.expect("t").expect("some");
+    assert_eq!((t.from.as_str(), t.deleted, t.event), ("alice", false, false));
+    assert_eq!(t.reactions, vec!["👍".to_string()]);
+    assert_eq!(t.mine, vec!["👍".to_string()]);
+    let t = s.target("t", 11, "carol").await.expect("t").expect("some");
+    assert!(t.deleted);
+    assert!(t.reactions.is_empty(), "no reaction on a deleted message");
+    assert!(s.target("t", 4, "alice").await.expect("t").expect("some").event);
+    assert!(s.target("t", 99, "alice").await.expect("t").is_none());
+
+    // Replay carries every event with its metadata, in seq order.
+    let r = s.replay("t", 3, 14, 100).await.expect("replay");
+    assert_eq!(r.entries.len(), 11);
+    assert_eq!(r.entries[0].meta, Meta::event(EventKind::Edit, 1));
+    assert_eq!(r.entries[3].msg.body, serde_json::json!("👍"));
+
+    // Mentions: bob has read nothing; alice's message 3 mentions him.
+    let rooms = s.user_rooms("bob").await.expect("rooms");
+    assert_eq!((rooms[0].unread, rooms[0].mentions), (2, 1));
+    s.write_batch(vec![WriteOp::Mark {
+        room: "t".into(),
+        user: "bob".into(),
+        seq: 3,
+        state: MarkState::Read,
+    }])
+    .await
+    .expect("mark");
+    let rooms = s.user_rooms("bob").await.expect("rooms");
+    assert_eq!((rooms[0].unread, rooms[0].mentions), (0, 0));
+
+    // Retention takes versions and reactions with their message.
+    let policy: RetentionPolicy = Arc::new(|_: &str| {
+        Some(Retention {
+            max_messages: Some(13),
+            min_ts: None,
+        })
+    });
+    s.apply_retention(policy).await.expect("ret");
+    assert!(s.edits("t", 1).await.expect("edits").is_empty());
+    assert!(s.target("t", 1, "bob").await.expect("t").is_none());
 }
 
 /// Attachments round-trip.

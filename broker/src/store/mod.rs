@@ -11,7 +11,10 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use shoal_proto::{MarkState, Receipt, StoredMsg};
+use shoal_proto::{
+    entry::{Reaction, ThreadSummary, Version},
+    Body, MarkState, Meta, Receipt, StoredMsg,
+};
 use thiserror::Error;
 
 /// Storage failure.
@@ -69,10 +72,13 @@ pub struct NewMsg {
     pub ts: u64,
     /// Body in storage form (`shoal_proto::codec::body_to_storage`).
     pub body: String,
-    /// Searchable text, if any.
+    /// Searchable text, if any (a reaction event: the reaction).
     pub text: Option<String>,
     /// Client message id.
     pub cid: Option<String>,
+    /// Event, reply and mention data: an event is applied to its target
+    /// in the same transaction (see `shoal_proto::entry` for the rules).
+    pub meta: Meta,
     /// For a DM room, both parties: they become members of the room.
     pub parties: Option<(Arc<str>, Arc<str>)>,
 }
@@ -112,15 +118,6 @@ pub enum WriteOp {
         /// Which one.
         state: MarkState,
     },
-    /// Soft-delete a message if `user` sent it.
-    Delete {
-        /// Room.
-        room: Arc<str>,
-        /// Seq.
-        seq: u64,
-        /// Who asks; must be the sender.
-        user: Arc<str>,
-    },
 }
 
 /// Result of one [`WriteOp`] in a committed batch.
@@ -128,10 +125,9 @@ pub enum WriteOp {
 pub enum OpOutcome {
     /// Applied.
     Done,
-    /// Nothing changed (watermark already at or above, message already
-    /// deleted).
+    /// Nothing changed (watermark already at or above, already a member).
     Unchanged,
-    /// Delete: no such message from this user.
+    /// Join: refused (the user holds the most memberships allowed).
     NotFound,
 }
 
@@ -142,6 +138,8 @@ pub struct ReplayEntry {
     pub msg: StoredMsg,
     /// Soft-deleted: replayed as `deleted`, not as `msg`.
     pub deleted: bool,
+    /// Event, reply and mention data.
+    pub meta: Meta,
 }
 
 /// A page of replay.
@@ -166,6 +164,75 @@ pub struct RoomSummary {
     pub read: u64,
     /// Messages from others after the read watermark, not deleted.
     pub unread: u64,
+    /// Of those, the ones that mention the user.
+    pub mentions: u64,
+}
+
+/// What a request about one entry (edit, react, reply, delete) needs to
+/// know of it before it is sequenced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetInfo {
+    /// Sender.
+    pub from: String,
+    /// Deleted.
+    pub deleted: bool,
+    /// An event rather than a message (events cannot be targets).
+    pub event: bool,
+    /// Current body.
+    pub body: Body,
+    /// Distinct reactions on it.
+    pub reactions: Vec<String>,
+    /// The asking user's reactions on it.
+    pub mine: Vec<String>,
+}
+
+/// Rows of a page of messages, and what is known about them, assembled
+/// into [`StoredMsg`]s the same way by every store.
+pub struct PageParts {
+    /// Messages with body, edit time and stored metadata, in page order.
+    pub msgs: Vec<(StoredMsg, Meta)>,
+    /// (seq, reaction, count, whether the viewer is one of them), in
+    /// seq order and, per seq, most used first.
+    pub reactions: Vec<(u64, String, u64, bool)>,
+    /// (seq, reply count, newest reply's seq and ts).
+    pub threads: Vec<(u64, u64, u64, u64)>,
+}
+
+impl PageParts {
+    /// The page as history shows it.
+    pub fn assemble(self) -> Vec<StoredMsg> {
+        let mut reactions: std::collections::HashMap<u64, Vec<Reaction>> = Default::default();
+        for (seq, emoji, count, me) in self.reactions {
+            reactions
+                .entry(seq)
+                .or_default()
+                .push(Reaction { emoji, count, me });
+        }
+        let threads: std::collections::HashMap<u64, ThreadSummary> = self
+            .threads
+            .into_iter()
+            .map(|(seq, count, last_seq, last_ts)| {
+                (
+                    seq,
+                    ThreadSummary {
+                        count,
+                        last_seq,
+                        last_ts,
+                    },
+                )
+            })
+            .collect();
+        self.msgs
+            .into_iter()
+            .map(|(mut m, meta)| {
+                m.reply_to = meta.reply_to;
+                m.mentions = meta.mentions;
+                m.reactions = reactions.remove(&m.seq).unwrap_or_default();
+                m.thread = threads.get(&m.seq).cloned();
+                m
+            })
+            .collect()
+    }
 }
 
 /// Retention rule for one room.
@@ -237,13 +304,35 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Replay, StoreError>;
     /// A page of history below `before` (default: newest), newest first,
-    /// without deleted messages; the flag says whether older ones exist.
+    /// messages only (no events), without deleted ones, in their current
+    /// state (latest edit, reactions with `me` for `viewer`, reply quote,
+    /// thread summary); the flag says whether older ones exist.
     async fn history(
         &self,
         room: &str,
         before: Option<u64>,
         limit: usize,
+        viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError>;
+    /// A page of the replies to message `seq`, like [`Store::history`].
+    async fn thread(
+        &self,
+        room: &str,
+        seq: u64,
+        before: Option<u64>,
+        limit: usize,
+        viewer: &str,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError>;
+    /// Previous versions of an edited message, oldest first.
+    async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError>;
+    /// What is stored of entry `seq` (None: no such entry, or removed by
+    /// retention), with `viewer`'s reactions on it.
+    async fn target(
+        &self,
+        room: &str,
+        seq: u64,
+        viewer: &str,
+    ) -> Result<Option<TargetInfo>, StoreError>;
     /// Full-text search in one room, best match first.
     async fn search(
         &self,
@@ -255,7 +344,8 @@ pub trait Store: Send + Sync + 'static {
     /// Receipt watermarks of every member of a room who has marked
     /// anything, sorted by user.
     async fn receipts(&self, room: &str) -> Result<Vec<Receipt>, StoreError>;
-    /// Rooms `user` is a member of, with unread counts, sorted by name.
+    /// Rooms `user` is a member of, with unread and mention counts,
+    /// sorted by name.
     async fn user_rooms(&self, user: &str) -> Result<Vec<RoomSummary>, StoreError>;
     /// Whether `user` is a recorded member of `room`.
     async fn is_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;

@@ -15,12 +15,16 @@
 
 use async_trait::async_trait;
 use deadpool_postgres::{Pool, Runtime};
-use shoal_proto::{codec::body_from_storage, MarkState, Receipt, StoredMsg};
+use shoal_proto::{
+    codec::{body_from_storage, meta_from_storage, meta_to_storage},
+    entry::Version,
+    EventKind, MarkState, Meta, Receipt, StoredMsg,
+};
 use tokio_postgres::{types::ToSql, NoTls, Row};
 
 use super::{
-    CidEntry, FileRecord, OpOutcome, Replay, ReplayEntry, RetentionPolicy, RoomHead, RoomSummary,
-    Store, StoreError, UserRecord, WriteOp,
+    CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay, ReplayEntry, RetentionPolicy,
+    RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord, WriteOp,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -73,7 +77,45 @@ const MIGRATIONS: &[&str] = &[
     "CREATE UNIQUE INDEX users_by_key ON users (lower(name));",
     // The upload quota sums a user's files.
     "CREATE INDEX files_by_owner ON files (owner);",
+    // The room log's events (shoal_proto::entry); see the SQLite store's
+    // migration of the same shape.
+    "ALTER TABLE messages ADD COLUMN kind TEXT,
+        ADD COLUMN target BIGINT,
+        ADD COLUMN reply_to BIGINT,
+        ADD COLUMN meta TEXT,
+        ADD COLUMN edited_ts BIGINT;
+    CREATE INDEX messages_by_reply ON messages (room, reply_to) WHERE reply_to IS NOT NULL;
+    CREATE TABLE edits (
+        id BIGSERIAL PRIMARY KEY,
+        room TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        ts BIGINT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX edits_by_msg ON edits (room, seq);
+    CREATE TABLE reactions (
+        room TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        usr TEXT NOT NULL,
+        emoji TEXT NOT NULL,
+        PRIMARY KEY (room, seq, usr, emoji)
+    );
+    CREATE TABLE mentions (
+        usr TEXT NOT NULL,
+        room TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (usr, room, seq)
+    );",
 ];
+
+/// Columns of a history row: `stored`'s four, then edited_ts, meta.
+const PAGE_COLUMNS: &str = "seq, sender, ts, body, edited_ts, meta";
+
+fn page_row(r: &Row) -> (StoredMsg, Meta) {
+    let mut m = stored(r);
+    m.edited_ts = r.get::<_, Option<i64>>(4).map(|t| t as u64);
+    (m, meta_from_storage(r.get::<_, Option<&str>>(5), None, None))
+}
 
 /// PostgreSQL-backed [`Store`].
 #[derive(Clone)]
@@ -97,12 +139,139 @@ fn i(v: u64) -> i64 {
 }
 
 fn stored(r: &Row) -> StoredMsg {
-    StoredMsg {
-        seq: r.get::<_, i64>(0) as u64,
-        from: r.get(1),
-        ts: r.get::<_, i64>(2) as u64,
-        body: body_from_storage(&r.get::<_, String>(3)),
+    StoredMsg::new(
+        r.get::<_, i64>(0) as u64,
+        r.get(1),
+        r.get::<_, i64>(2) as u64,
+        body_from_storage(&r.get::<_, String>(3)),
+    )
+}
+
+/// Apply an event entry to its target (rules in `shoal_proto::entry`).
+async fn apply_event(
+    tx: &deadpool_postgres::Transaction<'_>,
+    m: &NewMsg,
+    kind: EventKind,
+    target: u64,
+) -> Result<(), tokio_postgres::Error> {
+    let (room, target, from) = (&*m.room, i(target), &*m.from);
+    let text = m.text.as_deref().unwrap_or("");
+    match kind {
+        EventKind::Edit => {
+            let st = tx
+                .prepare_cached(
+                    "SELECT body, coalesce(edited_ts, ts) FROM messages
+                     WHERE room = $1 AND seq = $2 AND sender = $3 AND NOT deleted AND kind IS NULL
+                     FOR UPDATE",
+                )
+                .await?;
+            let Some(row) = tx.query_opt(&st, &[&room, &target, &from]).await? else {
+                return Ok(());
+            };
+            let (old, old_ts): (String, i64) = (row.get(0), row.get(1));
+            let st = tx
+                .prepare_cached("INSERT INTO edits (room, seq, ts, body) VALUES ($1, $2, $3, $4)")
+                .await?;
+            tx.execute(&st, &[&room, &target, &old_ts, &old]).await?;
+            let st = tx
+                .prepare_cached(
+                    "UPDATE messages SET body = $3, edited_ts = $4, search = to_tsvector('simple', $5)
+                     WHERE room = $1 AND seq = $2",
+                )
+                .await?;
+            tx.execute(&st, &[&room, &target, &m.body, &i(m.ts), &searchable(text)])
+                .await?;
+        }
+        EventKind::React => {
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO reactions (room, seq, usr, emoji)
+                     SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM messages
+                       WHERE room = $1 AND seq = $2 AND NOT deleted AND kind IS NULL)
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            tx.execute(&st, &[&room, &target, &from, &text]).await?;
+        }
+        EventKind::Unreact => {
+            let st = tx
+                .prepare_cached(
+                    "DELETE FROM reactions WHERE room = $1 AND seq = $2 AND usr = $3 AND emoji = $4",
+                )
+                .await?;
+            tx.execute(&st, &[&room, &target, &from, &text]).await?;
+        }
+        EventKind::Delete => {
+            let st = tx
+                .prepare_cached(
+                    "UPDATE messages SET deleted = true, search = NULL
+                     WHERE room = $1 AND seq = $2 AND sender = $3 AND kind IS NULL",
+                )
+                .await?;
+            tx.execute(&st, &[&room, &target, &from]).await?;
+        }
     }
+    Ok(())
+}
+
+/// History's view of a page of rows: reactions (with `viewer`'s) and
+/// thread summaries of the seqs in it.
+async fn assemble(
+    c: &deadpool_postgres::Client,
+    room: &str,
+    msgs: Vec<(StoredMsg, Meta)>,
+    viewer: &str,
+) -> Result<Vec<StoredMsg>, tokio_postgres::Error> {
+    if msgs.is_empty() {
+        return Ok(vec![]);
+    }
+    let seqs: Vec<i64> = msgs.iter().map(|m| i(m.0.seq)).collect();
+    let st = c
+        .prepare_cached(
+            "SELECT seq, emoji, count(*) AS n, bool_or(usr = $3) FROM reactions
+             WHERE room = $1 AND seq = ANY($2)
+             GROUP BY seq, emoji ORDER BY seq, n DESC, emoji",
+        )
+        .await?;
+    let reactions = c
+        .query(&st, &[&room, &seqs, &viewer])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0) as u64,
+                r.get(1),
+                r.get::<_, i64>(2) as u64,
+                r.get(3),
+            )
+        })
+        .collect();
+    let st = c
+        .prepare_cached(
+            "SELECT reply_to, count(*), max(seq), max(ts) FROM messages
+             WHERE room = $1 AND reply_to = ANY($2) AND NOT deleted AND kind IS NULL
+             GROUP BY reply_to",
+        )
+        .await?;
+    let threads = c
+        .query(&st, &[&room, &seqs])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0) as u64,
+                r.get::<_, i64>(1) as u64,
+                r.get::<_, i64>(2) as u64,
+                r.get::<_, i64>(3) as u64,
+            )
+        })
+        .collect();
+    Ok(PageParts {
+        msgs,
+        reactions,
+        threads,
+    }
+    .assemble())
 }
 
 impl PgStore {
@@ -171,24 +340,51 @@ async fn apply_op(
         WriteOp::Msg(m) => {
             let st = tx
                 .prepare_cached(
-                    "INSERT INTO messages (room, seq, sender, ts, body, cid, search)
-                     VALUES ($1, $2, $3, $4, $5, $6, to_tsvector('simple', $7))
+                    "INSERT INTO messages (room, seq, sender, ts, body, cid, search, kind, target, reply_to, meta)
+                     VALUES ($1, $2, $3, $4, $5, $6, to_tsvector('simple', $7), $8, $9, $10, $11)
                      ON CONFLICT (room, seq) DO NOTHING",
                 )
                 .await?;
-            tx.execute(
-                &st,
-                &[
-                    &&*m.room,
-                    &i(m.seq),
-                    &&*m.from,
-                    &i(m.ts),
-                    &m.body,
-                    &m.cid,
-                    &searchable(m.text.as_deref().unwrap_or("")),
-                ],
-            )
-            .await?;
+            let event = m.meta.kind.zip(m.meta.target);
+            let search = if event.is_some() {
+                String::new()
+            } else {
+                searchable(m.text.as_deref().unwrap_or(""))
+            };
+            let inserted = tx
+                .execute(
+                    &st,
+                    &[
+                        &&*m.room,
+                        &i(m.seq),
+                        &&*m.from,
+                        &i(m.ts),
+                        &m.body,
+                        &m.cid,
+                        &search,
+                        &m.meta.kind.map(EventKind::name),
+                        &m.meta.target.map(i),
+                        &m.meta.reply_to.as_ref().map(|r| i(r.seq)),
+                        &meta_to_storage(&m.meta),
+                    ],
+                )
+                .await?
+                > 0;
+            // The archiver may copy an entry twice: its effects only once.
+            if inserted {
+                if let Some((kind, target)) = event {
+                    apply_event(tx, m, kind, target).await?;
+                }
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO mentions (usr, room, seq) VALUES ($1, $2, $3)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .await?;
+                for u in &m.meta.mentions {
+                    tx.execute(&st, &[u, &&*m.room, &i(m.seq)]).await?;
+                }
+            }
             let st = tx
                 .prepare_cached(
                     "INSERT INTO rooms (name, last_seq) VALUES ($1, $2)
@@ -263,32 +459,11 @@ async fn apply_op(
                 tx.execute(&st, &[&&**user, &&**room, &i(*seq)]).await?,
             ))
         }
-        WriteOp::Delete { room, seq, user } => {
-            let st = tx
-                .prepare_cached(
-                    "SELECT deleted FROM messages WHERE room = $1 AND seq = $2 AND sender = $3
-                     FOR UPDATE",
-                )
-                .await?;
-            match tx.query_opt(&st, &[&&**room, &i(*seq), &&**user]).await? {
-                None => Ok(OpOutcome::NotFound),
-                Some(r) if r.get::<_, bool>(0) => Ok(OpOutcome::Unchanged),
-                Some(_) => {
-                    let st = tx
-                        .prepare_cached(
-                            "UPDATE messages SET deleted = true, search = NULL
-                             WHERE room = $1 AND seq = $2",
-                        )
-                        .await?;
-                    tx.execute(&st, &[&&**room, &i(*seq)]).await?;
-                    Ok(OpOutcome::Done)
-                }
-            }
-        }
     }
 }
 
-/// Insert messages (all `WriteOp::Msg`) with one statement per table:
+/// Insert plain messages (all `WriteOp::Msg` with empty metadata) with
+/// one statement per table:
 /// arrays unnested server-side, idempotent on `(room, seq)`.
 async fn insert_messages(
     tx: &deadpool_postgres::Transaction<'_>,
@@ -470,7 +645,7 @@ impl Store for PgStore {
             // order.
             let run = ops[i..]
                 .iter()
-                .take_while(|op| matches!(op, WriteOp::Msg(_)))
+                .take_while(|op| matches!(op, WriteOp::Msg(m) if m.meta.is_empty()))
                 .count();
             if run > 1 {
                 insert_messages(&tx, &ops[i..i + run])
@@ -499,7 +674,7 @@ impl Store for PgStore {
             .await?;
         let rows = self
             .query(
-                "SELECT seq, sender, ts, body, deleted FROM messages
+                "SELECT seq, sender, ts, body, deleted, kind, target, meta FROM messages
                  WHERE room = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
                 &[&room, &i(after), &i(upto), &(limit as i64)],
             )
@@ -514,7 +689,12 @@ impl Store for PgStore {
                     if deleted {
                         msg.body = shoal_proto::Body::Null;
                     }
-                    ReplayEntry { msg, deleted }
+                    let meta = meta_from_storage(
+                        r.get::<_, Option<&str>>(7),
+                        r.get::<_, Option<&str>>(5),
+                        r.get::<_, Option<i64>>(6).map(|t| t as u64),
+                    );
+                    ReplayEntry { msg, deleted, meta }
                 })
                 .collect(),
         })
@@ -525,19 +705,112 @@ impl Store for PgStore {
         room: &str,
         before: Option<u64>,
         limit: usize,
+        viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
         let rows = self
             .query(
-                "SELECT seq, sender, ts, body FROM messages
-                 WHERE room = $1 AND seq < $2 AND NOT deleted
-                 ORDER BY seq DESC LIMIT $3",
+                &format!(
+                    "SELECT {PAGE_COLUMNS} FROM messages
+                     WHERE room = $1 AND seq < $2 AND NOT deleted AND kind IS NULL
+                     ORDER BY seq DESC LIMIT $3"
+                ),
                 &[&room, &i(before.unwrap_or(u64::MAX)), &(limit as i64 + 1)],
             )
             .await?;
-        let mut page: Vec<StoredMsg> = rows.iter().map(stored).collect();
+        let mut page: Vec<_> = rows.iter().map(page_row).collect();
         let more = page.len() > limit;
         page.truncate(limit);
+        let c = self.client().await?;
+        let page = assemble(&c, room, page, viewer)
+            .await
+            .map_err(unavailable)?;
         Ok((page, more))
+    }
+
+    async fn thread(
+        &self,
+        room: &str,
+        seq: u64,
+        before: Option<u64>,
+        limit: usize,
+        viewer: &str,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {PAGE_COLUMNS} FROM messages
+                     WHERE room = $1 AND reply_to = $2 AND seq < $3 AND NOT deleted AND kind IS NULL
+                     ORDER BY seq DESC LIMIT $4"
+                ),
+                &[
+                    &room,
+                    &i(seq),
+                    &i(before.unwrap_or(u64::MAX)),
+                    &(limit as i64 + 1),
+                ],
+            )
+            .await?;
+        let mut page: Vec<_> = rows.iter().map(page_row).collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let c = self.client().await?;
+        let page = assemble(&c, room, page, viewer)
+            .await
+            .map_err(unavailable)?;
+        Ok((page, more))
+    }
+
+    async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT ts, body FROM edits WHERE room = $1 AND seq = $2 ORDER BY ts, id",
+                &[&room, &i(seq)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Version {
+                ts: r.get::<_, i64>(0) as u64,
+                body: body_from_storage(r.get::<_, &str>(1)),
+            })
+            .collect())
+    }
+
+    async fn target(
+        &self,
+        room: &str,
+        seq: u64,
+        viewer: &str,
+    ) -> Result<Option<TargetInfo>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT sender, deleted, kind IS NOT NULL, body FROM messages
+                 WHERE room = $1 AND seq = $2",
+                &[&room, &i(seq)],
+            )
+            .await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let reactions = self
+            .query(
+                "SELECT emoji, bool_or(usr = $3) FROM reactions WHERE room = $1 AND seq = $2
+                 GROUP BY emoji ORDER BY emoji",
+                &[&room, &i(seq), &viewer],
+            )
+            .await?;
+        Ok(Some(TargetInfo {
+            from: r.get(0),
+            deleted: r.get(1),
+            event: r.get(2),
+            body: body_from_storage(r.get::<_, &str>(3)),
+            reactions: reactions.iter().map(|x| x.get(0)).collect(),
+            mine: reactions
+                .iter()
+                .filter(|x| x.get::<_, bool>(1))
+                .map(|x| x.get(0))
+                .collect(),
+        }))
     }
 
     async fn search(
@@ -589,7 +862,12 @@ impl Store for PgStore {
             .query(
                 "SELECT m.room, coalesce(r.last_seq, 0), m.delivered, m.read,
                     (SELECT count(*) FROM messages x WHERE x.room = m.room
-                      AND x.seq > m.read AND NOT x.deleted AND x.sender <> m.usr)
+                      AND x.seq > m.read AND NOT x.deleted AND x.kind IS NULL
+                      AND x.sender <> m.usr),
+                    (SELECT count(*) FROM mentions n JOIN messages x
+                      ON x.room = n.room AND x.seq = n.seq
+                      WHERE n.usr = m.usr AND n.room = m.room AND n.seq > m.read
+                      AND NOT x.deleted)
                  FROM members m LEFT JOIN rooms r ON r.name = m.room
                  WHERE m.usr = $1 ORDER BY m.room",
                 &[&user],
@@ -603,6 +881,7 @@ impl Store for PgStore {
                 delivered: r.get::<_, i64>(2) as u64,
                 read: r.get::<_, i64>(3) as u64,
                 unread: r.get::<_, i64>(4) as u64,
+                mentions: r.get::<_, i64>(5) as u64,
             })
             .collect())
     }
@@ -721,6 +1000,15 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(unavailable)?;
+            for sql in [
+                "DELETE FROM edits WHERE room = $1 AND seq <= $2",
+                "DELETE FROM reactions WHERE room = $1 AND seq <= $2",
+                "DELETE FROM mentions WHERE room = $1 AND seq <= $2",
+            ] {
+                tx.execute(sql, &[&room, &upto])
+                    .await
+                    .map_err(unavailable)?;
+            }
             tx.execute(
                 "UPDATE rooms SET floor = $2 WHERE name = $1 AND floor < $2",
                 &[&room, &upto],

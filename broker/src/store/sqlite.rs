@@ -17,11 +17,15 @@ use std::{
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
-use shoal_proto::{codec::body_from_storage, MarkState, Receipt, StoredMsg};
+use shoal_proto::{
+    codec::{body_from_storage, meta_from_storage, meta_to_storage},
+    entry::Version,
+    EventKind, MarkState, Meta, Receipt, StoredMsg,
+};
 
 use super::{
-    CidEntry, FileRecord, OpOutcome, Replay, ReplayEntry, RetentionPolicy, RoomHead, RoomSummary,
-    Store, StoreError, UserRecord, WriteOp,
+    CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay, ReplayEntry, RetentionPolicy,
+    RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord, WriteOp,
 };
 
 /// Reader connections (replay, history, search, listings).
@@ -82,6 +86,36 @@ const MIGRATIONS: &[&str] = &[
     "CREATE UNIQUE INDEX users_by_key ON users (lower(name));",
     // The upload quota sums a user's files.
     "CREATE INDEX files_by_owner ON files (owner);",
+    // The room log's events (shoal_proto::entry): `kind`/`target` on event
+    // rows, `reply_to` (indexed, for threads) and `meta` (quote and
+    // mentions) on messages; previous versions of edited messages;
+    // reactions; who is mentioned where (for mention counts).
+    "ALTER TABLE messages ADD COLUMN kind TEXT;
+    ALTER TABLE messages ADD COLUMN target INTEGER;
+    ALTER TABLE messages ADD COLUMN reply_to INTEGER;
+    ALTER TABLE messages ADD COLUMN meta TEXT;
+    ALTER TABLE messages ADD COLUMN edited_ts INTEGER;
+    CREATE INDEX messages_by_reply ON messages (room, reply_to) WHERE reply_to IS NOT NULL;
+    CREATE TABLE edits (
+        room TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX edits_by_msg ON edits (room, seq);
+    CREATE TABLE reactions (
+        room TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        emoji TEXT NOT NULL,
+        PRIMARY KEY (room, seq, user, emoji)
+    ) WITHOUT ROWID;
+    CREATE TABLE mentions (
+        user TEXT NOT NULL,
+        room TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (user, room, seq)
+    ) WITHOUT ROWID;",
 ];
 
 /// SQLite-backed [`Store`].
@@ -221,22 +255,173 @@ pub fn fts_query(q: &str) -> Option<String> {
 }
 
 fn stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMsg> {
-    Ok(StoredMsg {
-        seq: r.get::<_, i64>(0)? as u64,
-        from: r.get(1)?,
-        ts: r.get::<_, i64>(2)? as u64,
-        body: body_from_storage(&r.get::<_, String>(3)?),
-    })
+    Ok(StoredMsg::new(
+        r.get::<_, i64>(0)? as u64,
+        r.get(1)?,
+        r.get::<_, i64>(2)? as u64,
+        body_from_storage(&r.get::<_, String>(3)?),
+    ))
+}
+
+/// Columns of a history row: `stored`'s four, then edited_ts, meta.
+const PAGE_COLUMNS: &str = "seq, sender, ts, body, edited_ts, meta";
+
+fn page_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StoredMsg, Meta)> {
+    let mut m = stored(r)?;
+    m.edited_ts = r.get::<_, Option<i64>>(4)?.map(|t| t as u64);
+    let meta = meta_from_storage(r.get::<_, Option<String>>(5)?.as_deref(), None, None);
+    Ok((m, meta))
+}
+
+/// History's view of a page of rows: reactions (with `viewer`'s) and
+/// thread summaries of the seqs in it.
+fn assemble(
+    c: &Connection,
+    room: &str,
+    msgs: Vec<(StoredMsg, Meta)>,
+    viewer: &str,
+) -> rusqlite::Result<Vec<StoredMsg>> {
+    let (Some(lo), Some(hi)) = (
+        msgs.iter().map(|m| m.0.seq).min(),
+        msgs.iter().map(|m| m.0.seq).max(),
+    ) else {
+        return Ok(vec![]);
+    };
+    let (lo, hi) = (lo as i64, hi as i64);
+    let reactions = c
+        .prepare_cached(
+            "SELECT seq, emoji, count(*) AS n, max(user = ?4) FROM reactions
+             WHERE room = ?1 AND seq BETWEEN ?2 AND ?3
+             GROUP BY seq, emoji ORDER BY seq, n DESC, emoji",
+        )?
+        .query_map(params![room, lo, hi, viewer], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get(3)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let threads = c
+        .prepare_cached(
+            "SELECT reply_to, count(*), max(seq), max(ts) FROM messages
+             WHERE room = ?1 AND reply_to BETWEEN ?2 AND ?3 AND deleted = 0 AND kind IS NULL
+             GROUP BY reply_to",
+        )?
+        .query_map(params![room, lo, hi], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(PageParts {
+        msgs,
+        reactions,
+        threads,
+    }
+    .assemble())
+}
+
+/// Apply an event entry to its target (rules in `shoal_proto::entry`).
+fn apply_event(
+    tx: &rusqlite::Transaction<'_>,
+    m: &NewMsg,
+    kind: EventKind,
+    target: u64,
+) -> rusqlite::Result<()> {
+    let (room, target) = (&*m.room, target as i64);
+    match kind {
+        EventKind::Edit => {
+            let row: Option<(i64, String, i64)> = tx
+                .prepare_cached(
+                    "SELECT id, body, coalesce(edited_ts, ts) FROM messages
+                     WHERE room = ?1 AND seq = ?2 AND sender = ?3 AND deleted = 0 AND kind IS NULL",
+                )?
+                .query_row(params![room, target, &*m.from], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let Some((id, old, old_ts)) = row else {
+                return Ok(());
+            };
+            tx.prepare_cached("INSERT INTO edits (room, seq, ts, body) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![room, target, old_ts, old])?;
+            tx.prepare_cached("UPDATE messages SET body = ?2, edited_ts = ?3 WHERE id = ?1")?
+                .execute(params![id, m.body, m.ts as i64])?;
+            tx.prepare_cached("DELETE FROM messages_fts WHERE rowid = ?1")?
+                .execute([id])?;
+            if let Some(text) = &m.text {
+                tx.prepare_cached(
+                    "INSERT INTO messages_fts (rowid, text, room) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![id, text, room])?;
+            }
+        }
+        EventKind::React => {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO reactions (room, seq, user, emoji)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM messages
+                   WHERE room = ?1 AND seq = ?2 AND deleted = 0 AND kind IS NULL)",
+            )?
+            .execute(params![room, target, &*m.from, m.text.as_deref().unwrap_or("")])?;
+        }
+        EventKind::Unreact => {
+            tx.prepare_cached(
+                "DELETE FROM reactions WHERE room = ?1 AND seq = ?2 AND user = ?3 AND emoji = ?4",
+            )?
+            .execute(params![room, target, &*m.from, m.text.as_deref().unwrap_or("")])?;
+        }
+        EventKind::Delete => {
+            let id: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT id FROM messages WHERE room = ?1 AND seq = ?2 AND sender = ?3
+                     AND deleted = 0 AND kind IS NULL",
+                )?
+                .query_row(params![room, target, &*m.from], |r| r.get(0))
+                .optional()?;
+            if let Some(id) = id {
+                tx.prepare_cached("UPDATE messages SET deleted = 1 WHERE id = ?1")?
+                    .execute([id])?;
+                tx.prepare_cached("DELETE FROM messages_fts WHERE rowid = ?1")?
+                    .execute([id])?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn apply_op(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<OpOutcome> {
     match op {
         WriteOp::Msg(m) => {
             tx.prepare_cached(
-                "INSERT INTO messages (room, seq, sender, ts, body, cid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO messages (room, seq, sender, ts, body, cid, kind, target, reply_to, meta)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
-            .execute(params![&*m.room, m.seq as i64, &*m.from, m.ts as i64, m.body, m.cid])?;
-            if let Some(text) = &m.text {
+            .execute(params![
+                &*m.room,
+                m.seq as i64,
+                &*m.from,
+                m.ts as i64,
+                m.body,
+                m.cid,
+                m.meta.kind.map(EventKind::name),
+                m.meta.target.map(|t| t as i64),
+                m.meta.reply_to.as_ref().map(|r| r.seq as i64),
+                meta_to_storage(&m.meta),
+            ])?;
+            for u in &m.meta.mentions {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO mentions (user, room, seq) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![u, &*m.room, m.seq as i64])?;
+            }
+            if let (Some(kind), Some(target)) = (m.meta.kind, m.meta.target) {
+                apply_event(tx, m, kind, target)?;
+            } else if let Some(text) = &m.text {
                 let id = tx.last_insert_rowid();
                 tx.prepare_cached(
                     "INSERT INTO messages_fts (rowid, text, room) VALUES (?1, ?2, ?3)",
@@ -318,27 +503,6 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<Op
                 OpOutcome::Unchanged
             })
         }
-        WriteOp::Delete { room, seq, user } => {
-            let id: Option<(i64, bool)> = tx
-                .prepare_cached(
-                    "SELECT id, deleted FROM messages WHERE room = ?1 AND seq = ?2 AND sender = ?3",
-                )?
-                .query_row(params![&**room, *seq as i64, &**user], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
-                .optional()?;
-            match id {
-                None => Ok(OpOutcome::NotFound),
-                Some((_, true)) => Ok(OpOutcome::Unchanged),
-                Some((id, false)) => {
-                    tx.prepare_cached("UPDATE messages SET deleted = 1 WHERE id = ?1")?
-                        .execute([id])?;
-                    tx.prepare_cached("DELETE FROM messages_fts WHERE rowid = ?1")?
-                        .execute([id])?;
-                    Ok(OpOutcome::Done)
-                }
-            }
-        }
     }
 }
 
@@ -375,6 +539,13 @@ fn retention_pass(c: &mut Connection, policy: &RetentionPolicy) -> rusqlite::Res
             removed += tx
                 .prepare_cached("DELETE FROM messages WHERE room = ?1 AND seq <= ?2")?
                 .execute(params![room, upto])? as u64;
+            for sql in [
+                "DELETE FROM edits WHERE room = ?1 AND seq <= ?2",
+                "DELETE FROM reactions WHERE room = ?1 AND seq <= ?2",
+                "DELETE FROM mentions WHERE room = ?1 AND seq <= ?2",
+            ] {
+                tx.prepare_cached(sql)?.execute(params![room, upto])?;
+            }
             tx.prepare_cached("UPDATE rooms SET floor = ?2 WHERE name = ?1")?
                 .execute(params![room, upto])?;
         }
@@ -601,7 +772,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             let mut st = c
                 .prepare_cached(
-                    "SELECT seq, sender, ts, body, deleted FROM messages
+                    "SELECT seq, sender, ts, body, deleted, kind, target, meta FROM messages
                      WHERE room = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
                 )
                 .map_err(unavailable)?;
@@ -614,7 +785,12 @@ impl Store for SqliteStore {
                         if deleted {
                             msg.body = shoal_proto::Body::Null;
                         }
-                        Ok(ReplayEntry { msg, deleted })
+                        let meta = meta_from_storage(
+                            r.get::<_, Option<String>>(7)?.as_deref(),
+                            r.get::<_, Option<String>>(5)?.as_deref(),
+                            r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
+                        );
+                        Ok(ReplayEntry { msg, deleted, meta })
                     },
                 )
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -632,24 +808,123 @@ impl Store for SqliteStore {
         room: &str,
         before: Option<u64>,
         limit: usize,
+        viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
-        let room = room.to_string();
+        let (room, viewer) = (room.to_string(), viewer.to_string());
         let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
         self.read(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT seq, sender, ts, body FROM messages
-                     WHERE room = ?1 AND seq < ?2 AND deleted = 0
-                     ORDER BY seq DESC LIMIT ?3",
-                )
-                .map_err(unavailable)?;
-            let mut page = st
-                .query_map(params![room, before, limit as i64 + 1], stored)
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            let mut page = c
+                .prepare_cached(&format!(
+                    "SELECT {PAGE_COLUMNS} FROM messages
+                     WHERE room = ?1 AND seq < ?2 AND deleted = 0 AND kind IS NULL
+                     ORDER BY seq DESC LIMIT ?3"
+                ))
+                .and_then(|mut st| {
+                    st.query_map(params![room, before, limit as i64 + 1], page_row)?
+                        .collect::<Result<Vec<_>, _>>()
+                })
                 .map_err(unavailable)?;
             let more = page.len() > limit;
             page.truncate(limit);
-            Ok((page, more))
+            Ok((assemble(c, &room, page, &viewer).map_err(unavailable)?, more))
+        })
+        .await
+    }
+
+    async fn thread(
+        &self,
+        room: &str,
+        seq: u64,
+        before: Option<u64>,
+        limit: usize,
+        viewer: &str,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+        let (room, viewer) = (room.to_string(), viewer.to_string());
+        let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+        let seq = seq.min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let mut page = c
+                .prepare_cached(&format!(
+                    "SELECT {PAGE_COLUMNS} FROM messages
+                     WHERE room = ?1 AND reply_to = ?2 AND seq < ?3 AND deleted = 0 AND kind IS NULL
+                     ORDER BY seq DESC LIMIT ?4"
+                ))
+                .and_then(|mut st| {
+                    st.query_map(params![room, seq, before, limit as i64 + 1], page_row)?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(unavailable)?;
+            let more = page.len() > limit;
+            page.truncate(limit);
+            Ok((assemble(c, &room, page, &viewer).map_err(unavailable)?, more))
+        })
+        .await
+    }
+
+    async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError> {
+        let room = room.to_string();
+        let seq = seq.min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            c.prepare_cached("SELECT ts, body FROM edits WHERE room = ?1 AND seq = ?2 ORDER BY ts, rowid")
+                .and_then(|mut st| {
+                    st.query_map(params![room, seq], |r| {
+                        Ok(Version {
+                            ts: r.get::<_, i64>(0)? as u64,
+                            body: body_from_storage(&r.get::<_, String>(1)?),
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn target(
+        &self,
+        room: &str,
+        seq: u64,
+        viewer: &str,
+    ) -> Result<Option<TargetInfo>, StoreError> {
+        let (room, viewer) = (room.to_string(), viewer.to_string());
+        let seq = seq.min(i64::MAX as u64) as i64;
+        self.read(move |c| {
+            let row = c
+                .prepare_cached(
+                    "SELECT sender, deleted, kind IS NOT NULL, body FROM messages
+                     WHERE room = ?1 AND seq = ?2",
+                )
+                .and_then(|mut st| {
+                    st.query_row(params![room, seq], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?))
+                    })
+                    .optional()
+                })
+                .map_err(unavailable)?;
+            let Some((from, deleted, event, body)) = row else {
+                return Ok(None);
+            };
+            let reactions = c
+                .prepare_cached(
+                    "SELECT emoji, max(user = ?3) FROM reactions WHERE room = ?1 AND seq = ?2
+                     GROUP BY emoji ORDER BY emoji",
+                )
+                .and_then(|mut st| {
+                    st.query_map(params![room, seq, viewer], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(unavailable)?;
+            let mine = reactions.iter().filter(|r| r.1).map(|r| r.0.clone()).collect();
+            Ok(Some(TargetInfo {
+                from,
+                deleted,
+                event,
+                body: body_from_storage(&body),
+                reactions: reactions.into_iter().map(|r| r.0).collect(),
+                mine,
+            }))
         })
         .await
     }
@@ -710,7 +985,12 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "SELECT m.room, coalesce(r.last_seq, 0), m.delivered, m.read,
                         (SELECT count(*) FROM messages x WHERE x.room = m.room
-                          AND x.seq > m.read AND x.deleted = 0 AND x.sender <> m.user)
+                          AND x.seq > m.read AND x.deleted = 0 AND x.kind IS NULL
+                          AND x.sender <> m.user),
+                        (SELECT count(*) FROM mentions n JOIN messages x
+                          ON x.room = n.room AND x.seq = n.seq
+                          WHERE n.user = m.user AND n.room = m.room AND n.seq > m.read
+                          AND x.deleted = 0)
                      FROM members m LEFT JOIN rooms r ON r.name = m.room
                      WHERE m.user = ?1 ORDER BY m.room",
                 )
@@ -722,6 +1002,7 @@ impl Store for SqliteStore {
                     delivered: r.get::<_, i64>(2)? as u64,
                     read: r.get::<_, i64>(3)? as u64,
                     unread: r.get::<_, i64>(4)? as u64,
+                    mentions: r.get::<_, i64>(5)? as u64,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -834,11 +1115,12 @@ mod tests {
 
     #[tokio::test]
     async fn conformance() {
-        for check in 0..2 {
+        for check in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
             let s = SqliteStore::open(dir.path(), false).expect("open");
             match check {
                 0 => super::super::conformance::messages(&s).await,
+                1 => super::super::conformance::events(&s).await,
                 _ => super::super::conformance::files(&s).await,
             }
         }

@@ -149,6 +149,7 @@ impl Client {
             to: None,
             cid: cid.map(str::to_string),
             body,
+            reply_to: None,
         })
         .await;
         self.recv_until(|f| matches!(f, ServerFrame::Ack { id: i, .. } | ServerFrame::Error { id: i, .. } if *i == id)).await
@@ -162,6 +163,7 @@ impl Client {
             to: Some(to.into()),
             cid: None,
             body,
+            reply_to: None,
         })
         .await;
     }
