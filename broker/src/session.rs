@@ -496,7 +496,17 @@ impl Session {
                 Err(e) => return self.store_err(id, e),
             };
         }
-        hub.publish_to_room(&r, user, Post { body, meta }, None, self.conn_reply(id))
+        let reply = match kind {
+            // As before deletions were events: the requester is answered
+            // `deleted` (members get the event).
+            EventKind::Delete => Reply::Deleted {
+                conn: self.handle.clone(),
+                id,
+                seq,
+            },
+            _ => self.conn_reply(id),
+        };
+        hub.publish_to_room(&r, user, Post { body, meta }, None, reply)
             .await;
     }
 
@@ -695,8 +705,8 @@ fn event_allowed(
     let mine = t.from == user;
     match kind {
         EventKind::Edit | EventKind::Delete if !mine => Err((
-            ErrorCode::Forbidden,
-            "message {seq} is not yours".to_string(),
+            ErrorCode::NotFound,
+            "no message {seq} of yours".to_string(),
         )),
         _ if t.deleted => Err((
             ErrorCode::Conflict,

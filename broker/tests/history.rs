@@ -8,7 +8,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use common::*;
 use serde_json::{json, Value};
-use shoal_proto::{ClientFrame, Encoding, MarkState, ServerFrame};
+use shoal_proto::{ClientFrame, Encoding, EventKind, MarkState, ServerFrame};
 
 fn ack_seq(f: &ServerFrame) -> u64 {
     match f {
@@ -327,7 +327,7 @@ async fn receipts_members_and_unread_counts() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         v["rooms"],
-        json!([{"room": "team", "last_seq": 5, "delivered": 0, "read": 0, "unread": 4}])
+        json!([{"room": "team", "last_seq": 5, "delivered": 0, "read": 0, "unread": 4, "mentions": 0}])
     );
     o.send(&ClientFrame::Mark {
         id: None,
@@ -510,15 +510,16 @@ async fn soft_delete_own_messages_only() {
             seq: 1
         }
     );
-    assert_eq!(
-        o.recv_until(|f| matches!(f, ServerFrame::Deleted { .. }))
-            .await,
-        ServerFrame::Deleted {
-            id: None,
-            room: "r".into(),
-            seq: 1
-        }
-    );
+    // Members get the deletion as an entry of the room's log.
+    match o
+        .recv_until(|f| matches!(f, ServerFrame::Msg { kind: Some(_), .. }))
+        .await
+    {
+        ServerFrame::Msg {
+            seq, kind, target, ..
+        } => assert_eq!((seq, kind, target), (3, Some(EventKind::Delete), Some(1))),
+        f => panic!("{f:?}"),
+    }
     let (_, v) = b.get("/api/rooms/r/messages", Some(&tb)).await;
     assert_eq!(v["messages"].as_array().map(Vec::len), Some(1));
     let (_, v) = b.get("/api/rooms/r/search?q=typo", Some(&tb)).await;
@@ -526,9 +527,22 @@ async fn soft_delete_own_messages_only() {
     // Replay tells a rejoining client the message is gone.
     let mut c = b.connect(&tb, Encoding::Json).await;
     let (frames, _) = c.join_since("r", Some(0)).await;
+    // ...and the deletion itself is the log's third entry.
+    assert!(
+        matches!(
+            frames.get(2),
+            Some(ServerFrame::Msg {
+                seq: 3,
+                kind: Some(EventKind::Delete),
+                target: Some(1),
+                ..
+            })
+        ),
+        "{frames:?}"
+    );
     assert_eq!(
-        frames,
-        vec![
+        frames[..2],
+        [
             ServerFrame::Deleted {
                 id: None,
                 room: "r".into(),

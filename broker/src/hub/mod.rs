@@ -129,6 +129,16 @@ pub enum Reply {
     },
     /// A REST request waiting for the publish outcome.
     Chan(oneshot::Sender<Result<Published, HubError>>),
+    /// A `delete` request: answered `deleted` with the deleted message's
+    /// seq (the event's own seq reaches members as the entry).
+    Deleted {
+        /// The requesting connection.
+        conn: ConnHandle,
+        /// Request id.
+        id: Option<u64>,
+        /// Seq of the deleted message.
+        seq: u64,
+    },
 }
 
 impl Reply {
@@ -147,6 +157,13 @@ impl Reply {
             Reply::Chan(tx) => {
                 let _ = tx.send(Ok(p));
             }
+            Reply::Deleted { conn, id, seq } => {
+                conn.send(&ServerFrame::Deleted {
+                    id,
+                    room: p.room.to_string(),
+                    seq,
+                });
+            }
         }
     }
 
@@ -155,7 +172,7 @@ impl Reply {
         let e = e.into();
         match self {
             Reply::None => {}
-            Reply::Conn { conn, id } => {
+            Reply::Conn { conn, id } | Reply::Deleted { conn, id, .. } => {
                 conn.send(&ServerFrame::error(id, e.code, e.message));
             }
             Reply::Chan(tx) => {
