@@ -31,12 +31,31 @@ export interface ConnectOptions {
   io?: () => unknown | Promise<unknown>;
 }
 
-export interface Msg { room: string; seq: number; from: string; ts: number; body: Body; }
+/** The message a reply quotes. */
+export interface ReplyRef { seq: number; from: string; preview: string; }
+export interface Msg {
+  room: string; seq: number; from: string; ts: number; body: Body;
+  /** Set when this message replies to another. */
+  reply_to?: ReplyRef;
+  /** Members it mentions (recognised by the broker). */
+  mentions?: string[];
+}
+/** A message as history and threads show it: its current state. */
+export interface StoredMsg extends Omit<Msg, 'room'> {
+  edited_ts?: number;
+  reactions?: { emoji: string; count: number; me: boolean }[];
+  thread?: { count: number; last_seq: number; last_ts: number };
+}
+/** An edit of message `seq` (log entry `at`). */
+export interface Edit { room: string; seq: number; from: string; ts: number; body: Body; mentions: string[]; at: number; }
+/** A reaction added (`on`) or removed on message `seq` (log entry `at`). */
+export interface ReactionEvent { room: string; seq: number; user: string; emoji: string; on: boolean; at: number; }
 export interface Gap { room: string; from: number; to: number; }
 export interface Typing { room: string; user: string; }
 export interface Presence { room: string; user: string; online: boolean; }
 export interface Mark { room: string; user: string; seq: number; state: 'delivered' | 'read'; }
-export interface Deleted { room: string; seq: number; }
+/** Message `seq` was deleted (by `by`, as log entry `at`; both absent in a replay of a message deleted before). */
+export interface Deleted { room: string; seq: number; by?: string; at?: number; }
 export interface Receipt { user: string; delivered: number; read: number; }
 export interface Ack { room: string; seq: number; ts: number; }
 export interface Disconnected { code: number; reason?: string; willRetry: boolean; }
@@ -57,13 +76,19 @@ export interface Room {
   on(event: 'presence', fn: (p: Presence) => void): () => void;
   on(event: 'mark', fn: (m: Mark) => void): () => void;
   on(event: 'deleted', fn: (d: Deleted) => void): () => void;
+  on(event: 'edit', fn: (e: Edit) => void): () => void;
+  on(event: 'reaction', fn: (r: ReactionEvent) => void): () => void;
   on(event: 'gap', fn: (g: Gap) => void): () => void;
   on(event: 'joined', fn: (j: { seq: number }) => void): () => void;
   on(event: 'error', fn: (e: Error) => void): () => void;
-  publish(body: Body): Promise<Ack>;
+  publish(body: Body, opts?: { replyTo?: number }): Promise<Ack>;
+  edit(seq: number, body: Body): Promise<{ seq: number; ts: number }>;
+  react(seq: number, emoji: string): Promise<{ seq: number; ts: number }>;
+  unreact(seq: number, emoji: string): Promise<{ seq: number; ts: number }>;
+  thread(seq: number, opts?: { before?: number; limit?: number }): Promise<{ messages: StoredMsg[]; more: boolean }>;
   typing(): void;
   mark(seq: number, state?: 'delivered' | 'read'): void;
-  history(opts?: { before?: number; limit?: number }): Promise<{ messages: Omit<Msg, 'room'>[]; more: boolean }>;
+  history(opts?: { before?: number; limit?: number }): Promise<{ messages: StoredMsg[]; more: boolean }>;
   members(): Promise<{ users: string[]; receipts: Receipt[] }>;
   delete(seq: number): Promise<void>;
   leave(): Promise<void>;
@@ -82,7 +107,7 @@ export class Client {
   on(event: 'error', fn: (e: ShoalError) => void): () => void;
   /** Join at once (attach handlers, then `await room.ready`). */
   join(room: string, opts?: { since?: number }): Room;
-  dm(user: string, body: Body): Promise<Ack>;
+  dm(user: string, body: Body, opts?: { replyTo?: number }): Promise<Ack>;
   close(): void;
 }
 

@@ -10,6 +10,10 @@
 // - Every joined room is re-joined with `since` = the last seq delivered
 //   to the app: messages reach the app exactly once, in seq order, across
 //   reconnects (a seq at or below the last one is dropped).
+// - A room's log holds messages and events on them (edits, reactions,
+//   deletions; PROTOCOL.md §5a), one seq each: the library tracks both, so
+//   the events missed while away arrive too, in order, once. Messages come
+//   as 'message', events as 'edit', 'reaction' and 'deleted'.
 // - A publish carries a `cid`; one not acked when the connection drops is
 //   sent again with the same `cid` after the reconnect (the broker acks
 //   the original seq and does not deliver twice).
@@ -70,8 +74,42 @@ class Room extends Emitter {
     this.joined = false;
   }
 
-  /** Publish `body`; resolves `{seq, ts}` once the broker acked it. */
-  publish(body) { return this.client._publish({ room: this.name }, body); }
+  /**
+   * Publish `body` (optionally as a reply: `{replyTo: seq}`); resolves
+   * `{seq, ts}` once the broker acked it.
+   */
+  publish(body, { replyTo } = {}) {
+    const target = { room: this.name };
+    if (replyTo !== undefined) target.reply_to = replyTo;
+    return this.client._publish(target, body);
+  }
+
+  /** Replace the body of your message `seq`; resolves `{seq, ts}` of the edit. */
+  async edit(seq, body) {
+    const r = await this.client._request({ t: 'edit', room: this.name, seq, body });
+    return { seq: r.seq, ts: r.ts };
+  }
+
+  /** Add a reaction to message `seq`; resolves `{seq, ts}` of the event. */
+  async react(seq, emoji) {
+    const r = await this.client._request({ t: 'react', room: this.name, seq, emoji, on: true });
+    return { seq: r.seq, ts: r.ts };
+  }
+
+  /** Remove your reaction from message `seq`. */
+  async unreact(seq, emoji) {
+    const r = await this.client._request({ t: 'react', room: this.name, seq, emoji, on: false });
+    return { seq: r.seq, ts: r.ts };
+  }
+
+  /** A page of the replies to message `seq`, newest first: `{messages, more}`. */
+  async thread(seq, { before, limit } = {}) {
+    const f = { t: 'thread', room: this.name, seq };
+    if (before !== undefined) f.before = before;
+    if (limit !== undefined) f.limit = limit;
+    const r = await this.client._request(f);
+    return { messages: r.messages, more: r.more };
+  }
 
   /** Say you are typing (best effort). */
   typing() { this.client._send({ t: 'typing', room: this.name }); }
@@ -106,7 +144,18 @@ class Room extends Emitter {
   _deliver(f) {
     if (f.seq <= this.lastSeq) return; // replayed twice at a seam: drop
     this.lastSeq = f.seq;
-    this.emit('message', f);
+    const at = f.seq;
+    switch (f.kind) {
+      case undefined: case null: this.emit('message', f); break;
+      case 'edit':
+        this.emit('edit', { room: f.room, seq: f.target, from: f.from, ts: f.ts, body: f.body, mentions: f.mentions || [], at });
+        break;
+      case 'react': case 'unreact':
+        this.emit('reaction', { room: f.room, seq: f.target, user: f.from, emoji: f.body, on: f.kind === 'react', at });
+        break;
+      case 'delete': this.emit('deleted', { room: f.room, seq: f.target, by: f.from, at }); break;
+      default: this.emit('entry', f); // a kind newer than this library
+    }
   }
 }
 
@@ -171,8 +220,12 @@ export class Client extends Emitter {
     return room;
   }
 
-  /** Send a direct message to `user`; resolves `{room, seq, ts}`. */
-  dm(user, body) { return this._publish({ to: user }, body); }
+  /** Send a direct message to `user` (a reply with `{replyTo}`); resolves `{room, seq, ts}`. */
+  dm(user, body, { replyTo } = {}) {
+    const target = { to: user };
+    if (replyTo !== undefined) target.reply_to = replyTo;
+    return this._publish(target, body);
+  }
 
   /** Close for good (no reconnect). */
   close() {
@@ -316,8 +369,20 @@ export class Client extends Emitter {
         this._setState('connected', { user: f.user, node: f.node });
         this._resume();
         break;
-      case 'msg': this.rooms.get(f.room)?._deliver(f); if (f.room.startsWith('dm:')) this.emit('dm', f); break;
-      case 'typing': case 'presence': case 'mark': case 'deleted':
+      case 'msg':
+        this.rooms.get(f.room)?._deliver(f);
+        if (f.room.startsWith('dm:') && !f.kind) this.emit('dm', f);
+        break;
+      case 'deleted': {
+        // In a replay, a message deleted since: its seq is a log position.
+        const r = this.rooms.get(f.room);
+        if (r && f.id === undefined && f.seq > r.lastSeq) {
+          r.lastSeq = f.seq;
+          r.emit('deleted', { room: f.room, seq: f.seq });
+        }
+        break;
+      }
+      case 'typing': case 'presence': case 'mark':
         this.rooms.get(f.room)?.emit(f.t, f);
         break;
       case 'gap': {

@@ -140,6 +140,91 @@ for (const encoding of ['msgpack', 'json']) {
   });
 }
 
+for (const encoding of ['msgpack', 'json']) {
+  test(`chat features over ${encoding}: edits, reactions, replies, threads, mentions; recovered with since`, async () => {
+    const [an, bo] = [`fa${encoding}`, `fb${encoding}`];
+    const a = await client(an, { encoding });
+    const b = await client(bo, { encoding });
+    const room = `features-${encoding}`;
+    const ra = a.join(room);
+    const rb = b.join(room);
+    await Promise.all([ra.ready, rb.ready]);
+    const seen = [];
+    const watch = (r, out) => {
+      r.on('message', (m) => out.push(['message', m.seq, m.reply_to ? m.reply_to.seq : 0, (m.mentions || []).join(',')]));
+      r.on('edit', (e) => out.push(['edit', e.seq, e.body.text]));
+      r.on('reaction', (x) => out.push([x.on ? 'react' : 'unreact', x.seq, x.emoji, x.user]));
+      r.on('deleted', (d) => out.push(['deleted', d.seq, d.at ? 'event' : 'replayed']));
+    };
+    watch(rb, seen);
+    const m1 = await ra.publish({ text: `hello @${bo} and @nobody` });
+    const m2 = await rb.publish({ text: 'replying' }, { replyTo: m1.seq });
+    const e1 = await ra.edit(m1.seq, { text: 'hello (edited)' });
+    assert.ok(e1.seq > m2.seq, 'an edit is an entry of its own');
+    await rb.react(m1.seq, '👍');
+    await until(() => seen.length === 4, `live: ${JSON.stringify(seen)}`);
+    assert.deepEqual(seen, [
+      ['message', m1.seq, 0, bo],
+      ['message', m2.seq, m1.seq, ''],
+      ['edit', m1.seq, 'hello (edited)'],
+      ['react', m1.seq, '👍', bo],
+    ]);
+    // Refusals: someone else's message, a second identical reaction, a
+    // reply to nothing, a reaction too long.
+    await assert.rejects(rb.edit(m1.seq, 'mine now'), (e) => e.code === 404);
+    await assert.rejects(rb.react(m1.seq, '👍'), (e) => e.code === 409);
+    await assert.rejects(rb.publish('x', { replyTo: 999 }), (e) => e.code === 404);
+    await assert.rejects(rb.react(m1.seq, 'x'.repeat(33)), (e) => e.code === 400);
+
+    // Bob goes away; everything that happens meanwhile comes back with since.
+    const since = rb.lastSeq;
+    b.close();
+    await ra.edit(m1.seq, { text: 'hello again' });
+    await ra.react(m1.seq, '🎉');
+    const m3 = await ra.publish({ text: 'second reply' }, { replyTo: m1.seq });
+    await ra.delete(m3.seq);
+    const b2 = await client(bo, { encoding });
+    const back = [];
+    const rb2 = b2.join(room, { since });
+    watch(rb2, back);
+    await rb2.ready;
+    await until(() => back.length === 4, `recovered: ${JSON.stringify(back)}`);
+    await sleep(200);
+    // m3 was deleted before bob saw it: replayed as deleted at its own
+    // seq, then its deletion event follows at the event's seq.
+    assert.deepEqual(back, [
+      ['edit', m1.seq, 'hello again'],
+      ['react', m1.seq, '🎉', an],
+      ['deleted', m3.seq, 'replayed'],
+      ['deleted', m3.seq, 'event'],
+    ]);
+    await rb2.unreact(m1.seq, '👍');
+
+    // A fresh reader's history shows the current state.
+    const h = await rb2.history({ limit: 10 });
+    const first = h.messages.find((m) => m.seq === m1.seq);
+    assert.equal(first.body.text, 'hello again');
+    assert.ok(first.edited_ts >= first.ts);
+    assert.deepEqual(first.reactions, [{ emoji: '🎉', count: 1, me: false }]);
+    assert.deepEqual(first.thread, { count: 1, last_seq: m2.seq, last_ts: first.thread.last_ts });
+    assert.deepEqual(first.mentions, [bo]);
+    assert.equal(h.messages.some((m) => m.seq === m3.seq), false, 'deleted reply gone');
+    const t = await rb2.thread(m1.seq);
+    assert.deepEqual(t.messages.map((m) => m.seq), [m2.seq]);
+    assert.equal(t.messages[0].reply_to.preview, `hello @${bo} and @nobody`);
+    // Previous versions over REST, oldest first.
+    const v = await (await fetch(`${broker.url}/api/rooms/${room}/messages/${m1.seq}/edits`, {
+      headers: { Authorization: `Bearer ${await token(bo)}` },
+    })).json();
+    assert.deepEqual(v.versions.map((x) => x.body.text), [`hello @${bo} and @nobody`, 'hello (edited)']);
+    // The mention counts as one for bob until he reads it.
+    const rooms = await (await fetch(`${broker.url}/api/rooms`, { headers: { Authorization: `Bearer ${await token(bo)}` } })).json();
+    assert.equal(rooms.rooms.find((r) => r.room === room).mentions, 1);
+    a.close();
+    b2.close();
+  });
+}
+
 test('a broker restart mid-stream: every seq exactly once, in order', async () => {
   const sub = await client('sub');
   const pub = await client('pub');
