@@ -92,13 +92,14 @@ type L1 = [(&'static str, &'static str); 1];
 type L2 = [(&'static str, &'static str); 2];
 
 /// Client frame types, for pre-created counters (index via [`client_kind_index`]).
-pub const CLIENT_KINDS: [&str; 10] = [
-    "join", "leave", "pub", "typing", "members", "history", "mark", "delete", "ping", "invalid",
+pub const CLIENT_KINDS: [&str; 13] = [
+    "join", "leave", "pub", "typing", "members", "history", "mark", "delete", "ping", "edit",
+    "react", "thread", "invalid",
 ];
 /// Server frame types.
-pub const SERVER_KINDS: [&str; 14] = [
+pub const SERVER_KINDS: [&str; 15] = [
     "hello", "joined", "left", "ack", "msg", "typing", "presence", "members", "gap", "history",
-    "mark", "deleted", "pong", "error",
+    "thread", "mark", "deleted", "pong", "error",
 ];
 
 /// Index of a client frame kind in [`CLIENT_KINDS`].

@@ -350,12 +350,7 @@ mod tests {
         async fn edits(&self, r: &str, s: u64) -> Result<Vec<Version>, StoreError> {
             self.inner.edits(r, s).await
         }
-        async fn target(
-            &self,
-            r: &str,
-            s: u64,
-            v: &str,
-        ) -> Result<Option<TargetInfo>, StoreError> {
+        async fn target(&self, r: &str, s: u64, v: &str) -> Result<Option<TargetInfo>, StoreError> {
             self.inner.target(r, s, v).await
         }
         async fn search(
@@ -478,7 +473,10 @@ mod tests {
             }
         }
         assert_eq!(got, vec![(1, "one".into()), (2, "two".into())]);
-        let (page, _) = store.history("r", None, 10, "alice").await.expect("history");
+        let (page, _) = store
+            .history("r", None, 10, "alice")
+            .await
+            .expect("history");
         assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2, 1]);
         stop.cancel();
     }

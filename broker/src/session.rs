@@ -25,11 +25,11 @@ use tokio::time::Instant;
 
 use crate::{
     hub::{Attach, HubError, Pending, Post, Reply, Room},
-    store::TargetInfo,
     limiter::TokenBucket,
     metrics::client_kind_index,
     outbound::ConnHandle,
     state::AppState,
+    store::TargetInfo,
 };
 
 /// Outcome of the per-frame rate check.
@@ -704,14 +704,10 @@ fn event_allowed(
 ) -> Result<(), (ErrorCode, String)> {
     let mine = t.from == user;
     match kind {
-        EventKind::Edit | EventKind::Delete if !mine => Err((
-            ErrorCode::NotFound,
-            "no message {seq} of yours".to_string(),
-        )),
-        _ if t.deleted => Err((
-            ErrorCode::Conflict,
-            "message {seq} was deleted".to_string(),
-        )),
+        EventKind::Edit | EventKind::Delete if !mine => {
+            Err((ErrorCode::NotFound, "no message {seq} of yours".to_string()))
+        }
+        _ if t.deleted => Err((ErrorCode::Conflict, "message {seq} was deleted".to_string())),
         EventKind::React => {
             let emoji = body.as_str().unwrap_or_default();
             if t.mine.iter().any(|m| m == emoji) {
@@ -746,7 +742,10 @@ fn event_allowed(
             if t.mine.iter().any(|m| m == emoji) {
                 Ok(())
             } else {
-                Err((ErrorCode::NotFound, format!("no {emoji} of yours to remove")))
+                Err((
+                    ErrorCode::NotFound,
+                    format!("no {emoji} of yours to remove"),
+                ))
             }
         }
         EventKind::Edit | EventKind::Delete => Ok(()),

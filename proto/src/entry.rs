@@ -237,7 +237,10 @@ mod tests {
         assert_eq!(mention_candidates("@a @b @c", 2), vec!["a", "b"]);
         assert!(mention_candidates("no mentions here", 10).is_empty());
         // Multi-byte text around mentions does not split characters.
-        assert_eq!(mention_candidates("héllo @zoë? @ana…", 10), vec!["zo", "ana"]);
+        assert_eq!(
+            mention_candidates("héllo @zoë? @ana…", 10),
+            vec!["zo", "ana"]
+        );
     }
 
     #[test]

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Inbound, InboundRx, RevokeHook, GLOBAL_CHANNEL};
 
 use super::{
-    broadcast, check_publish, cid_owner, now_ms, room::Accept, Bus, Hub, HubError, Post,
-    Published, Reply, Room, SharedFrame,
+    broadcast, check_publish, cid_owner, now_ms, room::Accept, Bus, Hub, HubError, Post, Published,
+    Reply, Room, SharedFrame,
 };
 
 /// Hot-history entries read per gap-fill query.

@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 use shoal_proto::{Body, ErrorCode, Meta, ServerFrame};
 
 use super::{
-    check_publish, cid_key, cid_owner, now_ms, Hub, HubError, Item, Job, JobPermit, Pending,
-    Post, Published, Reply, Room, RoomState,
+    check_publish, cid_key, cid_owner, now_ms, Hub, HubError, Item, Job, JobPermit, Pending, Post,
+    Published, Reply, Room, RoomState,
 };
 
 impl Hub {

@@ -235,7 +235,11 @@ impl Hub {
         };
         let mut meta = Meta::default();
         if let Some(seq) = reply_to {
-            match self.target(&room.name, seq, from).await.map_err(store_err)? {
+            match self
+                .target(&room.name, seq, from)
+                .await
+                .map_err(store_err)?
+            {
                 Some(t) if !t.event && !t.deleted => {
                     meta.reply_to = Some(ReplyRef {
                         seq,

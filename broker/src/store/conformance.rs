@@ -153,7 +153,15 @@ pub async fn messages(s: &dyn Store) {
 
     // Delete (an event): only the sender's has an effect; then out of
     // history and search, flagged in replay.
-    let del = |seq, from| entry("r", seq, from, serde_json::Value::Null, Meta::event(EventKind::Delete, 1));
+    let del = |seq, from| {
+        entry(
+            "r",
+            seq,
+            from,
+            serde_json::Value::Null,
+            Meta::event(EventKind::Delete, 1),
+        )
+    };
     let out = s
         .write_batch(vec![
             del(6, "bob"),
@@ -199,7 +207,10 @@ pub async fn messages(s: &dyn Store) {
     assert_eq!(r.entries[6].meta, Meta::event(EventKind::Delete, 1));
     // History shows messages only, never events.
     let (page, _) = s.history("r", None, 10, "bob").await.expect("h");
-    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![5, 4, 3, 2]);
+    assert_eq!(
+        page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![5, 4, 3, 2]
+    );
 
     // Receipts and unread: bob read up to 3; messages 4 (his own) and 5
     // remain (the events 6 and 7 are not messages).
@@ -304,7 +315,10 @@ pub async fn events(s: &dyn Store) {
 
     let (page, more) = s.history("t", None, 10, "bob").await.expect("h");
     assert!(!more);
-    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 2, 1]);
+    assert_eq!(
+        page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![3, 2, 1]
+    );
     let first = &page[2];
     assert_eq!(first.body, text("final words"));
     assert_eq!(first.edited_ts, Some(5000));
@@ -332,7 +346,10 @@ pub async fn events(s: &dyn Store) {
     // Previous versions, oldest first; search finds the current text only.
     let versions = s.edits("t", 1).await.expect("edits");
     assert_eq!(
-        versions.iter().map(|v| (v.ts, v.body.clone())).collect::<Vec<_>>(),
+        versions
+            .iter()
+            .map(|v| (v.ts, v.body.clone()))
+            .collect::<Vec<_>>(),
         vec![(1000, text("first draft")), (4000, text("second draft"))]
     );
     assert!(s.edits("t", 2).await.expect("edits").is_empty());
@@ -346,7 +363,11 @@ pub async fn events(s: &dyn Store) {
         vec![1]
     );
     assert!(s.search("t", "draft", 10, 0).await.expect("s").is_empty());
-    assert!(s.search("t", "hijacked", 10, 0).await.expect("s").is_empty());
+    assert!(s
+        .search("t", "hijacked", 10, 0)
+        .await
+        .expect("s")
+        .is_empty());
 
     // The thread of 1: one reply left.
     let (replies, more) = s.thread("t", 1, None, 10, "bob").await.expect("thread");
@@ -355,13 +376,22 @@ pub async fn events(s: &dyn Store) {
 
     // What events are checked against.
     let t = s.target("t", 1, "alice").await.expect("t").expect("some");
-    assert_eq!((t.from.as_str(), t.deleted, t.event), ("alice", false, false));
+    assert_eq!(
+        (t.from.as_str(), t.deleted, t.event),
+        ("alice", false, false)
+    );
     assert_eq!(t.reactions, vec!["👍".to_string()]);
     assert_eq!(t.mine, vec!["👍".to_string()]);
     let t = s.target("t", 11, "carol").await.expect("t").expect("some");
     assert!(t.deleted);
     assert!(t.reactions.is_empty(), "no reaction on a deleted message");
-    assert!(s.target("t", 4, "alice").await.expect("t").expect("some").event);
+    assert!(
+        s.target("t", 4, "alice")
+            .await
+            .expect("t")
+            .expect("some")
+            .event
+    );
     assert!(s.target("t", 99, "alice").await.expect("t").is_none());
 
     // Replay carries every event with its metadata, in seq order.

@@ -114,7 +114,10 @@ const PAGE_COLUMNS: &str = "seq, sender, ts, body, edited_ts, meta";
 fn page_row(r: &Row) -> (StoredMsg, Meta) {
     let mut m = stored(r);
     m.edited_ts = r.get::<_, Option<i64>>(4).map(|t| t as u64);
-    (m, meta_from_storage(r.get::<_, Option<&str>>(5), None, None))
+    (
+        m,
+        meta_from_storage(r.get::<_, Option<&str>>(5), None, None),
+    )
 }
 
 /// PostgreSQL-backed [`Store`].

@@ -367,13 +367,23 @@ fn apply_event(
                  SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM messages
                    WHERE room = ?1 AND seq = ?2 AND deleted = 0 AND kind IS NULL)",
             )?
-            .execute(params![room, target, &*m.from, m.text.as_deref().unwrap_or("")])?;
+            .execute(params![
+                room,
+                target,
+                &*m.from,
+                m.text.as_deref().unwrap_or("")
+            ])?;
         }
         EventKind::Unreact => {
             tx.prepare_cached(
                 "DELETE FROM reactions WHERE room = ?1 AND seq = ?2 AND user = ?3 AND emoji = ?4",
             )?
-            .execute(params![room, target, &*m.from, m.text.as_deref().unwrap_or("")])?;
+            .execute(params![
+                room,
+                target,
+                &*m.from,
+                m.text.as_deref().unwrap_or("")
+            ])?;
         }
         EventKind::Delete => {
             let id: Option<i64> = tx
@@ -826,7 +836,10 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             let more = page.len() > limit;
             page.truncate(limit);
-            Ok((assemble(c, &room, page, &viewer).map_err(unavailable)?, more))
+            Ok((
+                assemble(c, &room, page, &viewer).map_err(unavailable)?,
+                more,
+            ))
         })
         .await
     }
@@ -856,7 +869,10 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             let more = page.len() > limit;
             page.truncate(limit);
-            Ok((assemble(c, &room, page, &viewer).map_err(unavailable)?, more))
+            Ok((
+                assemble(c, &room, page, &viewer).map_err(unavailable)?,
+                more,
+            ))
         })
         .await
     }
@@ -865,17 +881,19 @@ impl Store for SqliteStore {
         let room = room.to_string();
         let seq = seq.min(i64::MAX as u64) as i64;
         self.read(move |c| {
-            c.prepare_cached("SELECT ts, body FROM edits WHERE room = ?1 AND seq = ?2 ORDER BY ts, rowid")
-                .and_then(|mut st| {
-                    st.query_map(params![room, seq], |r| {
-                        Ok(Version {
-                            ts: r.get::<_, i64>(0)? as u64,
-                            body: body_from_storage(&r.get::<_, String>(1)?),
-                        })
-                    })?
-                    .collect::<Result<Vec<_>, _>>()
-                })
-                .map_err(unavailable)
+            c.prepare_cached(
+                "SELECT ts, body FROM edits WHERE room = ?1 AND seq = ?2 ORDER BY ts, rowid",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![room, seq], |r| {
+                    Ok(Version {
+                        ts: r.get::<_, i64>(0)? as u64,
+                        body: body_from_storage(&r.get::<_, String>(1)?),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(unavailable)
         })
         .await
     }
@@ -896,7 +914,12 @@ impl Store for SqliteStore {
                 )
                 .and_then(|mut st| {
                     st.query_row(params![room, seq], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?))
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
                     })
                     .optional()
                 })
@@ -916,7 +939,11 @@ impl Store for SqliteStore {
                     .collect::<Result<Vec<_>, _>>()
                 })
                 .map_err(unavailable)?;
-            let mine = reactions.iter().filter(|r| r.1).map(|r| r.0.clone()).collect();
+            let mine = reactions
+                .iter()
+                .filter(|r| r.1)
+                .map(|r| r.0.clone())
+                .collect();
             Ok(Some(TargetInfo {
                 from,
                 deleted,
