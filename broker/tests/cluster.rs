@@ -1097,3 +1097,185 @@ async fn a_failover_mid_publish_loses_and_repeats_no_acked_message() {
         }
     }
 }
+
+/// (seq, kind, target) of the room entries `c` receives until seq `upto`.
+async fn entries_until(
+    c: &mut Client,
+    upto: u64,
+) -> Vec<(u64, Option<shoal_proto::EventKind>, Option<u64>)> {
+    let mut out = vec![];
+    while out.last().is_none_or(|e: &(u64, _, _)| e.0 < upto) {
+        if let ServerFrame::Msg {
+            seq, kind, target, ..
+        } = c.recv().await
+        {
+            out.push((seq, kind, target));
+        }
+    }
+    out
+}
+
+/// Send a request with a fresh id; the ack's seq (entries that arrive
+/// meanwhile are left for `entries_until` by the caller's own reader).
+fn event_frame(id: Option<u64>, room: &str, seq: u64, what: &str) -> ClientFrame {
+    match what {
+        "edit" => ClientFrame::Edit {
+            id,
+            room: room.into(),
+            seq,
+            body: json!({"text": format!("edited {seq}")}),
+        },
+        "react" | "unreact" => ClientFrame::React {
+            id,
+            room: room.into(),
+            seq,
+            emoji: "👍".into(),
+            on: what == "react",
+        },
+        "delete" => ClientFrame::Delete {
+            id,
+            room: room.into(),
+            seq,
+        },
+        _ => ClientFrame::Pub {
+            id,
+            room: Some(room.into()),
+            to: None,
+            cid: None,
+            body: json!({"text": "a reply"}),
+            reply_to: Some(seq),
+        },
+    }
+}
+
+#[tokio::test]
+async fn chat_events_cross_nodes_in_one_order_and_are_recovered_and_stored() {
+    use shoal_proto::EventKind::{Delete, Edit, React, Unreact};
+    let redis = Redis::start().await;
+    let pg = Postgres::start().await;
+    let pg_url = pg.url();
+    let (a, b) = two_nodes_with(redis.url(), |c| {
+        c.store.kind = shoal_broker::config::StoreKind::Postgres;
+        c.store.postgres_url = Some(pg_url.clone());
+        c.cluster.archive_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
+    alice.join("team").await;
+    bob.join("team").await;
+    // A mention of a member present on the other node is recognised.
+    let m1 = match alice.publish("team", json!({"text": "hi @bob"})).await {
+        ServerFrame::Ack { seq, .. } => seq,
+        f => panic!("{f:?}"),
+    };
+    match bob
+        .recv_until(|f| matches!(f, ServerFrame::Msg { .. }))
+        .await
+    {
+        ServerFrame::Msg { seq, mentions, .. } => {
+            assert_eq!((seq, mentions), (m1, vec!["bob".to_string()]))
+        }
+        f => panic!("{f:?}"),
+    }
+    // Events from both nodes, sent without waiting: one order everywhere.
+    for (on_b, what) in [
+        (true, "reply"),
+        (false, "edit"),
+        (true, "react"),
+        (false, "react"),
+    ] {
+        let c = if on_b { &mut bob } else { &mut alice };
+        let id = c.id();
+        c.send(&event_frame(id, "team", m1, what)).await;
+    }
+    // (Alice may still have her own first message to read: in a cluster
+    // the ack comes from the bus, delivery from the subscription.)
+    let after_m1 = |v: Vec<(u64, _, _)>| v.into_iter().filter(|e| e.0 > m1).collect::<Vec<_>>();
+    let on_a = after_m1(entries_until(&mut alice, m1 + 4).await);
+    let on_b = after_m1(entries_until(&mut bob, m1 + 4).await);
+    assert_eq!(on_a, on_b, "one order on both nodes");
+    assert_eq!(on_a.len(), 4);
+    let mut kinds: Vec<_> = on_a.iter().map(|e| (e.1, e.2)).collect();
+    kinds.sort_by_key(|k| format!("{k:?}"));
+    assert_eq!(
+        kinds,
+        vec![
+            (None, None),
+            (Some(Edit), Some(m1)),
+            (Some(React), Some(m1)),
+            (Some(React), Some(m1))
+        ]
+    );
+    // Bob leaves; on node A alice edits, unreacts, posts and deletes.
+    let since = m1 + 4;
+    drop(bob);
+    let m6 = match alice.publish("team", json!({"text": "oops"})).await {
+        ServerFrame::Ack { seq, .. } => seq,
+        f => panic!("{f:?}"),
+    };
+    for (seq, what) in [(m1, "edit"), (m1, "unreact"), (m6, "delete")] {
+        let id = alice.id();
+        alice.send(&event_frame(id, "team", seq, what)).await;
+        let r = alice
+            .recv_until(|f| shoal_proto::sio::reply_id(f) == id)
+            .await;
+        assert!(!matches!(r, ServerFrame::Error { .. }), "{what}: {r:?}");
+    }
+    // Back through node A: everything since, in order, once.
+    let mut bob = a.connect(&token_for("bob"), Encoding::MsgPack).await;
+    let (frames, joined) = bob.join_since("team", Some(since)).await;
+    assert_eq!(joined, m6 + 3);
+    let got: Vec<_> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Msg {
+                seq, kind, target, ..
+            } => Some((*seq, *kind, *target)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (m6, None, None),
+            (m6 + 1, Some(Edit), Some(m1)),
+            (m6 + 2, Some(Unreact), Some(m1)),
+            (m6 + 3, Some(Delete), Some(m6)),
+        ]
+    );
+    // The archive applies the events in PostgreSQL: history on node B
+    // shows the current state.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, v) = b
+            .get("/api/rooms/team/messages", Some(&token_for("bob")))
+            .await;
+        last = v;
+        let msgs = last["messages"].as_array().cloned().unwrap_or_default();
+        if msgs.len() == 2 && msgs[1]["body"] == json!({"text": format!("edited {m1}")}) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let msgs = last["messages"].as_array().expect("messages");
+    assert_eq!(
+        msgs.len(),
+        2,
+        "reply and first message; the deleted one gone: {last}"
+    );
+    assert_eq!(msgs[1]["seq"], m1);
+    assert_eq!(msgs[1]["body"], json!({"text": format!("edited {m1}")}));
+    assert_eq!(
+        msgs[1]["reactions"],
+        json!([{"emoji": "👍", "count": 1, "me": true}])
+    );
+    assert_eq!(msgs[1]["thread"]["count"], 1);
+    let (_, v) = b
+        .get(
+            &format!("/api/rooms/team/messages/{m1}/edits"),
+            Some(&token_for("bob")),
+        )
+        .await;
+    assert_eq!(v["versions"].as_array().map(Vec::len), Some(2), "{v}");
+}

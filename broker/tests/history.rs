@@ -853,3 +853,49 @@ async fn attachments_size_type_and_privacy() {
         "the other party may fetch a DM file"
     );
 }
+
+#[tokio::test]
+async fn a_mention_of_an_offline_member_calls_the_webhook_like_a_dm() {
+    let (url, got) = receiver(0).await;
+    let b = Broker::start_with(|c| {
+        c.rooms.offline_webhook = Some(url);
+    })
+    .await;
+    let (ta, tb) = (b.user("alice").await, b.user("bob").await);
+    let _ = b.user("carol").await;
+    // Bob is a member of the room, then goes offline.
+    let mut o = b.connect(&tb, Encoding::Json).await;
+    o.join("team").await;
+    drop(o);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    a.join("team").await;
+    // carol is not a member: no mention, no call; alice never hears of herself.
+    match a
+        .publish("team", json!({"text": "@bob @carol @alice look"}))
+        .await
+    {
+        ServerFrame::Ack { .. } => {}
+        f => panic!("{f:?}"),
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.lock().expect("lock").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no webhook call");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        *got.lock().expect("lock"),
+        vec![
+            json!({"user": "bob", "room": "team", "seq": 1, "from": "alice", "preview": "@bob @carol @alice look"})
+        ]
+    );
+    let (_, v) = b.get("/api/rooms", Some(&tb)).await;
+    assert_eq!(
+        (
+            v["rooms"][0]["unread"].as_u64(),
+            v["rooms"][0]["mentions"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+}

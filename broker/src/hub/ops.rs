@@ -13,7 +13,7 @@ use shoal_proto::{
     codec::body_text,
     entry::{self, ReplyRef, Version},
     names::RoomName,
-    Body, ErrorCode, Meta, StoredMsg,
+    Body, ErrorCode, EventKind, Meta, StoredMsg,
 };
 
 use super::{Hub, HubError, Post, Reply, Room};
@@ -24,6 +24,49 @@ use crate::{
 
 /// Stored messages read per replay query.
 pub const REPLAY_PAGE: usize = 512;
+/// Hot-history pages folded into what is known of an event's target.
+const TARGET_FOLD_PAGES: usize = 4;
+
+/// Apply one log entry to what is known of message `seq` (rules in
+/// `shoal_proto::entry`).
+fn fold_entry(info: &mut Option<TargetInfo>, seq: u64, viewer: &str, e: crate::store::ReplayEntry) {
+    if e.msg.seq == seq {
+        if info.is_none() {
+            *info = Some(TargetInfo {
+                from: e.msg.from,
+                deleted: e.deleted,
+                event: e.meta.kind.is_some(),
+                body: e.msg.body,
+                reactions: vec![],
+                mine: vec![],
+            });
+        }
+        return;
+    }
+    let (Some(t), Some(kind)) = (info.as_mut(), e.meta.kind) else {
+        return;
+    };
+    if e.meta.target != Some(seq) || t.event {
+        return;
+    }
+    let emoji = e.msg.body.as_str().unwrap_or_default().to_string();
+    match kind {
+        EventKind::Edit if e.msg.from == t.from && !t.deleted => t.body = e.msg.body,
+        EventKind::Delete if e.msg.from == t.from => t.deleted = true,
+        EventKind::React if !t.deleted => {
+            if !t.reactions.contains(&emoji) {
+                t.reactions.push(emoji.clone());
+            }
+            if e.msg.from == viewer && !t.mine.contains(&emoji) {
+                t.mine.push(emoji);
+            }
+        }
+        // Whether others still have it is not known here; the count of
+        // distinct reactions errs on the high side.
+        EventKind::Unreact if e.msg.from == viewer => t.mine.retain(|m| *m != emoji),
+        _ => {}
+    }
+}
 
 impl Hub {
     /// Publish to a room `from` is a member of (so it is loaded and never
@@ -295,39 +338,48 @@ impl Hub {
     }
 
     /// What is known of entry `seq` before an event on it is sequenced:
-    /// the store's view, or, for an entry the store does not have yet (a
-    /// cluster's archive lags the bus) or never gets (hot-only), the hot
-    /// history's (its sender and body as sent; deletions and reactions
-    /// there are not folded in, the rules of `shoal_proto::entry` settle
-    /// those when the event is applied).
+    /// the store's view; in a cluster, with the entries the store does not
+    /// have yet (the archive lags the bus; a hot-only cluster's stores
+    /// have none) folded in from the hot history by the rules of
+    /// `shoal_proto::entry`, so a reaction added a moment ago can be
+    /// removed at once.
     pub async fn target(
         &self,
         room: &str,
         seq: u64,
         viewer: &str,
     ) -> Result<Option<TargetInfo>, StoreError> {
-        if let Some(t) = self.store.target(room, seq, viewer).await? {
-            return Ok(Some(t));
-        }
+        let mut info = self.store.target(room, seq, viewer).await?;
         let Some(bus) = self.bus() else {
-            return Ok(None);
+            return Ok(info);
         };
-        let page = bus
-            .replay(room, seq.saturating_sub(1), seq, 1)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(page
-            .entries
-            .into_iter()
-            .find(|e| e.msg.seq == seq)
-            .map(|e| TargetInfo {
-                from: e.msg.from,
-                deleted: false,
-                event: e.meta.kind.is_some(),
-                body: e.msg.body,
-                reactions: vec![],
-                mine: vec![],
-            }))
+        let unavailable = |e: crate::bus::BusError| StoreError::Unavailable(e.to_string());
+        let stored_upto = if self.shared_store() {
+            self.store.room_head(room, u64::MAX).await?.last_seq
+        } else {
+            0
+        };
+        let mut after = stored_upto.max(seq.saturating_sub(1));
+        let head = bus.head(room).await.map_err(unavailable)?;
+        // The archive lags by a sweep or two; past this much, what the
+        // store says stands.
+        for _ in 0..TARGET_FOLD_PAGES {
+            if after >= head {
+                break;
+            }
+            let page = bus
+                .replay(room, after, head, REPLAY_PAGE)
+                .await
+                .map_err(unavailable)?;
+            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
+                break;
+            };
+            for e in page.entries {
+                fold_entry(&mut info, seq, viewer, e);
+            }
+            after = last;
+        }
+        Ok(info)
     }
 
     /// The cluster's health: None on one node, else whether the bus is up
