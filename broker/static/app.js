@@ -18,12 +18,17 @@ const S = {
   nextLocal: 1,
   users: [],
   lastTypingSent: 0,
+  compose: null,        // {mode: 'edit' | 'reply', room, seq} while the composer edits or replies
+  thread: null,         // {room, seq} of the open thread panel
+  mentionPick: 0,       // selected entry of the mention list
 };
+
+const REACTIONS = ['👍', '❤️', '😂', '🎉', '😮', '😢'];
 
 function room(name) {
   let r = S.rooms.get(name);
   if (!r) {
-    r = { name, msgs: new Map(), lastSeq: 0, oldest: null, more: true, unread: 0,
+    r = { name, msgs: new Map(), lastSeq: 0, oldest: null, more: true, unread: 0, mentions: 0,
           handle: null, online: new Set(), receipts: new Map(), typing: new Map() };
     S.rooms.set(name, r);
   }
@@ -48,6 +53,7 @@ function bodyText(body) {
   if (body && typeof body.text === 'string') return body.text;
   return JSON.stringify(body);
 }
+function mentionsMe(m) { return (m.mentions || []).includes(S.user); }
 
 // ---------- REST ----------
 async function api(method, path, body) {
@@ -107,7 +113,7 @@ async function refreshRooms() {
     for (const r of v.rooms) {
       const st = room(r.room);
       // Unread as the server counts it, unless we are looking at the room.
-      if (S.active !== r.room) st.unread = r.unread;
+      if (S.active !== r.room) { st.unread = r.unread; st.mentions = r.mentions || 0; }
       st.serverLast = r.last_seq;
     }
     renderRooms();
@@ -170,6 +176,8 @@ function joinRoom(name) {
   h.on('presence', onPresence);
   h.on('mark', onMark);
   h.on('deleted', onDeleted);
+  h.on('edit', onEdit);
+  h.on('reaction', onReaction);
   h.on('gap', (g) => addNotice(name, `Messages ${g.from}–${g.to} are no longer available.`));
   h.on('joined', () => loadMembers(name));
   h.on('error', (e) => { r.handle = null; addNotice(name, 'Could not join: ' + e.message); });
@@ -196,7 +204,7 @@ async function loadOlder(name) {
     r.more = h.more;
     const log = $('log');
     const height = log.scrollHeight;
-    for (const m of h.messages) addMsg(name, { seq: m.seq, from: m.from, ts: m.ts, body: m.body }, false);
+    for (const m of h.messages) addMsg(name, { ...m, room: name }, false);
     if (S.active === name) {
       if (before === undefined) log.scrollTop = log.scrollHeight;
       else log.scrollTop += log.scrollHeight - height;
@@ -206,27 +214,284 @@ async function loadOlder(name) {
 }
 
 // ---------- messages ----------
-function msgEl(name, m) {
+// The text with the mentions the broker recognised set apart (as text
+// nodes and spans, never markup).
+function textEl(m) {
+  const d = el('div', 'text');
+  const text = bodyText(m.body);
+  const names = new Set(m.mentions || []);
+  if (!names.size) { d.textContent = text; return d; }
+  let last = 0;
+  for (const x of text.matchAll(/@([A-Za-z0-9_.-]+)/g)) {
+    const name = x[1].replace(/[.-]+$/, '');
+    if (!names.has(name)) continue;
+    d.append(text.slice(last, x.index));
+    d.append(el('span', 'mention' + (name === S.user ? ' me' : ''), '@' + name));
+    last = x.index + 1 + name.length;
+  }
+  d.append(text.slice(last));
+  return d;
+}
+
+function fileEl(f) {
+  const box = el('div', 'file');
+  const url = `${f.url}?token=${encodeURIComponent(S.token)}`;
+  if (/^image\//.test(f.content_type)) {
+    const img = el('img');
+    img.src = url;
+    img.alt = f.name;
+    box.append(img);
+  } else {
+    const a = el('a', '', `📄 ${f.name} (${Math.ceil((f.size || 0) / 1024)} KB)`);
+    a.href = url;
+    a.download = f.name;
+    box.append(a);
+  }
+  return box;
+}
+
+function msgEl(name, m, inThread = false) {
   const own = m.from === S.user;
-  const d = el('div', 'msg' + (own ? ' own' : ''));
+  const d = el('div', 'msg' + (own ? ' own' : '') + (mentionsMe(m) && !own ? ' mentions-me' : ''));
   d.dataset.seq = m.seq;
   if (!own) d.append(el('div', 'from', m.from));
-  d.append(el('div', 'text', bodyText(m.body)));
+  if (m.reply_to && !inThread) {
+    const q = el('div', 'quote');
+    q.append(el('b', '', m.reply_to.from + ': '), m.reply_to.preview);
+    d.append(q);
+  }
+  d.append(textEl(m));
+  if (m.body && typeof m.body === 'object' && m.body.file && typeof m.body.file.url === 'string') d.append(fileEl(m.body.file));
+  if (m.reactions && m.reactions.length) {
+    const rs = el('div', 'reactions');
+    for (const x of m.reactions) {
+      const b = el('button', x.me ? 'me' : '', `${x.emoji} ${x.count}`);
+      b.type = 'button';
+      b.dataset.emoji = x.emoji;
+      b.setAttribute('aria-label', `${x.emoji}: ${x.count}${x.me ? ', including you' : ''}`);
+      b.onclick = () => react(name, m.seq, x.emoji, !x.me);
+      rs.append(b);
+    }
+    d.append(rs);
+  }
   const meta = el('div', 'meta');
+  if (m.thread && m.thread.count && !inThread) {
+    const t = el('button', 'replies', `${m.thread.count} ${m.thread.count === 1 ? 'reply' : 'replies'}`);
+    t.type = 'button';
+    t.onclick = () => openThread(name, m.seq);
+    meta.append(t);
+  }
   meta.append(el('time', '', new Date(m.ts).toLocaleTimeString()));
+  if (m.edited_ts) meta.append(el('span', 'edited', 'edited'));
+  if (own) meta.append(el('span', 'status', '✓'));
+  const act = (label, aria, fn, cls = 'act') => {
+    const b = el('button', cls, label);
+    b.type = 'button';
+    b.setAttribute('aria-label', aria);
+    b.onclick = fn;
+    meta.append(b);
+  };
+  if (!inThread) act('Reply', 'Reply to this message', () => startCompose('reply', name, m), 'reply');
+  act('React', 'React to this message', () => togglePicker(d, name, m.seq), 'react');
   if (own) {
-    meta.append(el('span', 'status', '✓'));
-    const del = el('button', 'del', 'Delete');
-    del.type = 'button';
-    del.setAttribute('aria-label', 'Delete this message');
-    del.onclick = () => {
+    act('Edit', 'Edit this message', () => startCompose('edit', name, m), 'edit');
+    act('Delete', 'Delete this message', () => {
       const h = room(name).handle;
       (h ? h.delete(m.seq) : Promise.reject(new Error('not joined'))).catch((e) => addNotice(name, e.message));
-    };
-    meta.append(del);
+    }, 'del');
   }
   d.append(meta);
   return d;
+}
+
+function togglePicker(d, name, seq) {
+  const open = d.querySelector('.picker');
+  if (open) { open.remove(); return; }
+  const p = el('div', 'picker');
+  p.setAttribute('role', 'group');
+  p.setAttribute('aria-label', 'Pick a reaction');
+  const mine = new Set((room(name).msgs.get(seq)?.reactions || []).filter((x) => x.me).map((x) => x.emoji));
+  for (const e of REACTIONS) {
+    const b = el('button', '', e);
+    b.type = 'button';
+    b.onclick = () => { p.remove(); react(name, seq, e, !mine.has(e)); };
+    p.append(b);
+  }
+  d.append(p);
+}
+
+function react(name, seq, emoji, on) {
+  const h = room(name).handle;
+  if (!h) return;
+  (on ? h.react(seq, emoji) : h.unreact(seq, emoji)).catch((e) => addNotice(name, e.message));
+}
+
+// Show message `seq` again wherever it is on screen (the log, the thread).
+function rerender(name, seq) {
+  const m = room(name).msgs.get(seq);
+  if (S.active === name) {
+    const old = $('log').querySelector(`.msg[data-seq="${seq}"]`);
+    if (old && m) { const n = msgEl(name, m); old.replaceWith(n); updateStatus(name, n, seq); }
+  }
+  if (S.thread && S.thread.room === name) {
+    const old = $('thread-log').querySelector(`.msg[data-seq="${seq}"]`);
+    if (old && m) old.replaceWith(msgEl(name, m, true));
+    if (S.thread.seq === seq && m) renderThreadRoot();
+  }
+}
+
+// Events on messages, applied by the rules of PROTOCOL.md §5a.
+function onEdit(e) {
+  const m = room(e.room).msgs.get(e.seq);
+  if (!m || m.from !== e.from) return;
+  m.body = e.body;
+  m.edited_ts = e.ts;
+  m.mentions = e.mentions;
+  rerender(e.room, e.seq);
+}
+
+function onReaction(x) {
+  const m = room(x.room).msgs.get(x.seq);
+  if (!m) return;
+  const list = m.reactions || (m.reactions = []);
+  let r = list.find((y) => y.emoji === x.emoji);
+  if (x.on) {
+    if (!r) list.push(r = { emoji: x.emoji, count: 0, me: false });
+    if (x.user === S.user) { if (r.me) return; r.me = true; }
+    r.count++;
+  } else if (r) {
+    if (x.user === S.user) { if (!r.me) return; r.me = false; }
+    r.count--;
+    if (r.count <= 0) list.splice(list.indexOf(r), 1);
+  }
+  list.sort((a, b) => b.count - a.count || (a.emoji < b.emoji ? -1 : 1));
+  rerender(x.room, x.seq);
+}
+
+// ---------- composing: replies and edits ----------
+function startCompose(mode, name, m) {
+  S.compose = { mode, room: name, seq: m.seq };
+  $('compose-what').textContent = mode === 'edit'
+    ? 'Editing your message (Esc cancels)'
+    : `Replying to ${m.from}: ${bodyText(m.body).slice(0, 80)}`;
+  $('compose-bar').hidden = false;
+  if (mode === 'edit') $('text').value = bodyText(m.body);
+  $('text').focus();
+}
+function endCompose() { S.compose = null; $('compose-bar').hidden = true; }
+
+// ---------- threads ----------
+function renderThreadRoot() {
+  const box = $('thread-root');
+  box.replaceChildren();
+  const m = S.thread && room(S.thread.room).msgs.get(S.thread.seq);
+  if (m) box.append(el('b', '', m.from + ': '), bodyText(m.body));
+}
+
+async function openThread(name, seq) {
+  S.thread = { room: name, seq };
+  $('thread').hidden = false;
+  $('app').classList.add('with-thread');
+  renderThreadRoot();
+  const log = $('thread-log');
+  log.replaceChildren();
+  try {
+    const t = await room(name).handle.thread(seq, { limit: 100 });
+    for (const m of t.messages.reverse()) {
+      room(name).msgs.set(m.seq, { ...room(name).msgs.get(m.seq), ...m, room: name });
+      log.append(msgEl(name, { ...m, room: name }, true));
+    }
+  } catch (e) { log.append(el('p', 'error', e.message)); }
+}
+function closeThread() { S.thread = null; $('thread').hidden = true; $('app').classList.remove('with-thread'); }
+
+// ---------- files ----------
+function uploadFile(file) {
+  const name = S.active;
+  if (!name || !file) return;
+  const r = room(name);
+  $('upload').hidden = false;
+  $('upload-name').textContent = `Uploading ${file.name}…`;
+  $('upload-progress').value = 0;
+  const xhr = new XMLHttpRequest();
+  xhr.open('POST', `/api/files?room=${encodeURIComponent(name)}&name=${encodeURIComponent(file.name)}`);
+  xhr.setRequestHeader('Authorization', 'Bearer ' + S.token);
+  xhr.setRequestHeader('Content-Type', file.type || 'application/octet-stream');
+  xhr.upload.onprogress = (e) => { if (e.lengthComputable) $('upload-progress').value = Math.round(100 * e.loaded / e.total); };
+  xhr.onload = () => {
+    $('upload').hidden = true;
+    let v = {};
+    try { v = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+    if (xhr.status !== 201) { addNotice(name, `Could not attach ${file.name}: ${v.message || 'HTTP ' + xhr.status}`); return; }
+    const f = { id: v.id, url: v.url, name: v.name, content_type: v.content_type, size: v.size };
+    sendBody(name, { text: v.name, file: f }, r);
+  };
+  xhr.onerror = () => { $('upload').hidden = true; addNotice(name, `Could not attach ${file.name}: connection lost`); };
+  xhr.send(file);
+}
+
+// ---------- mentions ----------
+function mentionCandidates() {
+  const r = S.active && room(S.active);
+  if (!r) return [];
+  const peer = dmPeer(r.name);
+  const names = peer ? [peer] : [...new Set([...r.online, ...r.receipts.keys(), ...S.users.map((u) => u.username)])];
+  return names.filter((n) => n !== S.user).sort();
+}
+
+function mentionQuery() {
+  const t = $('text');
+  const upto = t.value.slice(0, t.selectionStart);
+  const x = upto.match(/(^|\s)@([A-Za-z0-9_.-]*)$/);
+  return x ? x[2] : null;
+}
+
+function renderMentionPop() {
+  const pop = $('mention-pop');
+  const q = mentionQuery();
+  const list = q === null ? [] : mentionCandidates().filter((n) => n.toLowerCase().startsWith(q.toLowerCase())).slice(0, 8);
+  pop.replaceChildren();
+  pop.hidden = list.length === 0;
+  S.mentionPick = Math.min(S.mentionPick, Math.max(0, list.length - 1));
+  list.forEach((n, i) => {
+    const li = el('li', '', '@' + n);
+    li.setAttribute('role', 'option');
+    li.dataset.name = n;
+    li.setAttribute('aria-selected', String(i === S.mentionPick));
+    li.onmousedown = (e) => { e.preventDefault(); pickMention(n); };
+    pop.append(li);
+  });
+}
+
+function pickMention(n) {
+  const t = $('text');
+  const upto = t.value.slice(0, t.selectionStart);
+  const rest = t.value.slice(t.selectionStart);
+  const start = upto.lastIndexOf('@');
+  t.value = upto.slice(0, start) + '@' + n + ' ' + rest;
+  const at = start + n.length + 2;
+  t.setSelectionRange(at, at);
+  $('mention-pop').hidden = true;
+  t.focus();
+}
+
+// ---------- notifications ----------
+function askNotifications() {
+  if (!('Notification' in window) || Notification.permission !== 'default' || localStorage.getItem('shoal.asked')) return;
+  localStorage.setItem('shoal.asked', '1');
+  Notification.requestPermission().catch(() => {});
+}
+
+// A DM or a mention, while the page is hidden.
+function notify(f) {
+  if (!('Notification' in window) || Notification.permission !== 'granted') return;
+  if (document.visibilityState !== 'hidden') return;
+  if (!dmPeer(f.room) && !mentionsMe(f)) return;
+  const n = new Notification(dmPeer(f.room) ? `${f.from} (direct message)` : `${f.from} mentioned you in ${f.room}`, {
+    body: bodyText(f.body).slice(0, 140),
+    tag: `${f.room}:${f.seq}`,
+  });
+  n.onclick = () => { window.focus(); openRoom(f.room); };
 }
 
 function addMsg(name, m, live) {
@@ -254,7 +519,26 @@ function onMsg(f) {
   const r = room(f.room);
   const isNew = !r.msgs.has(f.seq);
   addMsg(f.room, f, true);
+  if (isNew && f.reply_to) {
+    // The quoted message's thread grows; an open thread shows the reply.
+    const q = r.msgs.get(f.reply_to.seq);
+    if (q) {
+      q.thread = { count: (q.thread?.count || 0) + 1, last_seq: f.seq, last_ts: f.ts };
+      rerender(f.room, q.seq);
+    }
+    if (S.thread && S.thread.room === f.room && S.thread.seq === f.reply_to.seq) {
+      $('thread-log').append(msgEl(f.room, f, true));
+    }
+  }
+  if (!isNew && (f.reply_to || f.mentions)) {
+    // Our own message, shown from its ack first: the live copy brings its
+    // quote and mentions.
+    Object.assign(r.msgs.get(f.seq), { reply_to: f.reply_to, mentions: f.mentions });
+    rerender(f.room, f.seq);
+  }
   if (!isNew || f.from === S.user) { renderRooms(); return; }
+  notify(f);
+  if (mentionsMe(f) && S.active !== f.room) r.mentions++;
   if (S.active === f.room && document.visibilityState === 'visible') markRead(f.room);
   else {
     r.unread++;
@@ -313,15 +597,29 @@ function renderStatuses(name) {
 function sendText(text) {
   const name = S.active;
   if (!name || !text.trim()) return;
+  const c = S.compose && S.compose.room === name ? S.compose : null;
+  endCompose();
+  if (c && c.mode === 'edit') {
+    const h = room(name).handle;
+    const old = room(name).msgs.get(c.seq);
+    // Keep what the body had besides its text (an attachment).
+    const body = old && old.body && typeof old.body === 'object' ? { ...old.body, text } : { text };
+    (h ? h.edit(c.seq, body) : Promise.reject(new Error('not joined'))).catch((e) => addNotice(name, 'Not edited: ' + e.message));
+    return;
+  }
+  sendBody(name, { text }, room(name), c ? c.seq : undefined);
+}
+
+function sendBody(name, body, r, replyTo) {
   const d = el('div', 'msg own pending');
-  d.append(el('div', 'text', text));
+  d.append(el('div', 'text', bodyText(body)));
   const meta = el('div', 'meta');
   meta.append(el('span', 'status', 'sending…'));
   d.append(meta);
   $('log').append(d);
   $('log').scrollTop = $('log').scrollHeight;
   const key = S.nextLocal++;
-  S.pending.set(key, { room: name, body: { text }, el: d });
+  S.pending.set(key, { room: name, body, el: d, replyTo });
   sendPending(key);
 }
 
@@ -336,12 +634,14 @@ function sendPending(key) {
   p.el.querySelector('.retry')?.remove();
   const peer = dmPeer(p.room);
   const h = room(p.room).handle;
-  const sent = peer ? S.client.dm(peer, p.body)
-    : h ? h.publish(p.body) : Promise.reject(new Error('not joined'));
+  const opts = p.replyTo !== undefined ? { replyTo: p.replyTo } : {};
+  const sent = peer ? S.client.dm(peer, p.body, opts)
+    : h ? h.publish(p.body, opts) : Promise.reject(new Error('not joined'));
   sent.then((ack) => {
     if (!S.pending.delete(key)) return;
     p.el.remove();
-    // In a DM we may not have joined: show our own message from the ack.
+    // In a DM we may not have joined: show our own message from the ack
+    // (the live copy, with its quote and mentions, replaces nothing: same seq).
     addMsg(ack.room, { seq: ack.seq, from: S.user, ts: ack.ts, body: p.body }, true);
     renderRooms();
   }, (e) => failPending(key, e instanceof ShoalError ? e.message : 'not sent'));
@@ -391,6 +691,11 @@ function renderRooms() {
     li.tabIndex = 0;
     li.dataset.room = n;
     li.append(el('span', 'name', label(n)));
+    if (r.mentions > 0 && S.active !== n) {
+      const b = el('span', 'badge mention', '@' + r.mentions);
+      b.setAttribute('aria-label', r.mentions + (r.mentions === 1 ? ' mention' : ' mentions'));
+      li.append(b);
+    }
     if (r.unread > 0 && S.active !== n) {
       const b = el('span', 'badge', String(r.unread));
       b.setAttribute('aria-label', r.unread + ' unread');
@@ -444,8 +749,11 @@ async function openRoom(name) {
   S.active = name;
   const r = room(name);
   r.unread = 0;
+  r.mentions = 0;
+  endCompose();
+  if (S.thread && S.thread.room !== name) closeThread();
   $('room-title').textContent = label(name);
-  $('text').disabled = false; $('send').disabled = false;
+  $('text').disabled = false; $('send').disabled = false; $('file').disabled = false;
   $('search-results').hidden = true;
   const log = $('log');
   log.replaceChildren();
@@ -489,6 +797,7 @@ async function search(q) {
     sendText(t);
   });
   $('text').addEventListener('input', () => {
+    renderMentionPop();
     const now = Date.now();
     const h = S.active && room(S.active).handle;
     if (h?.joined && now - S.lastTypingSent > 2000) {
@@ -496,6 +805,40 @@ async function search(q) {
       h.typing();
     }
   });
+  $('text').addEventListener('keydown', (e) => {
+    const pop = $('mention-pop');
+    if (!pop.hidden) {
+      const items = [...pop.children];
+      if (e.key === 'ArrowDown' || e.key === 'ArrowUp') {
+        e.preventDefault();
+        S.mentionPick = (S.mentionPick + (e.key === 'ArrowDown' ? 1 : items.length - 1)) % items.length;
+        renderMentionPop();
+        return;
+      }
+      if (e.key === 'Tab' || e.key === 'Enter') {
+        e.preventDefault();
+        pickMention(items[S.mentionPick].dataset.name);
+        return;
+      }
+      if (e.key === 'Escape') { pop.hidden = true; return; }
+    }
+    if (e.key === 'Escape' && S.compose) { if (S.compose.mode === 'edit') $('text').value = ''; endCompose(); }
+  });
+  $('text').addEventListener('blur', () => setTimeout(() => { $('mention-pop').hidden = true; }, 150));
+  $('compose-cancel').addEventListener('click', () => { if (S.compose?.mode === 'edit') $('text').value = ''; endCompose(); });
+  $('thread-close').addEventListener('click', closeThread);
+  $('file').addEventListener('change', () => { const f = $('file').files[0]; $('file').value = ''; uploadFile(f); });
+  const chat = document.querySelector('.chat');
+  chat.addEventListener('dragover', (e) => { if (S.active) { e.preventDefault(); chat.classList.add('dragging'); } });
+  chat.addEventListener('dragleave', () => chat.classList.remove('dragging'));
+  chat.addEventListener('drop', (e) => {
+    e.preventDefault();
+    chat.classList.remove('dragging');
+    const f = e.dataTransfer?.files?.[0];
+    if (f) uploadFile(f);
+  });
+  // Asked once, on a first click (browsers want a gesture for it).
+  document.addEventListener('click', askNotifications, { once: true });
   $('search-form').addEventListener('submit', (e) => { e.preventDefault(); search($('search-q').value); });
   $('log').addEventListener('scroll', () => { if ($('log').scrollTop < 20 && S.active) loadOlder(S.active); });
   document.addEventListener('visibilitychange', () => { if (document.visibilityState === 'visible' && S.active) markRead(S.active); });
