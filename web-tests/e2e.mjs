@@ -333,6 +333,121 @@ async function main() {
       }
     });
 
+    const msgByText = (page, text) => page.locator('#log .msg', { has: page.locator('.text', { hasText: new RegExp(`^${text}$`) }) });
+
+    await check('edit own message: the other side shows the new text, marked edited', async () => {
+      await openRoom(a, 'general');
+      await openRoom(b, 'general');
+      await say(a, 'tpyo here');
+      await expectText(b, 'tpyo here');
+      await msgByText(a, 'tpyo here').locator('button.edit').click();
+      assert((await a.inputValue('#text')) === 'tpyo here', 'the composer holds the text to edit');
+      await a.fill('#text', 'typo fixed');
+      await a.press('#text', 'Enter');
+      await expectText(b, 'typo fixed');
+      await msgByText(b, 'typo fixed').locator('.edited').waitFor({ timeout: T });
+      assert(!(await logTexts(b)).includes('tpyo here'), 'the old text is gone');
+    });
+
+    await check('a reaction count changes live on both sides', async () => {
+      const chip = (page) => msgByText(page, 'typo fixed').locator('.reactions button[data-emoji="👍"]');
+      await msgByText(b, 'typo fixed').locator('button.react').click();
+      await msgByText(b, 'typo fixed').locator('.picker button', { hasText: '👍' }).click();
+      for (const p of [a, b]) await chip(p).filter({ hasText: '👍 1' }).waitFor({ timeout: T });
+      await chip(a).click(); // alice adds hers
+      for (const p of [a, b]) await chip(p).filter({ hasText: '👍 2' }).waitFor({ timeout: T });
+      await chip(b).click(); // bob takes his back
+      for (const p of [a, b]) await chip(p).filter({ hasText: '👍 1' }).waitFor({ timeout: T });
+      assert(await chip(a).evaluate((e) => e.classList.contains('me')), "alice's own reaction is marked");
+    });
+
+    await check('reply with a quote, and the thread panel', async () => {
+      await msgByText(b, 'typo fixed').locator('button.reply').click();
+      await b.waitForSelector('#compose-bar:not([hidden])', { timeout: T });
+      await say(b, 'replying here');
+      await expectText(a, 'replying here');
+      await msgByText(a, 'replying here').locator('.quote', { hasText: 'typo fixed' }).waitFor({ timeout: T });
+      await msgByText(a, 'typo fixed').locator('button.replies', { hasText: '1 reply' }).click();
+      await a.waitForSelector('#thread:not([hidden])', { timeout: T });
+      await a.locator('#thread-log .msg .text', { hasText: 'replying here' }).waitFor({ timeout: T });
+      await a.click('#thread-close');
+    });
+
+    await check('mention autocomplete, highlight for the one mentioned, and a mention badge', async () => {
+      await openRoom(b, 'side');
+      await openRoom(b, 'general');
+      await openRoom(a, 'side');
+      await a.waitForSelector('#members li[data-member="bob"]', { timeout: T });
+      await a.fill('#text', '');
+      await a.type('#text', 'hey @bo');
+      await a.locator('#mention-pop li[data-name="bob"]').waitFor({ timeout: T });
+      await a.press('#text', 'Tab');
+      assert((await a.inputValue('#text')) === 'hey @bob ', 'completed: ' + await a.inputValue('#text'));
+      await a.type('#text', 'look');
+      await a.press('#text', 'Enter');
+      await b.locator('#rooms li[data-room="side"] .badge.mention').waitFor({ timeout: T });
+      await b.click('#rooms li[data-room="side"]');
+      await b.locator('#log .msg .mention.me', { hasText: '@bob' }).waitFor({ timeout: T });
+      assert(!(await a.locator('#log .msg .mention.me').count()), 'alice sees the mention, not highlighted as hers');
+      await openRoom(b, 'general');
+      await openRoom(a, 'general');
+    });
+
+    await check('an attached image appears as a preview on the other side; a refused file says why', async () => {
+      const png = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==', 'base64');
+      await a.setInputFiles('#file', { name: 'dot.png', mimeType: 'image/png', buffer: png });
+      const img = b.locator('#log .msg .file img[alt="dot.png"]');
+      await img.waitFor({ timeout: T });
+      await b.waitForFunction(() => [...document.querySelectorAll('#log .msg .file img')].some((i) => i.complete && i.naturalWidth === 1), null, { timeout: T });
+      await a.setInputFiles('#file', { name: 'tool.exe', mimeType: 'application/x-msdownload', buffer: Buffer.from('MZ not really') });
+      await a.locator('#log .notice', { hasText: 'Could not attach tool.exe' }).waitFor({ timeout: T });
+    });
+
+    await check('a notification for a DM or a mention while the page is hidden, none while it is visible', async () => {
+      const ctxN = await browser.newContext({ viewport: { width: 1100, height: 720 } });
+      await ctxN.grantPermissions(['notifications'], { origin: broker.url });
+      await ctxN.addInitScript(() => {
+        // Chromium's own Notification, its constructions recorded; the
+        // page's visibility under the test's control.
+        window.__notes = [];
+        const N = window.Notification;
+        window.Notification = new Proxy(N, {
+          construct(t, args) { window.__notes.push(args[0]); return Reflect.construct(t, args); },
+          get(t, p) { const v = Reflect.get(t, p, t); return typeof v === 'function' ? v.bind(t) : v; },
+        });
+        window.__hidden = false;
+        Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (window.__hidden ? 'hidden' : 'visible') });
+      });
+      const n = await ctxN.newPage();
+      n.on('pageerror', (e) => { failures++; console.log('page error: ' + e.message); });
+      try {
+        await signUp(n, broker.url, 'nora');
+        assert(await n.evaluate(() => Notification.permission) === 'granted', 'permission granted');
+        await openRoom(n, 'general');
+        // Alice's people list learns of nora when it is next refreshed.
+        await a.reload();
+        await a.waitForSelector('#conn.connected', { timeout: T });
+        await a.click('#users li[data-user="nora"]');
+        await say(a, 'visible dm');
+        await n.locator('#rooms li[data-room="dm:alice:nora"]').waitFor({ timeout: T });
+        await sleep(300);
+        assert((await n.evaluate(() => window.__notes.length)) === 0, 'no notification while visible');
+        await n.evaluate(() => { window.__hidden = true; document.dispatchEvent(new Event('visibilitychange')); });
+        await say(a, 'hidden dm');
+        await n.waitForFunction(() => window.__notes.length === 1, null, { timeout: T });
+        await openRoom(a, 'general');
+        await say(a, 'hey @nora look');
+        await n.waitForFunction(() => window.__notes.length === 2, null, { timeout: T });
+        const notes = await n.evaluate(() => window.__notes);
+        assert(/alice/.test(notes[0]) && /mentioned you/.test(notes[1]), JSON.stringify(notes));
+        await say(a, 'no mention, no notification');
+        await sleep(400);
+        assert((await n.evaluate(() => window.__notes.length)) === 2, 'only DMs and mentions notify');
+      } finally {
+        await ctxN.close();
+      }
+    });
+
     await check('narrow phone-sized window stays usable', async () => {
       await a.setViewportSize({ width: 380, height: 740 });
       await say(a, 'from my phone');
