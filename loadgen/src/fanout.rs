@@ -92,6 +92,44 @@ pub struct FanoutOpts {
     /// on the pacer thread; 0: sleep only.
     #[arg(long, default_value_t = 100)]
     pub spin_us: u64,
+
+    /// Share of publishes sent instead as edits of the publisher's last
+    /// acked message (a chat-features mix; Shoal protocol, a stored
+    /// namespace). An edit is a room-log entry delivered to every member
+    /// with the publish's stamps, so its latency is measured like a
+    /// message's.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub edit_share: f64,
+
+    /// Share of publishes sent instead as reactions on the publisher's
+    /// last acked message, added then removed in turn. Delivered to every
+    /// member and counted; their body is the reaction, so they carry no
+    /// latency stamp.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub react_share: f64,
+}
+
+/// What schedule slot `k` of a publisher sends: spread evenly and
+/// reproducibly (the reader recomputes it for the ack of slot `k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Msg,
+    Edit,
+    React,
+}
+
+fn slot(k: u64, edit_share: f64, react_share: f64) -> Slot {
+    // A multiplicative hash of k, in [0, 1).
+    let x = (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    if x < edit_share {
+        Slot::Edit
+    } else if x < edit_share + react_share {
+        Slot::React
+    } else {
+        Slot::Msg
+    }
 }
 
 /// One second of a run.
@@ -257,6 +295,11 @@ struct Shared {
     gaps: AtomicU64,
     acked_total: AtomicU64,
     stop: tokio_util_stop::Stop,
+    /// Per publisher: the seq of its last acked plain message (the target
+    /// of its edits and reactions).
+    last_own: Vec<AtomicU64>,
+    /// The mix: shares of edits and reactions.
+    mix: (f64, f64),
 }
 
 /// Minimal stop signal (a watch channel) so the crate needs no tokio-util.
@@ -347,8 +390,18 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         opts.rate > 0.0 && opts.duration > 0.0,
         "--rate and --duration must be positive"
     );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&opts.edit_share)
+            && (0.0..=1.0).contains(&opts.react_share)
+            && opts.edit_share + opts.react_share <= 1.0,
+        "--edit-share and --react-share are shares in [0, 1] summing to at most 1"
+    );
     let c = &opts.common;
     let wire = Arc::new(c.wire()?);
+    anyhow::ensure!(
+        (opts.edit_share == 0.0 && opts.react_share == 0.0) || wire.has_events(),
+        "--edit-share and --react-share need the Shoal protocol"
+    );
     let prefix = c.prefix();
     let n = opts.rooms * opts.members;
     let source_ips = c.source_ips_for(n);
@@ -399,6 +452,8 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         wire: wire.clone(),
         receivers,
         pub_acked: (0..opts.publishers).map(|_| AtomicU64::new(0)).collect(),
+        last_own: (0..opts.publishers).map(|_| AtomicU64::new(0)).collect(),
+        mix: (opts.edit_share, opts.react_share),
         window,
         acked: (0..opts.rooms).map(|_| AtomicU64::new(0)).collect(),
         max_acked_seq: conns
@@ -710,6 +765,8 @@ async fn writer(
     let mut lag = stats::histogram();
     if let Some(s) = sched {
         let mut ticks = s.ticks;
+        // A reaction is added, then removed from the same message.
+        let mut reacted: Option<u64> = None;
         loop {
             // The pacer thread says when; pongs are answered while waiting.
             // A late sender sends at once and keeps the intended stamp.
@@ -725,7 +782,21 @@ async fn writer(
             let Some(k) = k else { break };
             let intended = s.t0 + s.offset_ns + k * s.interval_ns;
             let body = json!({"s": intended, "p": s.pub_id, "n": k, "x": s.pad});
-            let Ok(frame) = sh.wire.publish(&s.room, k, body) else {
+            let target = sh.last_own[s.pub_id as usize].load(Ordering::Relaxed);
+            let frame = match slot(k, sh.mix.0, sh.mix.1) {
+                // Nothing of its own acked yet: a plain message instead.
+                _ if target == 0 && reacted.is_none() => sh.wire.publish(&s.room, k, body),
+                Slot::Msg => sh.wire.publish(&s.room, k, body),
+                Slot::Edit => sh.wire.edit(&s.room, k, target, body),
+                Slot::React => match reacted.take() {
+                    Some(on) => sh.wire.react(&s.room, k, on, false),
+                    None => {
+                        reacted = Some(target);
+                        sh.wire.react(&s.room, k, target, true)
+                    }
+                },
+            };
+            let Ok(frame) = frame else {
                 break;
             };
             if wr.write_frame(frame).await.is_err() {
@@ -820,7 +891,9 @@ async fn reader(
                     }
                 };
                 sh.deliveries.fetch_add(1, Ordering::Relaxed);
-                let stamp = body.s.unwrap_or(now);
+                // A reaction's body is the reaction: delivered and
+                // counted, but it has no stamp to measure.
+                let stamp = body.s.unwrap_or(0);
                 let lat = now.saturating_sub(stamp);
                 let measured = stamp >= sh.window.0 && stamp < sh.window.1;
                 if measured {
@@ -859,6 +932,11 @@ async fn reader(
                 sh.acked_total.fetch_add(1, Ordering::Relaxed);
                 if let Some(seq) = seq {
                     sh.max_acked_seq[room].fetch_max(seq, Ordering::Relaxed);
+                    if slot(id, sh.mix.0, sh.mix.1) == Slot::Msg {
+                        if let Some(l) = sh.last_own.get(me) {
+                            l.fetch_max(seq, Ordering::Relaxed);
+                        }
+                    }
                 }
                 if let Some(c) = sh.pub_acked.get(me) {
                     c.fetch_add(1, Ordering::Relaxed);
@@ -948,7 +1026,19 @@ pub type Conn = Ws;
 
 #[cfg(test)]
 mod tests {
-    use super::Tracker;
+    use super::{slot, Slot, Tracker};
+
+    #[test]
+    fn the_mix_is_spread_as_asked_and_reproducible() {
+        let n = 100_000u64;
+        let share = |want: Slot| {
+            (0..n).filter(|k| slot(*k, 0.2, 0.1) == want).count() as f64 / n as f64
+        };
+        assert!((share(Slot::Edit) - 0.2).abs() < 0.01);
+        assert!((share(Slot::React) - 0.1).abs() < 0.01);
+        assert!((share(Slot::Msg) - 0.7).abs() < 0.01);
+        assert!((0..1000).all(|k| slot(k, 0.0, 0.0) == Slot::Msg));
+    }
 
     #[test]
     fn tracker_counts_loss_dup_reorder() {

@@ -314,6 +314,37 @@ impl Wire {
         Ok(Frame::text(Payload::Owned(bytes)))
     }
 
+    /// Whether the protocol has room-log events (edits, reactions).
+    pub fn has_events(&self) -> bool {
+        self.protocol == Protocol::Shoal
+    }
+
+    /// An edit of message `seq` as request `k` (Shoal only).
+    pub fn edit(&self, room: &str, k: u64, seq: u64, body: Value) -> anyhow::Result<Frame<'static>> {
+        anyhow::ensure!(self.has_events(), "edits need the Shoal protocol");
+        let f = ClientFrame::Edit {
+            id: Some(k),
+            room: room.to_string(),
+            seq,
+            body,
+        };
+        Ok(client::data_frame(self.enc, self.enc.encode_client(&f)?))
+    }
+
+    /// A reaction added (`on`) or removed on message `seq` as request `k`
+    /// (Shoal only).
+    pub fn react(&self, room: &str, k: u64, seq: u64, on: bool) -> anyhow::Result<Frame<'static>> {
+        anyhow::ensure!(self.has_events(), "reactions need the Shoal protocol");
+        let f = ClientFrame::React {
+            id: Some(k),
+            room: room.to_string(),
+            seq,
+            emoji: "👍".into(),
+            on,
+        };
+        Ok(client::data_frame(self.enc, self.enc.encode_client(&f)?))
+    }
+
     /// Interpret a received data frame.
     pub fn decode(&self, payload: &[u8]) -> Incoming {
         match self.protocol {
