@@ -298,6 +298,9 @@ struct Shared {
     /// Per publisher: the seq of its last acked plain message (the target
     /// of its edits and reactions).
     last_own: Vec<AtomicU64>,
+    /// Per publisher: 1 + the last slot sent as a plain message because
+    /// it had no message of its own to edit or react to yet.
+    fallback_upto: Vec<AtomicU64>,
     /// The mix: shares of edits and reactions.
     mix: (f64, f64),
 }
@@ -453,6 +456,7 @@ pub async fn run(opts: &FanoutOpts) -> anyhow::Result<FanoutReport> {
         receivers,
         pub_acked: (0..opts.publishers).map(|_| AtomicU64::new(0)).collect(),
         last_own: (0..opts.publishers).map(|_| AtomicU64::new(0)).collect(),
+        fallback_upto: (0..opts.publishers).map(|_| AtomicU64::new(0)).collect(),
         mix: (opts.edit_share, opts.react_share),
         window,
         acked: (0..opts.rooms).map(|_| AtomicU64::new(0)).collect(),
@@ -785,7 +789,10 @@ async fn writer(
             let target = sh.last_own[s.pub_id as usize].load(Ordering::Relaxed);
             let frame = match slot(k, sh.mix.0, sh.mix.1) {
                 // Nothing of its own acked yet: a plain message instead.
-                _ if target == 0 && reacted.is_none() => sh.wire.publish(&s.room, k, body),
+                Slot::Edit | Slot::React if target == 0 && reacted.is_none() => {
+                    sh.fallback_upto[s.pub_id as usize].fetch_max(k + 1, Ordering::Relaxed);
+                    sh.wire.publish(&s.room, k, body)
+                }
                 Slot::Msg => sh.wire.publish(&s.room, k, body),
                 Slot::Edit => sh.wire.edit(&s.room, k, target, body),
                 Slot::React => match reacted.take() {
@@ -932,7 +939,12 @@ async fn reader(
                 sh.acked_total.fetch_add(1, Ordering::Relaxed);
                 if let Some(seq) = seq {
                     sh.max_acked_seq[room].fetch_max(seq, Ordering::Relaxed);
-                    if slot(id, sh.mix.0, sh.mix.1) == Slot::Msg {
+                    let plain = slot(id, sh.mix.0, sh.mix.1) == Slot::Msg
+                        || sh
+                            .fallback_upto
+                            .get(me)
+                            .is_some_and(|f| id < f.load(Ordering::Relaxed));
+                    if plain {
                         if let Some(l) = sh.last_own.get(me) {
                             l.fetch_max(seq, Ordering::Relaxed);
                         }
