@@ -282,7 +282,11 @@ function msgEl(name, m, inThread = false) {
     meta.append(t);
   }
   meta.append(el('time', '', new Date(m.ts).toLocaleTimeString()));
-  if (m.edited_ts) meta.append(el('span', 'edited', 'edited'));
+  if (m.edited_ts) {
+    const e = el('span', 'edited', 'edited');
+    e.title = 'edited ' + new Date(m.edited_ts).toLocaleString();
+    meta.append(e);
+  }
   if (own) meta.append(el('span', 'status', '✓'));
   const act = (label, aria, fn, cls = 'act') => {
     const b = el('button', cls, label);

@@ -271,6 +271,47 @@ async fn typing_presence_receipts_members_history_and_delete() {
     // Someone else's message cannot be deleted.
     let d = agent.ask("bob", "delete", json!(["team", 1])).await;
     assert_eq!(d["error"]["code"], json!(404), "{d}");
+    // Chat events as events: an edit, a reaction, a reply and its thread.
+    let e = agent
+        .ask("ann", "edit", json!(["team", 1, "m0, edited"]))
+        .await;
+    assert_eq!(e["seq"], json!(5), "{e}");
+    let r = agent.ask("bob", "react", json!(["team", 1, "👍"])).await;
+    assert_eq!(r["seq"], json!(6), "{r}");
+    let q = agent
+        .ask(
+            "bob",
+            "pub",
+            json!([{"room": "team", "body": "re", "reply_to": 1}]),
+        )
+        .await;
+    assert_eq!(q["seq"], json!(7), "{q}");
+    // Ann has not read her room's entries yet: her three messages first.
+    let got = agent.events("ann", "msg", 7, 5000).await;
+    let got = &got[3..];
+    let kinds: Vec<_> = got.iter().map(|e| e[1]["kind"].clone()).collect();
+    assert_eq!(
+        kinds,
+        [json!("delete"), json!("edit"), json!("react"), Value::Null]
+    );
+    assert_eq!(got[3][1]["reply_to"]["seq"], json!(1));
+    let t = agent.ask("ann", "thread", json!(["team", 1])).await;
+    assert_eq!(t["messages"][0]["seq"], json!(7), "{t}");
+    let h = agent
+        .ask("bob", "history", json!([{"room": "team", "limit": 5}]))
+        .await;
+    let first = h["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["seq"] == 1))
+        .cloned();
+    assert_eq!(
+        first.as_ref().map(|m| m["body"].clone()),
+        Some(json!("m0, edited"))
+    );
+    assert_eq!(
+        first.map(|m| m["reactions"][0]["me"].clone()),
+        Some(json!(true))
+    );
     // Without an ack callback, replies are events, as on /ws.
     agent.tell("bob", "ping", json!([])).await;
     assert_eq!(agent.events("bob", "pong", 1, 5000).await.len(), 1);

@@ -1043,9 +1043,8 @@ mod tests {
     #[test]
     fn the_mix_is_spread_as_asked_and_reproducible() {
         let n = 100_000u64;
-        let share = |want: Slot| {
-            (0..n).filter(|k| slot(*k, 0.2, 0.1) == want).count() as f64 / n as f64
-        };
+        let share =
+            |want: Slot| (0..n).filter(|k| slot(*k, 0.2, 0.1) == want).count() as f64 / n as f64;
         assert!((share(Slot::Edit) - 0.2).abs() < 0.01);
         assert!((share(Slot::React) - 0.1).abs() < 0.01);
         assert!((share(Slot::Msg) - 0.7).abs() < 0.01);

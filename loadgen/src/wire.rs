@@ -320,7 +320,13 @@ impl Wire {
     }
 
     /// An edit of message `seq` as request `k` (Shoal only).
-    pub fn edit(&self, room: &str, k: u64, seq: u64, body: Value) -> anyhow::Result<Frame<'static>> {
+    pub fn edit(
+        &self,
+        room: &str,
+        k: u64,
+        seq: u64,
+        body: Value,
+    ) -> anyhow::Result<Frame<'static>> {
         anyhow::ensure!(self.has_events(), "edits need the Shoal protocol");
         let f = ClientFrame::Edit {
             id: Some(k),

@@ -139,6 +139,8 @@ async fn every_panel_query_returns_data() {
         connect_concurrency: 16,
         namespace: None,
         spin_us: 100,
+        edit_share: 0.0,
+        react_share: 0.0,
     };
     let opts2 = fanout::FanoutOpts {
         common: common::common(&clustered.url),

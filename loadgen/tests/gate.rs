@@ -39,6 +39,8 @@ async fn fanout_gate_no_loss_full_rate_bounded_latency() {
             connect_concurrency: 32,
             namespace: None,
             spin_us: 100,
+            edit_share: 0.0,
+            react_share: 0.0,
         };
         let r = fanout::run(&opts).await.expect("fanout run");
         assert!(r.passed(), "{enc:?}: {}", r.table());
@@ -89,6 +91,8 @@ async fn gate_fails_when_the_rate_cannot_be_met() {
         connect_concurrency: 4,
         namespace: None,
         spin_us: 100,
+        edit_share: 0.0,
+        react_share: 0.0,
     };
     let r = fanout::run(&opts).await.expect("run");
     assert!(!r.passed());

@@ -237,6 +237,9 @@ pub struct Item {
 }
 
 /// What goes down the writer's queue.
+// The large variant is the common one (every message); boxing it would
+// allocate per message to shrink the rare small ones.
+#[allow(clippy::large_enum_variant)]
 pub enum Job {
     /// Work.
     Item(Item),

@@ -85,6 +85,9 @@ pub struct NewMsg {
 
 /// One write in a group-commit batch.
 #[derive(Debug, Clone)]
+// The large variant is the common one (every message); boxing it would
+// allocate per message to shrink the rare small ones.
+#[allow(clippy::large_enum_variant)]
 pub enum WriteOp {
     /// Store a message.
     Msg(NewMsg),
