@@ -616,13 +616,19 @@ fn room_access(
     Ok(claims)
 }
 
-/// `GET /api/rooms/{room}/messages?before=&limit=`: a history page, newest first.
-async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
-    let q = query(&req);
+/// `?before=&limit=` of a page of messages (limit 1 to 200, default 50).
+fn page_params(req: &Request<Incoming>) -> Result<(Option<u64>, usize), ApiError> {
+    let q = query(req);
     let before = num::<u64>(&q, "before")?;
     let limit = num::<u32>(&q, "limit")?
         .unwrap_or(50)
         .clamp(1, crate::session::MAX_HISTORY_PAGE) as usize;
+    Ok((before, limit))
+}
+
+/// `GET /api/rooms/{room}/messages?before=&limit=`: a history page, newest first.
+async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
+    let (before, limit) = page_params(&req)?;
     let claims = room_access(state, &req, room)?;
     let (messages, more) = state.hub.history(room, before, limit, &claims.sub).await?;
     Ok(json_response(
@@ -640,11 +646,7 @@ async fn thread(
     seq: u64,
 ) -> Result<Resp, ApiError> {
     let claims = room_access(state, &req, room)?;
-    let q = query(&req);
-    let before = num::<u64>(&q, "before")?;
-    let limit = num::<u32>(&q, "limit")?
-        .unwrap_or(50)
-        .clamp(1, crate::session::MAX_HISTORY_PAGE) as usize;
+    let (before, limit) = page_params(&req)?;
     let (messages, more) = state
         .hub
         .thread(room, seq, before, limit, &claims.sub)

@@ -352,18 +352,9 @@ impl Session {
                 before,
                 limit,
             } => {
-                let name = match hub.check_access(&room, &self.handle.user) {
-                    Ok(n) => n,
-                    Err(e) => return self.reply_hub_err(id, e),
+                let Some(limit) = self.page_request(id, &room, limit) else {
+                    return;
                 };
-                if !hub.persists(&name) {
-                    return self.reply_err(
-                        id,
-                        ErrorCode::NotFound,
-                        "this namespace keeps no history",
-                    );
-                }
-                let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize;
                 match self
                     .state
                     .hub
@@ -436,18 +427,9 @@ impl Session {
                 before,
                 limit,
             } => {
-                let name = match hub.check_access(&room, &self.handle.user) {
-                    Ok(n) => n,
-                    Err(e) => return self.reply_hub_err(id, e),
+                let Some(limit) = self.page_request(id, &room, limit) else {
+                    return;
                 };
-                if !hub.persists(&name) {
-                    return self.reply_err(
-                        id,
-                        ErrorCode::NotFound,
-                        "this namespace keeps no history",
-                    );
-                }
-                let limit = limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize;
                 match hub
                     .thread(&room, seq, before, limit, &self.handle.user)
                     .await
@@ -463,6 +445,24 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The checks of a `history` or `thread` request (a room this user may
+    /// read, in a stored namespace) and its page size; None once refused.
+    fn page_request(&self, id: Option<u64>, room: &str, limit: Option<u32>) -> Option<usize> {
+        let hub = &self.state.hub;
+        let name = match hub.check_access(room, &self.handle.user) {
+            Ok(n) => n,
+            Err(e) => {
+                self.reply_hub_err(id, e);
+                return None;
+            }
+        };
+        if !hub.persists(&name) {
+            self.reply_err(id, ErrorCode::NotFound, "this namespace keeps no history");
+            return None;
+        }
+        Some(limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize)
     }
 
     /// An event on message `seq` of a joined, stored room: checked against

@@ -32,14 +32,13 @@ const TARGET_FOLD_PAGES: usize = 4;
 fn fold_entry(info: &mut Option<TargetInfo>, seq: u64, viewer: &str, e: crate::store::ReplayEntry) {
     if e.msg.seq == seq {
         if info.is_none() {
-            *info = Some(TargetInfo {
-                from: e.msg.from,
-                deleted: e.deleted,
-                event: e.meta.kind.is_some(),
-                body: e.msg.body,
-                reactions: vec![],
-                mine: vec![],
-            });
+            *info = Some(TargetInfo::new(
+                e.msg.from,
+                e.deleted,
+                e.meta.kind.is_some(),
+                e.msg.body,
+                vec![],
+            ));
         }
         return;
     }

@@ -189,6 +189,32 @@ pub struct TargetInfo {
     pub mine: Vec<String>,
 }
 
+impl TargetInfo {
+    /// From what a store read: the sender, flags, body, and each distinct
+    /// reaction with whether the asking user has it.
+    pub fn new(
+        from: String,
+        deleted: bool,
+        event: bool,
+        body: Body,
+        reactions: Vec<(String, bool)>,
+    ) -> Self {
+        let mine = reactions
+            .iter()
+            .filter(|r| r.1)
+            .map(|r| r.0.clone())
+            .collect();
+        TargetInfo {
+            from,
+            deleted,
+            event,
+            body,
+            reactions: reactions.into_iter().map(|r| r.0).collect(),
+            mine,
+        }
+    }
+}
+
 /// Rows of a page of messages, and what is known about them, assembled
 /// into [`StoredMsg`]s the same way by every store.
 pub struct PageParts {

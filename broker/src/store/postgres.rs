@@ -313,6 +313,48 @@ impl PgStore {
         Ok(())
     }
 
+    /// A page of messages (the replies to `reply_to`, if set) below
+    /// `before`, newest first, in their current state for `viewer`.
+    async fn page(
+        &self,
+        room: &str,
+        reply_to: Option<u64>,
+        before: Option<u64>,
+        limit: usize,
+        viewer: &str,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+        // Two statements rather than `reply_to IS NOT DISTINCT FROM $4`,
+        // so that a thread uses its index.
+        let which = if reply_to.is_some() {
+            "reply_to = $4"
+        } else {
+            "$4::BIGINT IS NULL"
+        };
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {PAGE_COLUMNS} FROM messages
+                     WHERE room = $1 AND {which} AND seq < $2 AND NOT deleted AND kind IS NULL
+                     ORDER BY seq DESC LIMIT $3"
+                ),
+                &[
+                    &room,
+                    &i(before.unwrap_or(u64::MAX)),
+                    &(limit as i64 + 1),
+                    &reply_to.map(i),
+                ],
+            )
+            .await?;
+        let mut page: Vec<_> = rows.iter().map(page_row).collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let c = self.client().await?;
+        let page = assemble(&c, room, page, viewer)
+            .await
+            .map_err(unavailable)?;
+        Ok((page, more))
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(unavailable)
     }
@@ -710,24 +752,7 @@ impl Store for PgStore {
         limit: usize,
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
-        let rows = self
-            .query(
-                &format!(
-                    "SELECT {PAGE_COLUMNS} FROM messages
-                     WHERE room = $1 AND seq < $2 AND NOT deleted AND kind IS NULL
-                     ORDER BY seq DESC LIMIT $3"
-                ),
-                &[&room, &i(before.unwrap_or(u64::MAX)), &(limit as i64 + 1)],
-            )
-            .await?;
-        let mut page: Vec<_> = rows.iter().map(page_row).collect();
-        let more = page.len() > limit;
-        page.truncate(limit);
-        let c = self.client().await?;
-        let page = assemble(&c, room, page, viewer)
-            .await
-            .map_err(unavailable)?;
-        Ok((page, more))
+        self.page(room, None, before, limit, viewer).await
     }
 
     async fn thread(
@@ -738,29 +763,7 @@ impl Store for PgStore {
         limit: usize,
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
-        let rows = self
-            .query(
-                &format!(
-                    "SELECT {PAGE_COLUMNS} FROM messages
-                     WHERE room = $1 AND reply_to = $2 AND seq < $3 AND NOT deleted AND kind IS NULL
-                     ORDER BY seq DESC LIMIT $4"
-                ),
-                &[
-                    &room,
-                    &i(seq),
-                    &i(before.unwrap_or(u64::MAX)),
-                    &(limit as i64 + 1),
-                ],
-            )
-            .await?;
-        let mut page: Vec<_> = rows.iter().map(page_row).collect();
-        let more = page.len() > limit;
-        page.truncate(limit);
-        let c = self.client().await?;
-        let page = assemble(&c, room, page, viewer)
-            .await
-            .map_err(unavailable)?;
-        Ok((page, more))
+        self.page(room, Some(seq), before, limit, viewer).await
     }
 
     async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError> {
@@ -802,18 +805,13 @@ impl Store for PgStore {
                 &[&room, &i(seq), &viewer],
             )
             .await?;
-        Ok(Some(TargetInfo {
-            from: r.get(0),
-            deleted: r.get(1),
-            event: r.get(2),
-            body: body_from_storage(r.get::<_, &str>(3)),
-            reactions: reactions.iter().map(|x| x.get(0)).collect(),
-            mine: reactions
-                .iter()
-                .filter(|x| x.get::<_, bool>(1))
-                .map(|x| x.get(0))
-                .collect(),
-        }))
+        Ok(Some(TargetInfo::new(
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            body_from_storage(r.get::<_, &str>(3)),
+            reactions.iter().map(|x| (x.get(0), x.get(1))).collect(),
+        )))
     }
 
     async fn search(

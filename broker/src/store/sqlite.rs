@@ -218,6 +218,48 @@ impl SqliteStore {
     }
 
     /// Run a read on one of the reader connections.
+    /// A page of messages (the replies to `reply_to`, if set) below
+    /// `before`, newest first, in their current state for `viewer`.
+    async fn page(
+        &self,
+        room: &str,
+        reply_to: Option<u64>,
+        before: Option<u64>,
+        limit: usize,
+        viewer: &str,
+    ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
+        let (room, viewer) = (room.to_string(), viewer.to_string());
+        let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+        let reply_to = reply_to.map(|s| s.min(i64::MAX as u64) as i64);
+        self.read(move |c| {
+            // Two statements rather than `reply_to IS ?` so that a thread
+            // uses its index.
+            let which = if reply_to.is_some() {
+                "reply_to = ?4"
+            } else {
+                "?4 IS NULL"
+            };
+            let mut page = c
+                .prepare_cached(&format!(
+                    "SELECT {PAGE_COLUMNS} FROM messages
+                     WHERE room = ?1 AND {which} AND seq < ?2 AND deleted = 0 AND kind IS NULL
+                     ORDER BY seq DESC LIMIT ?3"
+                ))
+                .and_then(|mut st| {
+                    st.query_map(params![room, before, limit as i64 + 1, reply_to], page_row)?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(unavailable)?;
+            let more = page.len() > limit;
+            page.truncate(limit);
+            Ok((
+                assemble(c, &room, page, &viewer).map_err(unavailable)?,
+                more,
+            ))
+        })
+        .await
+    }
+
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -820,28 +862,7 @@ impl Store for SqliteStore {
         limit: usize,
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
-        let (room, viewer) = (room.to_string(), viewer.to_string());
-        let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
-        self.read(move |c| {
-            let mut page = c
-                .prepare_cached(&format!(
-                    "SELECT {PAGE_COLUMNS} FROM messages
-                     WHERE room = ?1 AND seq < ?2 AND deleted = 0 AND kind IS NULL
-                     ORDER BY seq DESC LIMIT ?3"
-                ))
-                .and_then(|mut st| {
-                    st.query_map(params![room, before, limit as i64 + 1], page_row)?
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .map_err(unavailable)?;
-            let more = page.len() > limit;
-            page.truncate(limit);
-            Ok((
-                assemble(c, &room, page, &viewer).map_err(unavailable)?,
-                more,
-            ))
-        })
-        .await
+        self.page(room, None, before, limit, viewer).await
     }
 
     async fn thread(
@@ -852,29 +873,7 @@ impl Store for SqliteStore {
         limit: usize,
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
-        let (room, viewer) = (room.to_string(), viewer.to_string());
-        let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
-        let seq = seq.min(i64::MAX as u64) as i64;
-        self.read(move |c| {
-            let mut page = c
-                .prepare_cached(&format!(
-                    "SELECT {PAGE_COLUMNS} FROM messages
-                     WHERE room = ?1 AND reply_to = ?2 AND seq < ?3 AND deleted = 0 AND kind IS NULL
-                     ORDER BY seq DESC LIMIT ?4"
-                ))
-                .and_then(|mut st| {
-                    st.query_map(params![room, seq, before, limit as i64 + 1], page_row)?
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .map_err(unavailable)?;
-            let more = page.len() > limit;
-            page.truncate(limit);
-            Ok((
-                assemble(c, &room, page, &viewer).map_err(unavailable)?,
-                more,
-            ))
-        })
-        .await
+        self.page(room, Some(seq), before, limit, viewer).await
     }
 
     async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError> {

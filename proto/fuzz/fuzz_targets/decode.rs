@@ -26,6 +26,10 @@ fuzz_target!(|data: &[u8]| {
                         from: "u".into(),
                         ts: 0,
                         body: body.clone(),
+                        kind: None,
+                        target: None,
+                        reply_to: None,
+                        mentions: vec![],
                     };
                     for out in Encoding::ALL {
                         let b = out.encode_server(&msg).expect("an accepted body encodes");
@@ -35,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
                         ts: 0,
                         from: "u".into(),
                         body,
+                        meta: Default::default(),
                     };
                     let b = shoal_proto::bus::encode_record(&rec);
                     assert_eq!(shoal_proto::bus::decode_record(&b).ok(), Some(rec));
