@@ -162,6 +162,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
         (&Method::GET, "/api/users") => ("users", users(&state, req).await),
         (&Method::POST, "/api/publish") => ("api_publish", api_publish(&state, req, None).await),
         (&Method::GET, "/api/rooms") => ("rooms", user_rooms(&state, req).await),
+        (&Method::POST, "/api/rooms") => ("room_create", create_room(&state, req).await),
         (&Method::POST, "/api/files") => ("file_upload", upload(&state, req).await),
         (&Method::GET, p) if p.starts_with("/api/files/") => {
             let id = p["/api/files/".len()..].to_string();
@@ -184,6 +185,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
                 (&Method::GET, Some((room, "search"))) => {
                     let room = room.to_string();
                     ("search", search(&state, req, &room).await)
+                }
+                (&Method::GET, Some((room, "audit"))) => {
+                    let room = room.to_string();
+                    ("audit", audit(&state, req, &room).await)
                 }
                 (&Method::GET, Some((head, what @ ("thread" | "edits")))) => {
                     let parsed = head
@@ -595,8 +600,10 @@ fn num<T: std::str::FromStr>(q: &HashMap<String, String>, k: &str) -> Result<Opt
         .transpose()
 }
 
-/// Authenticated user allowed in `room`, and whether the room keeps history.
-fn room_access(
+/// Authenticated user allowed to read `room` (not another pair's DM, not
+/// a private room they are no member of, not banned), in a namespace that
+/// keeps history.
+async fn room_access(
     state: &AppState,
     req: &Request<Incoming>,
     room: &str,
@@ -613,7 +620,91 @@ fn room_access(
             "this namespace keeps no history",
         ));
     }
+    state
+        .hub
+        .may_read(&name, &claims.sub)
+        .await
+        .map_err(hub_error)?;
     Ok(claims)
+}
+
+/// `POST /api/rooms {room, private?, topic?}`: create a room you own
+/// (201 `{room, seq}`); 409 if it exists.
+async fn create_room(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Create {
+        room: String,
+        #[serde(default)]
+        private: bool,
+        #[serde(default)]
+        topic: Option<String>,
+    }
+    let claims = authenticate(state, &req)?;
+    let c: Create = read_json(state, req).await?;
+    let what = shoal_proto::entry::ModAction {
+        private: Some(c.private),
+        topic: c.topic,
+        ..Default::default()
+    };
+    let (room, post) = state
+        .hub
+        .moderation(
+            &c.room,
+            &claims.sub,
+            shoal_proto::EventKind::Create,
+            what,
+            &state.directory,
+        )
+        .await
+        .map_err(hub_error)?;
+    let name = RoomName::parse(&room).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let from: Arc<str> = Arc::from(claims.sub.as_str());
+    state
+        .hub
+        .publish_async(&name, &from, post, None, false, Reply::Chan(tx))
+        .await;
+    let out = rx
+        .await
+        .map_err(|_| ApiError::internal("publish reply dropped"))?
+        .map_err(hub_error)?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"room": room, "seq": out.seq, "ts": out.ts}),
+    ))
+}
+
+/// `GET /api/rooms/{room}/audit?before=&limit=`: the room's moderation
+/// entries and deletions, newest first, for its owner and admins.
+async fn audit(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
+    let claims = room_access(state, &req, room).await?;
+    let (before, limit) = page_params(&req)?;
+    if !state
+        .hub
+        .is_moderator(room, &claims.sub)
+        .await
+        .map_err(hub_error)?
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the audit log is for the room's owner and admins",
+        ));
+    }
+    let entries = state.store.audit(room, before, limit).await?;
+    let entries: Vec<_> = entries
+        .into_iter()
+        .map(|e| {
+            json!({"seq": e.msg.seq, "from": e.msg.from, "ts": e.msg.ts,
+                   "kind": e.meta.kind.map(|k| k.name()), "target": e.meta.target,
+                   "body": e.msg.body})
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"room": room, "entries": entries}),
+    ))
 }
 
 /// `?before=&limit=` of a page of messages (limit 1 to 200, default 50).
@@ -629,7 +720,7 @@ fn page_params(req: &Request<Incoming>) -> Result<(Option<u64>, usize), ApiError
 /// `GET /api/rooms/{room}/messages?before=&limit=`: a history page, newest first.
 async fn history(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
     let (before, limit) = page_params(&req)?;
-    let claims = room_access(state, &req, room)?;
+    let claims = room_access(state, &req, room).await?;
     let (messages, more) = state.hub.history(room, before, limit, &claims.sub).await?;
     Ok(json_response(
         StatusCode::OK,
@@ -645,7 +736,7 @@ async fn thread(
     room: &str,
     seq: u64,
 ) -> Result<Resp, ApiError> {
-    let claims = room_access(state, &req, room)?;
+    let claims = room_access(state, &req, room).await?;
     let (before, limit) = page_params(&req)?;
     let (messages, more) = state
         .hub
@@ -665,7 +756,7 @@ async fn edits(
     room: &str,
     seq: u64,
 ) -> Result<Resp, ApiError> {
-    let claims = room_access(state, &req, room)?;
+    let claims = room_access(state, &req, room).await?;
     match state.hub.target(room, seq, &claims.sub).await? {
         Some(t) if !t.event => {}
         _ => {
@@ -685,7 +776,7 @@ async fn edits(
 
 /// `GET /api/rooms/{room}/search?q=&limit=&offset=`: full-text search, best first.
 async fn search(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
-    room_access(state, &req, room)?;
+    room_access(state, &req, room).await?;
     let q = query(&req);
     let text = q.get("q").map(|s| s.trim()).unwrap_or("");
     if text.is_empty() || text.len() > 256 {

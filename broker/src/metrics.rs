@@ -92,9 +92,9 @@ type L1 = [(&'static str, &'static str); 1];
 type L2 = [(&'static str, &'static str); 2];
 
 /// Client frame types, for pre-created counters (index via [`client_kind_index`]).
-pub const CLIENT_KINDS: [&str; 13] = [
+pub const CLIENT_KINDS: [&str; 15] = [
     "join", "leave", "pub", "typing", "members", "history", "mark", "delete", "ping", "edit",
-    "react", "thread", "invalid",
+    "react", "thread", "create", "moderate", "invalid",
 ];
 /// Server frame types.
 pub const SERVER_KINDS: [&str; 15] = [

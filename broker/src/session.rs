@@ -17,13 +17,14 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use shoal_proto::{
-    entry::{self, EventKind},
+    entry::{self, EventKind, ModAction, Role},
     names::RoomName,
     Body, ClientFrame, CloseCode, ErrorCode, Meta, ServerFrame,
 };
 use tokio::time::Instant;
 
 use crate::{
+    clock::now_ms,
     hub::{Attach, HubError, Pending, Post, Reply, Room},
     limiter::TokenBucket,
     metrics::client_kind_index,
@@ -188,8 +189,19 @@ impl Session {
         }
     }
 
-    fn joined_room(&self, id: Option<u64>, room: &str) -> Option<Arc<Room>> {
+    fn joined_room(&mut self, id: Option<u64>, room: &str) -> Option<Arc<Room>> {
         match self.rooms.get(room) {
+            // A kick or ban removed this connection (it was told `left`).
+            Some(r) if !self.state.hub.is_attached(r, self.handle.id) => {
+                self.rooms.remove(room);
+                self.last_typing.remove(room);
+                self.reply_err(
+                    id,
+                    ErrorCode::Forbidden,
+                    format!("you were removed from `{room}`"),
+                );
+                None
+            }
             Some(r) => Some(r.clone()),
             None => {
                 self.reply_err(
@@ -204,7 +216,7 @@ impl Session {
 
     /// A joined room whose namespace is stored; otherwise answers 404
     /// ("this namespace keeps no {what}").
-    fn stored_room(&self, id: Option<u64>, room: &str, what: &str) -> Option<Arc<Room>> {
+    fn stored_room(&mut self, id: Option<u64>, room: &str, what: &str) -> Option<Arc<Room>> {
         let r = self.joined_room(id, room)?;
         if r.opts.persist {
             return Some(r);
@@ -231,7 +243,11 @@ impl Session {
                         hub.enqueue(&r, Pending::Leave(self.handle.user.clone()), Reply::None)
                             .await;
                     }
-                    self.reply(ServerFrame::Left { id, room });
+                    self.reply(ServerFrame::Left {
+                        id,
+                        room,
+                        reason: None,
+                    });
                 }
             }
             ClientFrame::Pub {
@@ -249,6 +265,9 @@ impl Session {
                         let Some(r) = self.joined_room(id, &room) else {
                             return;
                         };
+                        if let Err(e) = hub.with_acl(&r, |a| a.may_publish(&user, now_ms())) {
+                            return reply.fail(e);
+                        }
                         let meta = match hub.message_meta(&r, &user, &body, reply_to).await {
                             Ok(m) => m,
                             Err(e) => return reply.fail(e),
@@ -420,6 +439,35 @@ impl Session {
                 };
                 self.event(id, &room, seq, kind, Body::String(emoji)).await;
             }
+            ClientFrame::Create {
+                id,
+                room,
+                private,
+                topic,
+            } => {
+                let what = ModAction {
+                    private: Some(private),
+                    topic,
+                    ..ModAction::default()
+                };
+                self.moderate(id, &room, EventKind::Create, what).await;
+            }
+            ClientFrame::Moderate {
+                id,
+                room,
+                action,
+                what,
+            } => match EventKind::action(&action) {
+                Some(kind) => self.moderate(id, &room, kind, what).await,
+                None => self.reply_err(
+                    id,
+                    ErrorCode::BadRequest,
+                    format!(
+                        "unknown action `{}` (invite, kick, ban, unban, mute, unmute, role, owner, topic)",
+                        action.chars().take(32).collect::<String>()
+                    ),
+                ),
+            },
             ClientFrame::Thread {
                 id,
                 room,
@@ -465,16 +513,43 @@ impl Session {
         Some(limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize)
     }
 
+    /// Create a room, or a moderation action in one: checked (see
+    /// `hub::acl`), then sequenced as an entry of the room's log.
+    async fn moderate(&mut self, id: Option<u64>, room: &str, kind: EventKind, what: ModAction) {
+        let hub = self.state.hub.clone();
+        let reply = self.conn_reply(id);
+        match hub
+            .moderation(room, &self.handle.user, kind, what, &self.state.directory)
+            .await
+        {
+            Ok((name, post)) => match RoomName::parse(&name) {
+                Ok(n) => {
+                    hub.publish_async(&n, &self.handle.user, post, None, false, reply)
+                        .await
+                }
+                Err(e) => reply.fail((ErrorCode::BadRequest, e.to_string())),
+            },
+            Err(e) => reply.fail(e),
+        }
+    }
+
     /// An event on message `seq` of a joined, stored room: checked against
     /// what is known of the message (see `shoal_proto::entry` for the
     /// rules the store applies in log order), then sequenced like a
     /// message and acked with its own seq.
-    async fn event(&self, id: Option<u64>, room: &str, seq: u64, kind: EventKind, body: Body) {
+    async fn event(&mut self, id: Option<u64>, room: &str, seq: u64, kind: EventKind, body: Body) {
         let Some(r) = self.stored_room(id, room, "messages") else {
             return;
         };
         let hub = &self.state.hub;
         let user = &self.handle.user;
+        let moderator = match hub.with_acl(&r, |a| {
+            a.may_publish(user, now_ms())
+                .map(|()| a.role(user) >= Some(Role::Admin))
+        }) {
+            Ok(m) => m,
+            Err(e) => return self.reply_hub_err(id, e),
+        };
         let t = match hub.target(room, seq, user).await {
             Ok(Some(t)) if !t.event => t,
             Ok(_) => {
@@ -486,7 +561,7 @@ impl Session {
             }
             Err(e) => return self.store_err(id, e),
         };
-        if let Err((code, why)) = event_allowed(&t, user, kind, &body) {
+        if let Err((code, why)) = event_allowed(&t, user, moderator, kind, &body) {
             return self.reply_err(id, code, why.replace("{seq}", &seq.to_string()));
         }
         let mut meta = Meta::event(kind, seq);
@@ -555,6 +630,11 @@ impl Session {
                 Ok(r) => r,
                 Err(e) => return self.reply_hub_err(id, e),
             };
+            // Before the durable membership (attach checks again, under
+            // the room lock).
+            if let Err(e) = hub.with_acl(&r, |a| a.may_join(&self.handle.user, false, now_ms())) {
+                return self.reply_hub_err(id, e);
+            }
             let (tx, rx) = tokio::sync::oneshot::channel();
             hub.enqueue(&r, Pending::Join(self.handle.user.clone()), Reply::Chan(tx))
                 .await;
@@ -699,12 +779,17 @@ impl Session {
 fn event_allowed(
     t: &TargetInfo,
     user: &str,
+    moderator: bool,
     kind: EventKind,
     body: &Body,
 ) -> Result<(), (ErrorCode, String)> {
     let mine = t.from == user;
     match kind {
-        EventKind::Edit | EventKind::Delete if !mine => {
+        // The room's owner and admins delete anyone's messages.
+        EventKind::Delete if !mine && !moderator => {
+            Err((ErrorCode::NotFound, "no message {seq} of yours".to_string()))
+        }
+        EventKind::Edit if !mine => {
             Err((ErrorCode::NotFound, "no message {seq} of yours".to_string()))
         }
         _ if t.deleted => Err((ErrorCode::Conflict, "message {seq} was deleted".to_string())),
@@ -748,7 +833,7 @@ fn event_allowed(
                 ))
             }
         }
-        EventKind::Edit | EventKind::Delete => Ok(()),
+        _ => Ok(()),
     }
 }
 

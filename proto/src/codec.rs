@@ -272,6 +272,23 @@ mod tests {
                 room: "lobby".into(),
                 since: None,
             },
+            C::Create {
+                id: Some(7),
+                room: "team".into(),
+                private: true,
+                topic: Some("plans".into()),
+            },
+            C::Moderate {
+                id: Some(8),
+                room: "team".into(),
+                action: "ban".into(),
+                what: crate::entry::ModAction {
+                    user: Some("bob".into()),
+                    until: Some(5),
+                    reason: Some("spam".into()),
+                    ..Default::default()
+                },
+            },
             C::Leave {
                 id: Some(2),
                 room: "lobby".into(),
@@ -344,6 +361,7 @@ mod tests {
             S::Left {
                 id: None,
                 room: "lobby".into(),
+                reason: None,
             },
             S::Ack {
                 id: Some(3),

@@ -18,6 +18,11 @@
 //!   happens only under races.
 //! - A reply (`reply_to`) is a message that quotes another; mentions are
 //!   members named with `@name`, recognised by the broker.
+//! - Moderation is in the log too (PROTOCOL.md §5b): creating a room,
+//!   inviting, kicking, banning, muting, changing roles, transferring
+//!   ownership, setting the topic are entries with a [`ModAction`] body and
+//!   no `target`; every node applies them to the room's access rules when
+//!   it delivers them, and the store keeps them as the room's audit log.
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +49,90 @@ pub enum EventKind {
     Unreact,
     /// The message was deleted (the entry's body is null).
     Delete,
+    /// The room was created (body: `private`, `topic`; `from` owns it).
+    Create,
+    /// `user` may join the private room.
+    Invite,
+    /// `user` was removed from the room (may rejoin an open room).
+    Kick,
+    /// `user` was removed and may not rejoin until `until` (ms; absent:
+    /// for good).
+    Ban,
+    /// `user`'s ban was lifted.
+    Unban,
+    /// `user` may read but not publish until `until` (absent: until unmuted).
+    Mute,
+    /// `user` may publish again.
+    Unmute,
+    /// `user`'s role became `role` (`admin` or `member`).
+    Role,
+    /// `user` owns the room now; the previous owner becomes an admin.
+    Owner,
+    /// The room's topic became `topic`.
+    Topic,
+}
+
+/// The roles of a created room's members, highest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A member (of a private room: may join it).
+    Member,
+    /// May invite, kick, ban, mute members, delete any message, set the topic.
+    Admin,
+    /// The creator (or whoever it was transferred to): everything admins
+    /// may, and changes roles and transfers ownership.
+    Owner,
+}
+
+impl Role {
+    /// Name as on the wire and in storage.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    /// Parse a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "member" => Role::Member,
+            "admin" => Role::Admin,
+            "owner" => Role::Owner,
+            _ => return None,
+        })
+    }
+}
+
+/// Longest room topic, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+/// Longest moderation reason, in bytes.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// The body of a moderation entry: who it is about and the details its
+/// kind uses (the others absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModAction {
+    /// The user acted on (all kinds but `create` and `topic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// End of a ban or mute, ms since the epoch (absent: no end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+    /// The new role (`role`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// The topic (`create`, `topic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Members only (`create`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private: Option<bool>,
+    /// Why, as the moderator wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl EventKind {
@@ -54,18 +143,54 @@ impl EventKind {
             EventKind::React => "react",
             EventKind::Unreact => "unreact",
             EventKind::Delete => "delete",
+            EventKind::Create => "create",
+            EventKind::Invite => "invite",
+            EventKind::Kick => "kick",
+            EventKind::Ban => "ban",
+            EventKind::Unban => "unban",
+            EventKind::Mute => "mute",
+            EventKind::Unmute => "unmute",
+            EventKind::Role => "role",
+            EventKind::Owner => "owner",
+            EventKind::Topic => "topic",
         }
     }
 
     /// Parse a stored name.
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "edit" => EventKind::Edit,
-            "react" => EventKind::React,
-            "unreact" => EventKind::Unreact,
-            "delete" => EventKind::Delete,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Every kind.
+    pub const ALL: [EventKind; 14] = [
+        EventKind::Edit,
+        EventKind::React,
+        EventKind::Unreact,
+        EventKind::Delete,
+        EventKind::Create,
+        EventKind::Invite,
+        EventKind::Kick,
+        EventKind::Ban,
+        EventKind::Unban,
+        EventKind::Mute,
+        EventKind::Unmute,
+        EventKind::Role,
+        EventKind::Owner,
+        EventKind::Topic,
+    ];
+
+    /// A moderation entry (about the room or a user, not a message).
+    pub fn is_moderation(self) -> bool {
+        !matches!(
+            self,
+            EventKind::Edit | EventKind::React | EventKind::Unreact | EventKind::Delete
+        )
+    }
+
+    /// The moderation action a client asks for by this name (`moderate
+    /// {action}`); `create` has a frame of its own.
+    pub fn action(s: &str) -> Option<Self> {
+        Self::parse(s).filter(|k| k.is_moderation() && *k != EventKind::Create)
     }
 }
 
@@ -114,6 +239,19 @@ impl Meta {
             target: Some(target),
             ..Meta::default()
         }
+    }
+}
+
+impl ModAction {
+    /// The action a moderation entry's body holds (a body of another
+    /// shape reads as an empty action, which changes nothing).
+    pub fn from_body(body: &crate::Body) -> Self {
+        serde_json::from_value(body.clone()).unwrap_or_default()
+    }
+
+    /// As an entry body.
+    pub fn to_body(&self) -> crate::Body {
+        serde_json::to_value(self).unwrap_or_default()
     }
 }
 
@@ -265,14 +403,15 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_their_names() {
-        for k in [
-            EventKind::Edit,
-            EventKind::React,
-            EventKind::Unreact,
-            EventKind::Delete,
-        ] {
+        for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.name()), Some(k));
+            let json = serde_json::to_string(&k).expect("json");
+            assert_eq!(json, format!("\"{}\"", k.name()));
         }
         assert_eq!(EventKind::parse("nope"), None);
+        assert_eq!(EventKind::action("kick"), Some(EventKind::Kick));
+        assert_eq!(EventKind::action("create"), None);
+        assert_eq!(EventKind::action("edit"), None);
+        assert!(Role::Owner > Role::Admin && Role::Admin > Role::Member);
     }
 }

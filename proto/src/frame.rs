@@ -103,6 +103,36 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
+    /// Create a room with an owner (you): `private` rooms admit members
+    /// only. Sequenced: acked with the seq of the `create` entry.
+    Create {
+        /// Request id, echoed in the `ack` or `error`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// Members only.
+        #[serde(default)]
+        private: bool,
+        /// Topic.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+    },
+    /// A moderation action in a created room (`invite`, `kick`, `ban`,
+    /// `unban`, `mute`, `unmute`, `role`, `owner`, `topic`), by its owner
+    /// or an admin. Sequenced: acked with the seq of its entry.
+    Moderate {
+        /// Request id, echoed in the `ack` or `error`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// Room name.
+        room: String,
+        /// What to do.
+        action: String,
+        /// Who to do it to, and the details the action takes.
+        #[serde(flatten)]
+        what: crate::entry::ModAction,
+    },
     /// "I am typing" in a room. Forwarded, never stored.
     Typing {
         /// Request id (only echoed on error).
@@ -178,6 +208,8 @@ impl ClientFrame {
             | ClientFrame::Edit { id, .. }
             | ClientFrame::React { id, .. }
             | ClientFrame::Thread { id, .. }
+            | ClientFrame::Create { id, .. }
+            | ClientFrame::Moderate { id, .. }
             | ClientFrame::Ping { id } => *id,
         }
     }
@@ -196,6 +228,8 @@ impl ClientFrame {
             ClientFrame::Edit { .. } => "edit",
             ClientFrame::React { .. } => "react",
             ClientFrame::Thread { .. } => "thread",
+            ClientFrame::Create { .. } => "create",
+            ClientFrame::Moderate { .. } => "moderate",
             ClientFrame::Ping { .. } => "ping",
         }
     }
@@ -308,13 +342,17 @@ pub enum ServerFrame {
         /// (0 for an empty room).
         seq: u64,
     },
-    /// Reply to `leave`.
+    /// Reply to `leave`; without `id`, you were removed from the room
+    /// (`reason`: `kicked` or `banned`).
     Left {
         /// Request id of the `leave`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         /// Room name.
         room: String,
+        /// Why you were removed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// A published message was accepted and sequenced.
     Ack {

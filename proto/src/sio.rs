@@ -98,6 +98,8 @@ pub fn frame_type(event: &str) -> Option<&'static str> {
         "edit" => "edit",
         "react" => "react",
         "thread" => "thread",
+        "create" => "create",
+        "moderate" => "moderate",
         "ping" => "ping",
         _ => return None,
     })
@@ -112,6 +114,8 @@ pub fn positional_fields(t: &str) -> &'static [&'static str] {
         "edit" => &["room", "seq", "body"],
         "react" => &["room", "seq", "emoji", "on"],
         "thread" => &["room", "seq", "before", "limit"],
+        "create" => &["room", "private", "topic"],
+        "moderate" => &["room", "action", "user"],
         "history" => &["room", "before", "limit"],
         "mark" => &["room", "seq", "state"],
         "delete" => &["room", "seq"],

@@ -136,7 +136,7 @@ impl Hub {
         }
         // Direct messages reach the parties through their user channels.
         if room.dm.is_none() {
-            self.deliver_locked(room, &st, seq, ts, from, body, meta);
+            self.deliver_locked(room, &mut st, seq, ts, from, body, meta);
         }
         None
     }

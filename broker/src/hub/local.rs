@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Instant};
 
 use tokio::sync::oneshot;
 
-use shoal_proto::{Body, ErrorCode, Meta, ServerFrame};
+use shoal_proto::{entry::ModAction, Body, ErrorCode, EventKind, Meta, ServerFrame};
 
 use super::{
     check_publish, cid_key, cid_owner, now_ms, Hub, HubError, Item, Job, JobPermit, Pending, Post,
@@ -140,7 +140,7 @@ impl Hub {
             return Ok(());
         }
         st.order.commit(seq);
-        let recipients = self.deliver_locked(room, &st, seq, ts, from, body, meta);
+        let recipients = self.deliver_locked(room, &mut st, seq, ts, from, body, meta);
         drop(st);
         self.metrics
             .publish_seconds
@@ -154,11 +154,15 @@ impl Hub {
         Ok(())
     }
 
+    /// Deliver entry `seq` to the room's audience; a moderation entry also
+    /// changes the room's access rules, and a kick or ban then removes the
+    /// user's connections here (they are told `left {reason}` after the
+    /// entry itself).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn deliver_locked(
         &self,
         room: &Room,
-        st: &RoomState,
+        st: &mut RoomState,
         seq: u64,
         ts: u64,
         from: &str,
@@ -166,8 +170,20 @@ impl Hub {
         meta: Meta,
     ) -> usize {
         let started = Instant::now();
+        let moderation = meta
+            .kind
+            .filter(|k| k.is_moderation())
+            .map(|k| (k, ModAction::from_body(&body)));
         let f = ServerFrame::entry(room.name.to_string(), seq, from.to_string(), ts, body, meta);
         let n = self.send_to_room(room, st, &f, |_| true);
+        if let Some((kind, what)) = moderation {
+            st.acl.apply(kind, from, &what);
+            if let (EventKind::Kick | EventKind::Ban, Some(user)) = (kind, what.user.as_deref()) {
+                if st.acl.role(user) != Some(shoal_proto::entry::Role::Owner) {
+                    self.remove_user(room, st, user, kind.name());
+                }
+            }
+        }
         self.metrics.deliveries.inc_by(n as u64);
         self.metrics
             .fanout_seconds
@@ -192,7 +208,7 @@ impl Hub {
     ) -> usize {
         let mut st = room.state.lock();
         st.order.commit(seq);
-        self.deliver_locked(room, &st, seq, ts, from, body, meta)
+        self.deliver_locked(room, &mut st, seq, ts, from, body, meta)
     }
 
     /// Group-commit side: a commit failed; take back every seq not committed yet

@@ -20,6 +20,8 @@
 //!   resync;
 //! - `ops`: the operations that differ between one node and a cluster,
 //!   decided there so that nothing outside the hub asks;
+//! - `acl`: who may do what in a room (owner, roles, bans, mutes),
+//!   changed only by the room's moderation entries as they are delivered;
 //! - `error`: [`HubError`], every refusal.
 
 use std::{
@@ -47,6 +49,7 @@ pub const MAX_CID_LEN: usize = 64;
 /// Client message ids remembered per room (oldest forgotten first).
 pub const MAX_CIDS_PER_ROOM: usize = 4096;
 
+pub mod acl;
 mod cluster;
 mod local;
 mod ops;
@@ -444,6 +447,13 @@ impl Hub {
             let opts = self.namespaces.get(name.namespace);
             if let Some(bus) = self.bus() {
                 let head = bus.subscribe(name.full).await.map_err(bus_unavailable)?;
+                let acl = match self.load_acl(name.full, opts.persist, head).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        bus.unsubscribe(name.full);
+                        return Err(unavailable(e));
+                    }
+                };
                 let mut sh = self.rooms[idx].lock();
                 if let Some(r) = sh.map.get(name.full) {
                     bus.unsubscribe(name.full);
@@ -453,14 +463,22 @@ impl Hub {
                     bus.unsubscribe(name.full);
                     continue;
                 }
-                return Ok(self.insert_room(&mut sh, name, opts, head, RoomState::default()));
+                let mut st = RoomState::default();
+                st.acl = acl;
+                return Ok(self.insert_room(&mut sh, name, opts, head, st));
             }
-            let head = if opts.persist {
+            let (head, acl) = if opts.persist {
                 let since = now_ms().saturating_sub(self.cid_window.as_millis() as u64);
-                self.store
+                let head = self
+                    .store
                     .room_head(name.full, since)
                     .await
-                    .map_err(unavailable)?
+                    .map_err(unavailable)?;
+                let acl = self
+                    .load_acl(name.full, true, head.last_seq)
+                    .await
+                    .map_err(unavailable)?;
+                (head, acl)
             } else {
                 Default::default()
             };
@@ -472,6 +490,7 @@ impl Hub {
                 continue;
             }
             let mut st = RoomState::default();
+            st.acl = acl;
             let window = self.cid_window.as_millis() as u64;
             for c in head.cids.into_iter().rev() {
                 st.remember_cid(
@@ -541,6 +560,7 @@ impl Hub {
                 return Ok(Attach::Behind(st.order.committed()));
             }
         }
+        st.acl.may_join(&conn.user, false, now_ms())?;
         if st.members.len() >= room.opts.max_members {
             return Err(HubError::from((ErrorCode::Conflict, "room is full".into())));
         }
@@ -603,6 +623,62 @@ impl Hub {
         }
         drop(st);
         self.maybe_evict(room);
+    }
+
+    /// Remove every connection of `user` on this node from the room (a
+    /// kick or a ban): each is told `left {reason}`; presence goes as for
+    /// a leave. Called with the room locked, as the entry is delivered.
+    fn remove_user(&self, room: &Room, st: &mut RoomState, user: &str, reason: &str) {
+        let ids: Vec<u64> = st
+            .members
+            .values()
+            .filter(|c| &*c.user == user)
+            .map(|c| c.id)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let left = ServerFrame::Left {
+            id: None,
+            room: room.name.to_string(),
+            reason: Some(reason.to_string()),
+        };
+        for id in ids {
+            if let Some(c) = st.members.remove(&id) {
+                self.metrics.room_members.dec();
+                c.send(&left);
+            }
+        }
+        let Some((user, _)) = st.users.remove_entry(user) else {
+            return;
+        };
+        if room.opts.presence {
+            match self.bus() {
+                Some(bus) => bus.presence(PresenceOp::Leave {
+                    room: room.name.clone(),
+                    user,
+                }),
+                None => {
+                    let f = ServerFrame::Presence {
+                        room: room.name.to_string(),
+                        user: user.to_string(),
+                        online: false,
+                    };
+                    broadcast(st, &f, |_| true, &self.metrics);
+                }
+            }
+        }
+    }
+
+    /// Whether connection `conn` is still a member (a kick or a ban
+    /// removes it without its session knowing).
+    pub fn is_attached(&self, room: &Room, conn: u64) -> bool {
+        room.state.lock().members.contains_key(&conn)
+    }
+
+    /// Read the room's access rules (under its lock, briefly).
+    pub fn with_acl<T>(&self, room: &Room, f: impl FnOnce(&acl::Acl) -> T) -> T {
+        f(&room.state.lock().acl)
     }
 
     /// Free a room with no members and nothing in flight. Its head is in

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use shoal_proto::{
     codec::body_text,
-    entry::{self, ReplyRef, Version},
+    entry::{self, ModAction, ReplyRef, Version},
     names::RoomName,
     Body, ErrorCode, EventKind, Meta, StoredMsg,
 };
@@ -381,6 +381,45 @@ impl Hub {
         Ok(info)
     }
 
+    /// A room's access rules as of seq `head`: the store's, and in a
+    /// cluster the moderation entries the archive has not copied yet,
+    /// folded in from the hot history (every page: an incomplete fold
+    /// would open a private room). Rooms of a namespace without storage
+    /// are open.
+    pub(super) async fn load_acl(
+        &self,
+        room: &str,
+        persist: bool,
+        head: u64,
+    ) -> Result<super::acl::Acl, StoreError> {
+        if !persist {
+            return Ok(Default::default());
+        }
+        let stored = self.store.room_acl(room).await?;
+        let mut acl = stored.map(super::acl::Acl::from).unwrap_or_default();
+        let Some(bus) = self.bus().filter(|_| self.shared_store()) else {
+            return Ok(acl);
+        };
+        let unavailable = |e: crate::bus::BusError| StoreError::Unavailable(e.to_string());
+        let mut after = self.store.room_head(room, u64::MAX).await?.last_seq;
+        while after < head {
+            let page = bus
+                .replay(room, after, head, REPLAY_PAGE)
+                .await
+                .map_err(unavailable)?;
+            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
+                break;
+            };
+            for e in page.entries {
+                if let Some(kind) = e.meta.kind.filter(|k| k.is_moderation()) {
+                    acl.apply(kind, &e.msg.from, &ModAction::from_body(&e.msg.body));
+                }
+            }
+            after = last;
+        }
+        Ok(acl)
+    }
+
     /// The cluster's health: None on one node, else whether the bus is up
     /// (on a Redis Cluster: any shard answers).
     pub fn cluster_health(&self) -> Option<bool> {
@@ -409,4 +448,141 @@ impl Hub {
             _ => Registry::Store(self.store.clone()),
         }
     }
+}
+
+impl Hub {
+    /// Check a room creation or a moderation action by `actor` and build
+    /// its entry (rules in `acl`); the caller sequences it.
+    pub async fn moderation(
+        &self,
+        room: &str,
+        actor: &str,
+        kind: EventKind,
+        what: ModAction,
+        directory: &crate::directory::Directory,
+    ) -> Result<(String, Post), HubError> {
+        let bad = |m: String| HubError::new(ErrorCode::BadRequest, m);
+        let name = self.check_access(room, actor)?;
+        if name.dm.is_some() {
+            return Err(bad(
+                "direct-message rooms have no owners or moderators".into()
+            ));
+        }
+        if !self.persists(&name) {
+            return Err(bad(
+                "this namespace keeps no state: its rooms cannot be created or moderated".into(),
+            ));
+        }
+        if self.history_is_hot_only() {
+            return Err(bad(
+                "rooms are created and moderated with a store the cluster shares (--store postgres)".into(),
+            ));
+        }
+        let text_ok = |t: &str, max: usize| t.len() <= max && !t.chars().any(char::is_control);
+        if what
+            .topic
+            .as_deref()
+            .is_some_and(|t| !text_ok(t, entry::MAX_TOPIC_LEN))
+        {
+            return Err(bad(format!(
+                "a topic is at most {} bytes, without control characters",
+                entry::MAX_TOPIC_LEN
+            )));
+        }
+        if what
+            .reason
+            .as_deref()
+            .is_some_and(|t| !text_ok(t, entry::MAX_REASON_LEN))
+        {
+            return Err(bad(format!(
+                "a reason is at most {} bytes, without control characters",
+                entry::MAX_REASON_LEN
+            )));
+        }
+        if what.until.is_some_and(|u| u <= crate::clock::now_ms()) {
+            return Err(bad("`until` is in the past".into()));
+        }
+        if let Some(u) = what.user.as_deref() {
+            shoal_proto::names::validate_user(u).map_err(|e| bad(format!("user `{u}`: {e}")))?;
+        }
+        let r = self.ensure_room(&name).await?;
+        if kind == EventKind::Create {
+            let (created, committed) = {
+                let st = r.state.lock();
+                (st.acl.created(), st.order.committed())
+            };
+            if created || committed > 0 {
+                return Err(HubError::new(
+                    ErrorCode::Conflict,
+                    format!("room `{room}` exists already; pick another name"),
+                ));
+            }
+        } else {
+            self.with_acl(&r, |a| a.may_act(actor, false, kind, &what))?;
+        }
+        if kind == EventKind::Invite {
+            let user = what.user.as_deref().unwrap_or_default();
+            match directory.exists(user).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(HubError::new(
+                        ErrorCode::NotFound,
+                        format!("no user `{user}`"),
+                    ))
+                }
+                Err(e) => return Err(unavailable_store(e)),
+            }
+        }
+        Ok((
+            name.full.to_string(),
+            Post {
+                body: what.to_body(),
+                meta: Meta {
+                    kind: Some(kind),
+                    ..Meta::default()
+                },
+            },
+        ))
+    }
+}
+
+impl Hub {
+    /// May `user` read room `name` (join it, or its history, files,
+    /// search over REST)? Checked against the room's access rules in
+    /// memory, or as stored if it is not loaded here.
+    pub async fn may_read(&self, name: &RoomName<'_>, user: &str) -> Result<(), HubError> {
+        let now = crate::clock::now_ms();
+        if let Some(r) = self.room(name.full) {
+            return self.with_acl(&r, |a| a.may_join(user, false, now));
+        }
+        if !self.persists(name) {
+            return Ok(());
+        }
+        let head = match self.bus() {
+            Some(bus) => bus
+                .head(name.full)
+                .await
+                .map_err(super::cluster::bus_unavailable)?,
+            None => 0,
+        };
+        let acl = self
+            .load_acl(name.full, true, head)
+            .await
+            .map_err(unavailable_store)?;
+        acl.may_join(user, false, now)
+    }
+
+    /// Whether `user` owns or administers `room`.
+    pub async fn is_moderator(&self, room: &str, user: &str) -> Result<bool, HubError> {
+        let name = self.check_access(room, user)?;
+        let r = self.ensure_room(&name).await?;
+        let yes = self.with_acl(&r, |a| a.role(user) >= Some(entry::Role::Admin));
+        self.maybe_evict(&r);
+        Ok(yes)
+    }
+}
+
+fn unavailable_store(e: StoreError) -> HubError {
+    tracing::warn!(error = %e, "store read failed");
+    HubError::new(ErrorCode::Unavailable, "storage unavailable; retry later")
 }

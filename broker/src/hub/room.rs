@@ -162,6 +162,9 @@ pub(super) struct RoomState {
     /// `user \0 cid` -> (seq, ts), with insertion order for expiry.
     pub(super) cids: HashMap<String, (u64, u64)>,
     cid_order: VecDeque<(String, u64)>,
+    /// Who may do what (changed by the room's moderation entries, applied
+    /// as they are delivered).
+    pub(super) acl: super::acl::Acl,
 }
 
 impl RoomState {

@@ -171,6 +171,61 @@ pub struct RoomSummary {
     pub mentions: u64,
 }
 
+/// A room's access rules as stored (`hub::acl::Acl` in memory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AclRecord {
+    /// Members only.
+    pub private: bool,
+    /// Owner.
+    pub owner: String,
+    /// Topic.
+    pub topic: String,
+    /// Admins, and a private room's members.
+    pub roles: Vec<(String, shoal_proto::entry::Role)>,
+    /// Bans (end in ms; None: for good).
+    pub bans: Vec<(String, Option<u64>)>,
+    /// Mutes (end in ms; None: until unmuted).
+    pub mutes: Vec<(String, Option<u64>)>,
+}
+
+impl AclRecord {
+    /// From stored rows: roles, and sanctions as (user, `ban`|`mute`, end).
+    pub fn new(
+        private: bool,
+        owner: String,
+        topic: String,
+        roles: Vec<(String, shoal_proto::entry::Role)>,
+        sanctions: Vec<(String, String, Option<u64>)>,
+    ) -> Self {
+        let (mut bans, mut mutes) = (vec![], vec![]);
+        for (user, kind, until) in sanctions {
+            match kind.as_str() {
+                "ban" => bans.push((user, until)),
+                _ => mutes.push((user, until)),
+            }
+        }
+        AclRecord {
+            private,
+            owner,
+            topic,
+            roles,
+            bans,
+            mutes,
+        }
+    }
+}
+
+/// The kinds of entry an audit log lists (SQL list of quoted names):
+/// moderation, and deletions.
+pub fn audit_kinds() -> String {
+    shoal_proto::EventKind::ALL
+        .iter()
+        .filter(|k| k.is_moderation() || **k == shoal_proto::EventKind::Delete)
+        .map(|k| format!("'{}'", k.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What a request about one entry (edit, react, reply, delete) needs to
 /// know of it before it is sequenced.
 #[derive(Debug, Clone, PartialEq)]
@@ -352,6 +407,16 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError>;
+    /// A created room's access rules (None: never created, an open room).
+    async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError>;
+    /// The room's moderation entries (and deletions), newest first, below
+    /// `before`: its audit log.
+    async fn audit(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReplayEntry>, StoreError>;
     /// Previous versions of an edited message, oldest first.
     async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError>;
     /// What is stored of entry `seq` (None: no such entry, or removed by

@@ -17,14 +17,15 @@ use async_trait::async_trait;
 use deadpool_postgres::{Pool, Runtime};
 use shoal_proto::{
     codec::{body_from_storage, meta_from_storage, meta_to_storage},
-    entry::Version,
+    entry::{ModAction, Role, Version},
     EventKind, MarkState, Meta, Receipt, StoredMsg,
 };
 use tokio_postgres::{types::ToSql, NoTls, Row};
 
 use super::{
-    CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay, ReplayEntry, RetentionPolicy,
-    RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord, WriteOp,
+    audit_kinds, AclRecord, CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay,
+    ReplayEntry, RetentionPolicy, RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord,
+    WriteOp,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -106,6 +107,27 @@ const MIGRATIONS: &[&str] = &[
         seq BIGINT NOT NULL,
         PRIMARY KEY (usr, room, seq)
     );",
+    // Created rooms' access rules; see the SQLite store's migration.
+    "CREATE TABLE room_acl (
+        name TEXT PRIMARY KEY,
+        private BOOLEAN NOT NULL,
+        owner TEXT NOT NULL,
+        topic TEXT NOT NULL
+    );
+    CREATE TABLE room_roles (
+        room TEXT NOT NULL,
+        usr TEXT NOT NULL,
+        role TEXT NOT NULL,
+        PRIMARY KEY (room, usr)
+    );
+    CREATE TABLE room_sanctions (
+        room TEXT NOT NULL,
+        usr TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        until_ms BIGINT,
+        PRIMARY KEY (room, usr, kind)
+    );
+    CREATE INDEX messages_by_kind ON messages (room, kind, seq) WHERE kind IS NOT NULL;",
 ];
 
 /// Columns of a history row: `stored`'s four, then edited_ts, meta.
@@ -205,14 +227,158 @@ async fn apply_event(
             tx.execute(&st, &[&room, &target, &from, &text]).await?;
         }
         EventKind::Delete => {
+            // By its sender, or by the room's owner or an admin.
             let st = tx
                 .prepare_cached(
                     "UPDATE messages SET deleted = true, search = NULL
-                     WHERE room = $1 AND seq = $2 AND sender = $3 AND kind IS NULL",
+                     WHERE room = $1 AND seq = $2 AND kind IS NULL AND (sender = $3
+                       OR $3 IN (SELECT owner FROM room_acl WHERE name = $1)
+                       OR $3 IN (SELECT usr FROM room_roles WHERE room = $1 AND role = 'admin'))",
                 )
                 .await?;
             tx.execute(&st, &[&room, &target, &from]).await?;
         }
+        // Moderation has no target message: see `apply_moderation`.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Apply a moderation entry to the room's access rules, as
+/// `hub::acl::Acl::apply` does in memory.
+async fn apply_moderation(
+    tx: &deadpool_postgres::Transaction<'_>,
+    m: &NewMsg,
+    kind: EventKind,
+) -> Result<(), tokio_postgres::Error> {
+    let a = ModAction::from_body(&body_from_storage(&m.body));
+    let (room, from) = (&*m.room, &*m.from);
+    let owner: Option<String> = tx
+        .query_opt("SELECT owner FROM room_acl WHERE name = $1", &[&room])
+        .await?
+        .map(|r| r.get(0));
+    let Some(user) = a.user.as_deref() else {
+        match kind {
+            EventKind::Create if owner.is_none() => {
+                tx.execute(
+                    "INSERT INTO room_acl (name, private, owner, topic) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        &room,
+                        &a.private.unwrap_or(false),
+                        &from,
+                        &a.topic.as_deref().unwrap_or(""),
+                    ],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO members (usr, room) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&from, &room],
+                )
+                .await?;
+            }
+            EventKind::Topic => {
+                tx.execute(
+                    "UPDATE room_acl SET topic = $2 WHERE name = $1",
+                    &[&room, &a.topic.as_deref().unwrap_or("")],
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        return Ok(());
+    };
+    let is_owner = owner.as_deref() == Some(user);
+    let until = a.until.map(i);
+    match kind {
+        EventKind::Invite if !is_owner => {
+            tx.execute(
+                "INSERT INTO room_roles (room, usr, role) VALUES ($1, $2, 'member') ON CONFLICT DO NOTHING",
+                &[&room, &user],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM room_sanctions WHERE room = $1 AND usr = $2 AND kind = 'ban'",
+                &[&room, &user],
+            )
+            .await?;
+        }
+        EventKind::Kick | EventKind::Ban if !is_owner => {
+            tx.execute(
+                "DELETE FROM room_roles WHERE room = $1 AND usr = $2",
+                &[&room, &user],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM members WHERE room = $1 AND usr = $2",
+                &[&room, &user],
+            )
+            .await?;
+            if kind == EventKind::Ban {
+                tx.execute(
+                    "INSERT INTO room_sanctions (room, usr, kind, until_ms) VALUES ($1, $2, 'ban', $3)
+                     ON CONFLICT (room, usr, kind) DO UPDATE SET until_ms = excluded.until_ms",
+                    &[&room, &user, &until],
+                )
+                .await?;
+            }
+        }
+        EventKind::Mute if !is_owner => {
+            tx.execute(
+                "INSERT INTO room_sanctions (room, usr, kind, until_ms) VALUES ($1, $2, 'mute', $3)
+                 ON CONFLICT (room, usr, kind) DO UPDATE SET until_ms = excluded.until_ms",
+                &[&room, &user, &until],
+            )
+            .await?;
+        }
+        EventKind::Unban | EventKind::Unmute => {
+            let k = if kind == EventKind::Unban {
+                "ban"
+            } else {
+                "mute"
+            };
+            tx.execute(
+                "DELETE FROM room_sanctions WHERE room = $1 AND usr = $2 AND kind = $3",
+                &[&room, &user, &k],
+            )
+            .await?;
+        }
+        EventKind::Role if !is_owner => {
+            if let Some(r) = a.role.filter(|r| *r != Role::Owner) {
+                tx.execute(
+                    "INSERT INTO room_roles (room, usr, role) VALUES ($1, $2, $3)
+                     ON CONFLICT (room, usr) DO UPDATE SET role = excluded.role",
+                    &[&room, &user, &r.name()],
+                )
+                .await?;
+            }
+        }
+        EventKind::Owner if owner.is_some() && !is_owner => {
+            if let Some(old) = &owner {
+                tx.execute(
+                    "INSERT INTO room_roles (room, usr, role) VALUES ($1, $2, 'admin')
+                     ON CONFLICT (room, usr) DO UPDATE SET role = 'admin'",
+                    &[&room, &old],
+                )
+                .await?;
+            }
+            tx.execute(
+                "DELETE FROM room_roles WHERE room = $1 AND usr = $2",
+                &[&room, &user],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM room_sanctions WHERE room = $1 AND usr = $2",
+                &[&room, &user],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE room_acl SET owner = $2 WHERE name = $1",
+                &[&room, &user],
+            )
+            .await?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -391,7 +557,7 @@ async fn apply_op(
                 )
                 .await?;
             let event = m.meta.kind.zip(m.meta.target);
-            let search = if event.is_some() {
+            let search = if m.meta.kind.is_some() {
                 String::new()
             } else {
                 searchable(m.text.as_deref().unwrap_or(""))
@@ -417,8 +583,12 @@ async fn apply_op(
                 > 0;
             // The archiver may copy an entry twice: its effects only once.
             if inserted {
-                if let Some((kind, target)) = event {
-                    apply_event(tx, m, kind, target).await?;
+                match (m.meta.kind, event) {
+                    (Some(kind), _) if kind.is_moderation() => {
+                        apply_moderation(tx, m, kind).await?
+                    }
+                    (_, Some((kind, target))) => apply_event(tx, m, kind, target).await?,
+                    _ => {}
                 }
                 let st = tx
                     .prepare_cached(
@@ -764,6 +934,77 @@ impl Store for PgStore {
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
         self.page(room, Some(seq), before, limit, viewer).await
+    }
+
+    async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError> {
+        let head = self
+            .query(
+                "SELECT private, owner, topic FROM room_acl WHERE name = $1",
+                &[&room],
+            )
+            .await?;
+        let Some(h) = head.first() else {
+            return Ok(None);
+        };
+        let roles = self
+            .query("SELECT usr, role FROM room_roles WHERE room = $1", &[&room])
+            .await?
+            .iter()
+            .filter_map(|r| Some((r.get::<_, String>(0), Role::parse(r.get::<_, &str>(1))?)))
+            .collect();
+        let sanctions = self
+            .query(
+                "SELECT usr, kind, until_ms FROM room_sanctions WHERE room = $1",
+                &[&room],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get::<_, Option<i64>>(2).map(|u| u as u64),
+                )
+            })
+            .collect();
+        Ok(Some(AclRecord::new(
+            h.get(0),
+            h.get(1),
+            h.get(2),
+            roles,
+            sanctions,
+        )))
+    }
+
+    async fn audit(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReplayEntry>, StoreError> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT seq, sender, ts, body, kind, target FROM messages
+                     WHERE room = $1 AND seq < $2 AND kind IN ({})
+                     ORDER BY seq DESC LIMIT $3",
+                    audit_kinds()
+                ),
+                &[&room, &i(before.unwrap_or(u64::MAX)), &(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ReplayEntry {
+                msg: stored(r),
+                deleted: false,
+                meta: meta_from_storage(
+                    None,
+                    r.get::<_, Option<&str>>(4),
+                    r.get::<_, Option<i64>>(5).map(|t| t as u64),
+                ),
+            })
+            .collect())
     }
 
     async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError> {

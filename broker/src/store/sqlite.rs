@@ -19,13 +19,14 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use shoal_proto::{
     codec::{body_from_storage, meta_from_storage, meta_to_storage},
-    entry::Version,
+    entry::{ModAction, Role, Version},
     EventKind, MarkState, Meta, Receipt, StoredMsg,
 };
 
 use super::{
-    CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay, ReplayEntry, RetentionPolicy,
-    RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord, WriteOp,
+    audit_kinds, AclRecord, CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay,
+    ReplayEntry, RetentionPolicy, RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord,
+    WriteOp,
 };
 
 /// Reader connections (replay, history, search, listings).
@@ -116,6 +117,29 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL,
         PRIMARY KEY (user, room, seq)
     ) WITHOUT ROWID;",
+    // Created rooms' access rules (shoal_proto::entry::ModAction entries,
+    // applied as hub::acl::Acl does): owner, privacy, topic; roles below
+    // owner (admins, private rooms' members); bans and mutes.
+    "CREATE TABLE room_acl (
+        name TEXT PRIMARY KEY NOT NULL,
+        private INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        topic TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE room_roles (
+        room TEXT NOT NULL,
+        user TEXT NOT NULL,
+        role TEXT NOT NULL,
+        PRIMARY KEY (room, user)
+    ) WITHOUT ROWID;
+    CREATE TABLE room_sanctions (
+        room TEXT NOT NULL,
+        user TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        until_ms INTEGER,
+        PRIMARY KEY (room, user, kind)
+    ) WITHOUT ROWID;
+    CREATE INDEX messages_by_kind ON messages (room, kind, seq) WHERE kind IS NOT NULL;",
 ];
 
 /// SQLite-backed [`Store`].
@@ -428,10 +452,13 @@ fn apply_event(
             ])?;
         }
         EventKind::Delete => {
+            // By its sender, or by the room's owner or an admin.
             let id: Option<i64> = tx
                 .prepare_cached(
-                    "SELECT id FROM messages WHERE room = ?1 AND seq = ?2 AND sender = ?3
-                     AND deleted = 0 AND kind IS NULL",
+                    "SELECT id FROM messages WHERE room = ?1 AND seq = ?2 AND deleted = 0
+                     AND kind IS NULL AND (sender = ?3
+                       OR ?3 IN (SELECT owner FROM room_acl WHERE name = ?1)
+                       OR ?3 IN (SELECT user FROM room_roles WHERE room = ?1 AND role = 'admin'))",
                 )?
                 .query_row(params![room, target, &*m.from], |r| r.get(0))
                 .optional()?;
@@ -442,6 +469,127 @@ fn apply_event(
                     .execute([id])?;
             }
         }
+        // Moderation has no target message: see `apply_moderation`.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Apply a moderation entry to the room's access rules, as
+/// `hub::acl::Acl::apply` does in memory.
+fn apply_moderation(
+    tx: &rusqlite::Transaction<'_>,
+    m: &NewMsg,
+    kind: EventKind,
+) -> rusqlite::Result<()> {
+    let a = ModAction::from_body(&body_from_storage(&m.body));
+    let room = &*m.room;
+    let owner: Option<String> = tx
+        .prepare_cached("SELECT owner FROM room_acl WHERE name = ?1")?
+        .query_row([room], |r| r.get(0))
+        .optional()?;
+    let Some(user) = a.user.as_deref() else {
+        match kind {
+            EventKind::Create if owner.is_none() => {
+                tx.prepare_cached(
+                    "INSERT INTO room_acl (name, private, owner, topic) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    room,
+                    a.private.unwrap_or(false),
+                    &*m.from,
+                    a.topic.as_deref().unwrap_or("")
+                ])?;
+                tx.prepare_cached("INSERT OR IGNORE INTO members (user, room) VALUES (?1, ?2)")?
+                    .execute(params![&*m.from, room])?;
+            }
+            EventKind::Topic => {
+                tx.prepare_cached("UPDATE room_acl SET topic = ?2 WHERE name = ?1")?
+                    .execute(params![room, a.topic.as_deref().unwrap_or("")])?;
+            }
+            _ => {}
+        }
+        return Ok(());
+    };
+    let is_owner = owner.as_deref() == Some(user);
+    let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<()> {
+        tx.prepare_cached(sql)?.execute(p).map(|_| ())
+    };
+    let until = a.until.map(|u| u.min(i64::MAX as u64) as i64);
+    match kind {
+        EventKind::Invite if !is_owner => {
+            exec(
+                "INSERT OR IGNORE INTO room_roles (room, user, role) VALUES (?1, ?2, 'member')",
+                params![room, user],
+            )?;
+            exec(
+                "DELETE FROM room_sanctions WHERE room = ?1 AND user = ?2 AND kind = 'ban'",
+                params![room, user],
+            )?;
+        }
+        EventKind::Kick | EventKind::Ban if !is_owner => {
+            exec(
+                "DELETE FROM room_roles WHERE room = ?1 AND user = ?2",
+                params![room, user],
+            )?;
+            exec(
+                "DELETE FROM members WHERE room = ?1 AND user = ?2",
+                params![room, user],
+            )?;
+            if kind == EventKind::Ban {
+                exec(
+                    "INSERT OR REPLACE INTO room_sanctions (room, user, kind, until_ms)
+                     VALUES (?1, ?2, 'ban', ?3)",
+                    params![room, user, until],
+                )?;
+            }
+        }
+        EventKind::Mute if !is_owner => exec(
+            "INSERT OR REPLACE INTO room_sanctions (room, user, kind, until_ms)
+             VALUES (?1, ?2, 'mute', ?3)",
+            params![room, user, until],
+        )?,
+        EventKind::Unban | EventKind::Unmute => exec(
+            "DELETE FROM room_sanctions WHERE room = ?1 AND user = ?2 AND kind = ?3",
+            params![
+                room,
+                user,
+                if kind == EventKind::Unban {
+                    "ban"
+                } else {
+                    "mute"
+                }
+            ],
+        )?,
+        EventKind::Role if !is_owner => {
+            if let Some(r) = a.role.filter(|r| *r != Role::Owner) {
+                exec(
+                    "INSERT OR REPLACE INTO room_roles (room, user, role) VALUES (?1, ?2, ?3)",
+                    params![room, user, r.name()],
+                )?;
+            }
+        }
+        EventKind::Owner if owner.is_some() && !is_owner => {
+            if let Some(old) = &owner {
+                exec(
+                    "INSERT OR REPLACE INTO room_roles (room, user, role) VALUES (?1, ?2, 'admin')",
+                    params![room, old],
+                )?;
+            }
+            exec(
+                "DELETE FROM room_roles WHERE room = ?1 AND user = ?2",
+                params![room, user],
+            )?;
+            exec(
+                "DELETE FROM room_sanctions WHERE room = ?1 AND user = ?2",
+                params![room, user],
+            )?;
+            exec(
+                "UPDATE room_acl SET owner = ?2 WHERE name = ?1",
+                params![room, user],
+            )?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -465,20 +613,25 @@ fn apply_op(tx: &rusqlite::Transaction<'_>, op: &WriteOp) -> rusqlite::Result<Op
                 m.meta.reply_to.as_ref().map(|r| r.seq as i64),
                 meta_to_storage(&m.meta),
             ])?;
+            let id = tx.last_insert_rowid();
             for u in &m.meta.mentions {
                 tx.prepare_cached(
                     "INSERT OR IGNORE INTO mentions (user, room, seq) VALUES (?1, ?2, ?3)",
                 )?
                 .execute(params![u, &*m.room, m.seq as i64])?;
             }
-            if let (Some(kind), Some(target)) = (m.meta.kind, m.meta.target) {
-                apply_event(tx, m, kind, target)?;
-            } else if let Some(text) = &m.text {
-                let id = tx.last_insert_rowid();
-                tx.prepare_cached(
-                    "INSERT INTO messages_fts (rowid, text, room) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![id, text, &*m.room])?;
+            match (m.meta.kind, m.meta.target) {
+                (Some(kind), _) if kind.is_moderation() => apply_moderation(tx, m, kind)?,
+                (Some(kind), Some(target)) => apply_event(tx, m, kind, target)?,
+                (Some(_), None) => {}
+                (None, _) => {
+                    if let Some(text) = &m.text {
+                        tx.prepare_cached(
+                            "INSERT INTO messages_fts (rowid, text, room) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![id, text, &*m.room])?;
+                    }
+                }
             }
             tx.prepare_cached(
                 "INSERT INTO rooms (name, last_seq) VALUES (?1, ?2)
@@ -874,6 +1027,85 @@ impl Store for SqliteStore {
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
         self.page(room, Some(seq), before, limit, viewer).await
+    }
+
+    async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError> {
+        let room = room.to_string();
+        self.read(move |c| {
+            let head: Option<(bool, String, String)> = c
+                .prepare_cached("SELECT private, owner, topic FROM room_acl WHERE name = ?1")
+                .and_then(|mut st| {
+                    st.query_row([&room], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()
+                })
+                .map_err(unavailable)?;
+            let Some((private, owner, topic)) = head else {
+                return Ok(None);
+            };
+            let roles = c
+                .prepare_cached("SELECT user, role FROM room_roles WHERE room = ?1")
+                .and_then(|mut st| {
+                    st.query_map([&room], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(unavailable)?
+                .into_iter()
+                .filter_map(|(u, r)| Some((u, Role::parse(&r)?)))
+                .collect();
+            let sanctions = c
+                .prepare_cached("SELECT user, kind, until_ms FROM room_sanctions WHERE room = ?1")
+                .and_then(|mut st| {
+                    st.query_map([&room], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<i64>>(2)?.map(|u| u as u64),
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(unavailable)?;
+            Ok(Some(AclRecord::new(
+                private, owner, topic, roles, sanctions,
+            )))
+        })
+        .await
+    }
+
+    async fn audit(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReplayEntry>, StoreError> {
+        let room = room.to_string();
+        let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
+        let kinds = audit_kinds();
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT seq, sender, ts, body, kind, target FROM messages
+                 WHERE room = ?1 AND seq < ?2 AND kind IN ({kinds})
+                 ORDER BY seq DESC LIMIT ?3"
+            ))
+            .and_then(|mut st| {
+                st.query_map(params![room, before, limit as i64], |r| {
+                    Ok(ReplayEntry {
+                        msg: stored(r)?,
+                        deleted: false,
+                        meta: meta_from_storage(
+                            None,
+                            r.get::<_, Option<String>>(4)?.as_deref(),
+                            r.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+                        ),
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(unavailable)
+        })
+        .await
     }
 
     async fn edits(&self, room: &str, seq: u64) -> Result<Vec<Version>, StoreError> {
