@@ -280,8 +280,8 @@ mod tests {
         hub::{Attach, HubError, Reply},
         outbound::Inbox,
         store::{
-            sqlite::SqliteStore, Replay, RetentionPolicy, RoomHead, RoomSummary, StoreError,
-            TargetInfo, UserRecord,
+            sqlite::SqliteStore, AclRecord, Replay, ReplayEntry, RetentionPolicy, RoomHead,
+            RoomSummary, StoreError, TargetInfo, UserRecord,
         },
     };
     use shoal_proto::entry::Version;
@@ -349,6 +349,17 @@ mod tests {
         }
         async fn edits(&self, r: &str, s: u64) -> Result<Vec<Version>, StoreError> {
             self.inner.edits(r, s).await
+        }
+        async fn room_acl(&self, r: &str) -> Result<Option<AclRecord>, StoreError> {
+            self.inner.room_acl(r).await
+        }
+        async fn audit(
+            &self,
+            r: &str,
+            b: Option<u64>,
+            l: usize,
+        ) -> Result<Vec<ReplayEntry>, StoreError> {
+            self.inner.audit(r, b, l).await
         }
         async fn target(&self, r: &str, s: u64, v: &str) -> Result<Option<TargetInfo>, StoreError> {
             self.inner.target(r, s, v).await

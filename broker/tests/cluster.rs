@@ -1279,3 +1279,114 @@ async fn chat_events_cross_nodes_in_one_order_and_are_recovered_and_stored() {
         .await;
     assert_eq!(v["versions"].as_array().map(Vec::len), Some(2), "{v}");
 }
+
+#[tokio::test]
+async fn a_ban_on_one_node_removes_the_user_on_the_other_at_once() {
+    use shoal_proto::entry::ModAction;
+    let redis = Redis::start().await;
+    let pg = Postgres::start().await;
+    let pg_url = pg.url();
+    let (a, b) = two_nodes_with(redis.url(), |c| {
+        c.store.kind = shoal_broker::config::StoreKind::Postgres;
+        c.store.postgres_url = Some(pg_url.clone());
+        c.cluster.archive_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
+    let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
+    let ask_id = alice.id();
+    alice
+        .send(&ClientFrame::Create {
+            id: ask_id,
+            room: "guild".into(),
+            private: true,
+            topic: None,
+        })
+        .await;
+    alice
+        .recv_until(|f| matches!(f, ServerFrame::Ack { id, .. } if *id == ask_id))
+        .await;
+    // Node B learns of the private room at once (the archive may not have
+    // copied it yet: B folds it from the hot history).
+    let id = bob.id();
+    bob.send(&ClientFrame::Join {
+        id,
+        room: "guild".into(),
+        since: None,
+    })
+    .await;
+    assert!(matches!(
+        bob.recv_until(|f| matches!(f, ServerFrame::Error { .. } | ServerFrame::Joined { .. }))
+            .await,
+        ServerFrame::Error { code: 403, .. }
+    ));
+    let invite = alice.id();
+    alice
+        .send(&ClientFrame::Moderate {
+            id: invite,
+            room: "guild".into(),
+            action: "invite".into(),
+            what: ModAction {
+                user: Some("bob".into()),
+                ..Default::default()
+            },
+        })
+        .await;
+    alice
+        .recv_until(|f| matches!(f, ServerFrame::Ack { id, .. } if *id == invite))
+        .await;
+    alice.join("guild").await;
+    bob.join("guild").await;
+    // The ban through node A: bob's connection on node B is out within a second.
+    let started = std::time::Instant::now();
+    let ban = alice.id();
+    alice
+        .send(&ClientFrame::Moderate {
+            id: ban,
+            room: "guild".into(),
+            action: "ban".into(),
+            what: ModAction {
+                user: Some("bob".into()),
+                ..Default::default()
+            },
+        })
+        .await;
+    match bob
+        .recv_until(|f| matches!(f, ServerFrame::Left { .. }))
+        .await
+    {
+        ServerFrame::Left { reason, .. } => assert_eq!(reason.as_deref(), Some("ban")),
+        f => panic!("{f:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    match bob.publish("guild", json!("hello?")).await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, 403),
+        f => panic!("{f:?}"),
+    }
+    // A fresh node C (no room in memory) refuses bob too.
+    let c = node_with(redis.url(), |c| {
+        c.store.kind = shoal_broker::config::StoreKind::Postgres;
+        c.store.postgres_url = Some(pg.url());
+    })
+    .await;
+    c.health_becomes(200).await;
+    let mut bob_c = c.connect(&token_for("bob"), Encoding::Json).await;
+    let id = bob_c.id();
+    bob_c
+        .send(&ClientFrame::Join {
+            id,
+            room: "guild".into(),
+            since: None,
+        })
+        .await;
+    assert!(matches!(
+        bob_c
+            .recv_until(|f| matches!(f, ServerFrame::Error { .. } | ServerFrame::Joined { .. }))
+            .await,
+        ServerFrame::Error { code: 403, .. }
+    ));
+}

@@ -29,6 +29,7 @@ async fn postgres_store_behaves_like_the_embedded_one() {
     conformance::users(&fresh(&pg, "users").await).await;
     conformance::messages(&fresh(&pg, "messages").await).await;
     conformance::events(&fresh(&pg, "events").await).await;
+    conformance::moderation(&fresh(&pg, "moderation").await).await;
     conformance::files(&fresh(&pg, "files").await).await;
 
     // Archiving the same message twice (two nodes, a retry) stores it once.

@@ -426,6 +426,128 @@ pub async fn events(s: &dyn Store) {
     assert!(s.target("t", 1, "bob").await.expect("t").is_none());
 }
 
+/// Room creation and moderation entries: the access rules they leave
+/// (the same as `hub::acl::Acl::apply`), admin deletions, the audit log.
+pub async fn moderation(s: &dyn Store) {
+    use shoal_proto::entry::{ModAction, Role};
+    let act = |seq, from: &str, kind, what: ModAction| {
+        entry(
+            "m",
+            seq,
+            from,
+            what.to_body(),
+            Meta {
+                kind: Some(kind),
+                ..Meta::default()
+            },
+        )
+    };
+    let on = |u: &str| ModAction {
+        user: Some(u.into()),
+        ..Default::default()
+    };
+    assert_eq!(s.room_acl("m").await.expect("acl"), None, "never created");
+    s.write_batch(vec![
+        act(
+            1,
+            "olive",
+            EventKind::Create,
+            ModAction {
+                private: Some(true),
+                topic: Some("plans".into()),
+                ..Default::default()
+            },
+        ),
+        // A second create changes nothing.
+        act(2, "mallory", EventKind::Create, ModAction::default()),
+        act(3, "olive", EventKind::Invite, on("ada")),
+        act(4, "olive", EventKind::Invite, on("bob")),
+        act(
+            5,
+            "olive",
+            EventKind::Role,
+            ModAction {
+                user: Some("ada".into()),
+                role: Some(Role::Admin),
+                ..Default::default()
+            },
+        ),
+        entry(
+            "m",
+            6,
+            "bob",
+            serde_json::json!({"text": "hi"}),
+            Meta::default(),
+        ),
+        // ada (admin) deletes bob's message; bob cannot delete olive's.
+        entry(
+            "m",
+            7,
+            "ada",
+            serde_json::Value::Null,
+            Meta::event(EventKind::Delete, 6),
+        ),
+        act(
+            8,
+            "ada",
+            EventKind::Mute,
+            ModAction {
+                user: Some("bob".into()),
+                until: Some(99),
+                ..Default::default()
+            },
+        ),
+        act(9, "ada", EventKind::Ban, on("carl")),
+        act(10, "ada", EventKind::Kick, on("bob")),
+        // The owner cannot be kicked, banned or muted.
+        act(11, "ada", EventKind::Ban, on("olive")),
+        act(
+            12,
+            "olive",
+            EventKind::Topic,
+            ModAction {
+                topic: Some("new".into()),
+                ..Default::default()
+            },
+        ),
+        act(13, "olive", EventKind::Owner, on("ada")),
+    ])
+    .await
+    .expect("batch");
+    let acl = s.room_acl("m").await.expect("acl").expect("created");
+    assert!(acl.private);
+    assert_eq!((acl.owner.as_str(), acl.topic.as_str()), ("ada", "new"));
+    let mut roles = acl.roles.clone();
+    roles.sort();
+    assert_eq!(roles, vec![("olive".to_string(), Role::Admin)]);
+    assert_eq!(acl.bans, vec![("carl".to_string(), None)]);
+    assert_eq!(acl.mutes, vec![("bob".to_string(), Some(99))]);
+    let (page, _) = s.history("m", None, 10, "ada").await.expect("h");
+    assert!(page.is_empty(), "bob's message deleted by an admin");
+    assert!(!s.is_member("m", "bob").await.expect("m"), "kicked");
+    assert!(s.is_member("m", "olive").await.expect("m"), "the creator");
+    let audit = s.audit("m", None, 100).await.expect("audit");
+    assert_eq!(
+        audit.iter().map(|e| e.msg.seq).collect::<Vec<_>>(),
+        vec![13, 12, 11, 10, 9, 8, 7, 5, 4, 3, 2, 1]
+    );
+    assert_eq!(audit[0].meta.kind, Some(EventKind::Owner));
+    let rest = s.audit("m", Some(9), 2).await.expect("audit");
+    assert_eq!(
+        rest.iter().map(|e| e.msg.seq).collect::<Vec<_>>(),
+        vec![8, 7]
+    );
+    // Unban, unmute; an invite lifts a ban.
+    s.write_batch(vec![
+        act(14, "ada", EventKind::Unmute, on("bob")),
+        act(15, "ada", EventKind::Invite, on("carl")),
+    ])
+    .await
+    .expect("batch");
+    let acl = s.room_acl("m").await.expect("acl").expect("created");
+    assert!(acl.bans.is_empty() && acl.mutes.is_empty(), "{acl:?}");
+}
+
 /// Attachments round-trip.
 pub async fn files(s: &dyn Store) {
     let f = FileRecord {

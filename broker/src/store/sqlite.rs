@@ -1373,12 +1373,13 @@ mod tests {
 
     #[tokio::test]
     async fn conformance() {
-        for check in 0..3 {
+        for check in 0..4 {
             let dir = tempfile::tempdir().expect("tempdir");
             let s = SqliteStore::open(dir.path(), false).expect("open");
             match check {
                 0 => super::super::conformance::messages(&s).await,
                 1 => super::super::conformance::events(&s).await,
+                2 => super::super::conformance::moderation(&s).await,
                 _ => super::super::conformance::files(&s).await,
             }
         }
