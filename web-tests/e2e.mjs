@@ -448,6 +448,30 @@ async function main() {
       }
     });
 
+    await check('a private room: created, entered by invite only, a member removed from the members list', async () => {
+      await a.fill('#create-room', 'secret');
+      await a.check('#create-private');
+      await a.click('#create-form button[type="submit"]');
+      await a.waitForFunction(() => document.getElementById('room-title').textContent.includes('secret'), null, { timeout: T });
+      await a.waitForFunction(() => document.getElementById('room-topic').textContent.includes('🔒'), null, { timeout: T });
+      // Not invited: refused, and the page says why.
+      await openRoom(b, 'secret');
+      await b.locator('#log .notice', { hasText: 'private room' }).waitFor({ timeout: T });
+      await a.locator('#invite-form:not([hidden])').waitFor({ timeout: T });
+      await a.fill('#invite-user', 'bob');
+      await a.press('#invite-user', 'Enter');
+      await a.locator('#log .notice', { hasText: 'alice invited bob' }).waitFor({ timeout: T });
+      await openRoom(b, 'secret');
+      await say(b, 'hi in secret');
+      await expectText(a, 'hi in secret');
+      // The owner removes bob from the members list; both pages say so.
+      await a.locator('#members li[data-member="bob"] button.kick').click();
+      await b.locator('#log .notice', { hasText: 'You were removed from this room.' }).waitFor({ timeout: T });
+      await a.locator('#log .notice', { hasText: 'alice removed bob' }).waitFor({ timeout: T });
+      await openRoom(b, 'general');
+      await openRoom(a, 'general');
+    });
+
     await check('narrow phone-sized window stays usable', async () => {
       await a.setViewportSize({ width: 380, height: 740 });
       await say(a, 'from my phone');

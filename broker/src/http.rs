@@ -190,6 +190,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
                     let room = room.to_string();
                     ("audit", audit(&state, req, &room).await)
                 }
+                (&Method::GET, Some((room, "info"))) => {
+                    let room = room.to_string();
+                    ("room_info", room_info(&state, req, &room).await)
+                }
                 (&Method::GET, Some((head, what @ ("thread" | "edits")))) => {
                     let parsed = head
                         .rsplit_once("/messages/")
@@ -673,6 +677,20 @@ async fn create_room(state: &AppState, req: Request<Incoming>) -> Result<Resp, A
         StatusCode::CREATED,
         &json!({"room": room, "seq": out.seq, "ts": out.ts}),
     ))
+}
+
+/// `GET /api/rooms/{room}/info`: the room's rules as a reader sees them:
+/// `{room, created, private, owner, topic, admins, members (private
+/// rooms), you (your role)}`.
+async fn room_info(state: &AppState, req: Request<Incoming>, room: &str) -> Result<Resp, ApiError> {
+    let claims = room_access(state, &req, room).await?;
+    let name = RoomName::parse(room).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let v = state
+        .hub
+        .room_info(&name, &claims.sub)
+        .await
+        .map_err(hub_error)?;
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 /// `GET /api/rooms/{room}/audit?before=&limit=`: the room's moderation

@@ -179,9 +179,52 @@ function joinRoom(name) {
   h.on('edit', onEdit);
   h.on('reaction', onReaction);
   h.on('gap', (g) => addNotice(name, `Messages ${g.from}–${g.to} are no longer available.`));
-  h.on('joined', () => loadMembers(name));
+  h.on('joined', () => { loadMembers(name); loadInfo(name); });
+  h.on('moderation', (e) => { addNotice(name, moderationText(e), 'moderation'); loadInfo(name); });
+  h.on('removed', (e) => {
+    r.handle = null;
+    r.online.clear();
+    addNotice(name, e.reason === 'ban' ? 'You were banned from this room.' : 'You were removed from this room.');
+    if (S.active === name) renderMembers();
+  });
   h.on('error', (e) => { r.handle = null; addNotice(name, 'Could not join: ' + e.message); });
   return h.ready.then(() => { if (r.msgs.size < 30) return loadOlder(name); }).catch(() => {});
+}
+
+// The room's rules as you see them: owner, admins, private members, your role.
+async function loadInfo(name) {
+  try {
+    room(name).info = await api('GET', `/api/rooms/${encodeURIComponent(name)}/info`);
+    if (S.active === name) { renderMembers(); renderTopic(); }
+  } catch (_) { /* not readable (any more): keep what we had */ }
+}
+
+function moderationText(e) {
+  const who = e.user || '';
+  switch (e.kind) {
+    case 'create': return `${e.by} created this room${e.private ? ' (private)' : ''}`;
+    case 'invite': return `${e.by} invited ${who}`;
+    case 'kick': return `${e.by} removed ${who}`;
+    case 'ban': return `${e.by} banned ${who}${e.until ? ' until ' + new Date(e.until).toLocaleString() : ''}`;
+    case 'unban': return `${e.by} lifted ${who}'s ban`;
+    case 'mute': return `${e.by} muted ${who}`;
+    case 'unmute': return `${e.by} unmuted ${who}`;
+    case 'role': return `${e.by} made ${who} ${e.role === 'admin' ? 'an admin' : 'a member'}`;
+    case 'owner': return `${e.by} gave the room to ${who}`;
+    case 'topic': return `${e.by} set the topic: ${e.topic || ''}`;
+    default: return `${e.by}: ${e.kind}`;
+  }
+}
+
+function renderTopic() {
+  const r = S.active && room(S.active);
+  const i = r && r.info;
+  $('room-topic').textContent = i ? `${i.private ? '🔒 ' : ''}${i.topic || ''}` : '';
+}
+
+function moderate(name, action, what) {
+  const h = room(name).handle;
+  (h ? h.moderate(action, what) : Promise.reject(new Error('not joined'))).catch((e) => addNotice(name, e.message));
 }
 
 async function loadMembers(name) {
@@ -732,21 +775,45 @@ function renderMembers() {
   const ul = $('members');
   ul.replaceChildren();
   const r = S.active && room(S.active);
+  $('invite-form').hidden = true;
   if (!r) return;
-  const names = new Set([...r.online, ...r.receipts.keys()]);
+  const i = r.info || {};
+  const roleOf = (u) => (u === i.owner ? 'owner' : (i.admins || []).includes(u) ? 'admin' : null);
+  const mine = i.you === 'owner' ? 3 : i.you === 'admin' ? 2 : 1;
+  $('invite-form').hidden = !(i.created && mine >= 2);
+  const names = new Set([...r.online, ...r.receipts.keys(), ...(i.members || []), ...(i.admins || []), ...(i.owner ? [i.owner] : [])]);
   for (const u of [...names].sort()) {
     const li = el('li');
     li.dataset.member = u;
     const dot = el('span', 'dot' + (r.online.has(u) ? ' online' : ''));
     dot.setAttribute('aria-label', r.online.has(u) ? 'online' : 'offline');
     li.append(dot, el('span', 'name', u));
+    const role = roleOf(u);
+    if (role) li.append(el('span', 'role ' + role, role));
+    const theirs = role === 'owner' ? 3 : role === 'admin' ? 2 : 1;
+    // Moderators act on members below them (PROTOCOL.md §5b).
+    if (i.created && u !== S.user && mine >= 2 && theirs < mine) {
+      const box = el('span', 'mod');
+      const b = (label, action, what = {}) => {
+        const x = el('button', action, label);
+        x.type = 'button';
+        x.setAttribute('aria-label', `${label} ${u}`);
+        x.onclick = () => moderate(r.name, action, { user: u, ...what });
+        box.append(x);
+      };
+      b('Kick', 'kick');
+      b('Ban', 'ban');
+      b('Mute', 'mute');
+      if (mine === 3) b(role === 'admin' ? 'Demote' : 'Make admin', 'role', { role: role === 'admin' ? 'member' : 'admin' });
+      li.append(box);
+    }
     ul.append(li);
   }
 }
 
-function addNotice(name, text) {
+function addNotice(name, text, cls = '') {
   if (S.active !== name) return;
-  $('log').append(el('div', 'notice', text));
+  $('log').append(el('div', 'notice ' + cls, text));
 }
 
 async function openRoom(name) {
@@ -757,6 +824,7 @@ async function openRoom(name) {
   endCompose();
   if (S.thread && S.thread.room !== name) closeThread();
   $('room-title').textContent = label(name);
+  renderTopic();
   $('text').disabled = false; $('send').disabled = false; $('file').disabled = false;
   $('search-results').hidden = true;
   const log = $('log');
@@ -769,6 +837,15 @@ async function openRoom(name) {
   await joinRoom(name);
   markRead(name);
   $('text').focus();
+}
+
+// An error under a side form (role=alert, replaced by the next one).
+function alertIn(formId, text) {
+  const f = $(formId);
+  f.querySelector('.error')?.remove();
+  const p = el('p', 'error', text);
+  p.setAttribute('role', 'alert');
+  f.append(p);
 }
 
 async function search(q) {
@@ -789,6 +866,26 @@ async function search(q) {
   $('auth-form').addEventListener('submit', (e) => { e.preventDefault(); auth(false); });
   $('register').addEventListener('click', () => { if ($('auth-form').reportValidity()) auth(true); });
   $('logout').addEventListener('click', logout);
+  $('create-form').addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const n = $('create-room').value.trim();
+    if (!n || !S.client) return;
+    try {
+      await S.client.create(n, { private: $('create-private').checked });
+      $('create-room').value = '';
+      $('create-private').checked = false;
+      openRoom(n);
+    } catch (err) {
+      alertIn('create-form', err.message);
+    }
+  });
+  $('invite-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const u = $('invite-user').value.trim();
+    if (!u || !S.active) return;
+    $('invite-user').value = '';
+    moderate(S.active, 'invite', { user: u });
+  });
   $('join-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const n = $('join-room').value.trim();

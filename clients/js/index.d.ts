@@ -46,6 +46,11 @@ export interface StoredMsg extends Omit<Msg, 'room'> {
   reactions?: { emoji: string; count: number; me: boolean }[];
   thread?: { count: number; last_seq: number; last_ts: number };
 }
+/** A moderation entry by `by` (log entry `at`). */
+export interface Moderation {
+  room: string; kind: 'create' | 'invite' | 'kick' | 'ban' | 'unban' | 'mute' | 'unmute' | 'role' | 'owner' | 'topic';
+  by: string; ts: number; at: number; user?: string; until?: number; role?: string; topic?: string; private?: boolean; reason?: string;
+}
 /** An edit of message `seq` (log entry `at`). */
 export interface Edit { room: string; seq: number; from: string; ts: number; body: Body; mentions: string[]; at: number; }
 /** A reaction added (`on`) or removed on message `seq` (log entry `at`). */
@@ -79,6 +84,10 @@ export interface Room {
   on(event: 'edit', fn: (e: Edit) => void): () => void;
   on(event: 'reaction', fn: (r: ReactionEvent) => void): () => void;
   on(event: 'gap', fn: (g: Gap) => void): () => void;
+  /** A moderation entry (PROTOCOL.md §5b): `kind` and its body's fields. */
+  on(event: 'moderation', fn: (m: Moderation) => void): () => void;
+  /** A moderator removed you (`reason`: 'kick' | 'ban'); not rejoined. */
+  on(event: 'removed', fn: (r: { room: string; reason?: string }) => void): () => void;
   on(event: 'joined', fn: (j: { seq: number }) => void): () => void;
   on(event: 'error', fn: (e: Error) => void): () => void;
   publish(body: Body, opts?: { replyTo?: number }): Promise<Ack>;
@@ -86,6 +95,8 @@ export interface Room {
   react(seq: number, emoji: string): Promise<{ seq: number; ts: number }>;
   unreact(seq: number, emoji: string): Promise<{ seq: number; ts: number }>;
   thread(seq: number, opts?: { before?: number; limit?: number }): Promise<{ messages: StoredMsg[]; more: boolean }>;
+  moderate(action: 'invite' | 'kick' | 'ban' | 'unban' | 'mute' | 'unmute' | 'role' | 'owner' | 'topic',
+    what?: { user?: string; until?: number; role?: 'admin' | 'member'; topic?: string; reason?: string }): Promise<{ seq: number; ts: number }>;
   typing(): void;
   mark(seq: number, state?: 'delivered' | 'read'): void;
   history(opts?: { before?: number; limit?: number }): Promise<{ messages: StoredMsg[]; more: boolean }>;
@@ -108,6 +119,8 @@ export class Client {
   /** Join at once (attach handlers, then `await room.ready`). */
   join(room: string, opts?: { since?: number }): Room;
   dm(user: string, body: Body, opts?: { replyTo?: number }): Promise<Ack>;
+  /** Create a room you own; private rooms admit members only. */
+  create(room: string, opts?: { private?: boolean; topic?: string }): Promise<{ seq: number; ts: number }>;
   close(): void;
 }
 

@@ -572,6 +572,39 @@ impl Hub {
         acl.may_join(user, false, now)
     }
 
+    /// What a member sees of a room's rules (`GET /api/rooms/{room}/info`).
+    pub async fn room_info(
+        &self,
+        name: &RoomName<'_>,
+        user: &str,
+    ) -> Result<serde_json::Value, HubError> {
+        let r = self.ensure_room(name).await?;
+        let info = self.with_acl(&r, |a| {
+            let with = |want: entry::Role| {
+                let mut v: Vec<&str> = a
+                    .roles
+                    .iter()
+                    .filter(|(_, r)| **r == want)
+                    .map(|(u, _)| &**u)
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            serde_json::json!({
+                "room": name.full,
+                "created": a.created(),
+                "private": a.private,
+                "owner": a.owner.as_deref(),
+                "topic": a.topic,
+                "admins": with(entry::Role::Admin),
+                "members": if a.private { with(entry::Role::Member) } else { vec![] },
+                "you": a.role(user).map(entry::Role::name),
+            })
+        });
+        self.maybe_evict(&r);
+        Ok(info)
+    }
+
     /// Whether `user` owns or administers `room`.
     pub async fn is_moderator(&self, room: &str, user: &str) -> Result<bool, HubError> {
         let name = self.check_access(room, user)?;

@@ -297,6 +297,12 @@ async fn apply_moderation(
                 &[&room, &user],
             )
             .await?;
+            // Listed in the invitee's rooms (`GET /api/rooms`).
+            tx.execute(
+                "INSERT INTO members (usr, room) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&user, &room],
+            )
+            .await?;
             tx.execute(
                 "DELETE FROM room_sanctions WHERE room = $1 AND usr = $2 AND kind = 'ban'",
                 &[&room, &user],

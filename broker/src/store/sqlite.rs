@@ -522,6 +522,11 @@ fn apply_moderation(
                 "INSERT OR IGNORE INTO room_roles (room, user, role) VALUES (?1, ?2, 'member')",
                 params![room, user],
             )?;
+            // Listed in the invitee's rooms (`GET /api/rooms`).
+            exec(
+                "INSERT OR IGNORE INTO members (user, room) VALUES (?1, ?2)",
+                params![user, room],
+            )?;
             exec(
                 "DELETE FROM room_sanctions WHERE room = ?1 AND user = ?2 AND kind = 'ban'",
                 params![room, user],

@@ -102,6 +102,16 @@ class Room extends Emitter {
     return { seq: r.seq, ts: r.ts };
   }
 
+  /**
+   * A moderation action in a created room: `invite`, `kick`, `ban`,
+   * `unban`, `mute`, `unmute`, `role`, `owner`, `topic`, with `{user,
+   * until, role, topic, reason}` as it takes; resolves `{seq, ts}`.
+   */
+  async moderate(action, what = {}) {
+    const r = await this.client._request({ t: 'moderate', room: this.name, action, ...what });
+    return { seq: r.seq, ts: r.ts };
+  }
+
   /** A page of the replies to message `seq`, newest first: `{messages, more}`. */
   async thread(seq, { before, limit } = {}) {
     const f = { t: 'thread', room: this.name, seq };
@@ -154,6 +164,10 @@ class Room extends Emitter {
         this.emit('reaction', { room: f.room, seq: f.target, user: f.from, emoji: f.body, on: f.kind === 'react', at });
         break;
       case 'delete': this.emit('deleted', { room: f.room, seq: f.target, by: f.from, at }); break;
+      case 'create': case 'invite': case 'kick': case 'ban': case 'unban': case 'mute':
+      case 'unmute': case 'role': case 'owner': case 'topic':
+        this.emit('moderation', { room: f.room, kind: f.kind, by: f.from, ts: f.ts, at, ...(f.body || {}) });
+        break;
       default: this.emit('entry', f); // a kind newer than this library
     }
   }
@@ -218,6 +232,14 @@ export class Client extends Emitter {
     room.ready.catch(() => {});
     if (this.state === 'connected') this._join(room).catch(() => {});
     return room;
+  }
+
+  /** Create a room you own (`{private, topic}`); resolves `{seq, ts}`. */
+  async create(name, { private: priv = false, topic } = {}) {
+    const f = { t: 'create', room: name, private: priv };
+    if (topic !== undefined) f.topic = topic;
+    const r = await this._request(f);
+    return { seq: r.seq, ts: r.ts };
   }
 
   /** Send a direct message to `user` (a reply with `{replyTo}`); resolves `{room, seq, ts}`. */
@@ -385,6 +407,17 @@ export class Client extends Emitter {
       case 'typing': case 'presence': case 'mark':
         this.rooms.get(f.room)?.emit(f.t, f);
         break;
+      case 'left': {
+        // Removed by a moderator (a reply to `leave` has an id): not
+        // joined again on reconnect.
+        const r = this.rooms.get(f.room);
+        if (r && f.id === undefined) {
+          r.joined = false;
+          this.rooms.delete(f.room);
+          r.emit('removed', { room: f.room, reason: f.reason });
+        }
+        break;
+      }
       case 'gap': {
         const r = this.rooms.get(f.room);
         if (r) {
