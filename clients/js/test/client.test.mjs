@@ -225,6 +225,34 @@ for (const encoding of ['msgpack', 'json']) {
   });
 }
 
+test('created rooms: private until invited, moderation entries, removal', async () => {
+  const a = await client('modowner');
+  const b = await client('modguest');
+  await a.create('club-js', { private: true, topic: 'members only' });
+  await assert.rejects(a.create('club-js'), (e) => e.code === 409);
+  const ra = a.join('club-js');
+  const seen = [];
+  ra.on('moderation', (m) => seen.push([m.kind, m.user || null]));
+  await ra.ready;
+  await assert.rejects(b.join('club-js').ready, (e) => e.code === 403);
+  await ra.moderate('invite', { user: 'modguest' });
+  const rb = b.join('club-js');
+  const removed = [];
+  rb.on('removed', (r) => removed.push(r.reason));
+  await rb.ready;
+  await ra.moderate('mute', { user: 'modguest' });
+  await assert.rejects(rb.publish('hi'), (e) => e.code === 403);
+  await ra.moderate('kick', { user: 'modguest', reason: 'test' });
+  await until(() => removed.length === 1, 'bob told he was removed');
+  assert.deepEqual(removed, ['kick']);
+  assert.equal(b.rooms.has('club-js'), false, 'not joined again on reconnect');
+  await until(() => seen.length === 3, `moderation seen: ${JSON.stringify(seen)}`);
+  assert.deepEqual(seen, [['invite', 'modguest'], ['mute', 'modguest'], ['kick', 'modguest']]);
+  await assert.rejects(ra.moderate('dance', { user: 'x' }), (e) => e.code === 400);
+  a.close();
+  b.close();
+});
+
 test('a broker restart mid-stream: every seq exactly once, in order', async () => {
   const sub = await client('sub');
   const pub = await client('pub');
