@@ -33,6 +33,10 @@ pub struct Claims {
     /// Token id, used for revocation. External tokens without one cannot be revoked.
     #[serde(default)]
     pub jti: String,
+    /// An operator (the admin console). Only from an external issuer:
+    /// tokens from `POST /api/login` never carry it (see `--admins`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 /// Why a token was refused. Each variant is a metrics label and the
@@ -154,6 +158,7 @@ impl Auth {
             iat: now,
             exp: now + self.ttl_secs,
             jti: uuid::Uuid::new_v4().simple().to_string(),
+            admin: false,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
         Ok((token, claims))
@@ -328,6 +333,7 @@ mod tests {
             exp: now_secs() + 60,
             iat: 0,
             jti: "x".into(),
+            admin: false,
         };
         let forged =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &other).expect("enc");

@@ -193,6 +193,12 @@ pub struct AuthOpts {
     /// Origin header (non-browser clients) are always allowed.
     #[arg(long, env = "SHOAL_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// Operators (comma-separated user names): they use the admin console
+    /// (`/admin`, `/api/admin/...`) and moderate any room. Tokens from an
+    /// external issuer may carry `"admin": true` instead.
+    #[arg(long, env = "SHOAL_ADMINS", value_delimiter = ',')]
+    pub admins: Vec<String>,
 }
 
 impl AuthOpts {

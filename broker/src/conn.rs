@@ -321,6 +321,11 @@ impl Reader {
 pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, encoding: Encoding) {
     let cfg = &state.cfg.conn;
     let metrics = state.metrics.clone();
+    // For the admin console (a TLS stream's peer is not kept here).
+    let handle_sink_addr = match &transport {
+        Transport::Plain { sock, .. } => sock.peer_addr().ok(),
+        Transport::Stream(_) => None,
+    };
     let (sink, early, stream) = match transport {
         Transport::Plain { sock, early } => (crate::outbound::Sink::Direct(sock), early, None),
         Transport::Stream(io) => (
@@ -338,6 +343,10 @@ pub async fn serve(state: Arc<AppState>, transport: Transport, claims: Claims, e
         &state.shutdown,
         metrics.clone(),
     );
+    handle.set_peer(crate::outbound::Peer {
+        addr: handle_sink_addr,
+        transport: "websocket",
+    });
     // TLS: reads here, every write in a writer task.
     let (mut tls_read, writer) = match stream {
         Some(io) => {

@@ -722,6 +722,7 @@ pub fn close_label(c: CloseCode) -> &'static str {
         CloseCode::IdleTimeout => "idle_timeout",
         CloseCode::TryAgainLater => "try_again_later",
         CloseCode::ClusterLost => "cluster_lost",
+        CloseCode::Disconnected => "disconnected",
     }
 }
 

@@ -182,6 +182,19 @@ struct Shared {
     /// `--write-batch`, at most [`MAX_WRITE_BATCH`].
     batch: usize,
     metrics: Arc<Metrics>,
+    /// When the connection was opened (for the admin console).
+    opened: std::time::Instant,
+    /// Where it comes from and how (set once by the transport).
+    peer: std::sync::OnceLock<Peer>,
+}
+
+/// Where a connection comes from, for the admin console.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address, as the broker sees it.
+    pub addr: Option<std::net::SocketAddr>,
+    /// `websocket` or `socket.io`.
+    pub transport: &'static str,
 }
 
 /// Outcome of queueing a frame.
@@ -253,8 +266,25 @@ impl ConnHandle {
                 limit: queue.max(1),
                 batch: batch.clamp(1, MAX_WRITE_BATCH),
                 metrics,
+                opened: std::time::Instant::now(),
+                peer: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Record where the connection comes from (once; later calls are ignored).
+    pub fn set_peer(&self, peer: Peer) {
+        let _ = self.shared.peer.set(peer);
+    }
+
+    /// What the admin console shows of this connection: its peer, its age
+    /// and the frames waiting in its queue.
+    pub fn describe(&self) -> (Option<Peer>, std::time::Duration, usize) {
+        (
+            self.shared.peer.get().cloned(),
+            self.shared.opened.elapsed(),
+            self.shared.out.lock().queue.len(),
+        )
     }
 
     /// Queue a pre-framed message under the slow-consumer policy, writing

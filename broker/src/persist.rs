@@ -280,8 +280,8 @@ mod tests {
         hub::{Attach, HubError, Reply},
         outbound::Inbox,
         store::{
-            sqlite::SqliteStore, AclRecord, Replay, ReplayEntry, RetentionPolicy, RoomHead,
-            RoomSummary, StoreError, TargetInfo, UserRecord,
+            sqlite::SqliteStore, AclRecord, AdminEntry, Replay, ReplayEntry, RetentionPolicy,
+            RoomHead, RoomSummary, StoreError, TargetInfo, UserRecord,
         },
     };
     use shoal_proto::entry::Version;
@@ -352,6 +352,12 @@ mod tests {
         }
         async fn room_acl(&self, r: &str) -> Result<Option<AclRecord>, StoreError> {
             self.inner.room_acl(r).await
+        }
+        async fn admin_record(&self, e: AdminEntry) -> Result<(), StoreError> {
+            self.inner.admin_record(e).await
+        }
+        async fn admin_audit(&self, l: usize) -> Result<Vec<AdminEntry>, StoreError> {
+            self.inner.admin_audit(l).await
         }
         async fn audit(
             &self,

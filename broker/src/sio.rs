@@ -272,6 +272,10 @@ async fn admit(
         &state.shutdown,
         state.metrics.clone(),
     );
+    handle.set_peer(crate::outbound::Peer {
+        addr: parts.extensions.get::<crate::http::Peer>().map(|p| p.0),
+        transport: "socket.io",
+    });
     let (tx, inbox) = mpsc::channel(INBOX);
     s.extensions.insert(Inbox(tx, state.metrics.clone()));
     let cancel = handle.cancel_token();

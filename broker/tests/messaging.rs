@@ -274,6 +274,7 @@ async fn typing_presence_members() {
         ServerFrame::Left {
             id,
             room: "room1".into()
+            reason: None,
         }
     );
     assert_eq!(

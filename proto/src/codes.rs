@@ -83,6 +83,9 @@ pub enum CloseCode {
     /// period; reconnect (through the load balancer, to another node) and
     /// recover with `since`.
     ClusterLost = 4006,
+    /// An operator disconnected this connection (the admin console); do
+    /// not reconnect automatically.
+    Disconnected = 4007,
 }
 
 impl CloseCode {
@@ -107,11 +110,12 @@ impl CloseCode {
             CloseCode::IdleTimeout => "idle timeout",
             CloseCode::TryAgainLater => "try again later",
             CloseCode::ClusterLost => "cluster link lost",
+            CloseCode::Disconnected => "disconnected by an operator",
         }
     }
 
     /// Every close code, for documentation tests and metrics pre-registration.
-    pub const ALL: [CloseCode; 13] = [
+    pub const ALL: [CloseCode; 14] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::Protocol,
@@ -125,5 +129,6 @@ impl CloseCode {
         CloseCode::IdleTimeout,
         CloseCode::TryAgainLater,
         CloseCode::ClusterLost,
+        CloseCode::Disconnected,
     ];
 }

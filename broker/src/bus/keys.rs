@@ -80,6 +80,8 @@ pub fn rate_key(user: &str, sec: u64) -> String {
 pub const REVOKED_KEY: &str = "shoal:{@}:revoked";
 /// User names known to the cluster.
 pub const USERS_KEY: &str = "shoal:{@}:users";
+/// Live nodes' admin addresses: node -> "<expiry ms> <url>".
+pub const NODES_KEY: &str = "shoal:{@}:nodes";
 /// Rooms waiting for the archiver: log key -> newest seq.
 pub const ARCHIVE_KEY: &str = "shoal:archive";
 /// The archiver's lock.

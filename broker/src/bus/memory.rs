@@ -36,6 +36,8 @@ struct CoreState {
     /// room -> node -> queue
     subs: HashMap<String, HashMap<u64, InboundQueue>>,
     nodes: HashMap<u64, InboundQueue>,
+    /// Announced admin addresses: node -> (url, expiry ms).
+    announced: HashMap<String, (String, u64)>,
 }
 
 /// State shared by every node's [`MemoryBus`].
@@ -281,6 +283,36 @@ impl Bus for MemoryBus {
     async fn user_known(&self, user: &str) -> Result<bool, BusError> {
         self.core.check()?;
         Ok(self.core.state.lock().users.contains(user))
+    }
+
+    async fn announce(
+        &self,
+        node: &str,
+        url: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BusError> {
+        self.core.check()?;
+        let expiry = crate::clock::now_ms() + ttl.as_millis() as u64;
+        self.core
+            .state
+            .lock()
+            .announced
+            .insert(node.to_string(), (url.to_string(), expiry));
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<(String, String)>, BusError> {
+        self.core.check()?;
+        let now = crate::clock::now_ms();
+        let mut st = self.core.state.lock();
+        st.announced.retain(|_, (_, exp)| *exp > now);
+        let mut v: Vec<_> = st
+            .announced
+            .iter()
+            .map(|(n, (u, _))| (n.clone(), u.clone()))
+            .collect();
+        v.sort();
+        Ok(v)
     }
 
     async fn members(&self, room: &str) -> Result<Vec<String>, BusError> {

@@ -162,6 +162,18 @@ pub trait Bus: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Replay, BusError>;
 
+    /// Announce node `node`'s admin address `url` for `ttl` (renewed by a
+    /// heartbeat; the admin console gathers from every live node).
+    async fn announce(
+        &self,
+        node: &str,
+        url: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BusError>;
+
+    /// The live nodes' (id, admin address), sorted by id.
+    async fn nodes(&self) -> Result<Vec<(String, String)>, BusError>;
+
     /// True while the bus is reachable and this node's subscriptions are
     /// in place.
     fn healthy(&self) -> bool;

@@ -623,6 +623,48 @@ impl Bus for RedisBus {
         self.run(cmd.query_async(&mut c)).await
     }
 
+    async fn announce(
+        &self,
+        node: &str,
+        url: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BusError> {
+        let mut c = self.conn();
+        let expiry = crate::clock::now_ms() + ttl.as_millis() as u64;
+        let cmd = redis::cmd("HSET")
+            .arg(super::keys::NODES_KEY)
+            .arg(node)
+            .arg(format!("{expiry} {url}"))
+            .to_owned();
+        let _: i64 = self.run(cmd.query_async(&mut c)).await?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<(String, String)>, BusError> {
+        let mut c = self.conn();
+        let cmd = redis::cmd("HGETALL").arg(super::keys::NODES_KEY).to_owned();
+        let all: HashMap<String, String> = self.run(cmd.query_async(&mut c)).await?;
+        let now = crate::clock::now_ms();
+        let (mut live, mut gone) = (vec![], vec![]);
+        for (node, v) in all {
+            let (exp, url) = v.split_once(' ').unwrap_or(("0", ""));
+            if exp.parse::<u64>().unwrap_or(0) > now {
+                live.push((node, url.to_string()));
+            } else {
+                gone.push(node);
+            }
+        }
+        if !gone.is_empty() {
+            let cmd = redis::cmd("HDEL")
+                .arg(super::keys::NODES_KEY)
+                .arg(&gone)
+                .to_owned();
+            let _: Result<i64, _> = self.run(cmd.query_async(&mut c)).await;
+        }
+        live.sort();
+        Ok(live)
+    }
+
     async fn members(&self, room: &str) -> Result<Vec<String>, BusError> {
         let mut c = self.conn();
         self.run(super::presence::members(&mut c, room)).await

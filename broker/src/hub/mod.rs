@@ -119,6 +119,44 @@ impl From<Body> for Post {
     }
 }
 
+/// A live connection as the admin console lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnInfo {
+    /// Process-unique id (with the node's id, it names the connection).
+    pub id: u64,
+    /// User.
+    pub user: String,
+    /// Wire encoding (its subprotocol).
+    pub encoding: &'static str,
+    /// `websocket` or `socket.io`.
+    pub transport: &'static str,
+    /// Client address, where known.
+    pub addr: Option<String>,
+    /// Seconds since it connected.
+    pub age_secs: u64,
+    /// Frames waiting in its outbound queue.
+    pub queued: usize,
+    /// Rooms it is in.
+    pub rooms: Vec<String>,
+}
+
+/// A room held by a node, as the admin console lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoomInfo {
+    /// Room.
+    pub room: String,
+    /// Member connections on this node.
+    pub connections: usize,
+    /// Distinct users among them.
+    pub users: usize,
+    /// Last seq delivered.
+    pub last_seq: u64,
+    /// Members only.
+    pub private: bool,
+    /// Owner, if created.
+    pub owner: Option<String>,
+}
+
 /// Where the outcome of a request goes.
 pub enum Reply {
     /// Nobody waits.
@@ -892,6 +930,85 @@ impl Hub {
             n += 1;
         }
         n
+    }
+
+    /// Every live connection on this node, with the rooms it is in, for
+    /// the admin console (locks each shard and room briefly, one at a time).
+    pub fn connections_snapshot(&self) -> Vec<ConnInfo> {
+        let mut rooms_of: HashMap<u64, Vec<String>> = HashMap::new();
+        for sh in self.rooms.iter() {
+            let rooms: Vec<Arc<Room>> = sh.lock().map.values().cloned().collect();
+            for r in rooms {
+                for id in r.state.lock().members.keys() {
+                    rooms_of.entry(*id).or_default().push(r.name.to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for shard in self.users.iter() {
+            let conns: Vec<ConnHandle> = shard.lock().values().flatten().cloned().collect();
+            for c in conns {
+                let (peer, age, queued) = c.describe();
+                let mut rooms = rooms_of.remove(&c.id).unwrap_or_default();
+                rooms.sort();
+                out.push(ConnInfo {
+                    id: c.id,
+                    user: c.user.to_string(),
+                    encoding: c.encoding.subprotocol(),
+                    transport: peer.as_ref().map_or("websocket", |p| p.transport),
+                    addr: peer.and_then(|p| p.addr).map(|a| a.to_string()),
+                    age_secs: age.as_secs(),
+                    queued,
+                    rooms,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.user.cmp(&b.user).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// Every room held on this node: members here and the last seq.
+    pub fn rooms_snapshot(&self) -> Vec<RoomInfo> {
+        let mut out = Vec::new();
+        for sh in self.rooms.iter() {
+            let rooms: Vec<Arc<Room>> = sh.lock().map.values().cloned().collect();
+            for r in rooms {
+                let st = r.state.lock();
+                out.push(RoomInfo {
+                    room: r.name.to_string(),
+                    connections: st.members.len(),
+                    users: st.users.len(),
+                    last_seq: st.order.committed(),
+                    private: st.acl.private,
+                    owner: st.acl.owner.as_deref().map(str::to_string),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.room.cmp(&b.room));
+        out
+    }
+
+    /// Close connection `id` on this node with `code`; false if it is not here.
+    pub fn close_conn(&self, id: u64, code: shoal_proto::CloseCode) -> bool {
+        for shard in self.users.iter() {
+            if let Some(c) = shard.lock().values().flatten().find(|c| c.id == id) {
+                c.close(code);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Close every connection of `user` on this node with `code`; returns
+    /// the token ids they used (for revocation) and how many closed.
+    pub fn close_user(&self, user: &str, code: shoal_proto::CloseCode) -> Vec<String> {
+        let shard = self.users[self.shard(user)].lock();
+        let mut jtis = Vec::new();
+        for c in shard.get(user).into_iter().flatten() {
+            c.close(code);
+            jtis.push(c.jti.to_string());
+        }
+        jtis
     }
 
     /// Close every connection of this node with `code`; returns how many.

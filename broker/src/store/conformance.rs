@@ -546,6 +546,23 @@ pub async fn moderation(s: &dyn Store) {
     .expect("batch");
     let acl = s.room_acl("m").await.expect("acl").expect("created");
     assert!(acl.bans.is_empty() && acl.mutes.is_empty(), "{acl:?}");
+    // The operators' audit log, newest first.
+    for (ts, action) in [(1, "disconnect"), (2, "revoke")] {
+        s.admin_record(super::AdminEntry {
+            ts,
+            actor: "root".into(),
+            action: action.into(),
+            detail: "{}".into(),
+        })
+        .await
+        .expect("record");
+    }
+    let log = s.admin_audit(10).await.expect("audit");
+    assert_eq!(
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["revoke", "disconnect"]
+    );
+    assert_eq!(s.admin_audit(1).await.expect("audit").len(), 1);
 }
 
 /// Attachments round-trip.

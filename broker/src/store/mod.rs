@@ -171,6 +171,19 @@ pub struct RoomSummary {
     pub mentions: u64,
 }
 
+/// One operator action, as the admin audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdminEntry {
+    /// When (ms).
+    pub ts: u64,
+    /// The operator.
+    pub actor: String,
+    /// What (`disconnect`, `revoke`, `moderate`, `delete`).
+    pub action: String,
+    /// Its details (JSON text).
+    pub detail: String,
+}
+
 /// A room's access rules as stored (`hub::acl::Acl` in memory).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AclRecord {
@@ -407,6 +420,10 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError>;
+    /// Record an operator's action in the admin audit log.
+    async fn admin_record(&self, entry: AdminEntry) -> Result<(), StoreError>;
+    /// The newest `limit` entries of the admin audit log, newest first.
+    async fn admin_audit(&self, limit: usize) -> Result<Vec<AdminEntry>, StoreError>;
     /// A created room's access rules (None: never created, an open room).
     async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError>;
     /// The room's moderation entries (and deletions), newest first, below

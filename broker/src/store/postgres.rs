@@ -23,7 +23,7 @@ use shoal_proto::{
 use tokio_postgres::{types::ToSql, NoTls, Row};
 
 use super::{
-    audit_kinds, AclRecord, CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay,
+    audit_kinds, AclRecord, AdminEntry, CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay,
     ReplayEntry, RetentionPolicy, RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord,
     WriteOp,
 };
@@ -128,6 +128,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (room, usr, kind)
     );
     CREATE INDEX messages_by_kind ON messages (room, kind, seq) WHERE kind IS NOT NULL;",
+    // Operators' actions (the admin console).
+    "CREATE TABLE admin_audit (
+        id BIGSERIAL PRIMARY KEY,
+        ts BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );",
 ];
 
 /// Columns of a history row: `stored`'s four, then edited_ts, meta.
@@ -940,6 +948,33 @@ impl Store for PgStore {
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
         self.page(room, Some(seq), before, limit, viewer).await
+    }
+
+    async fn admin_record(&self, e: AdminEntry) -> Result<(), StoreError> {
+        self.query(
+            "INSERT INTO admin_audit (ts, actor, action, detail) VALUES ($1, $2, $3, $4)",
+            &[&i(e.ts), &e.actor, &e.action, &e.detail],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn admin_audit(&self, limit: usize) -> Result<Vec<AdminEntry>, StoreError> {
+        let rows = self
+            .query(
+                "SELECT ts, actor, action, detail FROM admin_audit ORDER BY id DESC LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AdminEntry {
+                ts: r.get::<_, i64>(0) as u64,
+                actor: r.get(1),
+                action: r.get(2),
+                detail: r.get(3),
+            })
+            .collect())
     }
 
     async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError> {

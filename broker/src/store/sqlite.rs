@@ -24,7 +24,7 @@ use shoal_proto::{
 };
 
 use super::{
-    audit_kinds, AclRecord, CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay,
+    audit_kinds, AclRecord, AdminEntry, CidEntry, FileRecord, NewMsg, OpOutcome, PageParts, Replay,
     ReplayEntry, RetentionPolicy, RoomHead, RoomSummary, Store, StoreError, TargetInfo, UserRecord,
     WriteOp,
 };
@@ -140,6 +140,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (room, user, kind)
     ) WITHOUT ROWID;
     CREATE INDEX messages_by_kind ON messages (room, kind, seq) WHERE kind IS NOT NULL;",
+    // Operators' actions (the admin console).
+    "CREATE TABLE admin_audit (
+        id INTEGER PRIMARY KEY,
+        ts INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );",
 ];
 
 /// SQLite-backed [`Store`].
@@ -1032,6 +1040,46 @@ impl Store for SqliteStore {
         viewer: &str,
     ) -> Result<(Vec<StoredMsg>, bool), StoreError> {
         self.page(room, Some(seq), before, limit, viewer).await
+    }
+
+    async fn admin_record(&self, e: AdminEntry) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO admin_audit (ts, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    e.ts.min(i64::MAX as u64) as i64,
+                    e.actor,
+                    e.action,
+                    e.detail
+                ])
+            })
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn admin_audit(&self, limit: usize) -> Result<Vec<AdminEntry>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT ts, actor, action, detail FROM admin_audit ORDER BY id DESC LIMIT ?1",
+            )
+            .and_then(|mut st| {
+                st.query_map([limit as i64], |r| {
+                    Ok(AdminEntry {
+                        ts: r.get::<_, i64>(0)? as u64,
+                        actor: r.get(1)?,
+                        action: r.get(2)?,
+                        detail: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(unavailable)
+        })
+        .await
     }
 
     async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError> {
