@@ -273,7 +273,7 @@ async fn typing_presence_members() {
         bb.recv().await,
         ServerFrame::Left {
             id,
-            room: "room1".into()
+            room: "room1".into(),
             reason: None,
         }
     );
