@@ -35,7 +35,7 @@ class Broker {
   get url() { return `http://127.0.0.1:${this.port}`; }
   async start() {
     this.proc = spawn(BIN, ['--listen', `127.0.0.1:${this.port}`, '--data', this.data, '--log', 'warn'], {
-      env: { ...process.env, SHOAL_JWT_SECRET: SECRET, SHOAL_API_KEY: API_KEY },
+      env: { ...process.env, SHOAL_JWT_SECRET: SECRET, SHOAL_API_KEY: API_KEY, SHOAL_ADMINS: 'ops' },
       stdio: ['ignore', 'ignore', 'inherit'],
     });
     for (let i = 0; i < 100; i++) {
@@ -470,6 +470,36 @@ async function main() {
       await a.locator('#log .notice', { hasText: 'alice removed bob' }).waitFor({ timeout: T });
       await openRoom(b, 'general');
       await openRoom(a, 'general');
+    });
+
+    await check('the admin console lists a live connection and disconnects it; the client says so', async () => {
+      const reg = await fetch(broker.url + '/api/register', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ username: 'ops', password: 'password123' }) });
+      assert(reg.ok, 'register ops');
+      const ctxO = await browser.newContext({ viewport: { width: 1200, height: 800 } });
+      const o = await ctxO.newPage();
+      o.on('pageerror', (e) => { failures++; console.log('page error: ' + e.message); });
+      try {
+        await o.goto(broker.url + '/admin');
+        await o.fill('#a-user', 'ops');
+        await o.fill('#a-pass', 'password123');
+        await o.press('#a-pass', 'Enter');
+        const row = o.locator('#conns tbody tr[data-user="bob"]').first();
+        await row.waitFor({ timeout: T });
+        assert((await row.textContent()).includes('general'), 'rooms listed: ' + await row.textContent());
+        await row.locator('button', { hasText: 'Disconnect' }).click();
+        await b.waitForFunction(() => document.getElementById('conn').textContent.includes('disconnected by an operator'), null, { timeout: T });
+        await o.locator('#audit li', { hasText: 'disconnect' }).first().waitFor({ timeout: T });
+        // A chat user is not an operator.
+        const denied = await a.evaluate(async () => (await fetch('/api/admin/overview', {
+          headers: { Authorization: 'Bearer ' + sessionStorage.getItem('shoal.token') } })).status);
+        assert(denied === 403, 'non-operator got ' + denied);
+      } finally {
+        await ctxO.close();
+      }
+      await b.reload();
+      await b.waitForSelector('#conn.connected', { timeout: T });
+      await openRoom(b, 'general');
     });
 
     await check('narrow phone-sized window stays usable', async () => {

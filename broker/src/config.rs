@@ -668,6 +668,12 @@ pub struct ClusterOpts {
         default_value = "100ms"
     )]
     pub archive_interval: Duration,
+
+    /// This node's address as the other nodes reach it, for the admin
+    /// console's cluster view (default: the listen address, 127.0.0.1 if
+    /// it listens on every interface).
+    #[arg(long, env = "SHOAL_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
 }
 
 impl ClusterOpts {

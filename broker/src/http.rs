@@ -20,6 +20,8 @@ use shoal_proto::{names::RoomName, Encoding};
 
 use crate::{auth::AuthError, hub::Reply, state::AppState, store::StoreError};
 
+pub mod admin;
+
 /// Response type of every handler.
 pub type Resp = Response<Full<Bytes>>;
 
@@ -154,6 +156,15 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
     let method = req.method().clone();
     let (route, result): (&'static str, Result<Resp, ApiError>) = match (&method, path.as_str()) {
         (&Method::GET, "/ws") => ("ws", ws_handshake(&state, req).await),
+        (_, p) if p.starts_with("/api/admin/") => match admin::route(&state, req, p).await {
+            Some(out) => out,
+            None => ("other", Err(ApiError::no_route())),
+        },
+        (&Method::GET, "/admin") => ("static", Ok(asset(ADMIN_HTML, "text/html; charset=utf-8"))),
+        (&Method::GET, "/admin.js") => (
+            "static",
+            Ok(asset(ADMIN_JS, "text/javascript; charset=utf-8")),
+        ),
         (&Method::GET, "/health") => ("health", Ok(health(&state))),
         (&Method::GET, "/metrics") => ("metrics", Ok(metrics(&state))),
         (&Method::POST, "/api/register") => ("register", register(&state, req).await),
@@ -248,6 +259,8 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Resp
 // served, so no request path ever reaches the filesystem.
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const APP_JS: &str = include_str!("../static/app.js");
+const ADMIN_HTML: &str = include_str!("../static/admin.html");
+const ADMIN_JS: &str = include_str!("../static/admin.js");
 const STYLE_CSS: &str = include_str!("../static/style.css");
 // @shoal/client (clients/js), an ES module: pages import it from here.
 const SHOAL_CLIENT_JS: &str = include_str!("../../clients/js/src/index.js");
@@ -659,6 +672,7 @@ async fn create_room(state: &AppState, req: Request<Incoming>) -> Result<Resp, A
             shoal_proto::EventKind::Create,
             what,
             &state.directory,
+            false,
         )
         .await
         .map_err(hub_error)?;

@@ -208,8 +208,26 @@ pub(crate) async fn build_state(
         shutdown,
         tracker: TaskTracker::new(),
         writer_stop,
+        admin_http: reqwest::Client::builder()
+            .timeout(crate::http::admin::FAN_OUT_TIMEOUT)
+            .build()
+            .context("admin http client")?,
     });
     state.sio.attach(Arc::downgrade(&state));
+    if state.hub.cluster_health().is_some() {
+        let c = &state.cfg;
+        let url = c.cluster.advertise_url.clone().unwrap_or_else(|| {
+            let ip = c.server.listen.ip();
+            let ip = if ip.is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                ip
+            };
+            let scheme = if state.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", std::net::SocketAddr::new(ip, listen_port))
+        });
+        tokio::spawn(crate::http::admin::heartbeat(state.clone(), url));
+    }
     Ok(state)
 }
 

@@ -519,7 +519,14 @@ impl Session {
         let hub = self.state.hub.clone();
         let reply = self.conn_reply(id);
         match hub
-            .moderation(room, &self.handle.user, kind, what, &self.state.directory)
+            .moderation(
+                room,
+                &self.handle.user,
+                kind,
+                what,
+                &self.state.directory,
+                false,
+            )
             .await
         {
             Ok((name, post)) => match RoomName::parse(&name) {

@@ -46,4 +46,6 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// Stops the group-commit writer once connections have drained.
     pub writer_stop: CancellationToken,
+    /// Asks the other nodes for their view (the admin console).
+    pub admin_http: reqwest::Client,
 }

@@ -155,6 +155,11 @@ function openConnection() {
     if (S.client !== c) return;
     for (const r of S.rooms.values()) r.online.clear();
     if (S.active) renderMembers();
+    if (d.code === 4007) {
+      // An operator disconnected us: stay signed in, do not reconnect.
+      setConn('offline', 'disconnected by an operator (reload to reconnect)');
+      return;
+    }
     if (!d.willRetry) { stop(); $('auth-error').textContent = 'Session ended; please log in again.'; return; }
     setConn('reconnecting', 'reconnecting…');
     // The library sends these again (same cid) once reconnected.

@@ -151,6 +151,17 @@ impl Acl {
         };
         let theirs = self.role(user);
         match kind {
+            EventKind::Kick | EventKind::Ban | EventKind::Mute
+                if admin && theirs == Some(Role::Owner) =>
+            {
+                Err(refused(
+                    ErrorCode::Conflict,
+                    format!(
+                        "the owner cannot be {}ed; transfer the room first",
+                        kind.name()
+                    ),
+                ))
+            }
             EventKind::Owner if theirs == Some(Role::Owner) => Err(refused(
                 ErrorCode::Conflict,
                 format!("{user} owns the room already"),
@@ -178,12 +189,10 @@ impl Acl {
     pub fn apply(&mut self, kind: EventKind, from: &str, what: &ModAction) {
         let user: Option<Arc<str>> = what.user.as_deref().map(Arc::from);
         match (kind, user) {
-            (EventKind::Create, _) => {
-                if self.owner.is_none() {
-                    self.owner = Some(from.into());
-                    self.private = what.private.unwrap_or(false);
-                    self.topic = what.topic.clone().unwrap_or_default();
-                }
+            (EventKind::Create, _) if self.owner.is_none() => {
+                self.owner = Some(from.into());
+                self.private = what.private.unwrap_or(false);
+                self.topic = what.topic.clone().unwrap_or_default();
             }
             (EventKind::Topic, _) => self.topic = what.topic.clone().unwrap_or_default(),
             (EventKind::Invite, Some(u)) => {
@@ -295,7 +304,7 @@ mod tests {
         // The owner cannot be kicked or banned.
         a.apply(EventKind::Ban, "bob", &act("olive"));
         assert_eq!(a.role("olive"), Some(Role::Owner));
-        assert!(a.bans.get("olive").is_none());
+        assert!(!a.bans.contains_key("olive"));
     }
 
     #[test]

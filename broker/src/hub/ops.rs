@@ -420,6 +420,26 @@ impl Hub {
         Ok(acl)
     }
 
+    /// The live nodes and their admin addresses (None on one node).
+    pub async fn cluster_nodes(
+        &self,
+    ) -> Option<Result<Vec<(String, String)>, crate::bus::BusError>> {
+        Some(self.bus()?.nodes().await)
+    }
+
+    /// Announce this node's admin address (nothing to do alone).
+    pub async fn announce(
+        &self,
+        node: &str,
+        url: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), crate::bus::BusError> {
+        match self.bus() {
+            Some(b) => b.announce(node, url, ttl).await,
+            None => Ok(()),
+        }
+    }
+
     /// The cluster's health: None on one node, else whether the bus is up
     /// (on a Redis Cluster: any shard answers).
     pub fn cluster_health(&self) -> Option<bool> {
@@ -460,6 +480,7 @@ impl Hub {
         kind: EventKind,
         what: ModAction,
         directory: &crate::directory::Directory,
+        operator: bool,
     ) -> Result<(String, Post), HubError> {
         let bad = |m: String| HubError::new(ErrorCode::BadRequest, m);
         let name = self.check_access(room, actor)?;
@@ -518,7 +539,7 @@ impl Hub {
                 ));
             }
         } else {
-            self.with_acl(&r, |a| a.may_act(actor, false, kind, &what))?;
+            self.with_acl(&r, |a| a.may_act(actor, operator, kind, &what))?;
         }
         if kind == EventKind::Invite {
             let user = what.user.as_deref().unwrap_or_default();

@@ -239,7 +239,7 @@ async fn apply_event(
             let st = tx
                 .prepare_cached(
                     "UPDATE messages SET deleted = true, search = NULL
-                     WHERE room = $1 AND seq = $2 AND kind IS NULL AND (sender = $3
+                     WHERE room = $1 AND seq = $2 AND kind IS NULL AND (sender = $3 OR $3 = 'server'
                        OR $3 IN (SELECT owner FROM room_acl WHERE name = $1)
                        OR $3 IN (SELECT usr FROM room_roles WHERE room = $1 AND role = 'admin'))",
                 )

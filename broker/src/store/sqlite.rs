@@ -464,7 +464,7 @@ fn apply_event(
             let id: Option<i64> = tx
                 .prepare_cached(
                     "SELECT id FROM messages WHERE room = ?1 AND seq = ?2 AND deleted = 0
-                     AND kind IS NULL AND (sender = ?3
+                     AND kind IS NULL AND (sender = ?3 OR ?3 = 'server'
                        OR ?3 IN (SELECT owner FROM room_acl WHERE name = ?1)
                        OR ?3 IN (SELECT user FROM room_roles WHERE room = ?1 AND role = 'admin'))",
                 )?

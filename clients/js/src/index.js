@@ -3,7 +3,8 @@
 // Rules:
 // - One WebSocket per client; frames in MessagePack (default) or JSON.
 // - Reconnect with full-jitter backoff (0.5 s doubling to 15 s), honouring
-//   the close codes: 4002 (revoked) never retries; 4001 (expired) retries
+//   the close codes: 4002 (revoked) and 4007 (an operator disconnected
+//   this client) never retry; 4001 (expired) retries
 //   only with a fresh token from `getToken`; 4005 (try again later) backs
 //   off; 1001 and 4006 (node going away, cut off) reconnect at once to
 //   whatever node the URL reaches.
@@ -356,7 +357,8 @@ export class Client extends Emitter {
     if (this.state === 'closed') return;
     let retry = true;
     let delay = this._delay();
-    if (code === 4002) retry = false;
+    // 4002: the token was revoked; 4007: an operator disconnected us.
+    if (code === 4002 || code === 4007) retry = false;
     else if (code === 4001) {
       this.token = null;
       retry = !!this.getToken;
