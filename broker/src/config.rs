@@ -830,6 +830,9 @@ pub struct NamespaceOpts {
     pub retain_messages: Option<u64>,
     /// Drop messages older than this many seconds.
     pub retain_age_secs: Option<u64>,
+    /// Rooms may be joined by name without being created (`open=off`:
+    /// only created rooms exist; see PROTOCOL.md §5b).
+    pub open: bool,
 }
 
 impl Default for NamespaceOpts {
@@ -841,6 +844,7 @@ impl Default for NamespaceOpts {
             persist: true,
             retain_messages: None,
             retain_age_secs: None,
+            open: true,
         }
     }
 }
@@ -855,6 +859,7 @@ pub struct NamespaceSpec {
     persist: Option<bool>,
     retain_messages: Option<u64>,
     retain_age_secs: Option<u64>,
+    open: Option<bool>,
 }
 
 fn on_off(k: &str, v: &str) -> Result<bool, String> {
@@ -889,6 +894,9 @@ impl NamespaceSpec {
         if self.retain_age_secs.is_some() {
             o.retain_age_secs = self.retain_age_secs;
         }
+        if let Some(v) = self.open {
+            o.open = v;
+        }
         o
     }
 }
@@ -914,6 +922,7 @@ impl FromStr for NamespaceSpec {
             persist: None,
             retain_messages: None,
             retain_age_secs: None,
+            open: None,
         };
         for kv in opts.split(',').filter(|kv| !kv.is_empty()) {
             let (k, v) = kv
@@ -929,6 +938,7 @@ impl FromStr for NamespaceSpec {
                 }
                 "presence" => spec.presence = Some(on_off(k, v)?),
                 "persist" => spec.persist = Some(on_off(k, v)?),
+                "open" => spec.open = Some(on_off(k, v)?),
                 "max_members" => spec.max_members = Some(number(k, v)?),
                 "retain_messages" => spec.retain_messages = Some(number(k, v)?),
                 "retain_age" => spec.retain_age_secs = Some(number(k, v)?),

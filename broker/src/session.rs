@@ -639,7 +639,9 @@ impl Session {
             };
             // Before the durable membership (attach checks again, under
             // the room lock).
-            if let Err(e) = hub.with_acl(&r, |a| a.may_join(&self.handle.user, false, now_ms())) {
+            if let Err(e) = hub.with_acl(&r, |a| {
+                a.may_enter(r.opts.open, &self.handle.user, now_ms())
+            }) {
                 return self.reply_hub_err(id, e);
             }
             let (tx, rx) = tokio::sync::oneshot::channel();

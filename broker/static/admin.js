@@ -28,6 +28,16 @@ function button(td, label, aria, fn) {
 function say(text) { $('status').textContent = text; }
 function rows(id) { const tb = $(id).querySelector('tbody'); tb.replaceChildren(); return tb; }
 
+// The last deliveries count seen per node, for a rate between refreshes.
+const seen = new Map();
+function rate(node, deliveries) {
+  const now = Date.now();
+  const last = seen.get(node);
+  seen.set(node, { deliveries, at: now });
+  if (!last || now <= last.at) return '-';
+  return ((deliveries - last.deliveries) * 1000 / (now - last.at)).toFixed(1);
+}
+
 function render(v) {
   const nodes = rows('nodes');
   const conns = rows('conns');
@@ -38,6 +48,7 @@ function render(v) {
     cell(tr, n.connections ? String(n.connections.length) : '-');
     cell(tr, n.rooms ? String(n.rooms.length) : '-');
     cell(tr, n.stats ? String(n.stats.deliveries) : '-');
+    cell(tr, n.stats ? rate(n.node, n.stats.deliveries) : '-');
     cell(tr, n.error ? 'unreachable: ' + n.error : 'up');
     nodes.append(tr);
     for (const c of n.connections || []) {

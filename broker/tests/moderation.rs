@@ -376,3 +376,22 @@ async fn rules_survive_a_restart() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_closed_namespace_has_only_created_rooms() {
+    let b = Broker::start_with(|c| {
+        c.rooms.namespaces = vec!["club:open=off".parse().expect("spec")];
+    })
+    .await;
+    let (ta, tb) = (b.user("alice").await, b.user("bob").await);
+    let mut o = b.connect(&tb, Encoding::Json).await;
+    assert_eq!(try_join(&mut o, "club:chess").await, 404);
+    let (s, _) = b.get("/api/rooms/club:chess/messages", Some(&tb)).await;
+    assert_eq!(s, 404);
+    // Other namespaces stay open.
+    assert_eq!(try_join(&mut o, "lobby").await, 0);
+    let mut a = b.connect(&ta, Encoding::Json).await;
+    assert_eq!(code(&ask(&mut a, create("club:chess", false)).await), 0);
+    assert_eq!(try_join(&mut o, "club:chess").await, 0);
+    assert_eq!(code(&o.publish("club:chess", json!("e4")).await), 0);
+}

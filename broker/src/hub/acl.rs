@@ -80,6 +80,19 @@ impl Acl {
         self.owner.is_some()
     }
 
+    /// May `user` join a room of a namespace with `open` rooms (and read)?
+    /// An uncreated room of a closed namespace does not exist; banned
+    /// users may not; a private room admits its members only.
+    pub fn may_enter(&self, open: bool, user: &str, now: u64) -> Result<(), HubError> {
+        if !open && !self.created() {
+            return Err(refused(
+                ErrorCode::NotFound,
+                "no such room in this namespace (rooms here are created first)",
+            ));
+        }
+        self.may_join(user, false, now)
+    }
+
     /// May `user` join (and read)? Banned users may not; a private room
     /// admits its members only. Server admins (`admin`) always may.
     pub fn may_join(&self, user: &str, admin: bool, now: u64) -> Result<(), HubError> {

@@ -598,7 +598,7 @@ impl Hub {
                 return Ok(Attach::Behind(st.order.committed()));
             }
         }
-        st.acl.may_join(&conn.user, false, now_ms())?;
+        st.acl.may_enter(room.opts.open, &conn.user, now_ms())?;
         if st.members.len() >= room.opts.max_members {
             return Err(HubError::from((ErrorCode::Conflict, "room is full".into())));
         }

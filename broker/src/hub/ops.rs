@@ -573,8 +573,9 @@ impl Hub {
     /// memory, or as stored if it is not loaded here.
     pub async fn may_read(&self, name: &RoomName<'_>, user: &str) -> Result<(), HubError> {
         let now = crate::clock::now_ms();
+        let open = self.namespaces.get(name.namespace).open;
         if let Some(r) = self.room(name.full) {
-            return self.with_acl(&r, |a| a.may_join(user, false, now));
+            return self.with_acl(&r, |a| a.may_enter(open, user, now));
         }
         if !self.persists(name) {
             return Ok(());
@@ -590,7 +591,7 @@ impl Hub {
             .load_acl(name.full, true, head)
             .await
             .map_err(unavailable_store)?;
-        acl.may_join(user, false, now)
+        acl.may_enter(open, user, now)
     }
 
     /// What a member sees of a room's rules (`GET /api/rooms/{room}/info`).
