@@ -27,6 +27,32 @@ pub const REPLAY_PAGE: usize = 512;
 /// Hot-history pages folded into what is known of an event's target.
 const TARGET_FOLD_PAGES: usize = 4;
 
+/// Hand each entry of the hot history in `(after, upto]` to `f`, in seq
+/// order, a page at a time (at most `max_pages`; None: to the end).
+async fn each_hot_entry(
+    bus: &dyn crate::bus::Bus,
+    room: &str,
+    mut after: u64,
+    upto: u64,
+    max_pages: Option<usize>,
+    mut f: impl FnMut(crate::store::ReplayEntry),
+) -> Result<(), StoreError> {
+    let mut pages = 0;
+    while after < upto && max_pages.is_none_or(|m| pages < m) {
+        let page = bus
+            .replay(room, after, upto, REPLAY_PAGE)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
+            break;
+        };
+        page.entries.into_iter().for_each(&mut f);
+        after = last;
+        pages += 1;
+    }
+    Ok(())
+}
+
 /// Apply one log entry to what is known of message `seq` (rules in
 /// `shoal_proto::entry`).
 fn fold_entry(info: &mut Option<TargetInfo>, seq: u64, viewer: &str, e: crate::store::ReplayEntry) {
@@ -221,29 +247,15 @@ impl Hub {
         let head = bus.head(room).await.map_err(unavailable)?;
         let upto = before.map_or(head, |b| b.saturating_sub(1).min(head));
         let mut replies = Vec::new();
-        let mut after = seq;
-        while after < upto {
-            let page = bus
-                .replay(room, after, upto, REPLAY_PAGE)
-                .await
-                .map_err(unavailable)?;
-            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
-                break;
-            };
-            replies.extend(
-                page.entries
-                    .into_iter()
-                    .filter(|e| e.meta.kind.is_none())
-                    .filter(|e| e.meta.reply_to.as_ref().is_some_and(|r| r.seq == seq))
-                    .map(|e| {
-                        let mut m = e.msg;
-                        m.reply_to = e.meta.reply_to;
-                        m.mentions = e.meta.mentions;
-                        m
-                    }),
-            );
-            after = last;
-        }
+        each_hot_entry(&**bus, room, seq, upto, None, |e| {
+            if e.meta.kind.is_none() && e.meta.reply_to.as_ref().is_some_and(|r| r.seq == seq) {
+                let mut m = e.msg;
+                m.reply_to = e.meta.reply_to;
+                m.mentions = e.meta.mentions;
+                replies.push(m);
+            }
+        })
+        .await?;
         replies.reverse();
         let more = replies.len() > limit;
         replies.truncate(limit);
@@ -352,32 +364,22 @@ impl Hub {
         let Some(bus) = self.bus() else {
             return Ok(info);
         };
-        let unavailable = |e: crate::bus::BusError| StoreError::Unavailable(e.to_string());
         let stored_upto = if self.shared_store() {
             self.store.room_head(room, u64::MAX).await?.last_seq
         } else {
             0
         };
-        let mut after = stored_upto.max(seq.saturating_sub(1));
-        let head = bus.head(room).await.map_err(unavailable)?;
+        let head = bus
+            .head(room)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         // The archive lags by a sweep or two; past this much, what the
         // store says stands.
-        for _ in 0..TARGET_FOLD_PAGES {
-            if after >= head {
-                break;
-            }
-            let page = bus
-                .replay(room, after, head, REPLAY_PAGE)
-                .await
-                .map_err(unavailable)?;
-            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
-                break;
-            };
-            for e in page.entries {
-                fold_entry(&mut info, seq, viewer, e);
-            }
-            after = last;
-        }
+        let after = stored_upto.max(seq.saturating_sub(1));
+        each_hot_entry(&**bus, room, after, head, Some(TARGET_FOLD_PAGES), |e| {
+            fold_entry(&mut info, seq, viewer, e)
+        })
+        .await?;
         Ok(info)
     }
 
@@ -400,23 +402,13 @@ impl Hub {
         let Some(bus) = self.bus().filter(|_| self.shared_store()) else {
             return Ok(acl);
         };
-        let unavailable = |e: crate::bus::BusError| StoreError::Unavailable(e.to_string());
-        let mut after = self.store.room_head(room, u64::MAX).await?.last_seq;
-        while after < head {
-            let page = bus
-                .replay(room, after, head, REPLAY_PAGE)
-                .await
-                .map_err(unavailable)?;
-            let Some(last) = page.entries.last().map(|e| e.msg.seq) else {
-                break;
-            };
-            for e in page.entries {
-                if let Some(kind) = e.meta.kind.filter(|k| k.is_moderation()) {
-                    acl.apply(kind, &e.msg.from, &ModAction::from_body(&e.msg.body));
-                }
+        let after = self.store.room_head(room, u64::MAX).await?.last_seq;
+        each_hot_entry(&**bus, room, after, head, None, |e| {
+            if let Some(kind) = e.meta.kind.filter(|k| k.is_moderation()) {
+                acl.apply(kind, &e.msg.from, &ModAction::from_body(&e.msg.body));
             }
-            after = last;
-        }
+        })
+        .await?;
         Ok(acl)
     }
 
