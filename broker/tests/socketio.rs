@@ -764,3 +764,39 @@ async fn a_socket_that_stops_polling_is_a_slow_consumer_and_costs_nobody_else() 
     bystander_served(&b).await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_rooms_and_moderation_over_socketio() {
+    let b = lenient().await;
+    let mut agent = SioAgent::start().await;
+    let u = url(&b);
+    for who in ["ann", "sue"] {
+        let r = agent.connect(who, &u, &token_for(who), json!({})).await;
+        assert_eq!(r["ok"], json!(true));
+    }
+    let c = agent
+        .ask("ann", "create", json!([{"room": "vault", "private": true}]))
+        .await;
+    assert_eq!(c["seq"], json!(1), "{c}");
+    let j = agent.ask("sue", "join", json!(["vault"])).await;
+    assert_eq!(j["error"]["code"], json!(403), "{j}");
+    let i = agent
+        .ask("ann", "moderate", json!(["vault", "invite", "sue"]))
+        .await;
+    assert_eq!(i["seq"], json!(2), "{i}");
+    agent.ask("ann", "join", json!(["vault"])).await;
+    let j = agent.ask("sue", "join", json!(["vault"])).await;
+    assert!(j.get("error").is_none(), "{j}");
+    let k = agent
+        .ask(
+            "ann",
+            "moderate",
+            json!([{"room": "vault", "action": "kick", "user": "sue", "reason": "test"}]),
+        )
+        .await;
+    assert_eq!(k["seq"], json!(3), "{k}");
+    let left = agent.events("sue", "left", 1, 5000).await;
+    assert_eq!(left[0][1], json!({"room": "vault", "reason": "kick"}));
+    let p = agent.ask("sue", "pub", json!(["vault", "hello?"])).await;
+    assert_eq!(p["error"]["code"], json!(403), "{p}");
+}
