@@ -20,6 +20,12 @@ use tokio::sync::Semaphore;
 
 use crate::config::AuthOpts;
 
+/// The revocation id that stands for a server ban of `user` (never a
+/// token id: those are hex).
+pub fn ban_key(user: &str) -> String {
+    format!("!ban:{user}")
+}
+
 /// Claims in a Shoal token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -64,6 +70,9 @@ pub enum AuthError {
     /// The token's `jti` was revoked by logout.
     #[error("token revoked")]
     Revoked,
+    /// An operator banned the user from the server (`POST /api/admin/ban`).
+    #[error("user banned")]
+    Banned,
     /// The subject is not a valid user name.
     #[error("invalid subject")]
     BadSubject,
@@ -80,12 +89,13 @@ impl AuthError {
             AuthError::BadSignature => "bad_signature",
             AuthError::WrongAlgorithm => "wrong_algorithm",
             AuthError::Revoked => "revoked",
+            AuthError::Banned => "banned",
             AuthError::BadSubject => "bad_subject",
         }
     }
 
     /// Every variant, to pre-register metric labels.
-    pub const ALL: [AuthError; 8] = [
+    pub const ALL: [AuthError; 9] = [
         AuthError::Missing,
         AuthError::Malformed,
         AuthError::Expired,
@@ -93,6 +103,7 @@ impl AuthError {
         AuthError::BadSignature,
         AuthError::WrongAlgorithm,
         AuthError::Revoked,
+        AuthError::Banned,
         AuthError::BadSubject,
     ];
 }
@@ -192,7 +203,25 @@ impl Auth {
         if !claims.jti.is_empty() && self.revoked.read().contains_key(&claims.jti) {
             return Err(AuthError::Revoked);
         }
+        if self.is_banned(&claims.sub) {
+            return Err(AuthError::Banned);
+        }
         Ok(claims)
+    }
+
+    /// Whether an operator banned `user` from the server (until the ban's
+    /// end). A server ban is kept as the revocation of [`ban_key`], so it
+    /// is stored, announced to every node and loaded at start as one.
+    pub fn is_banned(&self, user: &str) -> bool {
+        self.revoked
+            .read()
+            .get(&ban_key(user))
+            .is_some_and(|exp| *exp >= now_secs())
+    }
+
+    /// Forget a revocation (a lifted server ban).
+    pub fn unrevoke(&self, jti: &str) {
+        self.revoked.write().remove(jti);
     }
 
     /// Mark a token id revoked in memory until `exp`, its token's expiry

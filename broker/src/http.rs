@@ -467,6 +467,14 @@ async fn login(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErro
         return Err(ApiError::unauthorized("invalid username or password"));
     }
     let name = name.unwrap_or(c.username);
+    if state.auth.is_banned(&name) {
+        state.metrics.auth_failure("banned");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this account is banned",
+        ));
+    }
     let (token, claims) = state.auth.issue(&name).map_err(ApiError::internal)?;
     Ok(json_response(
         StatusCode::OK,

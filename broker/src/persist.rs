@@ -353,6 +353,9 @@ mod tests {
         async fn room_acl(&self, r: &str) -> Result<Option<AclRecord>, StoreError> {
             self.inner.room_acl(r).await
         }
+        async fn unrevoke(&self, j: &str) -> Result<(), StoreError> {
+            self.inner.unrevoke(j).await
+        }
         async fn admin_record(&self, e: AdminEntry) -> Result<(), StoreError> {
             self.inner.admin_record(e).await
         }

@@ -141,8 +141,17 @@ pub(crate) async fn build_state(
         // node's connections that use the token.
         let (a, h) = (auth.clone(), hub.clone());
         let on_revoke: crate::bus::RevokeHook = Arc::new(move |user, jti, exp| {
+            if exp == Some(0) {
+                // A lifted server ban.
+                a.unrevoke(jti);
+                return;
+            }
             a.revoke(jti, exp.unwrap_or_else(|| a.default_revocation_expiry()));
-            h.close_token(user, jti, shoal_proto::CloseCode::TokenRevoked);
+            if jti == crate::auth::ban_key(user) {
+                h.close_user(user, shoal_proto::CloseCode::Disconnected);
+            } else {
+                h.close_token(user, jti, shoal_proto::CloseCode::TokenRevoked);
+            }
         });
         hub.start_cluster(rx, on_revoke, cfg.cluster.bus_down_grace, shutdown.clone());
     }

@@ -78,6 +78,8 @@ function render(v) {
       () => api('POST', '/api/admin/disconnect', { user: u.user }).then(() => say(`Disconnected ${u.user}.`)));
     button(td, 'Revoke', `Revoke ${u.user}'s tokens`,
       () => api('POST', '/api/admin/revoke', { user: u.user }).then(() => say(`Revoked ${u.user}'s tokens.`)));
+    button(td, 'Ban', `Ban ${u.user} from the server`,
+      () => api('POST', '/api/admin/ban', { user: u.user }).then(() => say(`Banned ${u.user}.`)));
     users.append(r);
   }
 }
@@ -130,6 +132,11 @@ $('mod-form').addEventListener('submit', (e) => {
   const room = $('m-room').value.trim();
   api('POST', `/api/admin/rooms/${encodeURIComponent(room)}/moderate`, { action: $('m-action').value, user: $('m-user').value.trim() })
     .then(() => { say('Done.'); refresh(); }, (err) => say(err.message));
+});
+$('unban-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const user = $('u-user').value.trim();
+  api('POST', '/api/admin/unban', { user }).then(() => { say(`Lifted ${user}'s ban.`); refresh(); }, (err) => say(err.message));
 });
 $('del-form').addEventListener('submit', (e) => {
   e.preventDefault();

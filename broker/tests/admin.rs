@@ -186,6 +186,44 @@ async fn operators_list_disconnect_revoke_moderate_and_delete_audited() {
         .await;
     assert_eq!(s, 400);
 
+    // A server ban: disconnected (4007), no token or login works until
+    // the ban is lifted.
+    let mut d2 = b.connect(&td, Encoding::Json).await;
+    let (s, v) = b
+        .post("/api/admin/ban", json!({"user": "dan"}), Some(&root))
+        .await;
+    assert_eq!((s, v["closed"].as_u64()), (200, Some(2)), "{v}");
+    assert!(matches!(d2.closed().await, End::Closed(Some(4007))));
+    assert_eq!(
+        b.try_connect(&td, Encoding::Json).await.err().map(|e| e.0),
+        Some(401)
+    );
+    let (s, v) = b
+        .post(
+            "/api/login",
+            json!({"username": "dan", "password": "password123"}),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["message"].as_str()),
+        (403, Some("this account is banned"))
+    );
+    let (s, _) = b
+        .post("/api/admin/ban", json!({"user": "ops"}), Some(&root))
+        .await;
+    assert_eq!(s, 400, "not oneself");
+    let (s, _) = b
+        .post("/api/admin/unban", json!({"user": "dan"}), Some(&root))
+        .await;
+    assert_eq!(s, 200);
+    assert!(b.try_connect(&td, Encoding::Json).await.is_ok());
+    assert!(
+        b.metric("shoal_auth_failures_total{reason=\"banned\"}")
+            .await
+            >= 2.0
+    );
+
     // Every action in the audit log, newest first.
     let (s, v) = b.get("/api/admin/audit", Some(&root)).await;
     assert_eq!(s, 200);
@@ -197,7 +235,7 @@ async fn operators_list_disconnect_revoke_moderate_and_delete_audited() {
         .collect();
     assert_eq!(
         actions,
-        ["delete", "moderate", "revoke", "disconnect"],
+        ["unban", "ban", "delete", "moderate", "revoke", "disconnect"],
         "{v}"
     );
     assert!(v["entries"]
@@ -258,4 +296,24 @@ async fn the_console_sees_and_acts_on_every_node() {
         .await;
     assert_eq!((s, v["closed"].as_u64()), (200, Some(1)), "{v}");
     assert!(matches!(bob.closed().await, End::Closed(Some(4007))));
+    // A server ban through node A disconnects alice on A and refuses her on B.
+    let mut alice_b = b.connect(&token_for("alice"), Encoding::Json).await;
+    let (s, _) = a
+        .post("/api/admin/ban", json!({"user": "alice"}), Some(&root))
+        .await;
+    assert_eq!(s, 200);
+    assert!(matches!(alice.closed().await, End::Closed(Some(4007))));
+    assert!(matches!(alice_b.closed().await, End::Closed(Some(4007))));
+    let mut refused = None;
+    for _ in 0..50 {
+        refused = b
+            .try_connect(&token_for("alice"), Encoding::Json)
+            .await
+            .err();
+        if refused.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused.map(|e| e.0), Some(401));
 }

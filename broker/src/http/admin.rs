@@ -66,6 +66,8 @@ pub async fn route(
         (&Method::POST, "local/disconnect") => ("admin_local", local_disconnect(state, req).await),
         (&Method::POST, "disconnect") => ("admin_disconnect", disconnect(state, req).await),
         (&Method::POST, "revoke") => ("admin_revoke", revoke(state, req).await),
+        (&Method::POST, "ban") => ("admin_ban", ban(state, req, true).await),
+        (&Method::POST, "unban") => ("admin_ban", ban(state, req, false).await),
         (&Method::POST, p) if p.starts_with("rooms/") => {
             let p = percent_encoding::percent_decode_str(&p["rooms/".len()..])
                 .decode_utf8_lossy()
@@ -374,6 +376,75 @@ async fn revoke(state: &AppState, req: Request<Incoming>) -> Result<Resp, ApiErr
     Ok(json_response(
         StatusCode::OK,
         &json!({"closed": closed, "revoked_tokens": revoked}),
+    ))
+}
+
+/// `POST /api/admin/ban {user, until?}` (ms; absent: for good) and `POST
+/// /api/admin/unban {user}`: a server ban refuses the user's tokens and
+/// logins on every node and disconnects them (4007). It is kept as a
+/// revocation (`auth::ban_key`): stored, announced, loaded at start.
+async fn ban(state: &AppState, req: Request<Incoming>, on: bool) -> Result<Resp, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ban {
+        user: String,
+        #[serde(default)]
+        until: Option<u64>,
+    }
+    let op = operator(state, &req)?;
+    let token = super::bearer(&req).unwrap_or_default();
+    let b: Ban = read_json(state, req).await?;
+    shoal_proto::names::validate_user(&b.user)
+        .map_err(|e| ApiError::bad_request(format!("user `{}`: {e}", b.user)))?;
+    if b.user == op.sub {
+        return Err(ApiError::bad_request("an operator cannot ban themselves"));
+    }
+    let now = crate::clock::now_secs();
+    // Seconds, as revocations keep them; "for good" is a century.
+    let exp = match b.until {
+        Some(ms) if ms / 1000 <= now => {
+            return Err(ApiError::bad_request("`until` is in the past"))
+        }
+        Some(ms) => ms.div_ceil(1000),
+        None => now + 100 * 365 * 24 * 3600,
+    };
+    let key = crate::auth::ban_key(&b.user);
+    record(
+        state,
+        &op.sub,
+        if on { "ban" } else { "unban" },
+        json!({"user": b.user, "until": b.until}),
+    )
+    .await?;
+    state.store.unrevoke(&key).await?;
+    state.auth.unrevoke(&key);
+    let closed = if on {
+        state.store.revoke(&key, exp).await?;
+        state.auth.revoke(&key, exp);
+        // The other nodes refuse the user too, and disconnect them.
+        state
+            .hub
+            .revoke_everywhere(&b.user, &key, exp)
+            .await
+            .map_err(hub_error)?;
+        let t = Target {
+            node: None,
+            id: None,
+            user: Some(b.user.clone()),
+        };
+        close_everywhere(state, &token, &t, false).await?.0
+    } else {
+        // Expiry 0 is "lifted" to the other nodes.
+        state
+            .hub
+            .revoke_everywhere(&b.user, &key, 0)
+            .await
+            .map_err(hub_error)?;
+        0
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"user": b.user, "banned": on, "closed": closed}),
     ))
 }
 

@@ -384,6 +384,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_users(&self) -> Result<Vec<UserRecord>, StoreError>;
     /// Record a revoked token id until its expiry (seconds since the epoch).
     async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError>;
+    /// Forget a revocation (a lifted server ban).
+    async fn unrevoke(&self, jti: &str) -> Result<(), StoreError>;
     /// Revoked token ids that have not expired yet.
     async fn revoked(&self, now: u64) -> Result<Vec<(String, u64)>, StoreError>;
 

@@ -816,6 +816,12 @@ impl Store for PgStore {
             .collect())
     }
 
+    async fn unrevoke(&self, jti: &str) -> Result<(), StoreError> {
+        self.query("DELETE FROM revoked_tokens WHERE jti = $1", &[&jti])
+            .await
+            .map(|_| ())
+    }
+
     async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError> {
         self.query(
             "INSERT INTO revoked_tokens (jti, exp) VALUES ($1, $2) ON CONFLICT DO NOTHING",

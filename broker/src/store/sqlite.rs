@@ -877,6 +877,16 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn unrevoke(&self, jti: &str) -> Result<(), StoreError> {
+        let jti = jti.to_string();
+        self.with(move |c| {
+            c.execute("DELETE FROM revoked_tokens WHERE jti = ?1", [jti])
+                .map(|_| ())
+                .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError> {
         let jti = jti.to_string();
         self.with(move |c| {
