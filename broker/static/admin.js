@@ -64,7 +64,8 @@ function render(v) {
     for (const x of n.rooms || []) {
       const r = document.createElement('tr');
       cell(r, n.node); cell(r, x.room); cell(r, String(x.connections)); cell(r, String(x.users));
-      cell(r, String(x.last_seq)); cell(r, x.owner ? x.owner + (x.private ? ' (private)' : '') : 'open');
+      cell(r, String(x.last_seq)); cell(r, rate(`${n.node} ${x.room}`, x.last_seq));
+      cell(r, x.owner ? x.owner + (x.private ? ' (private)' : '') : 'open');
       rooms.append(r);
     }
   }
