@@ -671,6 +671,42 @@ impl Metrics {
     }
 
     /// Render the text exposition format.
+    /// An upper bound of the `q` quantile (0..1) of histogram `name` since
+    /// start, in seconds, read from its buckets as Prometheus'
+    /// `histogram_quantile` would (None with no observations). For the
+    /// admin console; dashboards should use Prometheus.
+    pub fn quantile(&self, name: &str, q: f64) -> Option<f64> {
+        let text = self.render();
+        let prefix = format!("shoal_{name}_bucket{{");
+        let mut buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| {
+                // Labels (the node's) before `le`.
+                let (_, l) = l.split_once("le=\"")?;
+                let (le, rest) = l.split_once('"')?;
+                let n = rest.trim_start_matches('}').trim().split(' ').next()?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, n.parse().ok()?))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total = buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let want = q * total;
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= want)
+            .map(|(le, _)| *le)
+            .filter(|le| le.is_finite())
+    }
+
     pub fn render(&self) -> String {
         self.refresh_process();
         let mut out = String::with_capacity(16 * 1024);
@@ -756,6 +792,21 @@ pub fn next_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_buckets() {
+        let m = Metrics::new("t");
+        assert_eq!(m.quantile("publish_seconds", 0.99), None, "no observations");
+        for _ in 0..98 {
+            m.publish_seconds.observe(0.000_010);
+        }
+        m.publish_seconds.observe(0.002);
+        m.publish_seconds.observe(0.002);
+        let p50 = m.quantile("publish_seconds", 0.5).expect("p50");
+        let p99 = m.quantile("publish_seconds", 0.99).expect("p99");
+        assert!((0.000_010..0.000_020).contains(&p50), "{p50}");
+        assert!((0.002..0.004_1).contains(&p99), "{p99}");
+    }
 
     #[test]
     fn atomic_histogram_exposition() {

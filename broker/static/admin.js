@@ -49,6 +49,8 @@ function render(v) {
     cell(tr, n.rooms ? String(n.rooms.length) : '-');
     cell(tr, n.stats ? String(n.stats.deliveries) : '-');
     cell(tr, n.stats ? rate(n.node, n.stats.deliveries) : '-');
+    const ms = (x) => (x == null ? '-' : x < 1 ? x.toFixed(3) : x.toFixed(1));
+    cell(tr, n.stats ? `${ms(n.stats.publish_p50_ms)} / ${ms(n.stats.publish_p99_ms)} ms` : '-');
     cell(tr, n.error ? 'unreachable: ' + n.error : 'up');
     nodes.append(tr);
     for (const c of n.connections || []) {

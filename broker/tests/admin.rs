@@ -67,6 +67,8 @@ async fn operators_list_disconnect_revoke_moderate_and_delete_audited() {
     assert!(c["addr"]
         .as_str()
         .is_some_and(|a| a.starts_with("127.0.0.1:")));
+    // Latency from the node's own histogram (no publish yet: none).
+    assert!(v["nodes"][0]["stats"]["publish_p99_ms"].is_null(), "{v}");
     assert!(v["users"]
         .as_array()
         .expect("users")
@@ -186,6 +188,13 @@ async fn operators_list_disconnect_revoke_moderate_and_delete_audited() {
         .await;
     assert_eq!(s, 400);
 
+    let (_, v) = b.get("/api/admin/overview", Some(&root)).await;
+    assert!(
+        v["nodes"][0]["stats"]["publish_p99_ms"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0),
+        "{v}"
+    );
     // A server ban: disconnected (4007), no token or login works until
     // the ban is lifted.
     let mut d2 = b.connect(&td, Encoding::Json).await;

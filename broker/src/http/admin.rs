@@ -119,6 +119,9 @@ fn local_view(state: &AppState) -> Value {
         "stats": {
             "deliveries": m.deliveries.get(),
             "connections": m.connections.get(),
+            // Accept to ack (stored, delivered), since start: bucket bounds.
+            "publish_p50_ms": m.quantile("publish_seconds", 0.5).map(|s| s * 1e3),
+            "publish_p99_ms": m.quantile("publish_seconds", 0.99).map(|s| s * 1e3),
         },
     })
 }
