@@ -664,12 +664,15 @@ async fn create_room(state: &AppState, req: Request<Incoming>) -> Result<Resp, A
         private: bool,
         #[serde(default)]
         topic: Option<String>,
+        #[serde(default)]
+        title: Option<String>,
     }
     let claims = authenticate(state, &req)?;
     let c: Create = read_json(state, req).await?;
     let what = shoal_proto::entry::ModAction {
         private: Some(c.private),
         topic: c.topic,
+        title: c.title,
         ..Default::default()
     };
     let (room, post) = state

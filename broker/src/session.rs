@@ -444,10 +444,12 @@ impl Session {
                 room,
                 private,
                 topic,
+                title,
             } => {
                 let what = ModAction {
                     private: Some(private),
                     topic,
+                    title,
                     ..ModAction::default()
                 };
                 self.moderate(id, &room, EventKind::Create, what).await;

@@ -225,6 +225,7 @@ function renderTopic() {
   const r = S.active && room(S.active);
   const i = r && r.info;
   $('room-topic').textContent = i ? `${i.private ? '🔒 ' : ''}${i.topic || ''}` : '';
+  if (r) $('room-title').textContent = i && i.title ? i.title : label(r.name);
 }
 
 function moderate(name, action, what) {

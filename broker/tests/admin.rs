@@ -110,6 +110,7 @@ async fn operators_list_disconnect_revoke_moderate_and_delete_audited() {
         room: "club".into(),
         private: false,
         topic: None,
+        title: None,
     })
     .await;
     c.recv_until(|f| matches!(f, ServerFrame::Ack { .. })).await;

@@ -1301,6 +1301,7 @@ async fn a_ban_on_one_node_removes_the_user_on_the_other_at_once() {
             room: "guild".into(),
             private: true,
             topic: None,
+            title: None,
         })
         .await;
     alice

@@ -44,6 +44,7 @@ fn create(room: &str, private: bool) -> impl FnOnce(Option<u64>) -> ClientFrame 
         room,
         private,
         topic: Some("the plan".into()),
+        title: None,
     }
 }
 
@@ -230,14 +231,34 @@ async fn a_private_room_is_created_used_and_moderated() {
     };
     assert_eq!(code(&ask(&mut a, moderate("team", "ban", past)).await), 400);
 
-    // Topic, then ownership to bob: alice becomes an admin.
+    // Topic and name, then ownership to bob: alice becomes an admin.
     let topic = ModAction {
         topic: Some("new plan".into()),
+        title: Some("The Team".into()),
         ..Default::default()
     };
     assert_eq!(
         code(&ask(&mut o, moderate("team", "topic", topic)).await),
         0
+    );
+    let (s, v) = b.get("/api/rooms/team/info", Some(&ta)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (&v["topic"], &v["title"], &v["private"], &v["you"]),
+        (
+            &json!("new plan"),
+            &json!("The Team"),
+            &json!(true),
+            &json!("owner")
+        )
+    );
+    let long = ModAction {
+        title: Some("x".repeat(65)),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(&ask(&mut o, moderate("team", "topic", long)).await),
+        400
     );
     assert_eq!(
         code(&ask(&mut a, moderate("team", "owner", on("bob"))).await),

@@ -277,6 +277,7 @@ mod tests {
                 room: "team".into(),
                 private: true,
                 topic: Some("plans".into()),
+                title: None,
             },
             C::Moderate {
                 id: Some(8),

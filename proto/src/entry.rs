@@ -68,7 +68,7 @@ pub enum EventKind {
     Role,
     /// `user` owns the room now; the previous owner becomes an admin.
     Owner,
-    /// The room's topic became `topic`.
+    /// The room's topic became `topic` and/or its display name `title`.
     Topic,
 }
 
@@ -108,6 +108,8 @@ impl Role {
 
 /// Longest room topic, in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
+/// Longest room display name, in bytes.
+pub const MAX_TITLE_LEN: usize = 64;
 /// Longest moderation reason, in bytes.
 pub const MAX_REASON_LEN: usize = 256;
 
@@ -127,6 +129,9 @@ pub struct ModAction {
     /// The topic (`create`, `topic`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
+    /// The room's display name (`create`, `topic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
     /// Members only (`create`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private: Option<bool>,

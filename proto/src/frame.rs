@@ -117,6 +117,9 @@ pub enum ClientFrame {
         /// Topic.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         topic: Option<String>,
+        /// Display name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
     },
     /// A moderation action in a created room (`invite`, `kick`, `ban`,
     /// `unban`, `mute`, `unmute`, `role`, `owner`, `topic`), by its owner

@@ -37,6 +37,8 @@ pub struct Acl {
     pub owner: Option<Arc<str>>,
     /// Topic.
     pub topic: String,
+    /// Display name ("": none).
+    pub title: String,
     /// Roles below owner: admins, and a private room's members.
     pub roles: HashMap<Arc<str>, Role>,
     /// Banned users and when their ban ends (None: never).
@@ -51,6 +53,7 @@ impl From<crate::store::AclRecord> for Acl {
             private: r.private,
             owner: Some(r.owner.into()),
             topic: r.topic,
+            title: r.title,
             roles: r.roles.into_iter().map(|(u, r)| (u.into(), r)).collect(),
             bans: r.bans.into_iter().map(|(u, t)| (u.into(), t)).collect(),
             mutes: r.mutes.into_iter().map(|(u, t)| (u.into(), t)).collect(),
@@ -206,8 +209,17 @@ impl Acl {
                 self.owner = Some(from.into());
                 self.private = what.private.unwrap_or(false);
                 self.topic = what.topic.clone().unwrap_or_default();
+                self.title = what.title.clone().unwrap_or_default();
             }
-            (EventKind::Topic, _) => self.topic = what.topic.clone().unwrap_or_default(),
+            // What the action names changes; the rest stays.
+            (EventKind::Topic, _) => {
+                if let Some(t) = &what.topic {
+                    self.topic = t.clone();
+                }
+                if let Some(t) = &what.title {
+                    self.title = t.clone();
+                }
+            }
             (EventKind::Invite, Some(u)) => {
                 if self.role(&u).is_none() {
                     self.roles.insert(u.clone(), Role::Member);

@@ -493,6 +493,16 @@ impl Hub {
         }
         let text_ok = |t: &str, max: usize| t.len() <= max && !t.chars().any(char::is_control);
         if what
+            .title
+            .as_deref()
+            .is_some_and(|t| !text_ok(t, entry::MAX_TITLE_LEN))
+        {
+            return Err(bad(format!(
+                "a room's name is at most {} bytes, without control characters",
+                entry::MAX_TITLE_LEN
+            )));
+        }
+        if what
             .topic
             .as_deref()
             .is_some_and(|t| !text_ok(t, entry::MAX_TOPIC_LEN))
@@ -610,6 +620,7 @@ impl Hub {
                 "private": a.private,
                 "owner": a.owner.as_deref(),
                 "topic": a.topic,
+                "title": a.title,
                 "admins": with(entry::Role::Admin),
                 "members": if a.private { with(entry::Role::Member) } else { vec![] },
                 "you": a.role(user).map(entry::Role::name),

@@ -455,6 +455,7 @@ pub async fn moderation(s: &dyn Store) {
             ModAction {
                 private: Some(true),
                 topic: Some("plans".into()),
+                title: Some("Plans HQ".into()),
                 ..Default::default()
             },
         ),
@@ -516,7 +517,11 @@ pub async fn moderation(s: &dyn Store) {
     .expect("batch");
     let acl = s.room_acl("m").await.expect("acl").expect("created");
     assert!(acl.private);
-    assert_eq!((acl.owner.as_str(), acl.topic.as_str()), ("ada", "new"));
+    assert_eq!(
+        (acl.owner.as_str(), acl.topic.as_str(), acl.title.as_str()),
+        ("ada", "new", "Plans HQ"),
+        "a topic action changes only what it names"
+    );
     let mut roles = acl.roles.clone();
     roles.sort();
     assert_eq!(roles, vec![("olive".to_string(), Role::Admin)]);

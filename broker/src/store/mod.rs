@@ -193,6 +193,8 @@ pub struct AclRecord {
     pub owner: String,
     /// Topic.
     pub topic: String,
+    /// Display name.
+    pub title: String,
     /// Admins, and a private room's members.
     pub roles: Vec<(String, shoal_proto::entry::Role)>,
     /// Bans (end in ms; None: for good).
@@ -206,7 +208,7 @@ impl AclRecord {
     pub fn new(
         private: bool,
         owner: String,
-        topic: String,
+        (topic, title): (String, String),
         roles: Vec<(String, shoal_proto::entry::Role)>,
         sanctions: Vec<(String, String, Option<u64>)>,
     ) -> Self {
@@ -221,6 +223,7 @@ impl AclRecord {
             private,
             owner,
             topic,
+            title,
             roles,
             bans,
             mutes,

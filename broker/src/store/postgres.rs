@@ -128,6 +128,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (room, usr, kind)
     );
     CREATE INDEX messages_by_kind ON messages (room, kind, seq) WHERE kind IS NOT NULL;",
+    // A created room's display name.
+    "ALTER TABLE room_acl ADD COLUMN title TEXT NOT NULL DEFAULT '';",
     // Operators' actions (the admin console).
     "CREATE TABLE admin_audit (
         id BIGSERIAL PRIMARY KEY,
@@ -269,13 +271,14 @@ async fn apply_moderation(
         match kind {
             EventKind::Create if owner.is_none() => {
                 tx.execute(
-                    "INSERT INTO room_acl (name, private, owner, topic) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT DO NOTHING",
+                    "INSERT INTO room_acl (name, private, owner, topic, title)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                     &[
                         &room,
                         &a.private.unwrap_or(false),
                         &from,
                         &a.topic.as_deref().unwrap_or(""),
+                        &a.title.as_deref().unwrap_or(""),
                     ],
                 )
                 .await?;
@@ -287,8 +290,9 @@ async fn apply_moderation(
             }
             EventKind::Topic => {
                 tx.execute(
-                    "UPDATE room_acl SET topic = $2 WHERE name = $1",
-                    &[&room, &a.topic.as_deref().unwrap_or("")],
+                    "UPDATE room_acl SET topic = coalesce($2, topic), title = coalesce($3, title)
+                     WHERE name = $1",
+                    &[&room, &a.topic, &a.title],
                 )
                 .await?;
             }
@@ -986,7 +990,7 @@ impl Store for PgStore {
     async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError> {
         let head = self
             .query(
-                "SELECT private, owner, topic FROM room_acl WHERE name = $1",
+                "SELECT private, owner, topic, title FROM room_acl WHERE name = $1",
                 &[&room],
             )
             .await?;
@@ -1017,7 +1021,7 @@ impl Store for PgStore {
         Ok(Some(AclRecord::new(
             h.get(0),
             h.get(1),
-            h.get(2),
+            (h.get(2), h.get(3)),
             roles,
             sanctions,
         )))

@@ -140,6 +140,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (room, user, kind)
     ) WITHOUT ROWID;
     CREATE INDEX messages_by_kind ON messages (room, kind, seq) WHERE kind IS NOT NULL;",
+    // A created room's display name.
+    "ALTER TABLE room_acl ADD COLUMN title TEXT NOT NULL DEFAULT '';",
     // Operators' actions (the admin console).
     "CREATE TABLE admin_audit (
         id INTEGER PRIMARY KEY,
@@ -500,20 +502,25 @@ fn apply_moderation(
         match kind {
             EventKind::Create if owner.is_none() => {
                 tx.prepare_cached(
-                    "INSERT INTO room_acl (name, private, owner, topic) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO room_acl (name, private, owner, topic, title)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![
                     room,
                     a.private.unwrap_or(false),
                     &*m.from,
-                    a.topic.as_deref().unwrap_or("")
+                    a.topic.as_deref().unwrap_or(""),
+                    a.title.as_deref().unwrap_or("")
                 ])?;
                 tx.prepare_cached("INSERT OR IGNORE INTO members (user, room) VALUES (?1, ?2)")?
                     .execute(params![&*m.from, room])?;
             }
             EventKind::Topic => {
-                tx.prepare_cached("UPDATE room_acl SET topic = ?2 WHERE name = ?1")?
-                    .execute(params![room, a.topic.as_deref().unwrap_or("")])?;
+                tx.prepare_cached(
+                    "UPDATE room_acl SET topic = coalesce(?2, topic), title = coalesce(?3, title)
+                     WHERE name = ?1",
+                )?
+                .execute(params![room, a.topic, a.title])?;
             }
             _ => {}
         }
@@ -1095,11 +1102,13 @@ impl Store for SqliteStore {
     async fn room_acl(&self, room: &str) -> Result<Option<AclRecord>, StoreError> {
         let room = room.to_string();
         self.read(move |c| {
-            let head: Option<(bool, String, String)> = c
-                .prepare_cached("SELECT private, owner, topic FROM room_acl WHERE name = ?1")
+            let head: Option<(bool, String, (String, String))> = c
+                .prepare_cached("SELECT private, owner, topic, title FROM room_acl WHERE name = ?1")
                 .and_then(|mut st| {
-                    st.query_row([&room], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                        .optional()
+                    st.query_row([&room], |r| {
+                        Ok((r.get(0)?, r.get(1)?, (r.get(2)?, r.get(3)?)))
+                    })
+                    .optional()
                 })
                 .map_err(unavailable)?;
             let Some((private, owner, topic)) = head else {
