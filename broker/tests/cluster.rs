@@ -1098,6 +1098,17 @@ async fn a_failover_mid_publish_loses_and_repeats_no_acked_message() {
     }
 }
 
+/// Two nodes on `redis` sharing PostgreSQL `pg`, archiving every 100 ms.
+async fn two_nodes_on_postgres(redis: &Redis, pg: &Postgres) -> (Broker, Broker) {
+    let pg_url = pg.url();
+    two_nodes_with(redis.url(), |c| {
+        c.store.kind = shoal_broker::config::StoreKind::Postgres;
+        c.store.postgres_url = Some(pg_url.clone());
+        c.cluster.archive_interval = std::time::Duration::from_millis(100);
+    })
+    .await
+}
+
 /// (seq, kind, target) of the room entries `c` receives until seq `upto`.
 async fn entries_until(
     c: &mut Client,
@@ -1153,13 +1164,7 @@ async fn chat_events_cross_nodes_in_one_order_and_are_recovered_and_stored() {
     use shoal_proto::EventKind::{Delete, Edit, React, Unreact};
     let redis = Redis::start().await;
     let pg = Postgres::start().await;
-    let pg_url = pg.url();
-    let (a, b) = two_nodes_with(redis.url(), |c| {
-        c.store.kind = shoal_broker::config::StoreKind::Postgres;
-        c.store.postgres_url = Some(pg_url.clone());
-        c.cluster.archive_interval = std::time::Duration::from_millis(100);
-    })
-    .await;
+    let (a, b) = two_nodes_on_postgres(&redis, &pg).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
     alice.join("team").await;
@@ -1285,13 +1290,7 @@ async fn a_ban_on_one_node_removes_the_user_on_the_other_at_once() {
     use shoal_proto::entry::ModAction;
     let redis = Redis::start().await;
     let pg = Postgres::start().await;
-    let pg_url = pg.url();
-    let (a, b) = two_nodes_with(redis.url(), |c| {
-        c.store.kind = shoal_broker::config::StoreKind::Postgres;
-        c.store.postgres_url = Some(pg_url.clone());
-        c.cluster.archive_interval = std::time::Duration::from_millis(100);
-    })
-    .await;
+    let (a, b) = two_nodes_on_postgres(&redis, &pg).await;
     let mut alice = a.connect(&token_for("alice"), Encoding::Json).await;
     let mut bob = b.connect(&token_for("bob"), Encoding::MsgPack).await;
     let ask_id = alice.id();
