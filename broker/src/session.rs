@@ -204,6 +204,19 @@ impl Session {
             }
             Some(r) => Some(r.clone()),
             None => {
+                // A room whose rules keep this user out says so (403),
+                // whatever the request; otherwise: join first.
+                let hub = &self.state.hub;
+                let refused = hub.room(room).and_then(|r| {
+                    hub.with_acl(&r, |a| {
+                        a.may_enter(r.opts.open, &self.handle.user, now_ms())
+                    })
+                    .err()
+                });
+                if let Some(e) = refused {
+                    self.reply_hub_err(id, e);
+                    return None;
+                }
                 self.reply_err(
                     id,
                     ErrorCode::NotFound,
@@ -371,7 +384,7 @@ impl Session {
                 before,
                 limit,
             } => {
-                let Some(limit) = self.page_request(id, &room, limit) else {
+                let Some(limit) = self.page_request(id, &room, limit).await else {
                     return;
                 };
                 match self
@@ -477,7 +490,7 @@ impl Session {
                 before,
                 limit,
             } => {
-                let Some(limit) = self.page_request(id, &room, limit) else {
+                let Some(limit) = self.page_request(id, &room, limit).await else {
                     return;
                 };
                 match hub
@@ -499,7 +512,7 @@ impl Session {
 
     /// The checks of a `history` or `thread` request (a room this user may
     /// read, in a stored namespace) and its page size; None once refused.
-    fn page_request(&self, id: Option<u64>, room: &str, limit: Option<u32>) -> Option<usize> {
+    async fn page_request(&self, id: Option<u64>, room: &str, limit: Option<u32>) -> Option<usize> {
         let hub = &self.state.hub;
         let name = match hub.check_access(room, &self.handle.user) {
             Ok(n) => n,
@@ -510,6 +523,11 @@ impl Session {
         };
         if !hub.persists(&name) {
             self.reply_err(id, ErrorCode::NotFound, "this namespace keeps no history");
+            return None;
+        }
+        // A private room's pages are for its members; a ban keeps out.
+        if let Err(e) = hub.may_read(&name, &self.handle.user).await {
+            self.reply_hub_err(id, e);
             return None;
         }
         Some(limit.unwrap_or(50).clamp(1, MAX_HISTORY_PAGE) as usize)

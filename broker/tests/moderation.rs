@@ -86,6 +86,26 @@ async fn a_private_room_is_created_used_and_moderated() {
     assert_eq!(code(&ask(&mut a, create("dm:alice:bob", true)).await), 400);
     // Members only: refused on every read path for a non-member.
     assert_eq!(try_join(&mut o, "team").await, 403);
+    let members = |id| ClientFrame::Members {
+        id,
+        room: "team".into(),
+    };
+    let history = |id| ClientFrame::History {
+        id,
+        room: "team".into(),
+        before: None,
+        limit: None,
+    };
+    let thread = |id| ClientFrame::Thread {
+        id,
+        room: "team".into(),
+        seq: 1,
+        before: None,
+        limit: None,
+    };
+    assert_eq!(code(&ask(&mut o, members).await), 403, "members");
+    assert_eq!(code(&ask(&mut o, history).await), 403, "history");
+    assert_eq!(code(&ask(&mut o, thread).await), 403, "thread");
     for path in [
         "/api/rooms/team/messages",
         "/api/rooms/team/search?q=x",
