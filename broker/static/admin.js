@@ -89,7 +89,8 @@ function render(v) {
 
 async function refresh() {
   try {
-    render(await api('GET', '/api/admin/overview'));
+    const find = $('find-user').value.trim();
+    render(await api('GET', '/api/admin/overview' + (find ? '?user=' + encodeURIComponent(find) : '')));
     const a = await api('GET', '/api/admin/audit');
     const ol = $('audit');
     ol.replaceChildren();
@@ -136,6 +137,7 @@ $('mod-form').addEventListener('submit', (e) => {
   api('POST', `/api/admin/rooms/${encodeURIComponent(room)}/moderate`, { action: $('m-action').value, user: $('m-user').value.trim() })
     .then(() => { say('Done.'); refresh(); }, (err) => say(err.message));
 });
+$('find-form').addEventListener('submit', (e) => { e.preventDefault(); refresh(); });
 $('unban-form').addEventListener('submit', (e) => {
   e.preventDefault();
   const user = $('u-user').value.trim();

@@ -67,6 +67,16 @@ async fn operators_list_disconnect_revoke_moderate_and_delete_audited() {
     assert!(c["addr"]
         .as_str()
         .is_some_and(|a| a.starts_with("127.0.0.1:")));
+    // Finding a user among many; a bounded listing says its total.
+    let (_, f) = b.get("/api/admin/overview?user=bo*", Some(&root)).await;
+    assert_eq!(
+        listed(&f).iter().map(|c| c.1.as_str()).collect::<Vec<_>>(),
+        ["bob"],
+        "{f}"
+    );
+    let (_, f) = b.get("/api/admin/overview?limit=1", Some(&root)).await;
+    assert_eq!(listed(&f).len(), 1);
+    assert_eq!(f["nodes"][0]["connections_total"], 2);
     // Latency from the node's own histogram (no publish yet: none).
     assert!(v["nodes"][0]["stats"]["publish_p99_ms"].is_null(), "{v}");
     assert!(v["users"]

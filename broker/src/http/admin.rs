@@ -109,13 +109,75 @@ async fn record(
     Ok(())
 }
 
-/// This node's view.
-fn local_view(state: &AppState) -> Value {
+/// Most connections (and rooms) one node lists per request.
+pub const MAX_LISTED: usize = 5000;
+/// What it lists without `?limit=`.
+pub const DEFAULT_LISTED: usize = 500;
+
+/// What a listing asks for: `?user=` (a name, or a prefix ending in `*`)
+/// and `?limit=` (at most [`MAX_LISTED`]).
+#[derive(Debug, Clone, Default)]
+struct Filter {
+    user: Option<String>,
+    limit: usize,
+}
+
+impl Filter {
+    fn of(req: &Request<Incoming>) -> Self {
+        let q = super::query(req);
+        Filter {
+            user: q.get("user").filter(|u| !u.is_empty()).cloned(),
+            limit: q
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(DEFAULT_LISTED)
+                .clamp(1, MAX_LISTED),
+        }
+    }
+
+    fn query(&self) -> String {
+        let mut q = format!("?limit={}", self.limit);
+        if let Some(u) = &self.user {
+            q.push_str("&user=");
+            q.push_str(
+                &percent_encoding::utf8_percent_encode(u, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string(),
+            );
+        }
+        q
+    }
+
+    fn matches(&self, user: &str) -> bool {
+        match self.user.as_deref() {
+            None => true,
+            Some(f) => match f.strip_suffix('*') {
+                Some(prefix) => user.starts_with(prefix),
+                None => user == f,
+            },
+        }
+    }
+}
+
+/// This node's view: its connections (those `f` matches, at most its
+/// limit, with the total), rooms (at most the limit) and stats.
+fn local_view(state: &AppState, f: &Filter) -> Value {
     let m = &state.metrics;
+    let conns: Vec<_> = state
+        .hub
+        .connections_snapshot()
+        .into_iter()
+        .filter(|c| f.matches(&c.user))
+        .collect();
+    let total = conns.len();
+    let mut rooms = state.hub.rooms_snapshot();
+    let rooms_total = rooms.len();
+    rooms.truncate(f.limit);
     json!({
         "node": state.node,
-        "connections": state.hub.connections_snapshot(),
-        "rooms": state.hub.rooms_snapshot(),
+        "connections_total": total,
+        "connections": conns.into_iter().take(f.limit).collect::<Vec<_>>(),
+        "rooms_total": rooms_total,
+        "rooms": rooms,
         "stats": {
             "deliveries": m.deliveries.get(),
             "connections": m.connections.get(),
@@ -129,7 +191,10 @@ fn local_view(state: &AppState) -> Value {
 /// `GET /api/admin/local`: this node only.
 async fn local(state: &AppState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
     operator(state, req)?;
-    Ok(json_response(StatusCode::OK, &local_view(state)))
+    Ok(json_response(
+        StatusCode::OK,
+        &local_view(state, &Filter::of(req)),
+    ))
 }
 
 /// The live nodes (id, address); just this one without a cluster.
@@ -171,16 +236,18 @@ async fn ask_node(
     Ok(v)
 }
 
-/// `GET /api/admin/overview`: every node's view, and the users online
-/// over all of them.
+/// `GET /api/admin/overview?user=&limit=`: every node's view, and the
+/// users online over all of them (among the connections listed).
 async fn overview(state: &AppState, req: &Request<Incoming>) -> Result<Resp, ApiError> {
     operator(state, req)?;
     let token = super::bearer(req).unwrap_or_default();
+    let f = Filter::of(req);
+    let path = format!("/api/admin/local{}", f.query());
     let mut views = Vec::new();
     for (node, url) in nodes(state).await {
         let view = match url {
-            _ if node == state.node => local_view(state),
-            Some(u) => match ask_node(state, &u, "/api/admin/local", &token, None).await {
+            _ if node == state.node => local_view(state, &f),
+            Some(u) => match ask_node(state, &u, &path, &token, None).await {
                 Ok(v) => v,
                 Err(e) => json!({"node": node, "error": e}),
             },
