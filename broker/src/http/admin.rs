@@ -8,9 +8,9 @@
 //! - The whole cluster, from any node: the live nodes announce their
 //!   address on the bus (a lease renewed every [`HEARTBEAT`]); a request
 //!   gathers each node's own view (`/api/admin/local...`) with the
-//!   operator's token, and an action on a connection goes to the node
-//!   that holds it. A node that does not answer within [`FAN_OUT_TIMEOUT`]
-//!   is listed with its error, never hides the others.
+//!   operator's token (all nodes at once), and an action on a connection
+//!   goes to the node that holds it. A node that does not answer within
+//!   [`FAN_OUT_TIMEOUT`] is listed with its error, never hides the others.
 //! - Every action is written to the admin audit log (`GET
 //!   /api/admin/audit`) before it is answered.
 
@@ -243,18 +243,22 @@ async fn overview(state: &AppState, req: &Request<Incoming>) -> Result<Resp, Api
     let token = super::bearer(req).unwrap_or_default();
     let f = Filter::of(req);
     let path = format!("/api/admin/local{}", f.query());
-    let mut views = Vec::new();
-    for (node, url) in nodes(state).await {
-        let view = match url {
-            _ if node == state.node => local_view(state, &f),
-            Some(u) => match ask_node(state, &u, &path, &token, None).await {
-                Ok(v) => v,
-                Err(e) => json!({"node": node, "error": e}),
-            },
-            None => json!({"node": node, "error": "no address"}),
-        };
-        views.push(view);
-    }
+    // Every node at once: the slowest one (at most FAN_OUT_TIMEOUT) sets
+    // the time, in node order.
+    let asks = nodes(state).await.into_iter().map(|(node, url)| {
+        let (f, path, token) = (&f, &path, &token);
+        async move {
+            match url {
+                _ if node == state.node => local_view(state, f),
+                Some(u) => match ask_node(state, &u, path, token, None).await {
+                    Ok(v) => v,
+                    Err(e) => json!({"node": node, "error": e}),
+                },
+                None => json!({"node": node, "error": "no address"}),
+            }
+        }
+    });
+    let views: Vec<Value> = futures_util::future::join_all(asks).await;
     let mut users: std::collections::BTreeMap<String, (u64, Vec<String>)> = Default::default();
     for v in &views {
         let node = v["node"].as_str().unwrap_or_default().to_string();
