@@ -91,6 +91,22 @@ use shoal_proto::{CloseCode, ErrorCode};
 type L1 = [(&'static str, &'static str); 1];
 type L2 = [(&'static str, &'static str); 2];
 
+/// An upper bound of the `q` quantile (0..1) of cumulative `buckets` (as
+/// [`Metrics::buckets`] gives them), as Prometheus' `histogram_quantile`
+/// would pick it; None with no observations or past the last finite bound.
+pub fn quantile_of(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let want = q * total;
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= want)
+        .map(|(le, _)| *le)
+        .filter(|le| le.is_finite())
+}
+
 /// Client frame types, for pre-created counters (index via [`client_kind_index`]).
 pub const CLIENT_KINDS: [&str; 15] = [
     "join", "leave", "pub", "typing", "members", "history", "mark", "delete", "ping", "edit",
@@ -672,10 +688,16 @@ impl Metrics {
 
     /// Render the text exposition format.
     /// An upper bound of the `q` quantile (0..1) of histogram `name` since
-    /// start, in seconds, read from its buckets as Prometheus'
-    /// `histogram_quantile` would (None with no observations). For the
-    /// admin console; dashboards should use Prometheus.
+    /// start, in seconds (None with no observations); see [`quantile_of`].
     pub fn quantile(&self, name: &str, q: f64) -> Option<f64> {
+        quantile_of(&self.buckets(name), q)
+    }
+
+    /// Histogram `name`'s cumulative buckets (upper bound in seconds,
+    /// count), read from the exposition text: the client library does not
+    /// hand them out otherwise. For the admin console, which reads several
+    /// quantiles from one call; dashboards should use Prometheus.
+    pub fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
         let text = self.render();
         let prefix = format!("shoal_{name}_bucket{{");
         let mut buckets: Vec<(f64, f64)> = text
@@ -695,16 +717,7 @@ impl Metrics {
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let total = buckets.last()?.1;
-        if total <= 0.0 {
-            return None;
-        }
-        let want = q * total;
         buckets
-            .iter()
-            .find(|(_, n)| *n >= want)
-            .map(|(le, _)| *le)
-            .filter(|le| le.is_finite())
     }
 
     pub fn render(&self) -> String {

@@ -24,6 +24,7 @@ use shoal_proto::{entry::ModAction, names::RoomName, CloseCode, EventKind, Meta}
 use super::{authenticate, hub_error, json_response, read_json, ApiError, Resp};
 use crate::{
     hub::{Post, Reply},
+    metrics::quantile_of,
     state::AppState,
     store::AdminEntry,
 };
@@ -136,15 +137,12 @@ impl Filter {
     }
 
     fn query(&self) -> String {
-        let mut q = format!("?limit={}", self.limit);
+        let mut q = form_urlencoded::Serializer::new(String::from("?"));
+        q.append_pair("limit", &self.limit.to_string());
         if let Some(u) = &self.user {
-            q.push_str("&user=");
-            q.push_str(
-                &percent_encoding::utf8_percent_encode(u, percent_encoding::NON_ALPHANUMERIC)
-                    .to_string(),
-            );
+            q.append_pair("user", u);
         }
-        q
+        q.finish()
     }
 
     fn matches(&self, user: &str) -> bool {
@@ -171,6 +169,7 @@ fn local_view(state: &AppState, f: &Filter) -> Value {
     let total = conns.len();
     let mut rooms = state.hub.rooms_snapshot();
     let rooms_total = rooms.len();
+    let publish = m.buckets("publish_seconds");
     rooms.truncate(f.limit);
     json!({
         "node": state.node,
@@ -182,8 +181,8 @@ fn local_view(state: &AppState, f: &Filter) -> Value {
             "deliveries": m.deliveries.get(),
             "connections": m.connections.get(),
             // Accept to ack (stored, delivered), since start: bucket bounds.
-            "publish_p50_ms": m.quantile("publish_seconds", 0.5).map(|s| s * 1e3),
-            "publish_p99_ms": m.quantile("publish_seconds", 0.99).map(|s| s * 1e3),
+            "publish_p50_ms": quantile_of(&publish, 0.5).map(|s| s * 1e3),
+            "publish_p99_ms": quantile_of(&publish, 0.99).map(|s| s * 1e3),
         },
     })
 }

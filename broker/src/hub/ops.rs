@@ -324,21 +324,30 @@ impl Hub {
         let Some(text) = body_text(body) else {
             return Ok(vec![]);
         };
-        let present = match self.present(room).await {
-            Ok(p) => p,
-            Err(_) => self.members(room),
-        };
+        // Most messages mention nobody: nothing else is looked up for them.
+        let candidates: Vec<&str> = entry::mention_candidates(text, entry::MAX_MENTIONS)
+            .into_iter()
+            .filter(|n| *n != from)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(vec![]);
+        }
+        // Cheapest first: this node's members, the durable membership,
+        // then (once, only if needed) the cluster's presence.
+        let mut present: Option<Vec<String>> = None;
         let mut out = Vec::new();
-        for name in entry::mention_candidates(text, entry::MAX_MENTIONS) {
-            if name == from {
-                continue;
-            }
+        for name in candidates {
             let member = match &room.dm {
                 Some((a, b)) => **a == *name || **b == *name,
-                None => {
-                    present.iter().any(|p| p == name)
-                        || (room.opts.persist && self.store.is_member(&room.name, name).await?)
+                None if room.state.lock().users.contains_key(name) => true,
+                None if room.opts.persist && self.store.is_member(&room.name, name).await? => true,
+                None if self.bus().is_some() => {
+                    if present.is_none() {
+                        present = Some(self.present(room).await.unwrap_or_default());
+                    }
+                    present.iter().flatten().any(|p| p == name)
                 }
+                None => false,
             };
             if member {
                 out.push(name.to_string());
